@@ -1,0 +1,3 @@
+from cfx_cli.cli import main
+
+main()

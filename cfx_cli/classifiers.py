@@ -1,0 +1,152 @@
+"""The classifier protocol, spec parsing and label handling.
+
+A :class:`Classifier` takes float32 images (N, 3, H, W) in [0, 1] and returns class probabilities.
+White-box classifiers (capability ``gradients``) also return differentiable logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from cfx_cli.errors import ClassifierError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+DEFAULT_SPEC = "demo:digits"
+
+
+@dataclass
+class ClassifierOptions:
+    device: str = "cpu"
+    labels: list[str] | None = None  # --labels FILE overrides the model's own names
+    trust_pickle: bool = False
+    logits: bool = False  # the model returns logits: softmax them
+
+
+class Classifier:
+    """Base class. ``capabilities`` always holds ``probabilities``; ``gradients`` for white-box models."""
+
+    labels: list[str]
+    input_size: tuple[int, int] | None = None  # (H, W) the model expects; None = any
+    capabilities: frozenset[str] = frozenset({"probabilities"})
+    spec: str = ""  # how the user named it (no secrets)
+    calls: int = 0  # forward passes (images) served, for NFE accounting
+
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] → (N, K) probabilities on the CPU, rows summing to 1."""
+        raise NotImplementedError
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Differentiable logits (white-box classifiers only)."""
+        raise ClassifierError(f"classifier {self.spec} is a black box: it gives no gradients")
+
+    def close(self) -> None:
+        """Release processes, sessions or connections."""
+
+    def describe(self) -> dict:
+        return {
+            "spec": self.spec,
+            "labels": list(self.labels),
+            "input_size": list(self.input_size) if self.input_size else None,
+            "capabilities": sorted(self.capabilities),
+        }
+
+    def label_index(self, label: str) -> int:
+        """A class name or an index → index; unknown labels are usage errors listing the known ones."""
+        return resolve_label(label, self.labels, self.spec)
+
+
+class ClassifierAdapter:
+    """Base class of adapters: turns a spec such as ``onnx:model.onnx`` into a :class:`Classifier`."""
+
+    name: ClassVar[str]
+    schemes: ClassVar[tuple[str, ...]]
+    summary: ClassVar[str] = ""
+    #: ``{"probabilities"}`` or ``{"probabilities", "gradients"}``
+    capabilities: ClassVar[frozenset[str]] = frozenset({"probabilities"})
+
+    def load(self, spec: str, options: ClassifierOptions) -> Classifier:
+        raise NotImplementedError
+
+
+def spec_scheme(spec: str) -> str:
+    if "://" in spec:
+        return spec.split("://", 1)[0].lower()
+    if ":" not in spec:
+        raise UsageError(
+            f"classifier spec {spec!r} has no scheme; expected e.g. demo:digits, torchscript:PATH, "
+            "python:MODULE:FACTORY, onnx:PATH, http://HOST/PATH or cmd:COMMAND"
+        )
+    return spec.split(":", 1)[0].lower()
+
+
+def get_adapter(spec: str) -> ClassifierAdapter:
+    from cfx_cli.plugins import get_registry
+
+    scheme = spec_scheme(spec)
+    adapters = get_registry().classifier_adapters
+    if scheme not in adapters:
+        known = ", ".join(sorted(adapters)) or "none"
+        raise UsageError(f"unknown classifier scheme {scheme!r} in {spec!r} (installed: {known})")
+    return adapters[scheme][0]()
+
+
+def load_classifier(spec: str, options: ClassifierOptions) -> Classifier:
+    classifier = get_adapter(spec).load(spec, options)
+    if options.labels is not None:
+        classifier.labels = list(options.labels)
+    return classifier
+
+
+def read_labels_file(path: str | Path) -> list[str]:
+    p = Path(path)
+    try:
+        labels = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise UsageError(f"--labels {p}: cannot read ({exc.strerror or exc})") from None
+    if not labels:
+        raise UsageError(f"--labels {p}: no labels in file (expected one per line)")
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"--labels {p}: duplicate label names")
+    return labels
+
+
+def resolve_label(label: str, labels: Sequence[str], spec: str = "") -> int:
+    if label in labels:
+        return list(labels).index(label)
+    lowered = [x.lower() for x in labels]
+    if label.lower() in lowered and lowered.count(label.lower()) == 1:
+        return lowered.index(label.lower())
+    if label.lstrip("-").isdigit():
+        idx = int(label)
+        if 0 <= idx < len(labels):
+            return idx
+        raise UsageError(f"target index {idx} is out of range: classifier {spec} has {len(labels)} classes")
+    shown = ", ".join(labels[:20]) + (", ..." if len(labels) > 20 else "")
+    raise UsageError(f"unknown target {label!r} for classifier {spec} (classes: {shown})")
+
+
+def check_probabilities(probs: torch.Tensor, n_images: int, n_labels: int | None, source: str) -> torch.Tensor:
+    """Validate a (N, K) probability matrix: shape, finite, in [0, 1], rows summing to ≈ 1."""
+    import torch
+
+    if probs.ndim != 2 or probs.shape[0] != n_images:
+        raise ClassifierError(
+            f"{source}: expected probabilities of shape ({n_images}, K), got {tuple(probs.shape)}"
+        )
+    if n_labels is not None and probs.shape[1] != n_labels:
+        raise ClassifierError(f"{source}: expected {n_labels} probabilities per image, got {probs.shape[1]}")
+    if not torch.isfinite(probs).all():
+        raise ClassifierError(f"{source}: probabilities contain NaN or infinity")
+    if (probs < -1e-6).any() or (probs > 1 + 1e-6).any():
+        raise ClassifierError(f"{source}: probabilities outside [0, 1] (logits? use the adapter's logits option)")
+    sums = probs.sum(dim=1)
+    worst = float((sums - 1).abs().max()) if len(sums) else 0.0
+    if worst > 1e-3 or math.isnan(worst):
+        raise ClassifierError(f"{source}: probability rows must sum to 1 (off by up to {worst:.3g})")
+    return probs.float()

@@ -1,0 +1,51 @@
+"""``cfx classify``: labels and probabilities for a set of images."""
+
+from __future__ import annotations
+
+from cfx_cli.errors import InputError
+
+
+def classify_inputs(inputs, spec, labels_file, device, batch_size, trust_pickle):
+    import numpy as np
+    import torch
+
+    from cfx_cli.classifiers import DEFAULT_SPEC, ClassifierOptions, load_classifier, read_labels_file
+    from cfx_cli.devices import resolve_device
+    from cfx_cli.images import decode, discover, resize
+
+    items = discover(inputs)
+    dev = resolve_device(device)
+    labels = read_labels_file(labels_file) if labels_file else None
+    clf = load_classifier(spec or DEFAULT_SPEC, ClassifierOptions(device=dev, labels=labels,
+                                                                  trust_pickle=trust_pickle))
+    results: list[dict] = []
+    failed = False
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            arrays, ok = [], []
+            for it in chunk:
+                try:
+                    arrays.append(resize(decode(it.path), clf.input_size))
+                    ok.append(it)
+                except InputError as exc:
+                    failed = True
+                    results.append({"source": str(it.path), "label": None, "probabilities": None,
+                                    "error": str(exc)})
+            groups: dict = {}
+            for it, arr in zip(ok, arrays, strict=True):
+                groups.setdefault(arr.shape, []).append((it, arr))
+            for group in groups.values():
+                x = torch.from_numpy(np.stack([a for _, a in group])).permute(0, 3, 1, 2).to(dev)
+                probs = clf.predict_proba(x).cpu()
+                for (it, _), row in zip(group, probs, strict=True):
+                    results.append({
+                        "source": str(it.path),
+                        "label": clf.labels[int(row.argmax())],
+                        "probabilities": {lab: round(float(p), 6) for lab, p in zip(clf.labels, row, strict=True)},
+                    })
+    finally:
+        clf.close()
+    order = {str(it.path): i for i, it in enumerate(items)}
+    results.sort(key=lambda r: order[r["source"]])
+    return results, failed

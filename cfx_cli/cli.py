@@ -1,0 +1,290 @@
+"""The ``cfx`` command line. Commands parse options, call into the core and print; nothing heavy
+is imported at module level so that ``cfx --help`` never loads torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cfx_cli import __version__
+from cfx_cli.errors import CfxError, UsageError
+
+app = typer.Typer(
+    name="cfx",
+    help="Visual counterfactual explanations for image classifiers, and their evaluation.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cfx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Visual counterfactual explanations for image classifiers, and their evaluation."""
+
+
+def _load_config(path: str | None) -> dict:
+    if not path:
+        return {}
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise UsageError(f"--config {path}: cannot read ({exc.strerror or exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {path}: invalid TOML ({exc})") from None
+
+
+@app.command()
+def explain(
+    inputs: Annotated[list[str], typer.Argument(help="Image files or folders (searched recursively).")],
+    method: Annotated[str | None, typer.Option("--method", "-m", help="Explainer (see `cfx methods`).")] = None,
+    target: Annotated[str | None, typer.Option(
+        "--target", "-t", help="Target class name or index, or auto (most probable other class).")] = None,
+    classifier: Annotated[str | None, typer.Option(
+        "--classifier", "-c", help="Classifier spec (default: demo:digits).")] = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", help="Run directory (default cfx-runs/METHOD-TARGET).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Images per batch.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Method hyperparameter KEY=VALUE (repeatable; see `cfx methods NAME`).")] = None,
+    config: Annotated[str | None, typer.Option("--config", help="TOML file with these options and a [params] table.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", help="Explain at most N inputs.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run; retries errors.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+    model: Annotated[str | None, typer.Option("--model", help="Generative prior: demo:NAME, diffusers:PATH, adm:PATH.pt, i2sb:PATH.pt.")] = None,
+    model_flags: Annotated[str | None, typer.Option("--model-flags", help="ADM MODEL_FLAGS string or flags file.")] = None,
+    labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
+    mask: Annotated[str | None, typer.Option("--mask", help="Region allowed to change: a mask image or a folder of them.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
+) -> None:
+    """Explain every image: write counterfactuals and a manifest into a run directory."""
+    from cfx_cli.params import parse_set_options
+    from cfx_cli.pipeline import ExplainRequest, run_explain
+    from cfx_cli.plugins import get_registry
+
+    get_registry()  # one-line warnings for broken plugins, before any work
+    cfg = _load_config(config)
+    known_cfg = {"method", "target", "classifier", "out", "batch_size", "seed", "device", "limit", "model",
+                 "model_flags", "labels", "mask", "params"}
+    unknown = set(cfg) - known_cfg
+    if unknown:
+        raise UsageError(f"--config {config}: unknown keys {', '.join(sorted(unknown))}")
+    params = {k: v for k, v in (cfg.get("params") or {}).items()}
+    params.update(parse_set_options(set_ or []))
+
+    def pick(value, key, default=None):
+        return value if value is not None else cfg.get(key, default)
+
+    method_name = pick(method, "method")
+    if not method_name:
+        raise UsageError("missing --method (see `cfx methods` for the installed explainers)")
+    req = ExplainRequest(
+        inputs=inputs, method=method_name, target=str(pick(target, "target", "auto")),
+        classifier=pick(classifier, "classifier"), out=pick(out, "out"),
+        batch_size=int(pick(batch_size, "batch_size", 8)), seed=int(pick(seed, "seed", 0)),
+        device=pick(device, "device", "auto"), set_options=params, limit=pick(limit, "limit"),
+        resume=resume, overwrite=overwrite, model=pick(model, "model"), model_flags=pick(model_flags, "model_flags"),
+        labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(mask, "mask"),
+        options={"debug": os.environ.get("CFX_DEBUG") == "1"},
+    )
+    summary = run_explain(req)
+    c = summary.counts
+    for err in summary.errors:
+        typer.echo(f"error: {err}", err=True)
+    typer.echo(
+        f"{sum(c.values())} inputs: {c['flipped']} flipped, {c['not_flipped']} not flipped, "
+        f"{c['skipped']} skipped, {c['error']} errors ({summary.seconds:.1f}s) → {summary.run_dir}"
+    )
+    raise typer.Exit(summary.exit_code)
+
+
+@app.command("eval")
+def eval_(
+    run_dirs: Annotated[list[str], typer.Argument(help="Run directories written by `cfx explain`.")],
+    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of metrics (default: the basic set).")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")] = "table",
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Write to FILE instead of stdout.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Compute metrics for one or more runs, side by side."""
+    from cfx_cli.devices import resolve_device
+    from cfx_cli.evaluate import evaluate, render
+
+    if fmt not in ("table", "json", "csv"):
+        raise UsageError(f"--format {fmt!r}: expected table, json or csv")
+    result = evaluate(run_dirs, metrics, device=resolve_device(device))
+    text = render(result, fmt)
+    for run, reasons in result.skipped.items():
+        for metric, reason in reasons.items():
+            typer.echo(f"skipped {metric} for {run}: {reason}", err=True)
+    if output:
+        Path(output).write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
+        typer.echo(f"wrote {output}", err=True)
+    else:
+        typer.echo(text.rstrip("\n"))
+
+
+@app.command()
+def classify(
+    inputs: Annotated[list[str], typer.Argument(help="Image files or folders.")],
+    classifier: Annotated[str | None, typer.Option("--classifier", "-c", help="Classifier spec (default: demo:digits).")] = None,
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+    labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 32,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle")] = False,
+) -> None:
+    """Classify images and print the label and probabilities of each."""
+    from cfx_cli.classify import classify_inputs
+
+    if fmt not in ("table", "json"):
+        raise UsageError(f"--format {fmt!r}: expected table or json")
+    results, failed = classify_inputs(inputs, classifier, labels, device, batch_size, trust_pickle)
+    if fmt == "json":
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table()
+        for col in ("source", "label", "p"):
+            table.add_column(col)
+        for r in results:
+            if r.get("error"):
+                table.add_row(r["source"], "error", r["error"])
+            else:
+                table.add_row(r["source"], r["label"], f"{r['probabilities'][r['label']]:.3f}")
+        Console().print(table)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def plugins(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List installed plugins, their versions, what they register and load errors."""
+    from dataclasses import asdict
+
+    from cfx_cli.plugins import get_registry
+
+    reg = get_registry(warn=False)
+    infos = sorted(reg.plugins.values(), key=lambda i: (not i.builtin, i.name))
+    if as_json:
+        typer.echo(json.dumps([asdict(i) for i in infos], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="cfx plugins")
+    for col in ("plugin", "distribution", "version", "provides", "status"):
+        table.add_column(col)
+    for i in infos:
+        provides = ", ".join(
+            [f"explainer {x}" for x in i.explainers] + [f"classifier {x}:" for x in i.classifier_adapters]
+            + [f"metric {x}" for x in i.metrics]
+        )
+        table.add_row(i.name, i.distribution + (" (built-in)" if i.builtin else ""), i.version,
+                      provides or "–", f"error: {i.error}" if i.error else "ok")
+    Console(width=160).print(table)
+
+
+@app.command()
+def methods(
+    name: Annotated[str | None, typer.Argument(help="Show one method's parameters and presets.")] = None,
+) -> None:
+    """List explainers, or show one method's documented hyperparameters."""
+    from cfx_cli.plugins import get_registry
+
+    reg = get_registry()
+    if name is None:
+        for n, (cls, plugin) in sorted(reg.explainers.items()):
+            kind = "white-box (needs gradients)" if "gradients" in cls.requires else "black-box"
+            typer.echo(f"{n:12s} {kind:28s} {cls.summary}  [{plugin}]")
+        return
+    from cfx_cli.pipeline import get_explainer_class
+
+    cls = get_explainer_class(name)
+    typer.echo(f"{name}: {cls.summary}")
+    if cls.description:
+        typer.echo("")
+        typer.echo(cls.description.strip())
+    typer.echo("")
+    typer.echo(f"requires: {', '.join(sorted(cls.requires)) or 'probabilities only (works black-box)'}")
+    typer.echo("parameters (--set KEY=VALUE):")
+    for p in cls.params:
+        choices = f" (one of {', '.join(map(str, p.choices))})" if p.choices else ""
+        typer.echo(f"  {p.name:16s} {p.kind:7s} default {_show(p.default):10}  {p.help}{choices}")
+    if cls.presets:
+        typer.echo("presets (--set preset=NAME):")
+        for pname, values in cls.presets.items():
+            typer.echo(f"  {pname:16s} " + ", ".join(f"{k}={_show(v)}" for k, v in values.items()))
+
+
+def _show(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, tuple):
+        return ",".join(_show(v) for v in value)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@app.command()
+def metrics() -> None:
+    """List the installed metrics and what each needs."""
+    from cfx_cli.plugins import get_registry
+
+    for n, (cls, plugin) in sorted(get_registry().metrics.items()):
+        needs = ", ".join(sorted(cls.needs)) or "run directory only"
+        default = "default" if cls.default else "opt-in"
+        typer.echo(f"{n:18s} {default:8s} needs: {needs:24s} {cls.summary}  [{plugin}]")
+
+
+def main() -> None:
+    """Entry point: one clear line for known errors (CFX_DEBUG=1 shows tracebacks)."""
+    debug = os.environ.get("CFX_DEBUG") == "1"
+    try:
+        app(standalone_mode=False)
+    except CfxError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted; continue with --resume", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if debug:
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc} (set CFX_DEBUG=1 for a traceback)", err=True)
+        sys.exit(1)

@@ -1,0 +1,8 @@
+"""The embedded digits demo: data preparation, the classifier network and its committed weights."""
+
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parent
+IMAGES_DIR = DEMO_DIR / "images"
+RESOLUTION = 16
+LABELS = [str(i) for i in range(10)]

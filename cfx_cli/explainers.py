@@ -1,0 +1,78 @@
+"""The explainer protocol: a batch of images with per-image targets in, counterfactuals out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from cfx_cli.params import Param
+
+if TYPE_CHECKING:
+    import torch
+
+    from cfx_cli.classifiers import Classifier
+
+
+@dataclass
+class ExplainContext:
+    """Everything an explainer may need besides the batch; built once per run."""
+
+    classifier: Classifier
+    params: dict[str, Any]
+    device: str = "cpu"
+    model: str | None = None  # --model SPEC (generative prior), None = method's demo default
+    model_flags: str | None = None
+    trust_pickle: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # method-specific CLI options (--tokens ...)
+
+
+@dataclass
+class ExplainBatch:
+    """Images as the classifier sees them: float32 (N, 3, H, W) in [0, 1] on ``context.device``."""
+
+    ids: list[str]
+    images: torch.Tensor
+    targets: torch.Tensor  # (N,) int64 class indices
+    sources: torch.Tensor  # (N,) int64 predicted class of each input
+    seeds: list[int]  # one per image, derived from --seed and the input id (batching-independent)
+    masks: torch.Tensor | None = None  # (N, 1, H, W) in {0, 1}: where changes are allowed
+
+
+@dataclass
+class ExplainOutput:
+    """One counterfactual. ``extras`` maps a folder name (e.g. ``pre_explanations``) to an image."""
+
+    counterfactual: torch.Tensor  # (3, H, W) in [0, 1]
+    mask: torch.Tensor | None = None  # (1, H, W) region that was allowed to change
+    params: dict[str, Any] = field(default_factory=dict)  # the attempt that produced it
+    nfe: int = 0  # network evaluations (generative model + classifier) spent on this image
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Explainer:
+    """Base class of every explainer. Subclasses set the class attributes and implement ``explain``.
+
+    Keep module-level imports light; import torch and model code inside ``__init__``/``explain``.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    #: classifier capabilities needed, e.g. ``frozenset({"gradients"})``; empty = works black-box
+    requires: ClassVar[frozenset[str]] = frozenset()
+    params: ClassVar[tuple[Param, ...]] = ()
+    #: named sets of hyperparameters (``--set preset=NAME``), e.g. the papers' per-dataset settings
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: preset applied automatically for a classifier spec (e.g. ``{"demo:digits": "digits"}``) when the
+    #: user chose none; the CLI says so, and run.json records it
+    auto_presets: ClassVar[dict[str, str]] = {}
+    #: does the method use a region mask (``--mask``)?
+    uses_region: ClassVar[bool] = False
+    #: a longer description for ``cfx methods NAME`` (paper, algorithm summary, choices made)
+    description: ClassVar[str] = ""
+
+    def __init__(self, context: ExplainContext) -> None:
+        self.context = context
+        self.params = context.params
+
+    def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
+        raise NotImplementedError

@@ -1,0 +1,55 @@
+"""The plugin hooks of cfx: the only module a plugin author needs to read.
+
+A plugin is a module (or object) with functions decorated by :data:`hookimpl`, exposed through the
+``cfx`` entry-point group. Each hook receives a ``register`` callback; call it once per class you
+provide. Registration must be cheap: import torch, diffusers or onnxruntime inside the methods of
+your classes, never at module level, so that ``cfx --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from cfx_cli.classifiers import ClassifierAdapter
+    from cfx_cli.explainers import Explainer
+    from cfx_cli.metrics import Metric
+
+PROJECT = "cfx"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_explainers(register: Callable[[type[Explainer]], None]) -> None:
+    """Register counterfactual explainers (``--method NAME``).
+
+    Call ``register(cls)`` with a subclass of :class:`cfx_cli.explainers.Explainer`. The class
+    attribute ``name`` is the method name; it must be unique across all installed plugins (a
+    duplicate is refused with a warning naming both plugins). ``requires`` lists the classifier
+    capabilities the method needs (``{"gradients"}`` for white-box methods); ``params`` documents
+    the hyperparameters that ``--set KEY=VALUE`` accepts and ``cfx methods NAME`` prints.
+    """
+
+
+@hookspec
+def register_classifier_adapters(register: Callable[[type[ClassifierAdapter]], None]) -> None:
+    """Register classifier adapters (``--classifier SCHEME:...``).
+
+    Call ``register(cls)`` with a subclass of :class:`cfx_cli.classifiers.ClassifierAdapter`. Its
+    ``schemes`` (e.g. ``("http", "https")``) are the spec prefixes it handles; each scheme may be
+    claimed by one plugin only.
+    """
+
+
+@hookspec
+def register_metrics(register: Callable[[type[Metric]], None]) -> None:
+    """Register evaluation metrics (``cfx eval --metrics NAME,...``).
+
+    Call ``register(cls)`` with a subclass of :class:`cfx_cli.metrics.Metric`. ``needs`` states
+    what the metric requires (``"classifier"``, ``"masks"``, ``"seeds"``, weights...), so that
+    ``cfx eval`` can skip it with a one-line reason instead of failing.
+    """

@@ -1,0 +1,209 @@
+"""Image discovery, decoding to RGB, stable input ids and atomic PNG writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import unicodedata
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cfx_cli.errors import InputError, UsageError
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+#: refuse images above this many pixels before decoding them (decompression bombs)
+MAX_PIXELS = 64_000_000
+MAX_ID_LENGTH = 80
+
+
+@dataclass(frozen=True)
+class InputImage:
+    id: str
+    path: Path
+
+
+def discover(inputs: list[str]) -> list[InputImage]:
+    """Files as given, folders searched recursively; sorted, deduplicated, with unique path-safe ids."""
+    found: list[tuple[str, Path]] = []  # (relative name used for the id, path)
+    seen: set[Path] = set()
+    for raw in inputs:
+        root = Path(raw)
+        if not root.exists():
+            raise UsageError(f"input {raw}: no such file or folder")
+        if root.is_dir():
+            files = sorted(
+                p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
+            )
+            prefix = root.resolve().name if len(inputs) > 1 else ""
+            for p in files:
+                rel = p.relative_to(root).as_posix()
+                key = f"{prefix}/{rel}" if prefix else rel
+                if p.resolve() not in seen:
+                    seen.add(p.resolve())
+                    found.append((key, p))
+        else:
+            if root.resolve() not in seen:
+                seen.add(root.resolve())
+                found.append((root.name, root))
+    ids = make_ids([key for key, _ in found], [p for _, p in found])
+    return [InputImage(i, p) for i, (_, p) in zip(ids, found, strict=True)]
+
+
+def _slug(key: str) -> str:
+    stem = key.rsplit(".", 1)[0] if "." in key.rsplit("/", 1)[-1] else key
+    ascii_stem = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_stem.replace("/", "__")).strip("._")
+    return slug[:MAX_ID_LENGTH] or "image"
+
+
+def make_ids(keys: list[str], paths: list[Path]) -> list[str]:
+    """Readable ids; a short hash of the relative name is added when the slug lost information or
+    two inputs share a slug, so ids stay unique and stable across runs (resume relies on it)."""
+    slugs = [_slug(k) for k in keys]
+    counts: dict[str, int] = {}
+    for s in slugs:
+        counts[s] = counts.get(s, 0) + 1
+    ids = []
+    for key, slug, path in zip(keys, slugs, paths, strict=True):
+        stem = key.rsplit(".", 1)[0]
+        lossless = "__" not in stem and slug == stem.replace("/", "__")
+        if counts[slug] > 1 or not lossless:
+            slug = f"{slug}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+        ids.append(slug)
+    # Same relative key from two inputs (rare): disambiguate with the absolute path.
+    seen: dict[str, int] = {}
+    for i, (ident, path) in enumerate(zip(ids, paths, strict=True)):
+        if ident in seen:
+            ids[i] = f"{ident}-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]}"
+        seen[ids[i]] = i
+    return ids
+
+
+def decode(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode any supported image to float32 RGB (H, W, 3) in [0, 1].
+
+    Handles grayscale, palette, RGBA (composited over white), 16-bit PNG and JPEG EXIF orientation.
+    Raises :class:`InputError` with a one-line message naming the file and the problem.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if size == 0:
+        raise InputError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise InputError(
+                        f"{path}: image too large ({w}×{h} = {w * h / 1e6:.0f} MP, limit "
+                        f"{max_pixels / 1e6:.0f} MP); refusing to decode it"
+                    )
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb_array(img)
+    except InputError:
+        raise
+    except UnidentifiedImageError:
+        raise InputError(f"{path}: not a readable image (unknown or corrupt format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(f"{path}: image too large ({exc})") from None
+    except OSError as exc:
+        msg = str(exc)
+        if "truncated" in msg.lower():
+            raise InputError(f"{path}: truncated image data") from None
+        raise InputError(f"{path}: cannot decode ({msg})") from None
+    except (ValueError, SyntaxError) as exc:
+        raise InputError(f"{path}: cannot decode ({exc})") from None
+
+
+def _to_rgb_array(img) -> np.ndarray:
+    from PIL import Image
+
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
+        arr = np.asarray(img).astype(np.float64)
+        # 16-bit PNGs decode as "I" or "I;16"; 8-bit values never exceed 255.
+        scale = 65535.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else 255.0
+        gray = np.clip(arr / scale, 0, 1).astype(np.float32)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "F":
+        gray = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return arr
+
+
+def resize(array: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """Resize (H, W, 3) float [0, 1] to (H', W') with antialiased bicubic, as most pipelines do."""
+    from PIL import Image
+
+    if size is None or array.shape[:2] == tuple(size):
+        return array
+    h, w = size
+    channels = [
+        np.asarray(Image.fromarray(array[..., c].astype(np.float32), mode="F").resize((w, h), Image.BICUBIC))
+        for c in range(3)
+    ]
+    return np.clip(np.stack(channels, axis=2), 0, 1).astype(np.float32)
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    return (np.clip(array, 0, 1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_png(array: np.ndarray, path: str | Path) -> None:
+    """Write (H, W, 3) / (H, W) float [0, 1] or uint8 as PNG atomically (temp file + rename)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = array if array.dtype == np.uint8 else to_uint8(array)
+    if data.ndim == 3 and data.shape[2] == 1:
+        data = data[..., 0]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(data).save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_png(path: str | Path) -> np.ndarray:
+    """Read back a PNG written by cfx as float32 (H, W, 3) in [0, 1] (masks: (H, W, 1))."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        if img.mode == "L":
+            return (np.asarray(img, dtype=np.float32) / 255.0)[..., None]
+        return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def safe_child(root: Path, *parts: str) -> Path:
+    """``root/parts`` guaranteed to stay inside ``root`` (ids are slugs, but check anyway)."""
+    candidate = root.joinpath(*parts).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise ValueError(f"refusing to write outside the run directory: {candidate}")
+    return candidate

@@ -1,0 +1,191 @@
+"""The run directory: ``run.json``, the append-only ``manifest.jsonl`` and the image folders.
+
+Crash safety: images are written to a temporary file and renamed; a manifest record is one
+``write()`` of one complete line, appended only after its images exist, then fsync'ed. Resuming
+drops a torn last line and ``error`` records (those inputs are retried), rewriting the manifest
+atomically, so a resumed run ends with exactly one record per input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cfx_cli.errors import UsageError
+
+MANIFEST = "manifest.jsonl"
+RUN_JSON = "run.json"
+IMAGE_DIRS = ("originals", "counterfactuals", "masks")
+STATUSES = ("flipped", "not_flipped", "skipped", "error")
+
+RECORD_FIELDS = (
+    "id", "source", "status", "error", "source_label", "source_prob", "target_label",
+    "target_prob_before", "target_prob_after", "cf_label", "counterfactual", "original", "mask",
+    "params", "seed", "seconds", "nfe",
+)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_manifest(path: Path) -> list[dict]:
+    """Complete records only; a torn last line (crash mid-write) is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn write at the very end
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn line followed by later appends; its input is redone on resume
+    return records
+
+
+class RunDir:
+    """A run directory being written by ``cfx explain``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest_path = self.path / MANIFEST
+
+    def prepare(self, *, resume: bool, overwrite: bool) -> dict[str, dict]:
+        """Create or reopen the directory; returns finished records by id (empty unless resuming)."""
+        if resume and overwrite:
+            raise UsageError("--resume and --overwrite cannot be used together")
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--out {self.path}: exists and is not a directory")
+        nonempty = self.path.exists() and any(self.path.iterdir())
+        if nonempty and not (resume or overwrite):
+            raise UsageError(
+                f"run directory {self.path} already exists and is not empty; "
+                "pass --resume to continue it or --overwrite to replace it"
+            )
+        if nonempty and overwrite:
+            self._clear()
+        self.path.mkdir(parents=True, exist_ok=True)
+        for d in IMAGE_DIRS:
+            (self.path / d).mkdir(exist_ok=True)
+        done: dict[str, dict] = {}
+        if resume:
+            for rec in read_manifest(self.manifest_path):
+                if rec.get("status") != "error":
+                    done[rec["id"]] = rec  # last complete record wins
+            self._rewrite_manifest(done.values())
+        for tmp in self.path.rglob(".tmp-*"):  # leftovers of an interrupted write
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+        return done
+
+    def _clear(self) -> None:
+        import shutil
+
+        if not (self.path / RUN_JSON).exists() and not self.manifest_path.exists():
+            raise UsageError(
+                f"--overwrite: {self.path} does not look like a cfx run directory "
+                "(no run.json or manifest.jsonl); refusing to delete it"
+            )
+        for child in self.path.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def _rewrite_manifest(self, records: Iterable[dict]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=self.path)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.manifest_path)
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, line)
+            if written != len(line):  # practically never for regular files; keep the line whole
+                os.write(fd, line[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def image_path(self, folder: str, ident: str) -> Path:
+        from cfx_cli.images import safe_child
+
+        return safe_child(self.path, folder, f"{ident}.png")
+
+    def relative(self, path: Path) -> str:
+        return path.resolve().relative_to(self.path.resolve()).as_posix()
+
+    def write_run_json(self, data: dict) -> None:
+        write_json_atomic(self.path / RUN_JSON, data)
+
+
+@dataclass
+class RunData:
+    """A finished (or partial) run, read-only: what ``cfx eval`` and metrics see."""
+
+    path: Path
+    info: dict
+    records: list[dict]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunData:
+        p = Path(path)
+        if not p.is_dir():
+            raise UsageError(f"run directory {p}: no such directory")
+        if not (p / MANIFEST).exists():
+            raise UsageError(f"{p}: not a cfx run directory (no {MANIFEST})")
+        info: dict = {}
+        if (p / RUN_JSON).exists():
+            try:
+                info = json.loads((p / RUN_JSON).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise UsageError(f"{p / RUN_JSON}: unreadable ({exc})") from None
+        return cls(p, info, read_manifest(p / MANIFEST))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def explained(self) -> list[dict]:
+        """Records that have a counterfactual (flipped or not)."""
+        return [r for r in self.records if r.get("status") in ("flipped", "not_flipped")]
+
+    def image(self, relpath: str):
+        """Decoded image of a record path (cached), float32 (H, W, C) in [0, 1]."""
+        from cfx_cli.images import load_png, safe_child
+
+        if relpath not in self._cache:
+            self._cache[relpath] = load_png(safe_child(self.path, relpath))
+        return self._cache[relpath]

@@ -1,0 +1,32 @@
+"""``demo:digits``: the embedded digits classifier (white-box, 3×16×16 inputs)."""
+
+from __future__ import annotations
+
+from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
+from cfx_cli.errors import UsageError
+from cfx_cli.hookspecs import hookimpl
+
+MODELS = ("digits",)
+
+
+class DemoAdapter(ClassifierAdapter):
+    name = "demo"
+    schemes = ("demo",)
+    summary = "embedded demo classifiers: demo:digits (CNN on scikit-learn digits, 16×16)"
+    capabilities = frozenset({"probabilities", "gradients"})
+
+    def load(self, spec: str, options: ClassifierOptions) -> Classifier:
+        name = spec.split(":", 1)[1]
+        if name not in MODELS:
+            raise UsageError(f"unknown demo classifier {spec!r} (available: {', '.join('demo:' + m for m in MODELS)})")
+        from cfx_cli.demo import LABELS, RESOLUTION
+        from cfx_cli.demo.classifier import load_pretrained
+        from cfx_cli.whitebox import TorchModuleClassifier
+
+        return TorchModuleClassifier(load_pretrained(options.device), LABELS, (RESOLUTION, RESOLUTION),
+                                     spec=spec, device=options.device)
+
+
+@hookimpl
+def register_classifier_adapters(register):
+    register(DemoAdapter)
