@@ -21,12 +21,11 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, what: str = "c
     if not path.is_file():
         raise UsageError(f"{what} {path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorsError
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
-        except (SafetensorsError, OSError, ValueError) as exc:
+        except Exception as exc:  # SafetensorsError's import location varies between releases
             raise UsageError(f"{what} {path}: not a readable safetensors file ({exc})") from None
     import pickle
 

@@ -111,7 +111,7 @@ def flags_from_mapping(values: dict[str, Any], source: str = "--model-flags", ba
         if name in IGNORED_FLAGS:
             continue
         if name not in _TYPES:
-            unknown.append(key)
+            unknown.append(f"--{name}")
             continue
         setattr(flags, name, _convert(name, value, source))
     if unknown:
