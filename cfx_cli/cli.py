@@ -262,11 +262,23 @@ def metrics() -> None:
 
 @app.command()
 def models(
+    spec: Annotated[str | None, typer.Argument(help="Load this --model SPEC and describe it (a check).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    model_flags: Annotated[str | None, typer.Option("--model-flags", help="ADM MODEL_FLAGS or flags file.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled checkpoints.")] = False,
 ) -> None:
     """List generative models: embedded demo ones, the papers' checkpoints, and cached hub models."""
-    from cfx_cli.models.catalog import collect, human_size
+    from cfx_cli.models.catalog import collect, describe, human_size
 
+    if spec:
+        from cfx_cli.devices import resolve_device
+        from cfx_cli.models import load_model
+
+        info = describe(load_model(spec, model_flags, resolve_device(device), trust_pickle), spec)
+        typer.echo(json.dumps(info, indent=2) if as_json else
+                   "\n".join(f"{k:12s} {v}" for k, v in info.items()))
+        return
     data = collect()
     if as_json:
         typer.echo(json.dumps(data, indent=2))

@@ -108,3 +108,23 @@ def collect() -> dict:
     return {"demo": demo, "known": known,
             "cached": sorted((c for c in cached.values() if c["kind"]), key=lambda c: c["hub_id"]),
             "cache_error": cache_error}
+
+
+def describe(model, spec: str) -> dict:
+    """A short summary of a loaded model (``cfx models SPEC``)."""
+    info: dict = {"spec": spec, "kind": getattr(model, "kind", type(model).__name__),
+                  "class": type(model).__name__, "source": getattr(model, "source", "")}
+    if hasattr(model, "image_size"):
+        info["image_size"] = model.image_size
+    for key, value in (getattr(model, "info", None) or {}).items():
+        info[key] = value
+    if getattr(model, "diffusion", None) is not None and not callable(model.diffusion):
+        d = model.diffusion
+        info["schedule"] = f"{d.num_steps} steps (of {d.original_num_steps}), variance {d.variance_type}"
+    if getattr(model, "bridge", None) is not None:
+        info["schedule"] = f"I2SB bridge, {model.bridge.interval} steps, options {model.options}"
+    if getattr(model, "scheduler", None) is not None:
+        info["scheduler"] = type(model.scheduler).__name__
+    info["device"] = getattr(model, "device", "cpu")
+    info["dtype"] = str(getattr(model, "dtype", "")).replace("torch.", "")
+    return info
