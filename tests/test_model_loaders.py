@@ -35,6 +35,7 @@ def test_spec_parsing():
         load_model("adm:/nonexistent.pt")
 
 
+@pytest.mark.slow  # importing diffusers alone takes ~10 s on a busy 2-core machine
 def test_diffusers_pixel_round_trip(tmp_path):
     """save_pretrained → load through the spec → the same outputs; the schedule is the scheduler's."""
     from diffusers import DDPMScheduler
@@ -112,6 +113,7 @@ def test_uncached_hub_id_offline_fails_in_one_line(tmp_path):
     assert "HF_HUB_OFFLINE" in lines[0]
 
 
+@pytest.mark.slow  # two CLI subprocesses importing diffusers
 def test_cached_hub_id_loads_offline(tmp_path):
     """A hub id present in the HF cache resolves with no network (HF_HUB_OFFLINE=1)."""
     from diffusers import DDPMScheduler
@@ -243,3 +245,18 @@ def test_cfx_models_lists_known_and_demo():
     data = json.loads(run_cfx("models", "--json").stdout)
     assert {"demo", "known", "cached"} <= set(data)
     assert any(k["spec"].startswith("i2sb:") for k in data["known"])
+
+
+def test_model_for_context_caches_and_checks_kind(tmp_path):
+    from cfx_cli.explainers import ExplainContext
+    from cfx_cli.models import clear_model_cache, model_for
+
+    _tiny_i2sb_checkpoint(tmp_path)
+    (tmp_path / "latest.json").write_text(json.dumps({"interval": 50, "adm_flags": TINY_ADM_FLAGS}))
+    ctx = ExplainContext(classifier=None, params={}, model=None)
+    clear_model_cache()
+    first = model_for(ctx, f"i2sb:{tmp_path / 'latest.pt'}", expect="bridge")
+    assert model_for(ctx, f"i2sb:{tmp_path / 'latest.pt'}") is first and first.bridge.interval == 50
+    with pytest.raises(UsageError, match="needs a pixel model, got a bridge model"):
+        model_for(ctx, f"i2sb:{tmp_path / 'latest.pt'}", expect="pixel")
+    clear_model_cache()

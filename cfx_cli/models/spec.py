@@ -102,3 +102,35 @@ def load_demo(name: str, device: str = "cpu") -> Any:
     except FileNotFoundError as exc:
         raise UsageError(f"demo:{name}: weights missing ({exc.filename or exc}); the demo generator has not "
                          "been trained/committed in this build") from None
+
+
+# -- for explainers ------------------------------------------------------------------------------------
+_CACHE: dict[tuple, Any] = {}
+
+
+def model_for(context, default: str, expect: str | tuple[str, ...] | None = None) -> Any:
+    """The generative model an explainer should use: ``--model`` or the method's ``default`` spec (e.g. its demo
+    model), loaded once per process for the same spec/flags/device/options.
+
+    Memory options come from ``context.options``: ``precision`` (fp32/fp16/bf16), ``attention``
+    (default/sdpa/slicing/math), ``gradient_checkpointing`` (bool).
+    """
+    opts = getattr(context, "options", {}) or {}
+    memory = MemoryOptions(precision=opts.get("precision", "fp32"), attention=opts.get("attention", "default"),
+                           gradient_checkpointing=bool(opts.get("gradient_checkpointing", False)))
+    spec = context.model or default
+    key = (spec, context.model_flags, context.device, context.trust_pickle, memory.precision, memory.attention,
+           memory.gradient_checkpointing)
+    if key not in _CACHE:
+        _CACHE[key] = load_model(spec, context.model_flags, context.device, context.trust_pickle, memory, expect)
+    model = _CACHE[key]
+    if expect is not None:
+        kinds = (expect,) if isinstance(expect, str) else tuple(expect)
+        if getattr(model, "kind", None) not in kinds:
+            raise UsageError(f"--model {spec}: this method needs a {' or '.join(kinds)} model, "
+                             f"got a {getattr(model, 'kind', None)} model")
+    return model
+
+
+def clear_model_cache() -> None:
+    _CACHE.clear()
