@@ -19,8 +19,9 @@ def tiny_tokenizer_files(folder: Path, max_length: int = 8) -> None:
         vocab.setdefault(ch + "</w>", len(vocab))
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": max_length,
-                                                              "tokenizer_class": "CLIPTokenizer"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"})
+    )
 
 
 def tiny_text_encoder(vocab_size: int, hidden: int = 32, max_length: int = 8, seed: int = 0):
@@ -28,9 +29,17 @@ def tiny_text_encoder(vocab_size: int, hidden: int = 32, max_length: int = 8, se
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=37, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=0,
-                         eos_token_id=1, pad_token_id=1)
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=37,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return CLIPTextModel(cfg).eval()
 
 
@@ -43,18 +52,27 @@ def tiny_tokenizer_and_encoder(folder: Path):
 
 
 def make_sd_folder(fixture: Path, dest: Path) -> Path:
-    """A Stable-Diffusion-layout folder: the fixture's unet/vae/scheduler plus a tiny text encoder/tokenizer."""
+    """A Stable-Diffusion-layout folder: the fixture's unet/vae/scheduler plus a tiny text
+    encoder/tokenizer."""
     dest.mkdir(parents=True, exist_ok=True)
     for comp in ("unet", "vae", "scheduler"):
         shutil.copytree(fixture / comp, dest / comp)
     tok, enc = tiny_tokenizer_and_encoder(dest)
     enc.save_pretrained(str(dest / "text_encoder"))
     tok.save_pretrained(str(dest / "tokenizer"))
-    (dest / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.16.1",
-        "vae": ["diffusers", "AutoencoderKL"], "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"]}))
+    (dest / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.16.1",
+                "vae": ["diffusers", "AutoencoderKL"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+            }
+        )
+    )
     return dest
 
 
@@ -63,12 +81,28 @@ def tiny_unet2d(seed: int = 0, learned_variance: bool = False):
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
-    return UNet2DModel(sample_size=16, in_channels=3, out_channels=6 if learned_variance else 3, layers_per_block=1,
-                       block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                       attention_head_dim=8).eval()
+    return UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=6 if learned_variance else 3,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).eval()
 
 
-TINY_ADM_FLAGS = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
-                  "attention_resolutions": "16", "num_heads": 2, "num_head_channels": -1, "learn_sigma": False,
-                  "resblock_updown": True, "use_scale_shift_norm": True}
+TINY_ADM_FLAGS = {
+    "image_size": 32,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": "1,2",
+    "attention_resolutions": "16",
+    "num_heads": 2,
+    "num_head_channels": -1,
+    "learn_sigma": False,
+    "resblock_updown": True,
+    "use_scale_shift_norm": True,
+}

@@ -47,16 +47,20 @@ def test_parameter_order_matches_checkpoint_order():
 
 
 def test_flag_string_and_files_agree(tmp_path):
-    text = ("--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 500 --learn_sigma True "
-            "--noise_schedule linear --num_channels 128 --num_heads 4 --num_res_blocks 2 --resblock_updown True "
-            "--use_fp16 True --use_scale_shift_norm True --image_size 128")
+    text = (
+        "--attention_resolutions 32,16,8 --class_cond False --diffusion_steps 500 --learn_sigma True "
+        "--noise_schedule linear --num_channels 128 --num_heads 4 --num_res_blocks 2 --resblock_updown True "
+        "--use_fp16 True --use_scale_shift_norm True --image_size 128"
+    )
     flags = load_flags(text)
     assert flags.num_channels == 128 and flags.learn_sigma and flags.use_fp16 and flags.diffusion_steps == 500
     assert flags.channel_mult_tuple() == (1, 1, 2, 3, 4)
     assert flags.attention_ds() == (4, 8, 16)
     (tmp_path / "flags.sh").write_text(f'MODEL_FLAGS="{text}"\n# comment\n')
     (tmp_path / "flags.json").write_text(json.dumps(parse_flag_string(text)))
-    (tmp_path / "flags.toml").write_text("\n".join(f'{k} = "{v}"' for k, v in parse_flag_string(text).items()))
+    (tmp_path / "flags.toml").write_text(
+        "\n".join(f'{k} = "{v}"' for k, v in parse_flag_string(text).items())
+    )
     for name in ("flags.sh", "flags.json", "flags.toml"):
         assert load_flags(str(tmp_path / name)) == flags, name
     assert load_flags("--num_channels=64 --batch_size 4").num_channels == 64  # script-only flags ignored
@@ -82,8 +86,14 @@ def test_wrong_flags_name_the_mismatch(tmp_path):
 
 
 def test_pickled_checkpoint_needs_trust(tmp_path):
-    flags = ADMFlags(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16",
-                     num_heads=2)
+    flags = ADMFlags(
+        image_size=32,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="16",
+        num_heads=2,
+    )
     net = build_unet(flags)
     torch.save(net, tmp_path / "full.pt")  # a whole pickled module, not a state dict
     with pytest.raises(UsageError, match="--trust-pickle"):
@@ -91,14 +101,24 @@ def test_pickled_checkpoint_needs_trust(tmp_path):
     model = load_adm(tmp_path / "full.pt", flags, trust_pickle=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model.net(x, torch.tensor([3, 7])), net.eval()(x, torch.tensor([3, 7])), atol=1e-6)
+        assert torch.allclose(
+            model.net(x, torch.tensor([3, 7])), net.eval()(x, torch.tensor([3, 7])), atol=1e-6
+        )
 
 
 def test_safetensors_checkpoint_and_fp16_flag_on_cpu(tmp_path, capsys):
     from safetensors.torch import save_file
 
-    flags = ADMFlags(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16",
-                     num_heads=2, learn_sigma=True, use_fp16=True)
+    flags = ADMFlags(
+        image_size=32,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,2",
+        attention_resolutions="16",
+        num_heads=2,
+        learn_sigma=True,
+        use_fp16=True,
+    )
     net = build_unet(flags).eval()
     save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
     model = load_adm(tmp_path / "w.safetensors", flags, device="cpu")
@@ -110,8 +130,14 @@ def test_safetensors_checkpoint_and_fp16_flag_on_cpu(tmp_path, capsys):
 
 
 def test_gradient_checkpointing_same_gradients():
-    flags = ADMFlags(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,1", attention_resolutions="8",
-                     num_heads=2)
+    flags = ADMFlags(
+        image_size=16,
+        num_channels=32,
+        num_res_blocks=1,
+        channel_mult="1,1",
+        attention_resolutions="8",
+        num_heads=2,
+    )
     torch.manual_seed(0)
     net = build_unet(flags)
     for p in net.parameters():  # the zero-initialised layers would hide differences

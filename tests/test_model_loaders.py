@@ -1,4 +1,5 @@
-"""``--model SPEC`` loaders: diffusers folders and hub ids, Stable Diffusion components, I2SB, demo dispatch."""
+"""``--model SPEC`` loaders: diffusers folders and hub ids, Stable Diffusion components, I2SB, demo
+dispatch."""
 
 from __future__ import annotations
 
@@ -20,9 +21,15 @@ from cfx_cli.models import load_model, parse_model_spec
 def _save_pixel_pipeline(folder, unet, scheduler):
     unet.save_pretrained(str(folder / "unet"))
     scheduler.save_pretrained(str(folder / "scheduler"))
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
-        "scheduler": ["diffusers", "DDPMScheduler"]}))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "DDPMPipeline",
+                "unet": ["diffusers", "UNet2DModel"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+            }
+        )
+    )
 
 
 def test_spec_parsing():
@@ -65,7 +72,9 @@ def test_diffusers_pixel_round_trip(tmp_path):
 def test_learned_variance_unet_is_detected(tmp_path):
     from diffusers import DDPMScheduler
 
-    _save_pixel_pipeline(tmp_path, tiny_unet2d(learned_variance=True), DDPMScheduler(variance_type="learned_range"))
+    _save_pixel_pipeline(
+        tmp_path, tiny_unet2d(learned_variance=True), DDPMScheduler(variance_type="learned_range")
+    )
     model = load_model(f"diffusers:{tmp_path}")
     assert model.learn_sigma and model(torch.zeros(1, 3, 16, 16), 3).shape == (1, 6, 16, 16)
 
@@ -104,8 +113,11 @@ def test_sd_folder_missing_file_fails_in_one_line(tmp_path):
 
 
 def test_uncached_hub_id_offline_fails_in_one_line(tmp_path):
-    res = run_cfx("models", "diffusers:someorg/not-a-cached-model",
-                  env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)})
+    res = run_cfx(
+        "models",
+        "diffusers:someorg/not-a-cached-model",
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)},
+    )
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
@@ -143,9 +155,12 @@ def _tiny_i2sb_checkpoint(tmp_path):
     for p in wrapper.parameters():
         p.data.normal_(0, 0.05)
     shadow = [p.detach().clone() + 0.01 * torch.randn_like(p) for p in wrapper.parameters()]
-    ckpt = {"net": wrapper.state_dict(), "ema": {"decay": 0.99, "num_updates": 10, "shadow_params": shadow,
-                                                 "collected_params": None},
-            "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": [0]}]}, "sched": None}
+    ckpt = {
+        "net": wrapper.state_dict(),
+        "ema": {"decay": 0.99, "num_updates": 10, "shadow_params": shadow, "collected_params": None},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 5e-5, "params": [0]}]},
+        "sched": None,
+    }
     torch.save(ckpt, tmp_path / "latest.pt")
     ref = build_unet(flags)
     with torch.no_grad():
@@ -156,8 +171,18 @@ def _tiny_i2sb_checkpoint(tmp_path):
 
 def test_i2sb_checkpoint_with_json_options_uses_ema(tmp_path):
     ref = _tiny_i2sb_checkpoint(tmp_path)
-    (tmp_path / "options.json").write_text(json.dumps({"interval": 100, "beta_max": 0.3, "t0": 1e-4, "T": 1.0,
-                                                       "cond_x1": False, "adm_flags": TINY_ADM_FLAGS}))
+    (tmp_path / "options.json").write_text(
+        json.dumps(
+            {
+                "interval": 100,
+                "beta_max": 0.3,
+                "t0": 1e-4,
+                "T": 1.0,
+                "cond_x1": False,
+                "adm_flags": TINY_ADM_FLAGS,
+            }
+        )
+    )
     model = load_model(f"i2sb:{tmp_path / 'latest.pt'}", expect="bridge")
     assert model.info["ema"] and model.bridge.interval == 100
     x = torch.randn(2, 3, 32, 32)
@@ -172,8 +197,17 @@ def test_i2sb_checkpoint_with_json_options_uses_ema(tmp_path):
 
 def test_i2sb_pickled_options_need_trust(tmp_path):
     _tiny_i2sb_checkpoint(tmp_path)
-    opt = argparse.Namespace(interval=100, beta_max=0.3, t0=1e-4, T=1.0, cond_x1=False, ot_ode=True,
-                             corrupt="inpaint-freeform2030", image_size=32, lr=5e-5)
+    opt = argparse.Namespace(
+        interval=100,
+        beta_max=0.3,
+        t0=1e-4,
+        T=1.0,
+        cond_x1=False,
+        ot_ode=True,
+        corrupt="inpaint-freeform2030",
+        image_size=32,
+        lr=5e-5,
+    )
     (tmp_path / "options.pkl").write_bytes(pickle.dumps(opt))
     flags = " ".join(f"--{k} {v}" for k, v in TINY_ADM_FLAGS.items())
     with pytest.raises(UsageError, match="--trust-pickle"):
@@ -225,7 +259,9 @@ def test_tokens_helper_trains_only_new_rows(tmp_path):
     ids_in = tok(["a <c3> <c8>"], padding="max_length", max_length=8, return_tensors="pt").input_ids
     enc(ids_in)[0].square().mean().backward()
     opt.step()
-    moved = [i for i in range(weight.shape[0]) if i < before.shape[0] and not torch.equal(weight[i], before[i])]
+    moved = [
+        i for i in range(weight.shape[0]) if i < before.shape[0] and not torch.equal(weight[i], before[i])
+    ]
     assert moved == [] and not torch.allclose(weight[ids[0]], init)
     assert all(not p.requires_grad for n, p in enc.named_parameters() if "token_embedding" not in n)
     handle.remove()

@@ -21,8 +21,12 @@ def test_adm_half_precision_close_to_fp32(precision):
 
     path = fixture_dir("adm-unet")
     for name, cfg in json.loads((path / "configs.json").read_text()).items():
-        model = load_adm(path / f"{name}.pt", cfg["flags"], device="cuda",
-                         memory=MemoryOptions(precision=precision, attention="sdpa", gradient_checkpointing=True))
+        model = load_adm(
+            path / f"{name}.pt",
+            cfg["flags"],
+            device="cuda",
+            memory=MemoryOptions(precision=precision, attention="sdpa", gradient_checkpointing=True),
+        )
         dtype = torch.float16 if precision == "fp16" else torch.bfloat16
         assert model.net.input_blocks[0][0].weight.dtype == dtype
         assert model.net.out[2].weight.dtype == torch.float32  # the output head stays fp32, as in ADM

@@ -1,4 +1,5 @@
-"""Shared diffusion math: schedules and respacing, Gaussian DDPM/DDIM steps, Tweedie estimates, the I2SB bridge.
+"""Shared diffusion math: schedules and respacing, Gaussian DDPM/DDIM steps, Tweedie estimates, the
+I2SB bridge.
 
 Every explainer uses these instead of re-deriving them. Pure tensor functions; no model code here.
 """
@@ -21,7 +22,18 @@ from cfx_cli.diffusion.schedules import (
 )
 
 __all__ = [
-    "BridgeSchedule", "DiffusionOutput", "GaussianDiffusion", "betas_for_alpha_bar", "broadcast",
-    "ddim_step_from_alphas", "ddim_transfer", "gaussian_product_coef", "get_beta_schedule", "i2sb_betas",
-    "respace_betas", "space_indices", "space_timesteps", "tweedie_x0",
+    "BridgeSchedule",
+    "DiffusionOutput",
+    "GaussianDiffusion",
+    "betas_for_alpha_bar",
+    "broadcast",
+    "ddim_step_from_alphas",
+    "ddim_transfer",
+    "gaussian_product_coef",
+    "get_beta_schedule",
+    "i2sb_betas",
+    "respace_betas",
+    "space_indices",
+    "space_timesteps",
+    "tweedie_x0",
 ]

@@ -1,4 +1,5 @@
-"""Reading weight files safely: safetensors, or ``torch.load(weights_only=True)`` unless ``--trust-pickle``."""
+"""Reading weight files safely: safetensors, or ``torch.load(weights_only=True)`` unless
+``--trust-pickle``."""
 
 from __future__ import annotations
 
@@ -7,14 +8,17 @@ from typing import Any
 
 from cfx_cli.errors import UsageError
 
-PICKLE_HINT = ("it is a full pickle; pass --trust-pickle only if you trust its source (unpickling runs code), "
-               "or convert it once to a plain state dict / safetensors")
+PICKLE_HINT = (
+    "it is a full pickle; pass --trust-pickle only if you trust its source (unpickling runs code), "
+    "or convert it once to a plain state dict / safetensors"
+)
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False, what: str = "checkpoint") -> Any:
     """Load a ``.safetensors`` file (dict of tensors) or a torch ``.pt``/``.pth``/``.bin`` file.
 
-    Without ``trust_pickle`` torch files are read with ``weights_only=True``: plain state dicts (tensors, numbers,
+    Without ``trust_pickle`` torch files are read with ``weights_only=True``: plain state dicts
+    (tensors, numbers,
     lists, dicts) load; arbitrary pickled objects are refused with one line saying so.
     """
     path = Path(path).expanduser()
@@ -36,9 +40,13 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, what: str = "c
     except pickle.UnpicklingError as exc:
         if not trust_pickle and "weights_only" in str(exc):
             raise UsageError(f"{what} {path}: {PICKLE_HINT}") from None
-        raise UsageError(f"{what} {path}: cannot be read as a torch checkpoint ({_first_line(exc)})") from None
+        raise UsageError(
+            f"{what} {path}: cannot be read as a torch checkpoint ({_first_line(exc)})"
+        ) from None
     except (RuntimeError, OSError, EOFError, ValueError, AttributeError, ModuleNotFoundError) as exc:
-        raise UsageError(f"{what} {path}: cannot be read as a torch checkpoint ({_first_line(exc)})") from None
+        raise UsageError(
+            f"{what} {path}: cannot be read as a torch checkpoint ({_first_line(exc)})"
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -52,8 +60,12 @@ def is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def extract_state_dict(obj: Any, path: str | Path, keys: tuple[str, ...] = ("state_dict", "model", "net"),
-                       strip_prefixes: tuple[str, ...] = ("module.",)) -> dict:
+def extract_state_dict(
+    obj: Any,
+    path: str | Path,
+    keys: tuple[str, ...] = ("state_dict", "model", "net"),
+    strip_prefixes: tuple[str, ...] = ("module.",),
+) -> dict:
     """A state dict from a checkpoint that is either one or holds one under a usual key."""
     if not is_state_dict(obj) and isinstance(obj, dict):
         for key in keys:
@@ -70,7 +82,7 @@ def extract_state_dict(obj: Any, path: str | Path, keys: tuple[str, ...] = ("sta
             raise UsageError(f"checkpoint {path}: no state dict found (top-level: {found})")
     for prefix in strip_prefixes:
         if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
 
 
@@ -79,8 +91,11 @@ def load_into(module, state: dict, path: str | Path, what: str = "checkpoint") -
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -89,6 +104,8 @@ def load_into(module, state: dict, path: str | Path, what: str = "checkpoint") -
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
-        raise UsageError(f"{what} {path} does not match the network built from the flags: {', '.join(parts)} "
-                         "— check --model-flags")
+        raise UsageError(
+            f"{what} {path} does not match the network built from the flags: {', '.join(parts)} "
+            "— check --model-flags"
+        )
     module.load_state_dict(state, strict=True)
