@@ -103,10 +103,11 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     explainer_cls = get_explainer_class(req.method)
     spec = req.classifier or DEFAULT_SPEC
     set_options = dict(req.set_options)
+    notes: list[str] = []
     if "preset" not in set_options and spec in explainer_cls.auto_presets:
         set_options["preset"] = explainer_cls.auto_presets[spec]
-        print(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
-              "(override with --set preset=NAME or individual --set values)", file=sys.stderr)
+        notes.append(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
+                     "(override with --set preset=NAME or individual --set values)")
     params = resolve_params(req.method, explainer_cls.params, explainer_cls.presets, set_options)
     if req.batch_size < 1:
         raise UsageError(f"--batch-size {req.batch_size}: must be at least 1")
@@ -138,6 +139,8 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     out = Path(req.out) if req.out else Path("cfx-runs") / f"{req.method}-{_safe_name(req.target)}"
     run = RunDir(out)
     done = run.prepare(resume=req.resume, overwrite=req.overwrite)
+    for note in notes:  # only once the request is known to be valid
+        print(note, file=sys.stderr)
     pending = [it for it in items if it.id not in done]
 
     context = ExplainContext(
