@@ -69,7 +69,7 @@ def make_ids(keys: list[str], paths: list[Path]) -> list[str]:
     for s in slugs:
         counts[s] = counts.get(s, 0) + 1
     ids = []
-    for key, slug, path in zip(keys, slugs, paths, strict=True):
+    for key, slug in zip(keys, slugs, strict=True):
         stem = key.rsplit(".", 1)[0]
         lossless = "__" not in stem and slug == stem.replace("/", "__")
         if counts[slug] > 1 or not lossless:

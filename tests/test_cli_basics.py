@@ -67,7 +67,8 @@ def test_unreadable_config_and_unknown_classifier(tmp_path, demo_images):
     bad.write_text("method = [unclosed\n")
     proc = run_cfx("explain", str(demo_images), "--config", str(bad))
     assert proc.returncode == 2 and "invalid TOML" in _one_line_error(proc)
-    proc = run_cfx("explain", str(demo_images), "--method", "pgd", "--classifier", "ftp:x", "--out", str(tmp_path / "r"))
+    proc = run_cfx("explain", str(demo_images), "--method", "pgd", "--classifier", "ftp:x",
+                   "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "unknown classifier scheme 'ftp'" in _one_line_error(proc)
 
 

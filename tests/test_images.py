@@ -8,11 +8,11 @@ import zlib
 
 import numpy as np
 import pytest
+from conftest import run_cfx
 from PIL import Image
 
 from cfx_cli.errors import InputError
 from cfx_cli.images import decode, discover, save_png
-from conftest import run_cfx
 
 
 def _png_header_only(path, width, height):

@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_cfx
 from PIL import Image
 
 from cfx_cli.runs import RunDir, read_manifest
-from conftest import run_cfx
 
 
 def _records(run):
