@@ -42,6 +42,8 @@ def test_pgd_flips_the_demo_folder_and_eval_reports_it(tmp_path):
     out = tmp_path / "run"
     proc = run_cfx("explain", str(IMAGES_DIR), "--method", "pgd", "--target", "auto", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
+    assert "explain (pgd): 16/16 (100%)" in proc.stderr  # plain progress lines when not on a terminal
+    assert "16 inputs: 16 flipped" in proc.stdout or "16 inputs: 15 flipped" in proc.stdout
     recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     flipped = sum(r["status"] == "flipped" for r in recs)
     assert len(recs) == 16 and flipped / 16 >= 0.95

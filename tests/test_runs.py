@@ -30,6 +30,9 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, demo_images):
     assert proc.returncode == 0
     recs = _records(out)
     assert len(recs) == 4 and len({r["id"] for r in recs}) == 4
+    proc = run_cfx("explain", str(demo_images), "--method", "pgd", "--limit", "4", "--out", str(out), "--resume",
+                   "--set", "iterations=3")
+    assert proc.returncode == 2 and "different parameters" in proc.stderr
     proc = run_cfx("explain", str(demo_images), "--method", "pgd", "--limit", "1", "--out", str(out), "--overwrite")
     assert proc.returncode == 0 and len(_records(out)) == 1
     assert len(list((out / "counterfactuals").iterdir())) == 1
