@@ -18,7 +18,7 @@ app = typer.Typer(
     name="cfx",
     help="Visual counterfactual explanations for image classifiers, and their evaluation.",
     no_args_is_help=True,
-    add_completion=True,
+    add_completion=False,  # static scripts ship in completions/ (scripts/gen_completions.py)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -304,26 +304,13 @@ def main() -> None:
     """Entry point: one clear line for known errors (CFX_DEBUG=1 shows tracebacks)."""
     debug = os.environ.get("CFX_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        app()  # standalone mode: usage errors exit 2 with click's message, --help exits 0
     except CfxError as exc:
         if debug:
             raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; continue with --resume", err=True)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            typer.echo("aborted", err=True)
-            sys.exit(1)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
         if debug:
             raise
         typer.echo(f"error: {type(exc).__name__}: {exc} (set CFX_DEBUG=1 for a traceback)", err=True)

@@ -103,10 +103,11 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     explainer_cls = get_explainer_class(req.method)
     spec = req.classifier or DEFAULT_SPEC
     set_options = dict(req.set_options)
+    notes: list[str] = []
     if "preset" not in set_options and spec in explainer_cls.auto_presets:
         set_options["preset"] = explainer_cls.auto_presets[spec]
-        print(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
-              "(override with --set preset=NAME or individual --set values)", file=sys.stderr)
+        notes.append(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
+                     "(override with --set preset=NAME or individual --set values)")
     params = resolve_params(req.method, explainer_cls.params, explainer_cls.presets, set_options)
     if req.batch_size < 1:
         raise UsageError(f"--batch-size {req.batch_size}: must be at least 1")
@@ -137,7 +138,11 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
 
     out = Path(req.out) if req.out else Path("cfx-runs") / f"{req.method}-{_safe_name(req.target)}"
     run = RunDir(out)
+    if req.resume:
+        _check_resume_matches(out, req.method, params, classifier.spec)
     done = run.prepare(resume=req.resume, overwrite=req.overwrite)
+    for note in notes:  # only once the request is known to be valid
+        print(note, file=sys.stderr)
     pending = [it for it in items if it.id not in done]
 
     context = ExplainContext(
@@ -194,6 +199,27 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     run.write_run_json(info)
     classifier.close()
     return ExplainSummary(out, counts, errors, time.monotonic() - t_start)
+
+
+def _check_resume_matches(out: Path, method: str, params: dict, spec: str) -> None:
+    """Resuming with other settings would mix two experiments in one manifest: refuse."""
+    import json
+
+    from cfx_cli.runs import RUN_JSON
+
+    try:
+        old = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # nothing (readable) to compare with
+    before = (old.get("method"), old.get("parameters"), (old.get("classifier") or {}).get("spec"))
+    now = (method, json.loads(json.dumps(params)), spec)
+    if before != now:
+        what = [name for name, a, b in zip(("method", "parameters", "classifier"), before, now, strict=True)
+                if a != b]
+        raise UsageError(
+            f"--resume: {out} was made with a different {' and '.join(what)}; resume with the same options, "
+            "or use --overwrite or another --out"
+        )
 
 
 def _safe_name(text: str) -> str:
