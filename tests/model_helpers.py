@@ -52,8 +52,7 @@ def tiny_tokenizer_and_encoder(folder: Path):
 
 
 def make_sd_folder(fixture: Path, dest: Path) -> Path:
-    """A Stable-Diffusion-layout folder: the fixture's unet/vae/scheduler plus a tiny text
-    encoder/tokenizer."""
+    """A Stable-Diffusion-layout folder: the fixture's unet/vae/scheduler plus a tiny text encoder/tokenizer."""
     dest.mkdir(parents=True, exist_ok=True)
     for comp in ("unet", "vae", "scheduler"):
         shutil.copytree(fixture / comp, dest / comp)

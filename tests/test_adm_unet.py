@@ -58,9 +58,7 @@ def test_flag_string_and_files_agree(tmp_path):
     assert flags.attention_ds() == (4, 8, 16)
     (tmp_path / "flags.sh").write_text(f'MODEL_FLAGS="{text}"\n# comment\n')
     (tmp_path / "flags.json").write_text(json.dumps(parse_flag_string(text)))
-    (tmp_path / "flags.toml").write_text(
-        "\n".join(f'{k} = "{v}"' for k, v in parse_flag_string(text).items())
-    )
+    (tmp_path / "flags.toml").write_text("\n".join(f'{k} = "{v}"' for k, v in parse_flag_string(text).items()))
     for name in ("flags.sh", "flags.json", "flags.toml"):
         assert load_flags(str(tmp_path / name)) == flags, name
     assert load_flags("--num_channels=64 --batch_size 4").num_channels == 64  # script-only flags ignored
@@ -87,12 +85,7 @@ def test_wrong_flags_name_the_mismatch(tmp_path):
 
 def test_pickled_checkpoint_needs_trust(tmp_path):
     flags = ADMFlags(
-        image_size=32,
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult="1,2",
-        attention_resolutions="16",
-        num_heads=2,
+        image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="16", num_heads=2
     )
     net = build_unet(flags)
     torch.save(net, tmp_path / "full.pt")  # a whole pickled module, not a state dict
@@ -101,9 +94,7 @@ def test_pickled_checkpoint_needs_trust(tmp_path):
     model = load_adm(tmp_path / "full.pt", flags, trust_pickle=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(
-            model.net(x, torch.tensor([3, 7])), net.eval()(x, torch.tensor([3, 7])), atol=1e-6
-        )
+        assert torch.allclose(model.net(x, torch.tensor([3, 7])), net.eval()(x, torch.tensor([3, 7])), atol=1e-6)
 
 
 def test_safetensors_checkpoint_and_fp16_flag_on_cpu(tmp_path, capsys):
@@ -131,12 +122,7 @@ def test_safetensors_checkpoint_and_fp16_flag_on_cpu(tmp_path, capsys):
 
 def test_gradient_checkpointing_same_gradients():
     flags = ADMFlags(
-        image_size=16,
-        num_channels=32,
-        num_res_blocks=1,
-        channel_mult="1,1",
-        attention_resolutions="8",
-        num_heads=2,
+        image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,1", attention_resolutions="8", num_heads=2
     )
     torch.manual_seed(0)
     net = build_unet(flags)

@@ -153,11 +153,7 @@ def test_ddim_step_equals_diffusers_ddim_scheduler():
     # and the schedule-indexed form on a respaced GaussianDiffusion is the same update
     d = GaussianDiffusion.from_config(1000, "linear", respacing="ddim50")
     ref_sched = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_schedule="linear",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=0,
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True, steps_offset=0
     )
     ref_sched.set_timesteps(50)
     for i in (49, 20, 0):
@@ -222,6 +218,4 @@ def test_bridge_posterior_is_gaussian_product_and_recovers_x0():
     mask[..., :2, :] = 1
     start = b.q_sample(600, target, x1, ot_ode=True)
     out = b.sample(pred_x0, start, nfe=6, mask=mask, x1=x1, start_step=600)
-    assert torch.allclose(out * mask, target * mask, atol=1e-2) and torch.allclose(
-        out * (1 - mask), x1 * (1 - mask)
-    )
+    assert torch.allclose(out * mask, target * mask, atol=1e-2) and torch.allclose(out * (1 - mask), x1 * (1 - mask))

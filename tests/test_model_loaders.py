@@ -1,5 +1,4 @@
-"""``--model SPEC`` loaders: diffusers folders and hub ids, Stable Diffusion components, I2SB, demo
-dispatch."""
+"""``--model SPEC`` loaders: diffusers folders and hub ids, Stable Diffusion components, I2SB, demo dispatch."""
 
 from __future__ import annotations
 
@@ -72,9 +71,7 @@ def test_diffusers_pixel_round_trip(tmp_path):
 def test_learned_variance_unet_is_detected(tmp_path):
     from diffusers import DDPMScheduler
 
-    _save_pixel_pipeline(
-        tmp_path, tiny_unet2d(learned_variance=True), DDPMScheduler(variance_type="learned_range")
-    )
+    _save_pixel_pipeline(tmp_path, tiny_unet2d(learned_variance=True), DDPMScheduler(variance_type="learned_range"))
     model = load_model(f"diffusers:{tmp_path}")
     assert model.learn_sigma and model(torch.zeros(1, 3, 16, 16), 3).shape == (1, 6, 16, 16)
 
@@ -173,14 +170,7 @@ def test_i2sb_checkpoint_with_json_options_uses_ema(tmp_path):
     ref = _tiny_i2sb_checkpoint(tmp_path)
     (tmp_path / "options.json").write_text(
         json.dumps(
-            {
-                "interval": 100,
-                "beta_max": 0.3,
-                "t0": 1e-4,
-                "T": 1.0,
-                "cond_x1": False,
-                "adm_flags": TINY_ADM_FLAGS,
-            }
+            {"interval": 100, "beta_max": 0.3, "t0": 1e-4, "T": 1.0, "cond_x1": False, "adm_flags": TINY_ADM_FLAGS}
         )
     )
     model = load_model(f"i2sb:{tmp_path / 'latest.pt'}", expect="bridge")
@@ -259,9 +249,7 @@ def test_tokens_helper_trains_only_new_rows(tmp_path):
     ids_in = tok(["a <c3> <c8>"], padding="max_length", max_length=8, return_tensors="pt").input_ids
     enc(ids_in)[0].square().mean().backward()
     opt.step()
-    moved = [
-        i for i in range(weight.shape[0]) if i < before.shape[0] and not torch.equal(weight[i], before[i])
-    ]
+    moved = [i for i in range(weight.shape[0]) if i < before.shape[0] and not torch.equal(weight[i], before[i])]
     assert moved == [] and not torch.allclose(weight[ids[0]], init)
     assert all(not p.requires_grad for n, p in enc.named_parameters() if "token_embedding" not in n)
     handle.remove()

@@ -1,5 +1,4 @@
-"""Shared diffusion math: schedules and respacing, Gaussian DDPM/DDIM steps, Tweedie estimates, the
-I2SB bridge.
+"""Shared diffusion math: schedules and respacing, Gaussian DDPM/DDIM steps, Tweedie estimates, the I2SB bridge.
 
 Every explainer uses these instead of re-deriving them. Pure tensor functions; no model code here.
 """

@@ -1,7 +1,6 @@
 """I2SB (Liu et al., 2023, "I²SB: Image-to-Image Schrödinger Bridge") noise math.
 
-The bridge runs between a clean image x_0 (step 0) and a degraded one x_1 (step ``interval``-1)
-with a symmetric
+The bridge runs between a clean image x_0 (step 0) and a degraded one x_1 (step ``interval``-1) with a symmetric
 beta schedule. With σ_t² = Σ_{s≤t} β_s (forward) and σ̄_t² = Σ_{s≥t} β_s (backward), the marginal of the
 Schrödinger bridge given both ends is Gaussian (paper eq. 11):
 
@@ -31,8 +30,7 @@ def gaussian_product_coef(sigma1: torch.Tensor, sigma2: torch.Tensor):
 
 
 def space_indices(num_steps: int, count: int) -> list[int]:
-    """``count`` indices evenly spread over 0 … num_steps-1, first and last included (I2SB's
-    sampling steps)."""
+    """``count`` indices evenly spread over 0 … num_steps-1, first and last included (I2SB's sampling steps)."""
     if count > num_steps:
         raise ValueError(f"cannot take {count} steps out of {num_steps}")
     stride = 1 if count <= 1 else (num_steps - 1) / (count - 1)
@@ -99,8 +97,7 @@ class BridgeSchedule:
         ot_ode: bool = True,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x_{nprev} from p(x_{nprev} | x_n, x̂_0), nprev < n; deterministic under the OT-ODE (and
-        at nprev = 0)."""
+        """x_{nprev} from p(x_{nprev} | x_n, x̂_0), nprev < n; deterministic under the OT-ODE (and at nprev = 0)."""
         c0, cn, var = self.posterior_coefs(nprev, n, x_n)
         out = c0 * x0 + cn * x_n
         if not ot_ode:
@@ -138,11 +135,7 @@ class BridgeSchedule:
         known = x1 if x1 is not None else x_start
         for step, prev in zip(steps[:-1], steps[1:], strict=True):
             x0 = pred_x0_fn(xt, step)
-            noise = (
-                None
-                if ot_ode
-                else torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
-            )
+            noise = None if ot_ode else torch.randn(xt.shape, generator=generator, device=xt.device, dtype=xt.dtype)
             xt = self.posterior_step(prev, step, xt, x0, ot_ode=ot_ode, noise=noise)
             if mask is not None:
                 xt_true = known

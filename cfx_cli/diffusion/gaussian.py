@@ -1,7 +1,6 @@
 """Gaussian diffusion (DDPM/DDIM) math, batched with per-sample timesteps.
 
-``GaussianDiffusion`` holds one (possibly respaced) schedule in float64 and gives q_sample, the
-DDPM posterior,
+``GaussianDiffusion`` holds one (possibly respaced) schedule in float64 and gives q_sample, the DDPM posterior,
 p_mean_variance from a network output (fixed or learned-range variance, ADM's ``learn_sigma``), DDPM and DDIM
 steps and Tweedie x̂_0 estimates. Timesteps ``t`` are indices into *this* schedule (0 … num_steps-1), either an
 int or an (N,) tensor; ``model_timesteps(t)`` maps them to the times the network was trained with.
@@ -107,8 +106,7 @@ class GaussianDiffusion:
         return cls(betas, None, num_steps, variance, rescale_timesteps, prediction)
 
     def respaced(self, respacing: str) -> GaussianDiffusion:
-        """This schedule restricted to a subset of its steps (indices map back to the original
-        model times)."""
+        """This schedule restricted to a subset of its steps (indices map back to the original model times)."""
         keep = space_timesteps(self.num_steps, respacing)
         new_betas, tmap = respace_betas(self.betas, keep)
         original = self.timestep_map[tmap].tolist()
@@ -122,8 +120,7 @@ class GaussianDiffusion:
         )
 
     def model_timesteps(self, t: torch.Tensor | int, batch: int | None = None) -> torch.Tensor:
-        """Network input times for schedule indices ``t``: the original step (respacing), scaled to
-        0–1000 when
+        """Network input times for schedule indices ``t``: the original step (respacing), scaled to 0–1000 when
         ``rescale_timesteps``. float32 (N,)."""
         if not torch.is_tensor(t):
             t = torch.full((batch or 1,), int(t), dtype=torch.long)
@@ -133,9 +130,7 @@ class GaussianDiffusion:
         return out
 
     # -- forward process ------------------------------------------------------------------------
-    def q_sample(
-        self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε."""
         noise = torch.randn_like(x0) if noise is None else noise
         return (
@@ -145,20 +140,11 @@ class GaussianDiffusion:
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
-        mean = (
-            broadcast(self.posterior_mean_coef1, t, x_t) * x0
-            + broadcast(self.posterior_mean_coef2, t, x_t) * x_t
-        )
-        return (
-            mean,
-            broadcast(self.posterior_variance, t, x_t),
-            broadcast(self.posterior_log_variance_clipped, t, x_t),
-        )
+        mean = broadcast(self.posterior_mean_coef1, t, x_t) * x0 + broadcast(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, broadcast(self.posterior_variance, t, x_t), broadcast(self.posterior_log_variance_clipped, t, x_t)
 
     # -- Tweedie / parametrisation conversions ----------------------------------------------------
-    def predict_x0_from_eps(
-        self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor
-    ) -> torch.Tensor:
+    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
         """Tweedie's estimate x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t."""
         return (
             broadcast(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
@@ -170,25 +156,17 @@ class GaussianDiffusion:
             self.sqrt_recipm1_alphas_cumprod, t, x_t
         )
 
-    def split_output(
-        self, model_output: torch.Tensor, x_t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean part, variance part or None) of a network output; learned variance doubles the channels."""
         if self.variance_type in ("learned", "learned_range"):
             c = x_t.shape[1]
             if model_output.shape[1] != 2 * c:
-                raise ValueError(
-                    f"learned variance expects {2 * c} output channels, got {model_output.shape[1]}"
-                )
+                raise ValueError(f"learned variance expects {2 * c} output channels, got {model_output.shape[1]}")
             return model_output[:, :c], model_output[:, c:]
         return model_output[:, : x_t.shape[1]], None
 
     def eps_and_x0(
-        self,
-        model_output: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor | int,
-        clip_denoised: bool = False,
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip_denoised: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out, _ = self.split_output(model_output, x_t)
         if self.prediction_type == "epsilon":
@@ -202,16 +180,11 @@ class GaussianDiffusion:
 
     # -- reverse process ------------------------------------------------------------------------
     def p_mean_variance(
-        self,
-        model_output: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor | int,
-        clip_denoised: bool = False,
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip_denoised: bool = False
     ) -> DiffusionOutput:
         """p(x_{t-1} | x_t) from the network output (ADM ``p_mean_variance``).
 
-        Learned range (ADM ``learn_sigma``): the extra channels v ∈ [-1, 1] interpolate the
-        log-variance between
+        Learned range (ADM ``learn_sigma``): the extra channels v ∈ [-1, 1] interpolate the log-variance between
         the posterior's clipped log-variance and log β_t: log σ² = ((v+1)/2) log β_t + (1-(v+1)/2) log β̃_t.
         """
         mean_part, var_part = self.split_output(model_output, x_t)
@@ -271,11 +244,7 @@ class GaussianDiffusion:
         return ddim_step_from_alphas(x0, eps, ab_t, ab_prev, eta, noise, nonzero), x0
 
     def ddim_reverse_step(
-        self,
-        model_output: torch.Tensor,
-        x_t: torch.Tensor,
-        t: torch.Tensor | int,
-        clip_denoised: bool = False,
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip_denoised: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Deterministic DDIM inversion x_t → x_{t+1} (ᾱ_next; guided-diffusion ``ddim_reverse_sample``)."""
         eps, x0 = self.eps_and_x0(model_output, x_t, t, clip_denoised)
@@ -285,9 +254,7 @@ class GaussianDiffusion:
     @staticmethod
     def _as_batch(t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
         if torch.is_tensor(t):
-            return (
-                t.to(like.device).reshape(-1).expand(like.shape[0]) if t.numel() == 1 else t.to(like.device)
-            )
+            return t.to(like.device).reshape(-1).expand(like.shape[0]) if t.numel() == 1 else t.to(like.device)
         return torch.full((like.shape[0],), int(t), device=like.device)
 
 

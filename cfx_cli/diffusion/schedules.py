@@ -8,14 +8,9 @@ from collections.abc import Callable, Iterable
 import torch
 
 
-def betas_for_alpha_bar(
-    num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
-) -> torch.Tensor:
-    """Betas whose cumulative product follows ``alpha_bar(t)``, t in [0, 1]; each beta capped at
-    ``max_beta``."""
-    betas = [
-        min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)
-    ]
+def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> torch.Tensor:
+    """Betas whose cumulative product follows ``alpha_bar(t)``, t in [0, 1]; each beta capped at ``max_beta``."""
+    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
     return torch.tensor(betas, dtype=torch.float64)
 
 
@@ -79,8 +74,7 @@ def space_timesteps(num_steps: int, section_counts: str | int | Iterable[int]) -
 
 
 def respace_betas(betas: torch.Tensor, use_timesteps: Iterable[int]) -> tuple[torch.Tensor, list[int]]:
-    """Betas of the sub-chain through ``use_timesteps`` (so its alphas_cumprod equal the original's
-    at the kept
+    """Betas of the sub-chain through ``use_timesteps`` (so its alphas_cumprod equal the original's at the kept
     steps) and the map from new indices to original timesteps."""
     keep = set(int(t) for t in use_timesteps)
     alphas_cumprod = torch.cumprod(1.0 - betas.double(), dim=0)

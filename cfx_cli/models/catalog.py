@@ -121,9 +121,7 @@ def collect() -> dict:
     demo_dir = Path(__file__).resolve().parents[1] / "demo"
     demo = []
     for name, summary in demo_models().items():
-        files = sorted(demo_dir.glob(f"{name}*.safetensors")) + sorted(
-            (demo_dir / name).glob("**/*.safetensors")
-        )
+        files = sorted(demo_dir.glob(f"{name}*.safetensors")) + sorted((demo_dir / name).glob("**/*.safetensors"))
         demo.append(
             {
                 "spec": f"demo:{name}",

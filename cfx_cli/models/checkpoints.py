@@ -1,5 +1,4 @@
-"""Reading weight files safely: safetensors, or ``torch.load(weights_only=True)`` unless
-``--trust-pickle``."""
+"""Reading weight files safely: safetensors, or ``torch.load(weights_only=True)`` unless ``--trust-pickle``."""
 
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ PICKLE_HINT = (
 def read_checkpoint(path: str | Path, trust_pickle: bool = False, what: str = "checkpoint") -> Any:
     """Load a ``.safetensors`` file (dict of tensors) or a torch ``.pt``/``.pth``/``.bin`` file.
 
-    Without ``trust_pickle`` torch files are read with ``weights_only=True``: plain state dicts
-    (tensors, numbers,
+    Without ``trust_pickle`` torch files are read with ``weights_only=True``: plain state dicts (tensors, numbers,
     lists, dicts) load; arbitrary pickled objects are refused with one line saying so.
     """
     path = Path(path).expanduser()
@@ -40,13 +38,9 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False, what: str = "c
     except pickle.UnpicklingError as exc:
         if not trust_pickle and "weights_only" in str(exc):
             raise UsageError(f"{what} {path}: {PICKLE_HINT}") from None
-        raise UsageError(
-            f"{what} {path}: cannot be read as a torch checkpoint ({_first_line(exc)})"
-        ) from None
+        raise UsageError(f"{what} {path}: cannot be read as a torch checkpoint ({_first_line(exc)})") from None
     except (RuntimeError, OSError, EOFError, ValueError, AttributeError, ModuleNotFoundError) as exc:
-        raise UsageError(
-            f"{what} {path}: cannot be read as a torch checkpoint ({_first_line(exc)})"
-        ) from None
+        raise UsageError(f"{what} {path}: cannot be read as a torch checkpoint ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -105,7 +99,6 @@ def load_into(module, state: dict, path: str | Path, what: str = "checkpoint") -
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
         raise UsageError(
-            f"{what} {path} does not match the network built from the flags: {', '.join(parts)} "
-            "— check --model-flags"
+            f"{what} {path} does not match the network built from the flags: {', '.join(parts)} — check --model-flags"
         )
     module.load_state_dict(state, strict=True)

@@ -1,7 +1,6 @@
 """diffusers models: pixel ``UNet2DModel`` folders and Stable Diffusion 1.x/2.x components.
 
-A spec is a local folder or a Hugging Face hub id. Hub ids resolve through the local HF cache first
-(no network
+A spec is a local folder or a Hugging Face hub id. Hub ids resolve through the local HF cache first (no network
 when cached, none at all with ``HF_HUB_OFFLINE=1``). Every required file is checked before anything loads so a
 missing one fails in one line naming it.
 """
@@ -58,9 +57,7 @@ def missing_files(folder: Path, components: tuple[str, ...]) -> list[str]:
             continue
         for group in _component_requirements(comp):
             if not any((sub / f).is_file() for f in group):
-                missing.append(
-                    f"{comp}/" + (" or ".join(group) if len(group) < 3 else f"{group[0]} (or .bin)")
-                )
+                missing.append(f"{comp}/" + (" or ".join(group) if len(group) < 3 else f"{group[0]} (or .bin)"))
     return missing
 
 
@@ -157,9 +154,7 @@ def folder_kind(folder: Path) -> str:
         if unet_cfg.is_file() and _read_json(unet_cfg).get("_class_name") == "UNet2DModel":
             return "pixel"
         return "latent"
-    raise UsageError(
-        f"diffusers:{folder}: not a diffusers folder (no model_index.json, config.json or unet/)"
-    )
+    raise UsageError(f"diffusers:{folder}: not a diffusers folder (no model_index.json, config.json or unet/)")
 
 
 # -- pixel models ----------------------------------------------------------------------------------
@@ -200,9 +195,7 @@ def diffusion_from_scheduler(scheduler, learned: bool = False):
 
     cfg = scheduler.config
     variance = (
-        "learned_range"
-        if learned
-        else ("fixed_large" if cfg.get("variance_type") == "fixed_large" else "fixed_small")
+        "learned_range" if learned else ("fixed_large" if cfg.get("variance_type") == "fixed_large" else "fixed_small")
     )
     pred = {"epsilon": "epsilon", "sample": "sample"}.get(cfg.get("prediction_type", "epsilon"))
     if pred is None:
@@ -223,13 +216,9 @@ def load_pixel(
     if missing:
         raise UsageError(f"diffusers:{source or folder}: missing {', '.join(missing)}")
     dtype = resolve_dtype(device, memory.precision, f"diffusers:{source or folder}")
-    net = (
-        UNet2DModel.from_pretrained(str(unet_dir), torch_dtype=dtype).to(device).eval().requires_grad_(False)
-    )
+    net = UNet2DModel.from_pretrained(str(unet_dir), torch_dtype=dtype).to(device).eval().requires_grad_(False)
     apply_to_diffusers(net, memory)
-    sched_dir = next(
-        (d for d in (folder / "scheduler", folder) if (d / "scheduler_config.json").is_file()), None
-    )
+    sched_dir = next((d for d in (folder / "scheduler", folder) if (d / "scheduler_config.json").is_file()), None)
     scheduler = DDPMScheduler.from_pretrained(str(sched_dir)) if sched_dir else DDPMScheduler()
     learned = (
         scheduler.config.get("variance_type") == "learned_range"
@@ -301,9 +290,7 @@ class LatentDiffusionModel:
 
     def eps(self, latents, t, embeddings):
         """The UNet's noise prediction at diffusers timesteps ``t`` (int or (N,))."""
-        return self.unet(
-            latents.to(self.dtype), t, encoder_hidden_states=embeddings.to(self.dtype)
-        ).sample.float()
+        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=embeddings.to(self.dtype)).sample.float()
 
 
 def load_latent(
@@ -333,9 +320,7 @@ def load_latent(
         if "text_encoder" in components:
             from transformers import CLIPTextModel
 
-            model.text_encoder = CLIPTextModel.from_pretrained(
-                str(folder / "text_encoder"), torch_dtype=dtype
-            )
+            model.text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), torch_dtype=dtype)
         if "tokenizer" in components:
             from transformers import CLIPTokenizer
 
@@ -372,10 +357,7 @@ def load_scheduler(folder: Path):
 
 
 def load_diffusers(
-    spec: str,
-    device: str = "cpu",
-    memory: MemoryOptions | None = None,
-    components: tuple[str, ...] | None = None,
+    spec: str, device: str = "cpu", memory: MemoryOptions | None = None, components: tuple[str, ...] | None = None
 ):
     """``diffusers:PATH_OR_HUB_ID`` → ``PixelDiffusersModel`` or ``LatentDiffusionModel``."""
     patterns = None

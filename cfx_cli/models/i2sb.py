@@ -1,9 +1,7 @@
 """I2SB bridge checkpoints (NVlabs/I2SB): an ADM network plus the bridge noise schedule.
 
-I2SB's training writes ``latest.pt`` = ``{"net": state dict (keys ``diffusion_model.*``), "ema":
-torch_ema state
-(``shadow_params``: a list in ``parameters()`` order), "optimizer", "sched"}`` and the run's
-options as a pickled
+I2SB's training writes ``latest.pt`` = ``{"net": state dict (keys ``diffusion_model.*``), "ema": torch_ema state
+(``shadow_params``: a list in ``parameters()`` order), "optimizer", "sched"}`` and the run's options as a pickled
 ``argparse.Namespace`` in ``options.pkl`` beside it. The network is guided-diffusion's 256×256 unconditional
 ADM with ``learn_sigma`` off (3 output channels), 6 input channels when ``cond_x1``.
 
@@ -187,13 +185,9 @@ def load_i2sb(
         flags = flags_from_mapping(adm_overrides, opt_source, base=flags)
     if model_flags and not Path(model_flags).is_file():
         flags = load_flags(model_flags, base=flags)  # a flag string overrides the network flags
-    state, shadow = _state_from_checkpoint(
-        read_checkpoint(path, trust_pickle, "i2sb checkpoint"), path, use_ema
-    )
+    state, shadow = _state_from_checkpoint(read_checkpoint(path, trust_pickle, "i2sb checkpoint"), path, use_ema)
     net = build_unet(flags)
-    load_into(
-        net, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, path, "i2sb checkpoint"
-    )
+    load_into(net, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, path, "i2sb checkpoint")
     ema_used = False
     if shadow is not None:
         params = list(net.parameters())

@@ -23,9 +23,7 @@ DEMO_MODULE = "cfx_cli.demo.generators"
 def parse_model_spec(spec: str) -> tuple[str, str]:
     scheme, sep, rest = (spec or "").partition(":")
     if not sep or scheme not in SCHEMES or not rest:
-        raise UsageError(
-            f"--model {spec!r}: expected demo:NAME, diffusers:PATH_OR_HUB_ID, adm:PATH.pt or i2sb:PATH.pt"
-        )
+        raise UsageError(f"--model {spec!r}: expected demo:NAME, diffusers:PATH_OR_HUB_ID, adm:PATH.pt or i2sb:PATH.pt")
     return scheme, rest
 
 
@@ -62,9 +60,7 @@ def load_model(
         kinds = (expect,) if isinstance(expect, str) else tuple(expect)
         kind = getattr(model, "kind", None)
         if kind not in kinds:
-            raise UsageError(
-                f"--model {spec}: this method needs a {' or '.join(kinds)} model, got a {kind} model"
-            )
+            raise UsageError(f"--model {spec}: this method needs a {' or '.join(kinds)} model, got a {kind} model")
     return model
 
 
@@ -89,8 +85,7 @@ def demo_models() -> dict[str, str]:
         value = getattr(mod, attr, None)
         if isinstance(value, dict):
             return {
-                str(k): (v if isinstance(v, str) else str(getattr(v, "summary", "") or ""))
-                for k, v in value.items()
+                str(k): (v if isinstance(v, str) else str(getattr(v, "summary", "") or "")) for k, v in value.items()
             }
         if isinstance(value, list | tuple):
             return {str(k): "" for k in value}
@@ -108,9 +103,7 @@ def load_demo(name: str, device: str = "cpu") -> Any:
         )
     names = demo_models()
     if names and name not in names:
-        raise UsageError(
-            f"demo:{name}: unknown demo generator (available: {', '.join('demo:' + n for n in names)})"
-        )
+        raise UsageError(f"demo:{name}: unknown demo generator (available: {', '.join('demo:' + n for n in names)})")
     loader = getattr(mod, "load", None) or getattr(mod, "load_generator", None)
     if loader is None:
         raise UsageError(f"demo:{name}: {DEMO_MODULE} has no load(name, device) function")
@@ -128,8 +121,7 @@ _CACHE: dict[tuple, Any] = {}
 
 
 def model_for(context, default: str, expect: str | tuple[str, ...] | None = None) -> Any:
-    """The generative model an explainer should use: ``--model`` or the method's ``default`` spec
-    (e.g. its demo
+    """The generative model an explainer should use: ``--model`` or the method's ``default`` spec (e.g. its demo
     model), loaded once per process for the same spec/flags/device/options.
 
     Memory options come from ``context.options``: ``precision`` (fp32/fp16/bf16), ``attention``
@@ -152,9 +144,7 @@ def model_for(context, default: str, expect: str | tuple[str, ...] | None = None
         memory.gradient_checkpointing,
     )
     if key not in _CACHE:
-        _CACHE[key] = load_model(
-            spec, context.model_flags, context.device, context.trust_pickle, memory, expect
-        )
+        _CACHE[key] = load_model(spec, context.model_flags, context.device, context.trust_pickle, memory, expect)
     model = _CACHE[key]
     if expect is not None:
         kinds = (expect,) if isinstance(expect, str) else tuple(expect)

@@ -12,18 +12,14 @@ from pathlib import Path
 from cfx_cli.errors import UsageError
 
 
-def add_tokens(
-    tokenizer, text_encoder, tokens: list[str], init_word: str | None = None, seed: int = 0
-) -> list[int]:
+def add_tokens(tokenizer, text_encoder, tokens: list[str], init_word: str | None = None, seed: int = 0) -> list[int]:
     """Add ``tokens`` (new strings) and return their ids. Rows start as the mean embedding of ``init_word``'s
     tokens, or as Gaussian noise with the table's std when there is none."""
     import torch
 
     clash = [t for t in tokens if t in tokenizer.get_vocab()]
     if clash:
-        raise UsageError(
-            f"token(s) {', '.join(clash)} already in the tokenizer's vocabulary; choose new strings"
-        )
+        raise UsageError(f"token(s) {', '.join(clash)} already in the tokenizer's vocabulary; choose new strings")
     if len(set(tokens)) != len(tokens):
         raise UsageError("duplicate token strings")
     added = tokenizer.add_tokens(list(tokens))
@@ -97,17 +93,13 @@ def load_tokens(path: str | Path, tokenizer, text_encoder) -> list[str]:
             order = (f.metadata() or {}).get("tokens", "")
             vectors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except Exception as exc:
-        raise UsageError(
-            f"--tokens {path}: not a readable safetensors file of token embeddings ({exc})"
-        ) from None
+        raise UsageError(f"--tokens {path}: not a readable safetensors file of token embeddings ({exc})") from None
     if order and set(order.split(",")) == set(vectors):
         vectors = {t: vectors[t] for t in order.split(",")}  # the order they were saved in
     width = text_encoder.get_input_embeddings().weight.shape[1]
     bad = [t for t, v in vectors.items() if tuple(v.shape) != (width,)]
     if bad:
-        raise UsageError(
-            f"--tokens {path}: token(s) {', '.join(bad)} do not have the text encoder's width {width}"
-        )
+        raise UsageError(f"--tokens {path}: token(s) {', '.join(bad)} do not have the text encoder's width {width}")
     tokens = list(vectors)
     ids = add_tokens(tokenizer, text_encoder, tokens)
     weight = text_encoder.get_input_embeddings().weight

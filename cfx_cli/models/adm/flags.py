@@ -75,16 +75,10 @@ class ADMFlags:
     def channel_mult_tuple(self) -> tuple[float, ...]:
         if self.channel_mult:
             return tuple(float(c) if "." in c else int(c) for c in self.channel_mult.split(","))
-        defaults = {
-            512: (0.5, 1, 1, 2, 2, 4, 4),
-            256: (1, 1, 2, 2, 4, 4),
-            128: (1, 1, 2, 3, 4),
-            64: (1, 2, 3, 4),
-        }
+        defaults = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
         if self.image_size not in defaults:
             raise UsageError(
-                f"--model-flags: no default channel_mult for image_size {self.image_size}; "
-                "pass --channel_mult"
+                f"--model-flags: no default channel_mult for image_size {self.image_size}; pass --channel_mult"
             )
         return defaults[self.image_size]
 
@@ -129,9 +123,7 @@ def _convert(name: str, value: Any, source: str) -> Any:
         raise UsageError(f"{source}: --{name} {value!r} is not a valid {kind}") from None
 
 
-def flags_from_mapping(
-    values: dict[str, Any], source: str = "--model-flags", base: ADMFlags | None = None
-) -> ADMFlags:
+def flags_from_mapping(values: dict[str, Any], source: str = "--model-flags", base: ADMFlags | None = None) -> ADMFlags:
     flags = ADMFlags(**(base.to_dict() if base else {}))
     unknown = []
     for key, value in values.items():
@@ -143,9 +135,7 @@ def flags_from_mapping(
             continue
         setattr(flags, name, _convert(name, value, source))
     if unknown:
-        raise UsageError(
-            f"{source}: unknown ADM flag(s) {', '.join(unknown)} (known: {', '.join(sorted(_TYPES))})"
-        )
+        raise UsageError(f"{source}: unknown ADM flag(s) {', '.join(unknown)} (known: {', '.join(sorted(_TYPES))})")
     return flags
 
 
@@ -181,9 +171,7 @@ def load_flags(spec: str | dict | None, base: ADMFlags | None = None) -> ADMFlag
     if looks_like_path:
         path = Path(text).expanduser()
         if not path.is_file():
-            raise UsageError(
-                f"--model-flags {text}: no such file (give the flag string or a JSON/TOML/flags file)"
-            )
+            raise UsageError(f"--model-flags {text}: no such file (give the flag string or a JSON/TOML/flags file)")
         return _load_flags_file(path, base)
     return flags_from_mapping(parse_flag_string(text), base=base)
 

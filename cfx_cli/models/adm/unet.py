@@ -1,8 +1,7 @@
 """The ADM ("guided-diffusion") UNet, written for cfx.
 
 Module names and registration order follow the released checkpoints' state-dict keys (``time_embed``,
-``input_blocks``, ``middle_block``, ``output_blocks``, ``out``), so ``load_state_dict`` takes
-OpenAI's, DiME's,
+``input_blocks``, ``middle_block``, ``output_blocks``, ``out``), so ``load_state_dict`` takes OpenAI's, DiME's,
 ACE's and I2SB's weights unchanged, and ``parameters()`` comes in the order that EMA shadow lists use.
 
 Numerics follow the original: group norm (32 groups) always runs in float32, the timestep embedding is
@@ -34,12 +33,9 @@ def normalization(channels: int) -> GroupNorm32:
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` of (possibly fractional) timesteps, shape
-    (N, dim)."""
+    """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` of (possibly fractional) timesteps, shape (N, dim)."""
     half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    )
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -119,8 +115,7 @@ class ResBlock(TimestepBlock):
         else:
             self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
-            nn.SiLU(),
-            nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels),
+            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
         )
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
@@ -159,8 +154,7 @@ class ResBlock(TimestepBlock):
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over spatial positions; ``qkv`` and ``proj_out`` are 1×1 Conv1d as in the
-    checkpoints."""
+    """Self-attention over spatial positions; ``qkv`` and ``proj_out`` are 1×1 Conv1d as in the checkpoints."""
 
     def __init__(
         self,
@@ -175,9 +169,7 @@ class AttentionBlock(nn.Module):
             self.num_heads = num_heads
         else:
             if channels % num_head_channels:
-                raise ValueError(
-                    f"{channels} channels are not divisible by num_head_channels {num_head_channels}"
-                )
+                raise ValueError(f"{channels} channels are not divisible by num_head_channels {num_head_channels}")
             self.num_heads = channels // num_head_channels
         self.use_checkpoint = use_checkpoint
         self.new_order = use_new_attention_order
@@ -300,14 +292,10 @@ class ADMUNet(nn.Module):
                 if ds in attention_resolutions:
                     layers.append(attn(ch, num_heads_upsample))
                 if level and i == num_res_blocks:
-                    layers.append(
-                        res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, ch)
-                    )
+                    layers.append(res(ch, ch, up=True) if resblock_updown else Upsample(ch, conv_resample, ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels, 3, padding=1)
-        )
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels, 3, padding=1))
 
     # -- memory / precision options -------------------------------------------------------------
     def convert_torso(self, dtype: torch.dtype) -> None:
@@ -334,18 +322,14 @@ class ADMUNet(nn.Module):
             if isinstance(m, AttentionBlock):
                 m.use_sdpa = backend == "sdpa"
 
-    def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (N, C, H, W), ``timesteps`` (N,) in the network's own time units (may be fractional),
         ``y`` (N,) class labels for class-conditional networks."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass y if and only if the model is class-conditional")
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(
-            timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype)
-        )
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(self.time_embed[0].weight.dtype))
         if y is not None:
             emb = emb + self.label_emb(y)
         hs = []
