@@ -284,3 +284,31 @@ def test_model_for_context_caches_and_checks_kind(tmp_path):
     with pytest.raises(UsageError, match="needs a pixel model, got a bridge model"):
         model_for(ctx, f"i2sb:{tmp_path / 'latest.pt'}", expect="pixel")
     clear_model_cache()
+
+
+def test_i2sb_safetensors_conversion_from_docs(tmp_path):
+    """docs/models.md: latest.pt → latest.safetensors (EMA weights) + latest.json loads without any pickle."""
+    from safetensors.torch import save_file
+
+    ref = _tiny_i2sb_checkpoint(tmp_path)
+    ckpt = torch.load(tmp_path / "latest.pt", weights_only=True)
+    net = {k.removeprefix("diffusion_model."): v for k, v in ckpt["net"].items()}
+    ema = dict(zip(net, ckpt["ema"]["shadow_params"], strict=True))
+    save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp_path / "latest.safetensors"))
+    (tmp_path / "latest.json").write_text(json.dumps({"interval": 100, "adm_flags": TINY_ADM_FLAGS}))
+    model = load_model(f"i2sb:{tmp_path / 'latest.safetensors'}")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        t = torch.linspace(1e-4, 1.0, 100, dtype=torch.float64)[[42]].float() * 100
+        assert (model(x, 42) - ref(x, t)).abs().max().item() < 1e-5
+
+
+def test_pixel_model_respacing_maps_to_original_times(tmp_path):
+    from diffusers import DDPMScheduler
+
+    _save_pixel_pipeline(tmp_path, tiny_unet2d(), DDPMScheduler(num_train_timesteps=100))
+    model = load_model(f"diffusers:{tmp_path}").with_respacing("ddim10")
+    assert model.diffusion.num_steps == 10 and model.diffusion.model_timesteps(9, batch=1).item() == 90.0
+    x = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x, 9), model.net(x, torch.tensor([90])).sample, atol=1e-6)

@@ -181,6 +181,18 @@ class PixelDiffusersModel:
     def learn_sigma(self) -> bool:
         return self.diffusion.variance_type == "learned_range"
 
+    def with_respacing(self, respacing: str) -> PixelDiffusersModel:
+        """The same network on a subset of the schedule's steps (guided-diffusion ``timestep_respacing``)."""
+        return PixelDiffusersModel(
+            self.net,
+            self.diffusion.respaced(respacing),
+            self.scheduler,
+            self.device,
+            self.dtype,
+            self.source,
+            dict(self.info),
+        )
+
     def __call__(self, x, t, y=None):
         ts = self.diffusion.model_timesteps(t, batch=x.shape[0]).to(x.device)
         if ts.numel() == 1 and x.shape[0] > 1:
