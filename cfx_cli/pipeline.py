@@ -118,6 +118,10 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         raise UsageError(f"no images found in {', '.join(req.inputs)} (looked for png, jpg, jpeg, bmp, webp)")
     if req.limit is not None:
         items = items[: req.limit]
+    if req.model:  # a malformed --model is a usage error before any work (loading happens in the explainer)
+        from cfx_cli.models.spec import parse_model_spec
+
+        parse_model_spec(req.model)
     mask_source = MaskSource(req.mask) if req.mask else None
     if mask_source is not None and not explainer_cls.uses_region:
         raise UsageError(f"method {req.method!r} does not accept a region mask (--mask)")

@@ -17,6 +17,7 @@ def _configs():
     return path, json.loads((path / "configs.json").read_text())
 
 
+@pytest.mark.slow  # ~3 s on an idle CPU, ~25 s on the shared 2-core machine
 def test_fixture_parity_every_config():
     from safetensors.torch import load_file
 

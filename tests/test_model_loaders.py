@@ -209,7 +209,7 @@ def test_i2sb_pickled_options_need_trust(tmp_path):
         load_model(f"i2sb:{tmp_path / 'latest.pt'}", flags)
 
 
-def test_demo_dispatch_is_tolerant(monkeypatch):
+def test_demo_dispatch_is_tolerant(monkeypatch, tmp_path):
     import cfx_cli.models.spec as spec
 
     monkeypatch.setattr(spec, "DEMO_MODULE", "cfx_cli.demo.no_such_generators_module")
@@ -221,6 +221,16 @@ def test_demo_dispatch_is_tolerant(monkeypatch):
     monkeypatch.setitem(sys.modules, "cfx_fake_generators", fake)
     monkeypatch.setattr(spec, "DEMO_MODULE", "cfx_fake_generators")
     assert load_model("demo:pixel", expect="pixel").name == "pixel"
+    from safetensors.torch import save_file
+
+    from cfx_cli.models.catalog import collect
+
+    (tmp_path / "unet").mkdir()
+    save_file({"w": torch.zeros(1000)}, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"))
+    fake.model_dir = lambda name: tmp_path
+    [entry] = collect()["demo"]
+    assert entry["spec"] == "demo:pixel" and entry["summary"] == "pixel DDPM on digits"
+    assert entry["size_bytes"] == (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
     with pytest.raises(UsageError, match="unknown demo generator.*demo:pixel"):
         load_model("demo:latent")
 
@@ -260,6 +270,14 @@ def test_tokens_helper_trains_only_new_rows(tmp_path):
     assert torch.equal(ids2, ids_in)
     with torch.no_grad():
         assert torch.allclose(enc2(ids2)[0], enc(ids_in)[0], atol=1e-6)
+
+
+def test_malformed_model_spec_is_a_usage_error(demo_images, tmp_path):
+    res = run_cfx(
+        "explain", str(demo_images), "--method", "pgd", "--model", "stable-diffusion", "--out", str(tmp_path / "run")
+    )
+    assert res.returncode == 2 and "expected demo:NAME" in res.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_cfx_models_lists_known_and_demo():

@@ -106,6 +106,21 @@ def _diffusers_kind(repo) -> str:
     return ""
 
 
+def _demo_dirs(name: str) -> list[Path]:
+    """Where a demo generator's weights live: ``generators.model_dir(name)`` if the module says, else a guess."""
+    from cfx_cli.models.spec import _demo_module
+
+    mod = _demo_module()
+    finder = getattr(mod, "model_dir", None)
+    if callable(finder):
+        try:
+            return [Path(finder(name))]
+        except Exception:  # a missing/unknown model: no size to report
+            return []
+    demo_dir = Path(__file__).resolve().parents[1] / "demo"
+    return [d for d in (demo_dir / "models" / name, demo_dir / name) if d.is_dir()]
+
+
 def human_size(n: int | float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -118,10 +133,9 @@ def collect() -> dict:
     """Everything ``cfx models`` shows, as plain data (also its ``--json`` output)."""
     from cfx_cli.models.spec import demo_models
 
-    demo_dir = Path(__file__).resolve().parents[1] / "demo"
     demo = []
     for name, summary in demo_models().items():
-        files = sorted(demo_dir.glob(f"{name}*.safetensors")) + sorted((demo_dir / name).glob("**/*.safetensors"))
+        files = [f for d in _demo_dirs(name) for f in d.glob("**/*.safetensors")]
         demo.append(
             {
                 "spec": f"demo:{name}",
