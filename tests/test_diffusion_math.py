@@ -187,6 +187,8 @@ def test_i2sb_schedule_and_bridge_marginals():
     assert xt[0].mean().item() < 0.01 and xt[1].mean().item() > 0.99
     assert b.network_time(torch.tensor([0, 999])).tolist() == pytest.approx([0.1, 1000.0])
     assert space_indices(1000, 3) == [0, 500, 999] and space_indices(1000, 5) == [0, 250, 500, 749, 999]
+    # I2SB accumulates the float stride: 10 × 49.95 lands just below 499.5 → 499 (10 * 49.95 would give 500)
+    assert space_indices(1000, 21)[10] == 499
 
 
 def test_bridge_posterior_is_gaussian_product_and_recovers_x0():

@@ -34,7 +34,11 @@ def space_indices(num_steps: int, count: int) -> list[int]:
     if count > num_steps:
         raise ValueError(f"cannot take {count} steps out of {num_steps}")
     stride = 1 if count <= 1 else (num_steps - 1) / (count - 1)
-    return [round(i * stride) for i in range(count)]
+    steps, cur = [], 0.0
+    for _ in range(count):  # accumulate the float stride (not i * stride): the same rounding as I2SB
+        steps.append(round(cur))
+        cur += stride
+    return steps
 
 
 class BridgeSchedule:
