@@ -221,3 +221,25 @@ def test_bridge_posterior_is_gaussian_product_and_recovers_x0():
     start = b.q_sample(600, target, x1, ot_ode=True)
     out = b.sample(pred_x0, start, nfe=6, mask=mask, x1=x1, start_step=600)
     assert torch.allclose(out * mask, target * mask, atol=1e-2) and torch.allclose(out * (1 - mask), x1 * (1 - mask))
+
+
+def test_v_prediction_matches_diffusers_ddim():
+    """SD 2.x 768-v UNets predict v = √ᾱ ε - √(1-ᾱ) x_0; converting to (ε, x̂_0) gives diffusers' DDIM step."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    sched.set_timesteps(25)
+    d = GaussianDiffusion(sched.betas.double(), prediction_type="v_prediction")
+    x, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in sched.timesteps[[0, 12, 24]].tolist():
+        eps, x0 = d.eps_and_x0(v, x, t)
+        prev = t - 1000 // 25
+        ab_prev = d.alphas_cumprod[prev] if prev >= 0 else d.alphas_cumprod[0]
+        ours = ddim_step_from_alphas(x0, eps, d.alphas_cumprod[t].float(), ab_prev.float())
+        assert torch.allclose(ours, sched.step(v, t, x).prev_sample, atol=1e-4, rtol=1e-4), t

@@ -330,3 +330,17 @@ def test_pixel_model_respacing_maps_to_original_times(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(model(x, 9), model.net(x, torch.tensor([90])).sample, atol=1e-6)
+
+
+def test_v_prediction_unet_eps_is_converted(tmp_path):
+    folder = make_sd_folder(fixture_dir("time-edict"), tmp_path / "sd")
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), prediction_type="v_prediction")))
+    model = load_model(f"diffusers:{folder}", expect="latent")
+    z, emb = torch.randn(1, 4, 8, 8), model.encode_prompt(["a digit"])
+    with torch.no_grad():
+        v = model.unet(z, 301, encoder_hidden_states=emb).sample
+        ab = model.scheduler.alphas_cumprod[301].double()
+        expected = ab.sqrt() * v + (1 - ab).sqrt() * z  # ε from v
+        assert torch.allclose(model.eps(z, 301, emb), expected.float(), atol=1e-5)
+        assert model.diffusion().prediction_type == "v_prediction"

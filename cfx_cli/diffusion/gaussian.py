@@ -51,8 +51,8 @@ class GaussianDiffusion:
     ) -> None:
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type {variance_type!r} not in {VARIANCE_TYPES}")
-        if prediction_type not in ("epsilon", "sample"):
-            raise ValueError("prediction_type must be 'epsilon' or 'sample' (x_start)")
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError("prediction_type must be 'epsilon', 'sample' (x_start) or 'v_prediction'")
         betas = betas.double()
         self.betas = betas
         self.num_steps = len(betas)
@@ -169,7 +169,10 @@ class GaussianDiffusion:
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip_denoised: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out, _ = self.split_output(model_output, x_t)
-        if self.prediction_type == "epsilon":
+        if self.prediction_type == "v_prediction":  # v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho; SD 2.x 768-v)
+            a, s = broadcast(self.sqrt_alphas_cumprod, t, x_t), broadcast(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+            out = a * out + s * x_t  # → ε
+        if self.prediction_type in ("epsilon", "v_prediction"):
             eps, x0 = out, self.predict_x0_from_eps(x_t, t, out)
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)

@@ -209,11 +209,9 @@ def diffusion_from_scheduler(scheduler, learned: bool = False):
     variance = (
         "learned_range" if learned else ("fixed_large" if cfg.get("variance_type") == "fixed_large" else "fixed_small")
     )
-    pred = {"epsilon": "epsilon", "sample": "sample"}.get(cfg.get("prediction_type", "epsilon"))
-    if pred is None:
-        raise UsageError(
-            f"scheduler prediction_type {cfg.get('prediction_type')!r} is not supported (epsilon or sample)"
-        )
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred not in ("epsilon", "sample", "v_prediction"):
+        raise UsageError(f"scheduler prediction_type {pred!r} is not supported (epsilon, sample or v_prediction)")
     return GaussianDiffusion(scheduler.betas.double(), variance_type=variance, prediction_type=pred)
 
 
@@ -300,9 +298,22 @@ class LatentDiffusionModel:
         """Images in [-1, 1] (float32) from scaled latents."""
         return self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
 
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.get("prediction_type", "epsilon"))
+
     def eps(self, latents, t, embeddings):
-        """The UNet's noise prediction at diffusers timesteps ``t`` (int or (N,))."""
-        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=embeddings.to(self.dtype)).sample.float()
+        """The UNet's noise prediction at diffusers timesteps ``t`` (int or (N,)); v- and x_0-predicting UNets
+        (SD 2.x 768-v) are converted to ε so samplers need one parametrisation."""
+        out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=embeddings.to(self.dtype)).sample.float()
+        if self.prediction_type == "epsilon":
+            return out
+        from cfx_cli.diffusion import broadcast
+
+        ab = broadcast(self.alphas_cumprod, t, latents.float())
+        if self.prediction_type == "v_prediction":
+            return ab.sqrt() * out + (1 - ab).sqrt() * latents.float()
+        return (latents.float() - ab.sqrt() * out) / (1 - ab).sqrt()  # "sample": x_0 → ε
 
 
 def load_latent(
