@@ -40,6 +40,7 @@ class ExplainRequest:
     labels_file: str | None = None
     trust_pickle: bool = False
     mask: str | None = None
+    shard: str | None = None  # "i/n": explain every n-th input starting at i
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -53,6 +54,17 @@ class ExplainSummary:
     @property
     def exit_code(self) -> int:
         return 1 if self.counts.get("error") else 0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``i/n`` → (i, n); shards are round-robin over the sorted inputs, so they are deterministic."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
 
 
 def image_seed(seed: int, ident: str) -> int:
@@ -118,6 +130,9 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         raise UsageError(f"no images found in {', '.join(req.inputs)} (looked for png, jpg, jpeg, bmp, webp)")
     if req.limit is not None:
         items = items[: req.limit]
+    shard = parse_shard(req.shard) if req.shard else None
+    if shard is not None:
+        items = items[shard[0] :: shard[1]]
     mask_source = MaskSource(req.mask) if req.mask else None
     if mask_source is not None and not explainer_cls.uses_region:
         raise UsageError(f"method {req.method!r} does not accept a region mask (--mask)")
@@ -165,6 +180,7 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         "versions": _versions(),
         "inputs": list(req.inputs),
         "mask": req.mask,
+        "shard": req.shard,
         "command": _redacted_argv(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "running",
