@@ -111,9 +111,9 @@ def resolve_folder(spec: str, allow_patterns: list[str] | None = None) -> Path:
         cached_error = exc
     if _offline():
         raise UsageError(
-            f"diffusers:{spec}: hub id not found in the Hugging Face cache ({_cache_dir()}) and "
-            "HF_HUB_OFFLINE is set; download it once online (`hf download "
-            f"{spec}`) or pass a local folder"
+            f"diffusers:{spec}: no such local folder, and as a hub id not found in the Hugging Face cache "
+            f"({_cache_dir()}) while HF_HUB_OFFLINE is set; download it once online (`hf download {spec}`) "
+            "or pass a local folder"
         ) from None
     try:
         return Path(snapshot_download(spec, allow_patterns=allow_patterns))
