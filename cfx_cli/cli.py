@@ -180,6 +180,24 @@ def classify(
 
 
 @app.command()
+def serve(
+    classifier: Annotated[str, typer.Option("--classifier", "-c", help="Classifier spec to serve.")],
+    host: Annotated[str, typer.Option("--host", help="Address to bind (default loopback only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port (0 picks a free one).")] = 8000,
+    labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not log one line per request.")] = False,
+) -> None:
+    """Serve a classifier over the HTTP protocol (set CFX_HTTP_TOKEN to require a bearer token)."""
+    from cfx_cli.serve import serve as serve_classifier
+
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: expected 0-65535")
+    serve_classifier(classifier, host, port, labels, device, trust_pickle, quiet=quiet)
+
+
+@app.command()
 def plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
