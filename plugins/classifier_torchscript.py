@@ -9,6 +9,7 @@ spec options (``#size=224&mean=...&std=...&logits=0``) override it. A file that 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
@@ -44,7 +45,9 @@ def _load(path: Path, options: ClassifierOptions):
 
     extra = {METADATA_FILE: ""}
     try:
-        module = torch.jit.load(str(path), map_location=options.device, _extra_files=extra)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, still loadable
+            module = torch.jit.load(str(path), map_location=options.device, _extra_files=extra)
     except RuntimeError:
         # Not TorchScript: maybe ``torch.save(model)``, a pickle (refused unless --trust-pickle).
         obj = torch_load(path, options.device, options.trust_pickle, what="model")
