@@ -39,7 +39,7 @@ def classify_inputs(inputs, spec, labels_file, device, batch_size, trust_pickle)
                 x = torch.from_numpy(np.stack([a for _, a in group])).permute(0, 3, 1, 2).to(dev)
                 try:
                     probs = clf.predict_proba(x).cpu()
-                except CfxError as exc:  # a failed batch (remote classifier): its inputs fail, not the command
+                except CfxError as exc:  # a failed (remote) batch fails its inputs, not the command
                     failed = True
                     results.extend({"source": str(it.path), "label": None, "probabilities": None,
                                     "error": f"classifier failed: {exc}"} for it, _ in group)

@@ -182,11 +182,12 @@ def classify(
 @app.command()
 def serve(
     classifier: Annotated[str, typer.Option("--classifier", "-c", help="Classifier spec to serve.")],
-    host: Annotated[str, typer.Option("--host", help="Address to bind (default loopback only).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option("--host", help="Address to bind (default: loopback).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", help="TCP port (0 picks a free one).")] = 8000,
     labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
+    trust_pickle: Annotated[bool, typer.Option(
+        "--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not log one line per request.")] = False,
 ) -> None:
     """Serve a classifier over the HTTP protocol (set CFX_HTTP_TOKEN to require a bearer token)."""
@@ -282,7 +283,10 @@ def main() -> None:
     """Entry point: one clear line for known errors (CFX_DEBUG=1 shows tracebacks)."""
     debug = os.environ.get("CFX_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, click returns the code of a `typer.Exit` instead of raising it.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except CfxError as exc:
         if debug:
             raise

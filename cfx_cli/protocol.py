@@ -237,7 +237,7 @@ def redactor(*secrets: str | None) -> Callable[[str], str]:
 
 
 def redact_url(url: str) -> str:
-    """Drop ``user:password@`` from a URL (run.json records the spec; credentials belong in CFX_HTTP_TOKEN)."""
+    """Drop ``user:password@`` from a URL: run.json records the spec; credentials go in CFX_HTTP_TOKEN."""
     from urllib.parse import urlsplit, urlunsplit
 
     try:

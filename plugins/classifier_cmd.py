@@ -255,7 +255,8 @@ class CmdClassifier(Classifier):
             code = proc.exit_code()
             tail = proc.stderr_tail()
             self._proc = None
-            raise _Dead(f"the program exited with code {code}" + (f" (stderr: {tail})" if tail else "")) from None
+            why = f"the program exited with code {code}" + (f" (stderr: {tail})" if tail else "")
+            raise _Dead(why) from None
 
     def _request(self, payload: dict, timeout: float | None) -> bytes:
         line = (json.dumps(payload) + "\n").encode()
@@ -280,14 +281,15 @@ class CmdClassifier(Classifier):
             raise UsageError(self._redact(
                 f"classifier {self.spec}: {exc} when sent the start-up request {{\"images\": []}}")) from None
         except ClassifierError as exc:
-            raise UsageError(self._redact(f"classifier {exc} (start-up request {{\"images\": []}})")) from None
+            raise UsageError(self._redact(f"classifier {exc} (start-up request {{\"images\": []}})")) \
+                from None
         try:
             obj = json.loads(answer)
         except ValueError:
             self.close()
             raise UsageError(self._redact(
-                f"classifier {self.spec}: answered {quote(answer)} to the start-up request, which is not a JSON "
-                "line of the protocol (the program must print logs to stderr, never to stdout)")) from None
+                f"classifier {self.spec}: answered {quote(answer)} to the start-up request, which is not a "
+                "JSON line of the protocol (the program must log to stderr, never to stdout)")) from None
         if isinstance(obj, dict) and obj.get("error") is not None:
             return  # it does not like empty batches: labels will come with the first answer
         try:
@@ -316,8 +318,8 @@ class CmdClassifier(Classifier):
 
         answer = self._request({"images": images}, self.timeout)
         try:
-            probs, labels, _ = parse_answer(answer, len(images), len(self.labels) if self.labels_known else None,
-                                            self.spec, self.returns_logits)
+            known = len(self.labels) if self.labels_known else None
+            probs, labels, _ = parse_answer(answer, len(images), known, self.spec, self.returns_logits)
         except ClassifierError as exc:
             if not _is_json(answer):
                 # stdout is out of step with our requests (a stray print?): start afresh for the next batch

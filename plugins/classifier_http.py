@@ -178,8 +178,8 @@ class HttpClassifier(Classifier):
 
         body = self._send({"images": images}, retry_statuses=True)
         try:
-            probs, labels, _ = parse_answer(body, len(images), len(self.labels) if self.labels_known else None,
-                                            self.spec, self.returns_logits)
+            known = len(self.labels) if self.labels_known else None
+            probs, labels, _ = parse_answer(body, len(images), known, self.spec, self.returns_logits)
         except ClassifierError as exc:
             raise ClassifierError(self._redact(str(exc))) from None
         self._learn(labels, probs.shape[1])
@@ -212,7 +212,6 @@ class HttpClassifier(Classifier):
 
     def _attempt(self, data: bytes, retry_statuses: bool) -> bytes:
         import http.client
-        import socket
         import ssl
 
         from cfx_cli.protocol import error_text
@@ -232,10 +231,11 @@ class HttpClassifier(Classifier):
             body = resp.read(MAX_RESPONSE_BYTES + 1)
             status = resp.status
             retry_after = _retry_after(resp.getheader("Retry-After"))
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             raise _Failure(f"no answer within {self.timeout:g}s (timeout)", retry=True) from None
         except ssl.SSLCertVerificationError as exc:
-            raise _Failure(f"TLS certificate not trusted ({exc.verify_message})", retry=False, fatal=True) from None
+            why = f"TLS certificate not trusted ({exc.verify_message})"
+            raise _Failure(why, retry=False, fatal=True) from None
         except (OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
             raise _Failure(f"connection failed ({reason})", retry=True) from None

@@ -67,10 +67,12 @@ class OnnxClassifier(Classifier):
         try:
             self.session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise UsageError(f"classifier {spec}: {path}: not a loadable ONNX model ({str(exc)[:200]})") from None
+            why = f"classifier {spec}: {path}: not a loadable ONNX model ({str(exc)[:200]})"
+            raise UsageError(why) from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise UsageError(f"classifier {spec}: the model has {len(inputs)} inputs; cfx feeds one image tensor")
+            raise UsageError(f"classifier {spec}: the model has {len(inputs)} inputs; cfx feeds one image "
+                             "tensor")
         inp = inputs[0]
         self.input_name = inp.name
         self.dtype = {"tensor(float)": "float32", "tensor(float16)": "float16",

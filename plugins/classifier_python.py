@@ -44,7 +44,8 @@ class PythonAdapter(ClassifierAdapter):
         try:
             model = factory()
         except Exception as exc:
-            raise UsageError(f"classifier {spec}: {factory_name}() failed: {type(exc).__name__}: {exc}") from None
+            why = f"classifier {spec}: {factory_name}() failed: {type(exc).__name__}: {exc}"
+            raise UsageError(why) from None
         if not isinstance(model, torch.nn.Module):
             raise UsageError(f"classifier {spec}: {factory_name}() returned {type(model).__name__}, "
                              "expected a torch.nn.Module")
@@ -74,7 +75,8 @@ def _import(name: str, spec: str):
             loader_spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[mod_name]
-            raise UsageError(f"classifier {spec}: importing {name} failed: {type(exc).__name__}: {exc}") from None
+            why = f"classifier {spec}: importing {name} failed: {type(exc).__name__}: {exc}"
+            raise UsageError(why) from None
         return module
     try:
         return importlib.import_module(name)

@@ -9,7 +9,6 @@ import io
 import json
 import random
 import sys
-import textwrap
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -75,32 +74,18 @@ def export_onnx(path: Path, softmax: bool, labels: list[str] | None = None) -> P
     return path
 
 
-CMD_PROGRAM = '''
-"""demo:digits behind the subprocess protocol (one JSON line in, one JSON line out)."""
-import base64, io, json, sys
-import numpy as np, torch
-from PIL import Image
-from cfx_cli.demo.classifier import load_pretrained
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "classifiers"
 
-model = load_pretrained()
-print("model loaded", file=sys.stderr, flush=True)
-for line in sys.stdin:
-    images = json.loads(line)["images"]
-    if not images:
-        print(json.dumps({"probabilities": [], "labels": [str(i) for i in range(10)]}), flush=True)
-        continue
-    arrays = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB"), dtype=np.float32) / 255
-              for b in images]
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    with torch.no_grad():
-        p = torch.softmax(model(x), dim=1).double()
-    print(json.dumps({"probabilities": p.tolist()}), flush=True)
-'''
+
+def docs_example(page: str) -> str:
+    """The first python block of a docs page: the copy-paste examples are tested as written."""
+    text = (DOCS / page).read_text(encoding="utf-8")
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
 
 
 def write_cmd_program(folder: Path) -> Path:
     path = folder / "digits_cmd.py"
-    path.write_text(textwrap.dedent(CMD_PROGRAM))
+    path.write_text(docs_example("cmd.md"))
     return path
 
 

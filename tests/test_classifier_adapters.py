@@ -278,7 +278,8 @@ def test_cmd_error_answers_and_garbage(stub):
 
 def test_cmd_start_up_failure_quotes_stderr(tmp_path):
     prog = tmp_path / "broken.py"
-    prog.write_text("import sys\nprint('ImportError: no module named mymodel', file=sys.stderr)\nsys.exit(1)\n")
+    prog.write_text("import sys\nprint('ImportError: no module named mymodel', file=sys.stderr)\n"
+                    "sys.exit(1)\n")
     with pytest.raises(UsageError) as err:
         load_classifier(f"cmd:{sys.executable} {prog}", ClassifierOptions())
     assert "exited with code 1" in str(err.value) and "no module named mymodel" in str(err.value)
@@ -304,8 +305,8 @@ def test_whitebox_adapters_explain_with_pgd_like_demo(tmp_path, demo_images):
     for name, spec in [("demo", "demo:digits"), ("ts", f"torchscript:{ts}"),
                        ("py", f"python:cfx_cli.demo.classifier:DigitsCNN@{WEIGHTS}#size=16")]:
         out = tmp_path / name
-        req = ExplainRequest(inputs=[str(demo_images)], method="pgd", classifier=spec, out=str(out), device="cpu",
-                             set_options={"preset": "digits", "iterations": 20}, batch_size=16)
+        req = ExplainRequest(inputs=[str(demo_images)], method="pgd", classifier=spec, out=str(out),
+                             device="cpu", set_options={"preset": "digits", "iterations": 20}, batch_size=16)
         summary = run_explain(req)
         assert summary.exit_code == 0
         runs[name] = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
