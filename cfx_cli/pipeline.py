@@ -40,6 +40,7 @@ class ExplainRequest:
     labels_file: str | None = None
     trust_pickle: bool = False
     mask: str | None = None
+    shard: str | None = None  # "i/n": explain every n-th input starting at i
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -53,6 +54,17 @@ class ExplainSummary:
     @property
     def exit_code(self) -> int:
         return 1 if self.counts.get("error") else 0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``i/n`` → (i, n); shards are round-robin over the sorted inputs, so they are deterministic."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
 
 
 def image_seed(seed: int, ident: str) -> int:
@@ -103,10 +115,11 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     explainer_cls = get_explainer_class(req.method)
     spec = req.classifier or DEFAULT_SPEC
     set_options = dict(req.set_options)
+    notes: list[str] = []
     if "preset" not in set_options and spec in explainer_cls.auto_presets:
         set_options["preset"] = explainer_cls.auto_presets[spec]
-        print(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
-              "(override with --set preset=NAME or individual --set values)", file=sys.stderr)
+        notes.append(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
+                     "(override with --set preset=NAME or individual --set values)")
     params = resolve_params(req.method, explainer_cls.params, explainer_cls.presets, set_options)
     if req.batch_size < 1:
         raise UsageError(f"--batch-size {req.batch_size}: must be at least 1")
@@ -117,6 +130,9 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         raise UsageError(f"no images found in {', '.join(req.inputs)} (looked for png, jpg, jpeg, bmp, webp)")
     if req.limit is not None:
         items = items[: req.limit]
+    shard = parse_shard(req.shard) if req.shard else None
+    if shard is not None:
+        items = items[shard[0] :: shard[1]]
     mask_source = MaskSource(req.mask) if req.mask else None
     if mask_source is not None and not explainer_cls.uses_region:
         raise UsageError(f"method {req.method!r} does not accept a region mask (--mask)")
@@ -137,7 +153,11 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
 
     out = Path(req.out) if req.out else Path("cfx-runs") / f"{req.method}-{_safe_name(req.target)}"
     run = RunDir(out)
+    if req.resume:
+        _check_resume_matches(out, req.method, params, classifier.spec)
     done = run.prepare(resume=req.resume, overwrite=req.overwrite)
+    for note in notes:  # only once the request is known to be valid
+        print(note, file=sys.stderr)
     pending = [it for it in items if it.id not in done]
 
     context = ExplainContext(
@@ -160,6 +180,7 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         "versions": _versions(),
         "inputs": list(req.inputs),
         "mask": req.mask,
+        "shard": req.shard,
         "command": _redacted_argv(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "running",
@@ -194,6 +215,27 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     run.write_run_json(info)
     classifier.close()
     return ExplainSummary(out, counts, errors, time.monotonic() - t_start)
+
+
+def _check_resume_matches(out: Path, method: str, params: dict, spec: str) -> None:
+    """Resuming with other settings would mix two experiments in one manifest: refuse."""
+    import json
+
+    from cfx_cli.runs import RUN_JSON
+
+    try:
+        old = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # nothing (readable) to compare with
+    before = (old.get("method"), old.get("parameters"), (old.get("classifier") or {}).get("spec"))
+    now = (method, json.loads(json.dumps(params)), spec)
+    if before != now:
+        what = [name for name, a, b in zip(("method", "parameters", "classifier"), before, now, strict=True)
+                if a != b]
+        raise UsageError(
+            f"--resume: {out} was made with a different {' and '.join(what)}; resume with the same options, "
+            "or use --overwrite or another --out"
+        )
 
 
 def _safe_name(text: str) -> str:
