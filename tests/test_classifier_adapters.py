@@ -286,6 +286,7 @@ def test_cmd_start_up_failure_quotes_stderr(tmp_path):
 
 
 # ---------------------------------------------------------------- CLI: classify and explain (pgd, white-box)
+@pytest.mark.slow
 def test_cli_classify_json_and_table_with_torchscript(tmp_path, cfx, demo_images, reference):
     ts = export_torchscript(tmp_path / "digits.pt")
     res = cfx("classify", str(demo_images), "--classifier", f"torchscript:{ts}", "--format", "json", env=ONE)
