@@ -77,6 +77,10 @@ def explain(
     labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
     mask: Annotated[str | None, typer.Option("--mask", help="Region allowed to change: a mask image or a folder of them.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
+    executor: Annotated[str, typer.Option("--executor", help="local, or ray (distributed; needs the ray extra).")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local one).")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Ray workers (actors), each loading the models once.")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="GPUs reserved per Ray worker.")] = 0.0,
     shard: Annotated[str | None, typer.Option("--shard", help="Explain shard i of n (i/n, round-robin over the sorted inputs); combine with `cfx merge`.")] = None,
 ) -> None:
     """Explain every image: write counterfactuals and a manifest into a run directory."""
@@ -107,6 +111,7 @@ def explain(
         device=pick(device, "device", "auto"), set_options=params, limit=pick(limit, "limit"),
         resume=resume, overwrite=overwrite, model=pick(model, "model"), model_flags=pick(model_flags, "model_flags"),
         labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(mask, "mask"), shard=shard,
+        executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
         options={"debug": os.environ.get("CFX_DEBUG") == "1"},
     )
     summary = run_explain(req)

@@ -41,6 +41,10 @@ class ExplainRequest:
     trust_pickle: bool = False
     mask: str | None = None
     shard: str | None = None  # "i/n": explain every n-th input starting at i
+    executor: str = "local"  # local | ray
+    ray_address: str | None = None
+    workers: int = 2  # Ray actors
+    gpus_per_worker: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -107,7 +111,6 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     from cfx_cli.explainers import ExplainContext
     from cfx_cli.images import discover
     from cfx_cli.params import resolve_params
-    from cfx_cli.progress import Progress
     from cfx_cli.regions import MaskSource
     from cfx_cli.runs import RunDir
 
@@ -121,6 +124,14 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         notes.append(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
                      "(override with --set preset=NAME or individual --set values)")
     params = resolve_params(req.method, explainer_cls.params, explainer_cls.presets, set_options)
+    if req.executor not in ("local", "ray"):
+        raise UsageError(f"--executor {req.executor!r}: expected local or ray")
+    if req.executor == "ray":
+        from cfx_cli.executors.ray_executor import check_ray_available
+
+        check_ray_available()
+        if req.workers < 1:
+            raise UsageError(f"--workers {req.workers}: must be at least 1")
     if req.batch_size < 1:
         raise UsageError(f"--batch-size {req.batch_size}: must be at least 1")
     if req.limit is not None and req.limit < 1:
@@ -192,14 +203,20 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         counts[rec["status"]] = counts.get(rec["status"], 0) + 1
     errors: list[str] = []
     t_work = time.monotonic()
-    with Progress(f"explain ({req.method})", len(pending), stream=progress_stream) as bar:
-        for start in range(0, len(pending), req.batch_size):
-            chunk = pending[start : start + req.batch_size]
-            for rec in _process_batch(chunk, run, explainer, classifier, fixed_target, req, mask_source):
-                counts[rec["status"]] += 1
-                if rec["status"] == "error":
-                    errors.append(rec["error"])
-            bar.advance(len(chunk))
+    worker = BatchWorker(run, explainer, classifier, fixed_target, req, mask_source)
+    batches = [pending[i : i + req.batch_size] for i in range(0, len(pending), req.batch_size)]
+    if req.executor == "ray":
+        from cfx_cli.executors.ray_executor import run_batches_on_ray
+
+        classifier.close()  # the workers load their own copies
+        results = run_batches_on_ray(batches, req, params, str(out), progress_stream=progress_stream)
+    else:
+        results = _run_batches_locally(batches, worker, req.method, progress_stream)
+    for records in results:
+        for rec in records:
+            counts[rec["status"]] += 1
+            if rec["status"] == "error":
+                errors.append(rec["error"])
 
     info.update({
         "status": "finished",
@@ -213,8 +230,63 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         "counts": counts,
     })
     run.write_run_json(info)
-    classifier.close()
+    if req.executor != "ray":
+        classifier.close()
     return ExplainSummary(out, counts, errors, time.monotonic() - t_start)
+
+
+class BatchWorker:
+    """Explains batches of inputs into a run directory; one per process (local) or per Ray actor."""
+
+    def __init__(self, run, explainer, classifier, fixed_target, req: ExplainRequest, mask_source) -> None:
+        self.run, self.explainer, self.classifier = run, explainer, classifier
+        self.fixed_target, self.req, self.mask_source = fixed_target, req, mask_source
+
+    @classmethod
+    def build(cls, req: ExplainRequest, params: dict, run_path: str) -> BatchWorker:
+        """Load the classifier and the explainer from a validated request (what a Ray actor does once)."""
+        from cfx_cli.classifiers import DEFAULT_SPEC, ClassifierOptions, load_classifier, read_labels_file
+        from cfx_cli.devices import resolve_device
+        from cfx_cli.explainers import ExplainContext
+        from cfx_cli.regions import MaskSource
+        from cfx_cli.runs import RunDir
+
+        device = resolve_device(req.device)
+        labels = read_labels_file(req.labels_file) if req.labels_file else None
+        classifier = load_classifier(req.classifier or DEFAULT_SPEC,
+                                     ClassifierOptions(device=device, labels=labels, trust_pickle=req.trust_pickle))
+        fixed_target = None if req.target == "auto" else classifier.label_index(req.target)
+        context = ExplainContext(classifier=classifier, params=params, device=device, model=req.model,
+                                 model_flags=req.model_flags, trust_pickle=req.trust_pickle,
+                                 options=dict(req.options))
+        explainer = get_explainer_class(req.method)(context)
+        mask_source = MaskSource(req.mask) if req.mask else None
+        return cls(RunDir(run_path), explainer, classifier, fixed_target, req, mask_source)
+
+    def process(self, chunk: list[InputImage], skip_recorded: bool = False) -> list[dict]:
+        """Explain one batch. ``skip_recorded`` makes a retried batch idempotent: inputs that a killed
+        attempt already recorded are not explained (or recorded) twice."""
+        if skip_recorded:
+            from cfx_cli.runs import read_manifest
+
+            recorded = {r["id"] for r in read_manifest(self.run.manifest_path)}
+            chunk = [it for it in chunk if it.id not in recorded]
+            if not chunk:
+                return []
+        return _process_batch(chunk, self.run, self.explainer, self.classifier, self.fixed_target, self.req,
+                              self.mask_source)
+
+    def close(self) -> None:
+        self.classifier.close()
+
+
+def _run_batches_locally(batches, worker: BatchWorker, method: str, progress_stream):
+    from cfx_cli.progress import Progress
+
+    with Progress(f"explain ({method})", sum(map(len, batches)), stream=progress_stream) as bar:
+        for chunk in batches:
+            yield worker.process(chunk)
+            bar.advance(len(chunk))
 
 
 def _check_resume_matches(out: Path, method: str, params: dict, spec: str) -> None:

@@ -19,8 +19,8 @@ _cfx() {
       case "$prev" in --metrics|--format|-f|--output|-o|--device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
       if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--metrics --format -f --output -o --device --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
     explain)
-      case "$prev" in --method|-m|--target|-t|--classifier|-c|--out|-o|--batch-size|-b|--seed|--device|--set|-s|--config|--limit|--model|--model-flags|--labels|--mask|--shard) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
-      if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--method -m --target -t --classifier -c --out -o --batch-size -b --seed --device --set -s --config --limit --resume --overwrite --model --model-flags --labels --mask --trust-pickle --shard --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
+      case "$prev" in --method|-m|--target|-t|--classifier|-c|--out|-o|--batch-size|-b|--seed|--device|--set|-s|--config|--limit|--model|--model-flags|--labels|--mask|--executor|--ray-address|--workers|--gpus-per-worker|--shard) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
+      if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--method -m --target -t --classifier -c --out -o --batch-size -b --seed --device --set -s --config --limit --resume --overwrite --model --model-flags --labels --mask --trust-pickle --executor --ray-address --workers --gpus-per-worker --shard --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
     merge)
       case "$prev" in --out|-o) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
       if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--out -o --overwrite --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;

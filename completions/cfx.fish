@@ -35,6 +35,10 @@ complete -c cfx -n '__fish_seen_subcommand_from explain' -l model-flags -r -F -d
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l labels -r -F -d 'Class names, one per line'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l mask -r -F -d 'Region allowed to change - a mask image or a folder of them'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l trust-pickle -d 'Allow loading pickled checkpoints (runs their code)'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l executor -r -F -d 'local, or ray (distributed; needs the ray extra)'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l ray-address -r -F -d 'Ray cluster address (default - start a local one)'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l workers -r -F -d 'Ray workers (actors), each loading the models once'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l gpus-per-worker -r -F -d 'GPUs reserved per Ray worker'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l shard -r -F -d 'Explain shard i of n (i/n, round-robin over the sorted inputs); combine with `cfx merge`'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l help -d 'Show help and exit'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -F

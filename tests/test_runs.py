@@ -87,7 +87,7 @@ def test_sigkill_then_resume_gives_one_record_per_input(tmp_path):
         Image.fromarray((x_te[i].transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / f"img{i:03d}.png")
     out = tmp_path / "run"
     args = [sys.executable, "-m", "cfx_cli", "explain", str(folder), "--method", "pgd", "--out", str(out),
-            "--batch-size", "2", "--set", "iterations=400"]
+            "--batch-size", "2", "--set", "iterations=150"]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "manifest.jsonl"
     deadline = time.monotonic() + 120
@@ -101,7 +101,7 @@ def test_sigkill_then_resume_gives_one_record_per_input(tmp_path):
     assert 0 < partial < n, "the kill should land mid-run"
 
     res = run_cfx("explain", str(folder), "--method", "pgd", "--out", str(out), "--batch-size", "8",
-                  "--set", "iterations=400", "--resume")
+                  "--set", "iterations=150", "--resume")
     assert res.returncode == 0, res.stderr
     recs = _records(out)
     assert len(recs) == n and len({r["id"] for r in recs}) == n
