@@ -193,7 +193,21 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     })
     run.write_run_json(info)
     classifier.close()
+    _write_report(out, req)
     return ExplainSummary(out, counts, errors, time.monotonic() - t_start)
+
+
+def _write_report(out: Path, req: ExplainRequest) -> None:
+    """RUN_DIR/report.html; a failure here is a warning, never a failed run (the outputs are written)."""
+    from cfx_cli.report import build_report
+
+    try:
+        build_report([out])
+    except Exception as exc:
+        if req.options.get("debug"):
+            raise
+        print(f"warning: {out}/report.html not written: {type(exc).__name__}: {exc} "
+              f"(retry with `cfx report {out}`)", file=sys.stderr)
 
 
 def _safe_name(text: str) -> str:
