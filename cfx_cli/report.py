@@ -325,13 +325,18 @@ def build_report(run_dirs: list[str | Path], output: str | Path | None = None) -
     names = _unique_names(runs)
     order: list[str] = []
     rows: dict[str, list] = {}
-    for k, run in enumerate(runs):
-        for rec in run.records:
-            ident = str(rec.get("id"))
-            if ident not in rows:
-                rows[ident] = [None] * len(runs)
-                order.append(ident)
-            rows[ident][k] = _cell(run.path, rec, base, warnings)  # a later record of an id wins
+    # Derived PNGs are small; the time goes to fsync and PNG coding, which release the GIL.
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
+        for k, run in enumerate(runs):
+            cells = pool.map(lambda rec, _p=run.path: _cell(_p, rec, base, warnings), run.records)
+            for rec, cell in zip(run.records, cells, strict=True):
+                ident = str(rec.get("id"))
+                if ident not in rows:
+                    rows[ident] = [None] * len(runs)
+                    order.append(ident)
+                rows[ident][k] = cell  # a later record of the same id wins
     data = {
         "runs": [_run_summary(r, n, base) for r, n in zip(runs, names, strict=True)],
         "rows": [{"id": i, "cells": rows[i]} for i in order],
@@ -353,6 +358,9 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
