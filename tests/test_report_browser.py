@@ -252,9 +252,9 @@ def test_side_by_side_runs_in_the_browser(browser, tmp_path):
 
 
 def test_hostile_manifest_text_stays_text_in_the_browser(browser, tmp_path):
-    from cfx_cli.report import build_report
-
     import numpy as np
+
+    from cfx_cli.report import build_report
 
     hostile_id = "<script>alert('id')</script>"
     hostile_label = "<img src=x onerror=alert('label')>"
@@ -263,7 +263,8 @@ def test_hostile_manifest_text_stays_text_in_the_browser(browser, tmp_path):
     a = np.full((16, 16, 3), 80, np.uint8)
     write_run(root, [
         record(hostile_id, source_label=hostile_label, target_label=hostile_label, cf_label=hostile_label,
-               original=save(root, "originals/a.png", a), counterfactual=save(root, "counterfactuals/a.png", a + 40),
+               original=save(root, "originals/a.png", a),
+               counterfactual=save(root, "counterfactuals/a.png", a + 40),
                target_prob_after=0.9, params={"note": hostile_error}),
         record("plain", "error", error=hostile_error),
     ], {"method": hostile_label, "target": hostile_id})
