@@ -412,11 +412,13 @@ def _eval_table(evals: list[dict | None], names: list[str]) -> str:
     head = "".join(f"<th>{e(n)}</th>" for n in names)
     body = []
     for c in columns:
-        arrow = {True: " ↓", False: " ↑"}.get(directions.get(c), "")
+        # a direction (arrow, best value when comparing runs) for metrics that have one, but not for
+        # *_before columns: they describe the inputs, not how well a method did
+        ranked = c in directions and not c.endswith("_before")
+        arrow = (" ↓" if directions[c] else " ↑") if ranked else ""
         vals = [ev["values"].get(c) if ev else None for ev in evals]
         nums = [v for v in vals if _num(v) is not None]
-        # mark the best value of a row when several runs are compared and the metric has a direction
-        best = (min if directions[c] else max)(nums) if len(nums) > 1 and c in directions else None
+        best = (min if directions[c] else max)(nums) if len(nums) > 1 and ranked else None
         cells = "".join(
             f'<td class="{"best" if best is not None and v == best else ""}">{e(_fmt(v))}</td>' for v in vals
         )
