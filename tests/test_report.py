@@ -283,3 +283,30 @@ def test_a_run_of_3000_inputs_stays_usable(tmp_path):
     assert sum(1 for _ in (run / "report" / "diff").iterdir()) == 1500
     # generous bounds for a shared 2-core machine; measured ≈8 s cold, ≈2 s warm
     assert cold < 90 and warm < 30, (cold, warm)
+
+
+def test_cfx_explain_ends_with_a_report(tmp_path, cfx, demo_images):
+    out = tmp_path / "run"
+    res = cfx("explain", str(demo_images), "--method", "pgd", "--limit", "2", "--set", "iterations=3",
+              "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    data = page_data((out / "report.html").read_text(encoding="utf-8"))
+    assert [r["id"] for r in data["rows"]] == ["digit-00-label0", "digit-01-label1"]
+    assert data["runs"][0]["method"] == "pgd" and data["runs"][0]["classifier"] == "demo:digits"
+    for f in linked_files(out / "report.html", data):
+        assert f.is_file(), f
+
+
+def test_a_failing_report_is_a_warning_not_a_failed_run(tmp_path, monkeypatch, capsys):
+    import cfx_cli.report
+    from cfx_cli.pipeline import ExplainRequest, _write_report
+
+    def broken(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cfx_cli.report, "build_report", broken)
+    _write_report(tmp_path, ExplainRequest(inputs=[], method="pgd"))  # no exception
+    err = capsys.readouterr().err
+    assert "report.html not written: OSError: disk full" in err and f"cfx report {tmp_path}" in err
+    with pytest.raises(OSError):
+        _write_report(tmp_path, ExplainRequest(inputs=[], method="pgd", options={"debug": True}))

@@ -232,6 +232,31 @@ def test_filters_and_pages_on_a_mixed_run(browser, tmp_path):
     w.close()
 
 
+def test_the_view_survives_a_reload_through_the_url(browser, tmp_path):
+    from cfx_cli.report import build_report
+
+    html = build_report([synthetic_run(tmp_path / "mixed", 130)])
+    w = Watched(browser)
+    page = w.open(html)
+    assert page.evaluate("location.hash") == ""  # defaults leave the URL alone
+    set_status(page, "error", False)
+    page.select_option("#f-sort", "l1-desc")
+    page.select_option("#f-size", "25")
+    page.click("#next")
+    expected = shown_ids(page)
+    fragment = page.evaluate("location.hash")
+    assert "status=flipped%2Cnot_flipped%2Cskipped" in fragment and "page=2" in fragment
+    w.close()
+    w = Watched(browser)
+    w.page.goto(html.resolve().as_uri() + fragment)
+    w.page.wait_for_selector("body[data-ready='1']")
+    assert shown_ids(w.page) == expected
+    assert not w.page.is_checked("#f-status input[value='error']")
+    assert w.page.input_value("#f-sort") == "l1-desc" and w.page.inner_text("#page") == "page 2 / 4"
+    w.assert_clean()
+    w.close()
+
+
 def test_side_by_side_runs_in_the_browser(browser, tmp_path):
     from cfx_cli.report import build_report
 
