@@ -17,7 +17,6 @@ import json
 import os
 import re
 import sys
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -40,36 +39,12 @@ _MASK_TINT = np.array([1.0, 0.62, 0.0], dtype=np.float32)  # amber
 _CHANGE_TINT = np.array([0.85, 0.1, 0.1], dtype=np.float32)
 
 
-@dataclass
-class Derived:
-    """Pictures and numbers computed from one record's original and counterfactual."""
-
-    diff: Path
-    overlay: Path
-    overlay_kind: str  # "mask" or "change"
-    l1: float
-    gain: float
-
-
 def file_stem(ident: str) -> str:
     """A file name for a record id: the id itself when it is a plain slug (what ``cfx explain``
     writes), else a hash, so hostile ids from a hand-edited manifest never shape a path."""
     if _SAFE_STEM.fullmatch(ident) and ".." not in ident:
         return ident
     return "id-" + hashlib.sha256(ident.encode("utf-8")).hexdigest()[:20]
-
-
-def _inside(root: Path, rel: str | None) -> Path | None:
-    """``root/rel`` if it names an existing file inside ``root``; None otherwise."""
-    from cfx_cli.images import safe_child
-
-    if not rel or not isinstance(rel, str):
-        return None
-    try:
-        path = safe_child(root, rel)
-    except ValueError:
-        return None
-    return path if path.is_file() else None
 
 
 def _luminance(img: np.ndarray) -> np.ndarray:
@@ -105,39 +80,102 @@ def change_overlay(original: np.ndarray, counterfactual: np.ndarray, gain: float
     return (base * (1 - alpha) + _CHANGE_TINT * alpha).astype(np.float32)
 
 
-def _fresh(target: Path, sources: list[Path]) -> bool:
-    try:
-        t = target.stat().st_mtime_ns
-        return all(t >= s.stat().st_mtime_ns for s in sources)
-    except OSError:
-        return False
+class _RunPictures:
+    """Derived pictures of one run: ``report/{diff,overlay}/STEM.png`` plus ``report/index.json``,
+    which remembers ℓ1, gain and size per record with the sources' (mtime, size), so that a report
+    rewritten over an unchanged run decodes no image at all."""
 
+    INDEX = "index.json"
 
-def derive(run_path: Path, rec: dict, orig: Path, cf: Path, mask: Path | None) -> Derived:
-    """Write (or reuse) the difference heatmap and overlay of one record; returns them with ℓ1."""
-    from cfx_cli.images import load_png, safe_child, save_png
+    def __init__(self, run_path: Path, base: Path) -> None:
+        from cfx_cli.images import safe_child
 
-    stem = file_stem(str(rec.get("id")))
-    diff_path = safe_child(run_path, DERIVED_DIR, "diff", f"{stem}.png")
-    overlay_path = safe_child(run_path, DERIVED_DIR, "overlay", f"{stem}.png")
-    a, b = load_png(orig), load_png(cf)
-    if a.shape != b.shape:
-        raise ValueError(f"original {a.shape[1]}×{a.shape[0]} and counterfactual "
-                         f"{b.shape[1]}×{b.shape[0]} differ in size")
-    l1 = float(np.abs(b - a).mean())  # the same per-pixel ℓ1 as the `distance` metric
-    sources = [orig, cf] + ([mask] if mask else [])
-    heat, gain = diff_heatmap(a, b)
-    if not _fresh(diff_path, sources):
-        save_png(heat, diff_path)
-    if not _fresh(overlay_path, sources):
+        self.root = run_path.resolve()
+        self.base = str(base.resolve())
+        # resolved and checked once; the stems joined below are slugs or hashes (no separators)
+        self.diff_dir = safe_child(self.root, DERIVED_DIR, "diff")
+        self.overlay_dir = safe_child(self.root, DERIVED_DIR, "overlay")
+        self.index_path = safe_child(self.root, DERIVED_DIR, self.INDEX)
+        self.old: dict = {}
+        try:
+            loaded = json.loads(self.index_path.read_text(encoding="utf-8"))
+            entries = loaded.get("entries") if isinstance(loaded, dict) else None
+            if isinstance(entries, dict) and loaded.get("version") == 1:
+                self.old = entries
+        except (OSError, ValueError):
+            pass
+        self.new: dict = {}
+
+    def url(self, path: Path) -> str:
+        """Relative, percent-encoded link from the report's folder to an already resolved ``path``."""
+        return quote(Path(os.path.relpath(path, self.base)).as_posix(), safe="/")
+
+    def inside(self, rel: Any) -> Path | None:
+        """``RUN_DIR/rel`` if it names an existing file inside the run directory; None otherwise."""
+        from cfx_cli.images import safe_child
+
+        if not rel or not isinstance(rel, str):
+            return None
+        try:
+            path = safe_child(self.root, rel)
+        except ValueError:
+            return None
+        return path if path.is_file() else None
+
+    def derive(self, ident: str, orig: Path, cf: Path, mask: Path | None) -> dict:
+        """Write (or reuse) the difference heatmap and overlay of one record."""
+        from cfx_cli.images import load_png, save_png
+
+        stem = file_stem(ident)
+        diff_path, overlay_path = self.diff_dir / f"{stem}.png", self.overlay_dir / f"{stem}.png"
+        sources = [orig, cf] + ([mask] if mask else [])
+        stats = [p.stat() for p in sources]
+        sig = [[st.st_mtime_ns, st.st_size] for st in stats]
+        newest = max(st.st_mtime_ns for st in stats)
+        entry = self.old.get(stem)
+        if (entry and entry.get("sig") == sig and entry.get("overlay") == ("mask" if mask else "change")
+                and _newer(diff_path, newest) and _newer(overlay_path, newest)):
+            self.new[stem] = entry
+            return entry
+        a, b = load_png(orig), load_png(cf)
+        if a.shape != b.shape:
+            raise ValueError(f"original {a.shape[1]}×{a.shape[0]} and counterfactual "
+                             f"{b.shape[1]}×{b.shape[0]} differ in size")
+        heat, gain = diff_heatmap(a, b)
         if mask is not None:
             m = load_png(mask)
             if m.shape[:2] != a.shape[:2]:
                 raise ValueError(f"mask {m.shape[1]}×{m.shape[0]} does not match the image size")
-            save_png(mask_overlay(a, m), overlay_path)
+            overlay = mask_overlay(a, m)
         else:
-            save_png(change_overlay(a, b, gain), overlay_path)
-    return Derived(diff_path, overlay_path, "mask" if mask else "change", l1, gain)
+            overlay = change_overlay(a, b, gain)
+        save_png(heat, diff_path)
+        save_png(overlay, overlay_path)
+        entry = {
+            "sig": sig, "overlay": "mask" if mask else "change",
+            "l1": round(float(np.abs(b - a).mean()), 6),  # the same per-pixel ℓ1 as the `distance` metric
+            "gain": round(gain, 2), "w": int(a.shape[1]), "h": int(a.shape[0]),
+        }
+        self.new[stem] = entry
+        return entry
+
+    def save_index(self) -> None:
+        from cfx_cli.runs import write_json_atomic
+
+        if self.new != self.old:
+            write_json_atomic(self.index_path, {"version": 1, "entries": self.new})
+
+
+def _newer(path: Path, than_ns: int) -> bool:
+    try:
+        return path.stat().st_mtime_ns >= than_ns
+    except OSError:
+        return False
+
+
+def _url(path: Path, base: Path) -> str:
+    """Relative, percent-encoded link from the folder ``base`` to ``path``."""
+    return quote(Path(os.path.relpath(path.resolve(), base.resolve())).as_posix(), safe="/")
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -145,12 +183,6 @@ def _image_size(path: Path) -> tuple[int, int]:
 
     with Image.open(path) as img:
         return img.size
-
-
-def _url(path: Path, base: Path) -> str:
-    """Relative, percent-encoded link from the report's folder to ``path``."""
-    rel = os.path.relpath(path.resolve(), base.resolve())
-    return quote(Path(rel).as_posix(), safe="/")
 
 
 def _num(value: Any) -> float | None:
@@ -164,7 +196,7 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _cell(run_path: Path, rec: dict, base: Path, warnings: list[str]) -> dict:
+def _cell(pics: _RunPictures, rec: dict, warnings: list[str]) -> dict:
     """What the page shows for one record of one run (plain JSON; the JS renders it)."""
     status = rec.get("status") if rec.get("status") in ("flipped", "not_flipped", "skipped", "error") \
         else "error"
@@ -185,30 +217,30 @@ def _cell(run_path: Path, rec: dict, base: Path, warnings: list[str]) -> dict:
         "seed": _num(rec.get("seed")),
         "l1": None, "gain": None, "img": {}, "w": None, "h": None, "overlay": None,
     }
-    orig = _inside(run_path, rec.get("original"))
-    cf = _inside(run_path, rec.get("counterfactual"))
-    mask = _inside(run_path, rec.get("mask"))
-    for key, found in (("original", orig), ("counterfactual", cf), ("mask", mask)):
-        rel = rec.get(key)
-        if rel and found is None:
-            warnings.append(f"{run_path}: record {rec.get('id')!r}: {key} {rel!r} is missing or outside "
-                            "the run directory; not shown")
+    found = {key: pics.inside(rec.get(key)) for key in ("original", "counterfactual", "mask")}
+    for key, path in found.items():
+        if rec.get(key) and path is None:
+            warnings.append(f"{pics.root}: record {rec.get('id')!r}: {key} {rec.get(key)!r} is missing or "
+                            "outside the run directory; not shown")
+    orig, cf, mask = found["original"], found["counterfactual"], found["mask"]
     if orig is not None:
-        cell["img"]["original"] = _url(orig, base)
-        cell["w"], cell["h"] = _image_size(orig)
+        cell["img"]["original"] = pics.url(orig)
     if cf is not None:
-        cell["img"]["counterfactual"] = _url(cf, base)
+        cell["img"]["counterfactual"] = pics.url(cf)
     if orig is not None and cf is not None:
         try:
-            d = derive(run_path, rec, orig, cf, mask)
+            d = pics.derive(str(rec.get("id")), orig, cf, mask)
         except (ValueError, OSError) as exc:
-            warnings.append(f"{run_path}: record {rec.get('id')!r}: no difference picture ({exc})")
+            warnings.append(f"{pics.root}: record {rec.get('id')!r}: no difference picture ({exc})")
         else:
-            cell["img"]["diff"] = _url(d.diff, base)
-            cell["img"]["overlay"] = _url(d.overlay, base)
-            cell["overlay"] = d.overlay_kind
-            cell["l1"] = round(d.l1, 6)
-            cell["gain"] = round(d.gain, 2)
+            cell["img"]["diff"] = pics.url(pics.diff_dir / f"{file_stem(str(rec.get('id')))}.png")
+            cell["img"]["overlay"] = pics.url(pics.overlay_dir / f"{file_stem(str(rec.get('id')))}.png")
+            cell.update({k: d[k] for k in ("overlay", "l1", "gain", "w", "h")})
+    if orig is not None and cell["w"] is None:
+        try:
+            cell["w"], cell["h"] = _image_size(orig)
+        except OSError:
+            pass
     return cell
 
 
@@ -330,13 +362,15 @@ def build_report(run_dirs: list[str | Path], output: str | Path | None = None) -
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
         for k, run in enumerate(runs):
-            cells = pool.map(lambda rec, _p=run.path: _cell(_p, rec, base, warnings), run.records)
+            pics = _RunPictures(run.path, base)
+            cells = pool.map(lambda rec, _p=pics: _cell(_p, rec, warnings), run.records)
             for rec, cell in zip(run.records, cells, strict=True):
                 ident = str(rec.get("id"))
                 if ident not in rows:
                     rows[ident] = [None] * len(runs)
                     order.append(ident)
                 rows[ident][k] = cell  # a later record of the same id wins
+            pics.save_index()
     data = {
         "runs": [_run_summary(r, n, base) for r, n in zip(runs, names, strict=True)],
         "rows": [{"id": i, "cells": rows[i]} for i in order],

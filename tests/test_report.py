@@ -146,6 +146,27 @@ def test_derived_images_are_reused_and_redone_when_their_source_changes(tmp_path
     assert diff.stat().st_mtime_ns > first
 
 
+def test_a_rewritten_report_decodes_nothing_and_survives_a_broken_index(tmp_path, monkeypatch):
+    import cfx_cli.images
+
+    run = synthetic_run(tmp_path / "run", 8)
+    first = page_data(build_report([run]).read_text(encoding="utf-8"))
+    index = run / "report" / "index.json"
+    assert len(json.loads(index.read_text())["entries"]) == 4
+
+    def no_decoding(*_a, **_k):
+        raise AssertionError("an unchanged run must not decode images again")
+
+    monkeypatch.setattr(cfx_cli.images, "load_png", no_decoding)
+    again = page_data(build_report([run]).read_text(encoding="utf-8"))
+    assert again["rows"] == first["rows"]
+    monkeypatch.undo()
+    for junk in ("[1, 2]", "{not json", '{"version": 1, "entries": []}'):
+        index.write_text(junk)
+        assert page_data(build_report([run]).read_text(encoding="utf-8"))["rows"] == first["rows"]
+        assert json.loads(index.read_text())["version"] == 1
+
+
 def test_mask_runs_get_a_mask_overlay(tmp_path):
     root = tmp_path / "run"
     a = np.zeros((8, 8, 3), np.uint8)
