@@ -14,6 +14,7 @@ import base64
 import hashlib
 import html
 import json
+import math
 import os
 import re
 import sys
@@ -189,7 +190,20 @@ def _num(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value)
-    return value if value == value else None
+    return value if math.isfinite(value) else None
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """JSON-safe copy of manifest data for the page: non-finite floats become strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if depth > 8:
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v, depth + 1) for v in value]
+    return value
 
 
 def _text(value: Any) -> str | None:
@@ -211,7 +225,7 @@ def _cell(pics: _RunPictures, rec: dict, warnings: list[str]) -> dict:
         "target_prob_before": _num(rec.get("target_prob_before")),
         "target_prob_after": _num(rec.get("target_prob_after")),
         "cf_label": _text(rec.get("cf_label")),
-        "params": rec.get("params") if isinstance(rec.get("params"), dict) else None,
+        "params": _plain(rec["params"]) if isinstance(rec.get("params"), dict) else None,
         "seconds": _num(rec.get("seconds")),
         "nfe": _num(rec.get("nfe")),
         "seed": _num(rec.get("seed")),
@@ -304,11 +318,13 @@ def write_eval_json(run_path: Path, row: dict, skipped: dict, directions: dict, 
 
 
 def _run_summary(run, name: str, base: Path) -> dict:
-    info = run.info or {}
+    info = run.info if isinstance(run.info, dict) else {}
     clf = info.get("classifier") if isinstance(info.get("classifier"), dict) else {}
     timings = info.get("timings") if isinstance(info.get("timings"), dict) else {}
     counts = {s: 0 for s in ("flipped", "not_flipped", "skipped", "error")}
     for r in run.records:
+        if not isinstance(r, dict):
+            continue
         s = r.get("status")
         counts[s if s in counts else "error"] += 1
     return {
@@ -318,7 +334,7 @@ def _run_summary(run, name: str, base: Path) -> dict:
         "target": _text(info.get("target")),
         "classifier": _text(clf.get("spec")),
         "model": _text(info.get("model")),
-        "parameters": info.get("parameters") if isinstance(info.get("parameters"), dict) else {},
+        "parameters": _plain(info["parameters"]) if isinstance(info.get("parameters"), dict) else {},
         "device": _text(info.get("device_name") or info.get("device")),
         "started": _text(info.get("started")),
         "status": _text(info.get("status")),
@@ -363,8 +379,12 @@ def build_report(run_dirs: list[str | Path], output: str | Path | None = None) -
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as pool:
         for k, run in enumerate(runs):
             pics = _RunPictures(run.path, base)
-            cells = pool.map(lambda rec, _p=pics: _cell(_p, rec, warnings), run.records)
-            for rec, cell in zip(run.records, cells, strict=True):
+            records = [r for r in run.records if isinstance(r, dict) and "id" in r]
+            if len(records) != len(run.records):
+                warnings.append(f"{run.path}: {len(run.records) - len(records)} manifest lines are not "
+                                "records (no id); not shown")
+            cells = pool.map(lambda rec, _p=pics: _cell(_p, rec, warnings), records)
+            for rec, cell in zip(records, cells, strict=True):
                 ident = str(rec.get("id"))
                 if ident not in rows:
                     rows[ident] = [None] * len(runs)

@@ -214,6 +214,23 @@ def test_manifest_text_is_escaped_and_hostile_paths_are_not_followed(tmp_path, c
     assert "outside the run directory" in capsys.readouterr().err
 
 
+def test_odd_manifests_still_give_a_page(tmp_path, capsys):
+    root = tmp_path / "run"
+    root.mkdir()
+    lines = [
+        json.dumps(record("nan", "not_flipped", target_prob_after=float("inf"), params={"w": float("nan")})),
+        "[1, 2]",
+        json.dumps(record("odd-status", "running")),
+    ]
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "run.json").write_text('["not", "a", "dict"]', encoding="utf-8")
+    data = page_data(build_report([root]).read_text(encoding="utf-8"))
+    cells = {r["id"]: r["cells"][0] for r in data["rows"]}
+    assert cells["nan"]["target_prob_after"] is None and cells["nan"]["params"] == {"w": "nan"}
+    assert cells["odd-status"]["status"] == "error"
+    assert "1 manifest lines are not records" in capsys.readouterr().err
+
+
 def test_several_runs_are_matched_by_input_id(tmp_path):
     a = synthetic_run(tmp_path / "pgd", 6)
     b = synthetic_run(tmp_path / "dime", 4, seed=1)

@@ -261,11 +261,11 @@ def test_side_by_side_runs_in_the_browser(browser, tmp_path):
     from cfx_cli.report import build_report
 
     a = synthetic_run(tmp_path / "method-a", 8)
-    b = synthetic_run(tmp_path / "method-b", 8, seed=3)
+    b = synthetic_run(tmp_path / "method b #1?%", 8, seed=3)  # links must be percent-encoded
     w = Watched(browser)
     page = w.open(build_report([a, b], tmp_path / "out" / "compare.html"))
     heads = page.eval_on_selector_all("th.group[colspan]", "ths => ths.map(t => t.textContent)")
-    assert heads == ["method-a · synthetic", "method-b · synthetic"]
+    assert heads == ["method-a · synthetic", "method b #1?% · synthetic"]
     assert page.eval_on_selector_all("#gbody tr", "rs => rs.map(r => r.children.length)") == [10] * 8
     assert not load_all_images(page)["broken"]
     # the status filter applies to the chosen run
