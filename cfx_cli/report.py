@@ -407,6 +407,18 @@ def build_report(run_dirs: list[str | Path], output: str | Path | None = None) -
     return out
 
 
+def write_run_report(run_dir: str | Path, debug: bool = False) -> None:
+    """``RUN_DIR/report.html`` at the end of ``cfx explain``/``cfx merge``: a failure is a one-line
+    warning, never a failed run (its outputs are already written); ``debug`` re-raises."""
+    try:
+        build_report([run_dir])
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"warning: {run_dir}/report.html not written: {type(exc).__name__}: {exc} "
+              f"(retry with `cfx report {run_dir}`)", file=sys.stderr)
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     import tempfile
 

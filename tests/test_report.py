@@ -348,3 +348,14 @@ def test_a_failing_report_is_a_warning_not_a_failed_run(tmp_path, monkeypatch, c
     assert "report.html not written: OSError: disk full" in err and f"cfx report {tmp_path}" in err
     with pytest.raises(OSError):
         _write_report(tmp_path, ExplainRequest(inputs=[], method="pgd", options={"debug": True}))
+
+
+def test_cfx_merge_ends_with_a_report(tmp_path, cfx):
+    a = synthetic_run(tmp_path / "shard0", 4)
+    b = synthetic_run(tmp_path / "shard1", 4, prefix="other")
+    res = cfx("merge", str(a), str(b), "--out", str(tmp_path / "merged"))
+    assert res.returncode == 0, res.stderr
+    data = page_data((tmp_path / "merged" / "report.html").read_text(encoding="utf-8"))
+    assert len(data["rows"]) == 8
+    for f in linked_files(tmp_path / "merged" / "report.html", data):
+        assert f.is_file() and f.is_relative_to((tmp_path / "merged").resolve()), f
