@@ -133,13 +133,16 @@ def eval_(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write to FILE instead of stdout.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
-    """Compute metrics for one or more runs, side by side."""
+    """Compute metrics for one or more runs, side by side; also saves each run's RUN_DIR/eval.json,
+    which `cfx report` shows."""
     from cfx_cli.devices import resolve_device
-    from cfx_cli.evaluate import evaluate, render
+    from cfx_cli.evaluate import evaluate, render, save_eval_json
 
     if fmt not in ("table", "json", "csv"):
         raise UsageError(f"--format {fmt!r}: expected table, json or csv")
     result = evaluate(run_dirs, metrics, device=resolve_device(device))
+    for problem in save_eval_json(result, metrics):
+        typer.echo(f"warning: {problem}", err=True)
     text = render(result, fmt)
     for run, reasons in result.skipped.items():
         for metric, reason in reasons.items():
@@ -161,8 +164,27 @@ def merge(
     from cfx_cli.merge import merge_runs
 
     counts = merge_runs(run_dirs, out, overwrite=overwrite)
+    from cfx_cli.report import write_run_report
+
+    write_run_report(out, debug=os.environ.get("CFX_DEBUG") == "1")
     typer.echo(f"merged {len(run_dirs)} runs: {sum(counts.values())} records "
                f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) → {out}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[str], typer.Argument(
+        help="Run directories; several are compared input by input.")],
+    output: Annotated[str | None, typer.Option(
+        "--output", "-o",
+        help="HTML file to write (default RUN_DIR/report.html; required for several runs).")] = None,
+) -> None:
+    """Write the HTML gallery of a run (original | counterfactual | difference | overlay), or of
+    several runs side by side. Shows RUN_DIR/eval.json when `cfx eval` saved one."""
+    from cfx_cli.report import build_report
+
+    path = build_report(run_dirs, output)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()
