@@ -236,7 +236,14 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     run.write_run_json(info)
     if req.executor != "ray":
         classifier.close()
+    _write_report(out, req)
     return ExplainSummary(out, counts, errors, time.monotonic() - t_start)
+
+
+def _write_report(out: Path, req: ExplainRequest) -> None:
+    from cfx_cli.report import write_run_report
+
+    write_run_report(out, debug=bool(req.options.get("debug")))
 
 
 class BatchWorker:
