@@ -260,6 +260,46 @@ def metrics() -> None:
         typer.echo(f"{n:18s} {default:8s} needs: {needs:24s} {cls.summary}  [{plugin}]")
 
 
+@app.command()
+def models(
+    spec: Annotated[str | None, typer.Argument(help="Load this --model SPEC and describe it (a check).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    model_flags: Annotated[str | None, typer.Option("--model-flags", help="ADM MODEL_FLAGS or flags file.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled checkpoints.")] = False,
+) -> None:
+    """List generative models: embedded demo ones, the papers' checkpoints, and cached hub models."""
+    from cfx_cli.models.catalog import collect, describe, human_size
+
+    if spec:
+        from cfx_cli.devices import resolve_device
+        from cfx_cli.models import load_model
+
+        info = describe(load_model(spec, model_flags, resolve_device(device), trust_pickle), spec)
+        typer.echo(json.dumps(info, indent=2) if as_json else
+                   "\n".join(f"{k:12s} {v}" for k, v in info.items()))
+        return
+    data = collect()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    size = lambda n: human_size(n) if n else "–"  # noqa: E731
+    typer.echo("demo models (embedded, offline):")
+    for d in data["demo"] or [{"spec": "(none in this build)", "size_bytes": None, "summary": ""}]:
+        typer.echo(f"  {d['spec']:28s} {size(d['size_bytes']):>9s}  {d['summary']}")
+    typer.echo("known checkpoints (--model SPEC):")
+    for k in data["known"]:
+        state = f"cached, {size(k['size_bytes'])}" if k["cached"] else ("not cached" if k["hub_id"] else "local file")
+        typer.echo(f"  {k['name']} [{k['used_by']}] ({state})\n      {k['spec']}\n      source: {k['source']}")
+    typer.echo("cached diffusers models (Hugging Face cache):")
+    if data["cache_error"]:
+        typer.echo(f"  (none: {data['cache_error']})")
+    elif not data["cached"]:
+        typer.echo("  (none)")
+    for c in data["cached"]:
+        typer.echo(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['kind']}  {c['path']}")
+
+
 def main() -> None:
     """Entry point: one clear line for known errors (CFX_DEBUG=1 shows tracebacks)."""
     debug = os.environ.get("CFX_DEBUG") == "1"
