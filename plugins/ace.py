@@ -60,7 +60,7 @@ class ACE(Explainer):
                      "threshold": 0.15},
         # the embedded 16×16 demo (1000-step pixel DDPM): tuned here, see docs/methods/ace.md
         "digits": {"respacing": "50", "tau": 5, "iterations": 50, "distance": "l1", "lambda_d": 0.001,
-                   "threshold": 0.15, "dilation": 5},
+                   "threshold": 0.15, "dilation": 3},
     }
     auto_presets = {"demo:digits": "digits"}
     description = """
@@ -74,7 +74,7 @@ Refinement: x' noised to τ, then for t = τ … 1: x'_t ← m⊙x'_t + (1−m)�
 Output m⊙x'_0 + (1−m)⊙x: identical to the input outside the mask. With --mask M the refinement mask is m⊙M and
 the attack only moves pixels inside M. Saved: masks/ (m) and pre_explanations/ (x').
 
-Prior: --model adm:PATH.pt --model-flags "…", diffusers:FOLDER, or demo:pixel-ddpm (default). Presets follow
+Prior: --model adm:PATH.pt --model-flags "…", diffusers:FOLDER, or demo:pixel (default). Presets follow
 appendix A and the authors' scripts (celeba 5/50, celebahq 5/25, bdd 5/100 threshold 0.05, imagenet 5/25 with
 100 iterations); for ℓ2 set distance=l2 lambda_d=0.1 (CelebA-HQ thresholds: smile 0.1, age 0.05; BDD 0.1).
 NFE per image: iterations·τ + τ prior evaluations + iterations classifier gradients. Details:

@@ -75,7 +75,7 @@ running the unguided DDPM chain from z_{t−1} to 0); z_{t−1} ~ N(μ − Σ·g
 do not reach the target are retried from the same z_τ with the next λ_c of `scales`.
 
 Prior: --model adm:PATH.pt --model-flags "…" (e.g. the authors' CelebA checkpoint), diffusers:FOLDER (a
-UNet2DModel), or the embedded demo:pixel-ddpm when --model is absent. With --mask the classifier sees
+UNet2DModel), or the embedded demo:pixel when --model is absent. With --mask the classifier sees
 x_t⊙M + x⊙(1−M) (eq. 3.21) and the output is pasted into the input outside M.
 
 Perceptual loss: the paper's VGG19 features (layer 18) need weights you provide (--set perceptual=vgg19

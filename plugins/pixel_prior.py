@@ -13,7 +13,7 @@ from typing import Any
 from cfx_cli.errors import UsageError
 
 #: the embedded pixel DDPM trained on the demo digits (cfx_cli.demo.generators), used when --model is absent
-DEFAULT_MODEL = "demo:pixel-ddpm"
+DEFAULT_MODEL = "demo:pixel"
 
 
 def load_prior(context, respacing: str, method: str) -> tuple[Any, str]:
@@ -51,7 +51,7 @@ def as_pixel_model(model: Any, spec: str, method: str) -> Any:
                                    next(unet.parameters()).dtype, spec)
     kind = getattr(model, "kind", type(model).__name__)
     raise UsageError(f"--model {spec}: {method} needs a pixel diffusion model (an ADM checkpoint, a diffusers "
-                     f"UNet2DModel folder or demo:pixel-ddpm), got a {kind} model")
+                     f"UNet2DModel folder or demo:pixel), got a {kind} model")
 
 
 def schedule_summary(model: Any) -> str:

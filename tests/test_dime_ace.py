@@ -301,3 +301,33 @@ def test_cli_runs_on_adm_fixture_checkpoints(tmp_path, demo_images, method, conf
         assert rec["params"]["schedule"].startswith("50 of 1000 steps")
         cf = _png(tmp_path / "run" / rec["counterfactual"])
         assert cf.shape == (16, 16, 3)  # the 32×32 prior's output, back at the classifier's size
+
+
+# -- the issue's bar on the embedded demo ----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dime", "ace"])
+def test_demo_flip_rate_and_closeness(tmp_path, method):
+    """On the 16 demo digits with the demo classifier and pixel DDPM (digits preset): ≥ 90% flipped, and the
+    flipped counterfactuals are closer to their inputs (mean ℓ1) than the nearest training digit of the target."""
+    import importlib.util
+
+    from cfx_plugins.pixel_prior import DEFAULT_MODEL
+
+    from cfx_cli.demo.data import load_split
+    from cfx_cli.errors import UsageError
+
+    try:
+        from cfx_cli.models import load_model
+
+        load_model(DEFAULT_MODEL)
+    except UsageError as exc:
+        pytest.skip(f"the demo pixel DDPM is not in this build: {exc}")
+    spec = importlib.util.spec_from_file_location("bench_dime_ace", Path(__file__).parents[1] / "bench" /
+                                                  "dime_ace_digits.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x_train, y_train, _, _ = load_split()
+    result = bench.summarise(bench.run(method, tmp_path / method, None, {}, None, 16), x_train, y_train)
+    assert result["n"] == 16 and result["errors"] == 0
+    assert result["flip_rate"] >= 0.9, result
+    assert result["l1_flipped"] < result["ref_flipped"], result
