@@ -289,11 +289,14 @@ ADM_FLAGS = {  # the way the authors' scripts pass MODEL_FLAGS, for the fixture 
 @pytest.mark.parametrize(("method", "config"), [("dime", "heads"), ("ace", "plain")])
 def test_cli_runs_on_adm_fixture_checkpoints(tmp_path, demo_images, method, config):
     fixture = fixture_dir("adm-unet")
-    extra = ["--set", "tau=2", "--set", "scales=10"] if method == "dime" else ["--set", "tau=2", "--set",
-                                                                               "iterations=2"]
+    if method == "dime":  # DiME's README: MODEL_FLAGS plus SAMPLE_FLAGS="--batch_size 50 --timestep_respacing 200"
+        flags = ADM_FLAGS[config] + " --batch_size 50 --timestep_respacing 50"
+        extra = ["--set", "respacing=", "--set", "tau=2", "--set", "scales=10"]
+    else:  # ACE's scripts: MODEL_FLAGS, with --timestep_respacing as a separate option (here --set respacing)
+        flags = ADM_FLAGS[config]
+        extra = ["--set", "respacing=50", "--set", "tau=2", "--set", "iterations=2"]
     res = run_cfx("explain", str(demo_images), "--method", method, "--model", f"adm:{fixture / f'{config}.pt'}",
-                  "--model-flags", ADM_FLAGS[config], "--set", "respacing=50", *extra, "--limit", "2",
-                  "--out", str(tmp_path / "run"), env=ONE_THREAD)
+                  "--model-flags", flags, *extra, "--limit", "2", "--out", str(tmp_path / "run"), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr
     recs = [json.loads(line) for line in (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()]
     assert [r["status"] in ("flipped", "not_flipped") for r in recs] == [True, True]
