@@ -231,6 +231,16 @@ def test_ace_results_do_not_depend_on_batching(tiny_prior, classifier):
         assert torch.allclose(alone.extras["pre_explanations"], together[i].extras["pre_explanations"], atol=2e-4)
 
 
+@pytest.mark.parametrize("attack", ["gd", "pgd"])
+def test_ace_l2_distance_has_finite_gradient_at_the_input(tiny_prior, classifier, attack):
+    exp = make_explainer("ace", tiny_prior, classifier, respacing="20", tau=2, iterations=2, attack=attack,
+                         distance="l2", lambda_d=0.1, step=0.5 if attack == "gd" else 4 / 255)
+    out = exp.explain(demo_batch(1))[0]
+    pe = out.extras["pre_explanations"]
+    assert torch.isfinite(pe).all() and torch.isfinite(out.counterfactual).all()
+    assert (pe - demo_batch(1).images[0]).abs().max() > 0  # the attack moved the image
+
+
 # -- CLI -----------------------------------------------------------------------------------------------------
 def test_methods_document_presets():
     for method, presets in (("dime", ("celeba", "celebahq", "bdd", "digits")),
