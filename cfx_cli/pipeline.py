@@ -168,18 +168,24 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
 
     out = Path(req.out) if req.out else Path("cfx-runs") / f"{req.method}-{_safe_name(req.target)}"
     run = RunDir(out)
-    if req.resume:
-        _check_resume_matches(out, req.method, params, classifier.spec)
+    try:
+        run.check(resume=req.resume, overwrite=req.overwrite)
+        if req.resume:
+            _check_resume_matches(out, req.method, params, classifier.spec)
+        # build the explainer (loads its models) before touching the run directory: a method that
+        # cannot start leaves nothing behind
+        context = ExplainContext(
+            classifier=classifier, params=params, device=device, model=req.model,
+            model_flags=req.model_flags, trust_pickle=req.trust_pickle, options=dict(req.options),
+        )
+        explainer = explainer_cls(context)
+    except BaseException:
+        classifier.close()
+        raise
     done = run.prepare(resume=req.resume, overwrite=req.overwrite)
     for note in notes:  # only once the request is known to be valid
         print(note, file=sys.stderr)
     pending = [it for it in items if it.id not in done]
-
-    context = ExplainContext(
-        classifier=classifier, params=params, device=device, model=req.model,
-        model_flags=req.model_flags, trust_pickle=req.trust_pickle, options=dict(req.options),
-    )
-    explainer = explainer_cls(context)
 
     info = {
         "cfx_run_version": 1,

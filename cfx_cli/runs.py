@@ -75,8 +75,8 @@ class RunDir:
         self.path = Path(path)
         self.manifest_path = self.path / MANIFEST
 
-    def prepare(self, *, resume: bool, overwrite: bool) -> dict[str, dict]:
-        """Create or reopen the directory; returns finished records by id (empty unless resuming)."""
+    def check(self, *, resume: bool, overwrite: bool) -> bool:
+        """Usage errors for the directory's state, without changing anything; True if it is non-empty."""
         if resume and overwrite:
             raise UsageError("--resume and --overwrite cannot be used together")
         if self.path.exists() and not self.path.is_dir():
@@ -87,6 +87,16 @@ class RunDir:
                 f"run directory {self.path} already exists and is not empty; "
                 "pass --resume to continue it or --overwrite to replace it"
             )
+        if nonempty and overwrite and not (self.path / RUN_JSON).exists() and not self.manifest_path.exists():
+            raise UsageError(
+                f"--overwrite: {self.path} does not look like a cfx run directory "
+                "(no run.json or manifest.jsonl); refusing to delete it"
+            )
+        return nonempty
+
+    def prepare(self, *, resume: bool, overwrite: bool) -> dict[str, dict]:
+        """Create or reopen the directory; returns finished records by id (empty unless resuming)."""
+        nonempty = self.check(resume=resume, overwrite=overwrite)
         if nonempty and overwrite:
             self._clear()
         self.path.mkdir(parents=True, exist_ok=True)
@@ -108,11 +118,6 @@ class RunDir:
     def _clear(self) -> None:
         import shutil
 
-        if not (self.path / RUN_JSON).exists() and not self.manifest_path.exists():
-            raise UsageError(
-                f"--overwrite: {self.path} does not look like a cfx run directory "
-                "(no run.json or manifest.jsonl); refusing to delete it"
-            )
         for child in self.path.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
