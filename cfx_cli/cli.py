@@ -289,6 +289,34 @@ def metrics() -> None:
         typer.echo(f"{n:18s} {default:8s} needs: {needs:24s} {cls.summary}  [{plugin}]")
 
 
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List generative models: embedded demo ones, the papers' checkpoints, and cached hub models."""
+    from cfx_cli.models.catalog import collect, human_size
+
+    data = collect()
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    size = lambda n: human_size(n) if n else "–"  # noqa: E731
+    typer.echo("demo models (embedded, offline):")
+    for d in data["demo"] or [{"spec": "(none in this build)", "size_bytes": None, "summary": ""}]:
+        typer.echo(f"  {d['spec']:28s} {size(d['size_bytes']):>9s}  {d['summary']}")
+    typer.echo("known checkpoints (--model SPEC):")
+    for k in data["known"]:
+        state = f"cached, {size(k['size_bytes'])}" if k["cached"] else ("not cached" if k["hub_id"] else "local file")
+        typer.echo(f"  {k['name']} [{k['used_by']}] ({state})\n      {k['spec']}\n      source: {k['source']}")
+    typer.echo("cached diffusers models (Hugging Face cache):")
+    if data["cache_error"]:
+        typer.echo(f"  (none: {data['cache_error']})")
+    elif not data["cached"]:
+        typer.echo("  (none)")
+    for c in data["cached"]:
+        typer.echo(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['kind']}  {c['path']}")
+
+
 def main() -> None:
     """Entry point: one clear line for known errors (CFX_DEBUG=1 shows tracebacks)."""
     debug = os.environ.get("CFX_DEBUG") == "1"

@@ -1,0 +1,180 @@
+"""I2SB bridge checkpoints (NVlabs/I2SB): an ADM network plus the bridge noise schedule.
+
+I2SB's training writes ``latest.pt`` = ``{"net": state dict (keys ``diffusion_model.*``), "ema": torch_ema state
+(``shadow_params``: a list in ``parameters()`` order), "optimizer", "sched"}`` and the run's options as a pickled
+``argparse.Namespace`` in ``options.pkl`` beside it. The network is guided-diffusion's 256×256 unconditional
+ADM with ``learn_sigma`` off (3 output channels), 6 input channels when ``cond_x1``.
+
+Options are read, in order, from: ``--model-flags`` given as a JSON/TOML file with bridge keys, a JSON sidecar
+(``PATH.json`` or ``options.json`` beside the checkpoint; the safe alternative), or ``options.pkl``
+(pickle: needs ``--trust-pickle``). The sampler uses the EMA weights when the checkpoint has them, as I2SB's
+``sample.py`` does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cfx_cli.errors import UsageError
+from cfx_cli.models.adm.flags import ADMFlags, flags_from_mapping, load_flags
+from cfx_cli.models.memory import MemoryOptions
+
+BRIDGE_KEYS = ("interval", "beta_max", "t0", "T", "cond_x1", "ot_ode", "corrupt", "image_size")
+BRIDGE_DEFAULTS: dict[str, Any] = {"interval": 1000, "beta_max": 0.3, "t0": 1e-4, "T": 1.0, "cond_x1": False,
+                                   "ot_ode": True, "corrupt": None}
+# I2SB's network: ADM 256×256 unconditional flags (ckpt_util.create_argparser) with learn_sigma off
+I2SB_ADM_FLAGS = {"attention_resolutions": "32,16,8", "channel_mult": "", "class_cond": False, "dropout": 0.0,
+                  "image_size": 256, "learn_sigma": False, "num_channels": 256, "num_head_channels": 64,
+                  "num_heads": 4, "num_heads_upsample": -1, "num_res_blocks": 2, "resblock_updown": True,
+                  "use_fp16": False, "use_new_attention_order": False, "use_scale_shift_norm": True}
+
+
+@dataclass
+class BridgeModel:
+    net: Any  # ADMUNet
+    bridge: Any  # cfx_cli.diffusion.BridgeSchedule
+    options: dict
+    flags: ADMFlags
+    device: str = "cpu"
+    dtype: Any = None
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    kind = "bridge"
+
+    @property
+    def image_size(self) -> int:
+        return self.flags.image_size
+
+    @property
+    def cond_x1(self) -> bool:
+        return bool(self.options.get("cond_x1"))
+
+    def __call__(self, x_t, step, cond=None):
+        """Network output at bridge step(s) ``step`` (int or (N,)), i.e. the predicted (x_t - x_0)/σ_t."""
+        import torch
+
+        if self.cond_x1:
+            if cond is None:
+                raise ValueError("this bridge is conditioned on x_1: pass cond")
+            x_in = torch.cat([x_t, cond], dim=1)
+        else:
+            x_in = x_t
+        t = self.bridge.network_time(step, batch=x_t.shape[0]).to(x_t.device)
+        if t.numel() == 1 and x_t.shape[0] > 1:
+            t = t.expand(x_t.shape[0])
+        return self.net(x_in, t).float()
+
+    def pred_x0(self, x_t, step, cond=None, clip_denoise: bool = False):
+        return self.bridge.pred_x0(step, x_t, self(x_t, step, cond), clip_denoise)
+
+
+def _options_from_pickle(path: Path, trust_pickle: bool) -> dict:
+    if not trust_pickle:
+        raise UsageError(f"i2sb: {path} holds the bridge options as a pickle; pass --trust-pickle if you trust it, "
+                         "or write them as JSON beside the checkpoint (see docs/models.md)")
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            opt = pickle.load(f)  # noqa: S301 - the user opted in with --trust-pickle
+    except Exception as exc:
+        raise UsageError(f"i2sb: cannot unpickle {path} ({type(exc).__name__}: {exc})") from None
+    data = vars(opt) if hasattr(opt, "__dict__") else dict(opt)
+    return {k: data[k] for k in BRIDGE_KEYS if k in data}
+
+
+def _read_options_file(path: Path) -> dict:
+    try:
+        if path.suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
+    except Exception as exc:
+        raise UsageError(f"i2sb options {path}: unreadable ({exc})") from None
+
+
+def find_options(ckpt: Path, model_flags: str | None, trust_pickle: bool) -> tuple[dict, dict, str]:
+    """(bridge options, ADM flag overrides, where they came from)."""
+    candidates = []
+    if model_flags and Path(model_flags).suffix in (".json", ".toml") and Path(model_flags).is_file():
+        candidates.append(Path(model_flags))
+    candidates += [ckpt.with_suffix(".json"), ckpt.parent / "options.json"]
+    for cand in candidates:
+        if cand.is_file():
+            data = _read_options_file(cand)
+            adm = data.pop("adm_flags", None) or data.pop("model_flags", None) or {}
+            bridge = {k: data.pop(k) for k in list(data) if k in BRIDGE_KEYS}
+            adm = {**{k: v for k, v in data.items() if not isinstance(v, dict)}, **adm}
+            return bridge, adm, str(cand)
+    pkl = ckpt.parent / "options.pkl"
+    if pkl.is_file():
+        return _options_from_pickle(pkl, trust_pickle), {}, str(pkl)
+    raise UsageError(f"i2sb:{ckpt}: no bridge options found: expected {ckpt.with_suffix('.json').name} or "
+                     "options.json (JSON, safe) or I2SB's options.pkl (with --trust-pickle) beside the checkpoint")
+
+
+def _state_from_checkpoint(obj: Any, path: Path, use_ema: bool) -> tuple[dict, list | None]:
+    from cfx_cli.models.checkpoints import extract_state_dict
+
+    shadow = None
+    if isinstance(obj, dict) and use_ema and isinstance(obj.get("ema"), dict):
+        shadow = obj["ema"].get("shadow_params")
+    state = extract_state_dict(obj, path, keys=("net", "state_dict", "model"))
+    for prefix in ("module.", "diffusion_model."):
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state, shadow
+
+
+def load_i2sb(path: str | Path, model_flags: str | None = None, device: str = "cpu", trust_pickle: bool = False,
+              memory: MemoryOptions | None = None, use_ema: bool = True) -> BridgeModel:
+    import torch
+
+    from cfx_cli.diffusion.bridge import BridgeSchedule
+    from cfx_cli.models.adm.loader import build_unet
+    from cfx_cli.models.checkpoints import load_into, read_checkpoint
+    from cfx_cli.models.memory import apply_to_adm, resolve_dtype
+
+    path = Path(path).expanduser()
+    memory = memory or MemoryOptions()
+    bridge_opts, adm_overrides, opt_source = find_options(path, model_flags, trust_pickle)
+    options = {**BRIDGE_DEFAULTS, **bridge_opts}
+    flags = flags_from_mapping(I2SB_ADM_FLAGS, "i2sb defaults")
+    if "image_size" in options:
+        flags.image_size = int(options["image_size"])
+    if options.get("cond_x1"):
+        flags.in_channels = 6
+    if adm_overrides:
+        flags = flags_from_mapping(adm_overrides, opt_source, base=flags)
+    if model_flags and not Path(model_flags).is_file():
+        flags = load_flags(model_flags, base=flags)  # a flag string overrides the network flags
+    state, shadow = _state_from_checkpoint(read_checkpoint(path, trust_pickle, "i2sb checkpoint"), path, use_ema)
+    net = build_unet(flags)
+    load_into(net, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, path, "i2sb checkpoint")
+    ema_used = False
+    if shadow is not None:
+        params = list(net.parameters())
+        if len(shadow) != len(params) or any(tuple(s.shape) != tuple(p.shape) for s, p in zip(shadow, params)):
+            raise UsageError(f"i2sb checkpoint {path}: EMA shadow parameters do not match the network")
+        with torch.no_grad():
+            for p, s in zip(params, shadow, strict=True):
+                p.copy_(s.float())
+        ema_used = True
+    net.eval().requires_grad_(False).to(device)
+    precision = "fp16" if flags.use_fp16 and memory.precision == "fp32" else memory.precision
+    dtype = resolve_dtype(device, precision, f"i2sb:{path}")
+    if dtype != torch.float32:
+        net.convert_torso(dtype)
+    apply_to_adm(net, memory)
+    bridge = BridgeSchedule.from_options(int(options["interval"]), float(options["beta_max"]),
+                                         float(options["t0"]), float(options["T"]))
+    return BridgeModel(net, bridge, options, flags, device, dtype, str(path),
+                       {"parameters": sum(p.numel() for p in net.parameters()), "ema": ema_used,
+                        "options_from": opt_source})
