@@ -10,6 +10,7 @@ from tests.conftest import fixture_dir
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("diffusers")
+torch.set_num_threads(1)  # two shared cores: one thread avoids oversubscription
 
 
 def _load(name: str = "time-edict"):

@@ -56,11 +56,13 @@ Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:digits.
 
     def __init__(self, context: ExplainContext) -> None:
         super().__init__(context)
-        self._gen = None
+        from .generate import parse_schedule
+
+        parse_schedule(self.params["schedule"])  # a bad schedule is a usage error before any work
+        # model, tokens and their checks (or the on-the-fly fit) before the first image
+        self._gen = build_generator(context)
 
     def _generator(self):
-        if self._gen is None:
-            self._gen = build_generator(self.context)
         return self._gen
 
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
@@ -82,13 +84,15 @@ Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:digits.
             if not active:
                 break
             sel = torch.tensor(active)
-            imgs = gen.counterfactuals(latents[sel], batch.sources.cpu()[sel], batch.targets.cpu()[sel], tau, w,
+            src, tgt = batch.sources.cpu()[sel], batch.targets.cpu()[sel]
+            imgs = gen.counterfactuals(latents[sel], src, tgt, tau, w,
                                        p["steps"], p["p"], p["edict"], size)
             probs = clf.predict_proba(torch.round(imgs * 255) / 255)  # as the saved PNG will be
             flipped = probs.argmax(1) == batch.targets.cpu()[sel]
             still = []
             for j, i in enumerate(active):
-                nfe[i] += 8 * tau + 1 + 1  # 2 ε per EDICT step × 2 prompts × (τ up + τ down); decode; classify
+                # 2 ε per EDICT step × 2 prompts × (τ up + τ down); decode; classify
+                nfe[i] += 8 * tau + 1 + 1
                 outputs[i] = ExplainOutput(
                     counterfactual=imgs[j],
                     params={"attempt": attempt, "tau": tau, "w": w, "steps": p["steps"], "p": p["p"],

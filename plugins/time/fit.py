@@ -29,8 +29,8 @@ FIT_PARAMS = (
     Param("batch_size", "int", 64, "images per iteration (per class in the class stage)"),
     Param("micro_batch", "int", 64, "images per forward pass (gradient accumulation above this)"),
     Param("num_tokens", "int", 3, "tokens for the context and for each class"),
-    Param("context_init", "str", "picture", "word whose embedding initialises the context tokens"),
-    Param("class_init", "str", "picture", "word whose embedding initialises the class tokens"),
+    Param("context_init", "str", "picture", "word initialising the context tokens ('' = noise)"),
+    Param("class_init", "str", "picture", "word initialising the class tokens ('' = noise)"),
     Param("context_prompt", "str", "a {context} picture", "prompt of the context stage"),
     Param("class_prompt", "str", "a {context} picture with a {class}", "prompt of the class stage"),
     Param("classify_batch", "int", 32, "images per classifier query"),
@@ -139,60 +139,61 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
 
     n = params["num_tokens"]
     ctx_names = T.context_token_names(n)
-    ctx_init, note = T.word_embedding(model, params["context_init"])
-    notes += [note] if note else []
-    T.install_tokens(model, ctx_names, ctx_init[None].repeat(n, 1))
+    T.install_tokens(model, ctx_names, init_word=params["context_init"])
     context = " ".join(ctx_names)
 
     def stage(title: str, groups: list[tuple[list[int], str]], names: list[str]) -> list[float]:
-        """Train the vectors of ``names``; groups = (image indices, prompt), one per token set."""
-        emb = T._extended_embedding(model)
-        rows = torch.tensor(T.token_rows(model, names), device=dev)
-        train_mask = torch.zeros(emb.vectors.shape[0], 1, device=dev)
-        train_mask[rows] = 1.0
-        frozen = emb.vectors.detach().clone()
-        opt = torch.optim.AdamW([emb.vectors], lr=params["lr"], weight_decay=params["weight_decay"])
+        """Train the rows of ``names``; groups = (image indices, prompt), one per token set."""
+        from cfx_cli.models.tokens import restore_rows, train_only_tokens
+
+        ids = model.tokenizer.convert_tokens_to_ids(list(names))
+        te = model.text_encoder
+        reference = te.get_input_embeddings().weight.detach().clone()
+        weight, handle = train_only_tokens(te, ids)
+        opt = torch.optim.AdamW([weight], lr=params["lr"], weight_decay=params["weight_decay"])
         prompt_ids = model.tokenize([p for _, p in groups])
-        bs = params["batch_size"]
+        bs, mb = params["batch_size"], params["micro_batch"]
         last = [float("nan")] * len(groups)
         recent: list[float] = []
-        with Progress(title, params["iterations"], stream=stream) as bar:
-            for _ in range(params["iterations"]):
-                picks = [torch.tensor(idx)[torch.randint(len(idx), (bs,), generator=gen)] for idx, _ in groups]
-                which = torch.cat([torch.full((bs,), g) for g in range(len(groups))])
-                sel = torch.cat(picks)
-                opt.zero_grad(set_to_none=True)
-                total = 0.0
-                per_group = torch.zeros(len(groups))
-                for s in range(0, len(sel), params["micro_batch"]):
-                    b_sel, b_grp = sel[s: s + params["micro_batch"]], which[s: s + params["micro_batch"]]
-                    eps0 = torch.randn(mean[b_sel].shape, generator=gen)
-                    z = (mean[b_sel] + std[b_sel] * eps0).to(dev) * model.scaling_factor
-                    noise = torch.randn(z.shape, generator=gen).to(dev)
-                    t = torch.randint(0, model.num_train_timesteps, (len(b_sel),), generator=gen)
-                    ab = model.alphas_cumprod[t].to(dev)[:, None, None, None]
-                    zt = ab.sqrt() * z + (1 - ab).sqrt() * noise
-                    text = model.text_encoder(prompt_ids[b_grp.to(dev)])[0]
-                    pred = model.unet(zt, t.to(dev), encoder_hidden_states=text).sample
-                    err = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
-                    # mean over the images of each token set: each set's gradient is its own ε-MSE
-                    (err.sum() / bs).backward()
-                    total += float(err.detach().sum())
-                    per_group.index_add_(0, b_grp, err.detach().cpu())
-                opt.step()
-                with torch.no_grad():  # AdamW touches every row; keep the others (earlier stages) as they were
-                    emb.vectors.copy_(train_mask * emb.vectors + (1 - train_mask) * frozen)
-                last = (per_group / bs).tolist()
-                recent = (recent + [total / len(sel)])[-20:]
-                bar.advance(1, info=f"loss {sum(recent) / len(recent):.4f}")
+        try:
+            with Progress(title, params["iterations"], stream=stream) as bar:
+                for _ in range(params["iterations"]):
+                    picks = [torch.tensor(idx)[torch.randint(len(idx), (bs,), generator=gen)]
+                             for idx, _ in groups]
+                    which = torch.cat([torch.full((bs,), g) for g in range(len(groups))])
+                    sel = torch.cat(picks)
+                    opt.zero_grad(set_to_none=True)
+                    total = 0.0
+                    per_group = torch.zeros(len(groups))
+                    for s in range(0, len(sel), mb):
+                        b_sel, b_grp = sel[s: s + mb], which[s: s + mb]
+                        eps0 = torch.randn(mean[b_sel].shape, generator=gen)
+                        z = (mean[b_sel] + std[b_sel] * eps0).to(dev) * model.scaling_factor
+                        noise = torch.randn(z.shape, generator=gen).to(dev)
+                        t = torch.randint(0, model.num_train_timesteps, (len(b_sel),), generator=gen)
+                        ab = model.alphas_cumprod[t].to(dev)[:, None, None, None]
+                        zt = ab.sqrt() * z + (1 - ab).sqrt() * noise
+                        text = te(prompt_ids[b_grp.to(dev)])[0]
+                        pred = model.unet_eps(zt, t.to(dev), text)
+                        err = (pred - noise).pow(2).flatten(1).mean(1)
+                        # mean over each token set's own images: its gradient is its own ε-MSE
+                        (err.sum() / bs).backward()
+                        total += float(err.detach().sum())
+                        per_group.index_add_(0, b_grp, err.detach().cpu())
+                    opt.step()
+                    restore_rows(te, reference, ids)  # AdamW's decay touches every row; keep the others
+                    last = (per_group / bs).tolist()
+                    recent = (recent + [total / len(sel)])[-20:]
+                    bar.advance(1, info=f"loss {sum(recent) / len(recent):.4f}")
+        finally:
+            handle.remove()
+            weight.requires_grad_(False)
         return last
 
     ctx_loss = stage("fit time: context tokens", [(list(range(len(ids))), params["context_prompt"]
                                                    .format(context=context))], ctx_names)
     class_tokens: dict[str, list[str]] = {}
     groups, names = [], []
-    cls_init, note = T.word_embedding(model, params["class_init"])
-    notes += [note] if note else []
     for k, label in enumerate(labels):
         idx = (predicted == k).nonzero().flatten().tolist()
         if not idx:
@@ -200,7 +201,7 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
                          "source or target)")
             continue
         cn = T.class_token_names(k, n)
-        T.install_tokens(model, cn, cls_init[None].repeat(n, 1))
+        T.install_tokens(model, cn, init_word=params["class_init"])
         class_tokens[label] = cn
         groups.append((idx, params["class_prompt"].format(context=context, **{"class": " ".join(cn)})))
         names += cn
@@ -209,7 +210,7 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
     class_loss = stage(f"fit time: class tokens ({len(groups)} classes)", groups, names)
 
     all_names = ctx_names + names
-    vecs = T.token_vectors(model, all_names).detach().cpu()
+    vecs = T.token_vectors(model, all_names)
     vectors = {name: vecs[i] for i, name in enumerate(all_names)}
     meta = {
         "tokens": {"context": ctx_names, "classes": class_tokens},
@@ -239,4 +240,12 @@ def install_artifact(model, vectors: dict[str, Any], meta: dict[str, Any]) -> No
     from . import tokens as T
 
     names = list(meta["tokens"]["context"]) + [n for v in meta["tokens"]["classes"].values() for n in v]
-    T.install_tokens(model, names, torch.stack([vectors[n] for n in names]).float().to(model.device))
+    present = [n for n in names if n in model.tokenizer.get_vocab()]
+    if present:  # a fit in this process installed them already: just set the rows
+        ids = model.tokenizer.convert_tokens_to_ids(present)
+        with torch.no_grad():
+            table = model.text_encoder.get_input_embeddings().weight
+            table[ids] = torch.stack([vectors[n] for n in present]).to(table)
+    rest = [n for n in names if n not in present]
+    if rest:
+        T.install_tokens(model, rest, vectors=torch.stack([vectors[n] for n in rest]).float())

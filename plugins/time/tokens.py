@@ -1,7 +1,7 @@
 """Learnable token embeddings and TIME's token artifact (``cfx fit time`` writes it, ``--tokens`` reads it).
 
-The new tokens are added to the tokenizer and looked up by a wrapper around the text encoder's embedding
-table: only their vectors are parameters, so only they train (the frozen vocabulary is never touched).
+The new tokens are added with ``cfx_cli.models.tokens`` (tokenizer + embedding rows; gradients masked so
+only the new rows train).
 The artifact is ``NAME.safetensors`` (one (D,) vector per token) plus ``NAME.json`` beside it (token names,
 class labels, the classifier it was fitted for, the base model, the prompts and the training settings).
 """
@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
-
-import torch
-from torch import nn
 
 from cfx_cli.errors import UsageError
 
@@ -29,96 +26,25 @@ def class_token_names(class_index: int, n: int) -> list[str]:
     return [f"<time-c{class_index}-{k}>" for k in range(n)]
 
 
-def install_tokens(model, names: list[str], init):
-    """Add ``names`` to the model's tokenizer and embedding lookup; returns the (len(names), D) Parameter.
+def install_tokens(model, names: list[str], init_word: str | None = None, vectors=None) -> list[int]:
+    """Add ``names`` to the model's tokenizer and embedding table (``cfx_cli.models.tokens``); rows start
+    from ``init_word``'s embedding, or take ``vectors`` ((len(names), D)) when given. Returns the ids."""
+    import torch
 
-    ``init`` is a (len(names), D) tensor of starting vectors. Re-installing names already present reuses
-    their slots (and resets them to ``init``).
-    """
-    emb = _extended_embedding(model)
-    tok = model.tokenizer
-    new = [n for n in names if n not in tok.get_vocab()]
-    if new:
-        tok.add_tokens(new)
-    ids = [tok.convert_tokens_to_ids(n) for n in names]
-    base_rows = emb.base.weight.shape[0]
-    for n, i in zip(names, ids, strict=True):
-        if i is None or i < base_rows and n not in emb.slot_of:
-            raise UsageError(f"cannot add token {n!r} to the tokenizer (it maps to existing id {i})")
-    rows = []
-    for n, i in zip(names, ids, strict=True):
-        if n not in emb.slot_of:
-            emb.slot_of[n] = (i, len(emb.slot_of))
-        rows.append(emb.slot_of[n][1])
-    emb.rebuild(init.new_zeros((len(emb.slot_of), init.shape[1])))
-    with torch.no_grad():
-        emb.vectors[torch.tensor(rows)] = init.to(emb.vectors)
-    return emb.vectors
+    from cfx_cli.models.tokens import add_tokens
+
+    ids = add_tokens(model.tokenizer, model.text_encoder, list(names), init_word=init_word or None)
+    if vectors is not None:
+        table = model.text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            table[ids] = vectors.to(table)
+    return ids
 
 
 def token_vectors(model, names: list[str]):
-    """The current (len(names), D) vectors of installed tokens (a view for reading)."""
-    emb = _extended_embedding(model)
-    return emb.vectors[[emb.slot_of[n][1] for n in names]]
-
-
-def token_rows(model, names: list[str]) -> list[int]:
-    emb = _extended_embedding(model)
-    return [emb.slot_of[n][1] for n in names]
-
-
-def word_embedding(model, word: str):
-    """The embedding of ``word`` when it is one known token, else the mean of the vocabulary (say why)."""
-    tok = model.tokenizer
-    base = _extended_embedding(model).base.weight
-    ids = tok(word, add_special_tokens=False).input_ids if word else []
-    unk = getattr(tok, "unk_token_id", None)
-    if len(ids) == 1 and ids[0] != unk and ids[0] < base.shape[0]:
-        return base[ids[0]].detach().clone(), None
-    return base.detach().mean(0).clone(), (f"initialiser word {word!r} is not a single known token; "
-                                           "starting from the mean vocabulary embedding")
-
-
-def _extended_embedding(model) -> ExtendedEmbedding:
-    current = model.text_encoder.get_input_embeddings()
-    if isinstance(current, ExtendedEmbedding):
-        return current
-    ext = ExtendedEmbedding(current).to(model.device)
-    model.text_encoder.set_input_embeddings(ext)
-    return ext
-
-
-class ExtendedEmbedding(nn.Module):
-    """The frozen vocabulary table plus a small Parameter holding the added tokens' vectors."""
-
-    def __init__(self, base: nn.Embedding) -> None:
-        super().__init__()
-        self.base = base
-        self.slot_of: dict[str, tuple[int, int]] = {}  # token name → (token id, row in ``vectors``)
-        self.vectors = nn.Parameter(torch.zeros(0, base.weight.shape[1]))
-        self.register_buffer("lookup", torch.full((base.weight.shape[0],), -1, dtype=torch.long),
-                             persistent=False)
-
-    @property
-    def weight(self) -> torch.Tensor:  # for callers that read the vocabulary table (sizes, dtype)
-        return self.base.weight
-
-    def rebuild(self, zeros: torch.Tensor) -> None:
-        old = self.vectors.detach()
-        vec = zeros.to(self.base.weight)
-        vec[: old.shape[0]] = old
-        self.vectors = nn.Parameter(vec)
-        size = max([self.base.weight.shape[0]] + [i + 1 for i, _ in self.slot_of.values()])
-        lookup = torch.full((size,), -1, dtype=torch.long, device=self.base.weight.device)
-        for i, row in self.slot_of.values():
-            lookup[i] = row
-        self.lookup = lookup
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        slots = self.lookup[ids]
-        base = self.base(ids.clamp(max=self.base.weight.shape[0] - 1))
-        new = self.vectors[slots.clamp(min=0)]
-        return torch.where((slots >= 0)[..., None], new, base)
+    """The current (len(names), D) vectors of installed tokens (detached, on the CPU)."""
+    ids = model.tokenizer.convert_tokens_to_ids(list(names))
+    return model.text_encoder.get_input_embeddings().weight[ids].detach().float().cpu()
 
 
 # ---- the artifact ----
@@ -160,7 +86,8 @@ def load_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UsageError(f"--tokens {js}: not a TIME token file (format is not {FORMAT!r})")
     if meta.get("version") != VERSION:
-        raise UsageError(f"--tokens {js}: unsupported version {meta.get('version')!r} (this cfx reads {VERSION})")
+        raise UsageError(f"--tokens {js}: unsupported version {meta.get('version')!r} "
+                         f"(this cfx reads {VERSION})")
     try:
         vectors = load_file(str(st))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -179,13 +106,14 @@ def check_artifact(meta: dict[str, Any], where: str, labels: list[str], classifi
     notes = []
     if list(meta.get("labels") or []) != list(labels):
         raise UsageError(f"--tokens {where}: fitted for classes {meta.get('labels')} but classifier "
-                         f"{classifier_spec} has {list(labels)}; fit tokens for this classifier with `cfx fit time`")
+                         f"{classifier_spec} has {list(labels)}; fit tokens for this classifier with "
+                         "`cfx fit time`")
     if meta.get("base_model") != model_id:
         raise UsageError(f"--tokens {where}: fitted on model {meta.get('base_model')!r} but --model is "
                          f"{model_id!r}; tokens only work with the model they were learned on")
     if int(meta.get("embedding_dim", -1)) != embedding_dim:
-        raise UsageError(f"--tokens {where}: token vectors are {meta.get('embedding_dim')}-d but the text encoder "
-                         f"of {model_id} uses {embedding_dim}-d embeddings")
+        raise UsageError(f"--tokens {where}: token vectors are {meta.get('embedding_dim')}-d but the text "
+                         f"encoder of {model_id} uses {embedding_dim}-d embeddings")
     spec = (meta.get("classifier") or {}).get("spec")
     if spec != classifier_spec:
         # the same model may be reached another way (demo:digits in-process vs. `cfx serve` over http)
