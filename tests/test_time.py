@@ -268,3 +268,11 @@ def test_cli_fit_then_explain(tiny_sd, tmp_path, demo_images):
     r = run_cfx("explain", str(demo_images), "--method", "time", "--limit", "1",
                 "--out", str(tmp_path / "r3"), env=ONE_THREAD)
     assert r.returncode == 2 and "--tokens" in r.stderr and "--fit-data" in r.stderr
+
+    # fit on the fly: same plumbing without a token file
+    r = run_cfx("explain", str(demo_images), "--method", "time", "--fit-data", str(demo_images), "--limit", "2",
+                "--model", model, "--set", "fit_iterations=1", "--set", "steps=10", "--set", "schedule=2:1",
+                "--out", str(tmp_path / "r4"), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert "fitting TIME tokens" in r.stderr and "fit time: class tokens" in r.stderr
+    assert len((tmp_path / "r4" / "manifest.jsonl").read_text().splitlines()) == 2

@@ -34,6 +34,7 @@ class Time(Explainer):
         Param("edict", "str", "exact", "exact: invertible level pairing; legacy: the published code's",
               choices=("exact", "legacy")),
         Param("fit_preset", "str", "", "with --fit-data: the `cfx fit time` preset (default: auto/thesis)"),
+        Param("fit_iterations", "int", 0, "with --fit-data: iterations per token set (0 = the preset's)"),
     )
     presets = {
         "smile": {"schedule": SMILE},
@@ -140,7 +141,12 @@ def build_generator(context: ExplainContext):
     else:
         model = load_latent_t2i(context.model, context.device)
         preset = context.params.get("fit_preset") or FIT_AUTO_PRESETS.get(clf.spec, "thesis")
-        fit_params = resolve_params("fit time", FIT_PARAMS, FIT_PRESETS, {"preset": preset})
+        overrides = {"preset": preset}
+        if context.params.get("fit_iterations"):
+            overrides["iterations"] = context.params["fit_iterations"]
+        fit_params = resolve_params("fit time", FIT_PARAMS, FIT_PRESETS, overrides)
+        print(f"note: fitting TIME tokens on {fit_data} (preset {preset!r}); `cfx fit time` saves them for "
+              "reuse", file=sys.stderr)
         result = fit_time_tokens(fit_data, clf, model, fit_params)
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
