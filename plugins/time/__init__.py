@@ -52,7 +52,7 @@ FILE.json), `--tokens FILE` uses them, `--fit-data DIR` fits on the fly. Generat
 decode; resize to the classifier. Images that do not flip go on to the next (τ, w) of the schedule
 (smile: (25,3)(30,4)(35,4)(35,6); age: (30,4)(30,6)(35,4)(35,6)); params record the attempt used. Exact
 EDICT by default; edict=legacy reproduces the published code's level pairing (not exactly invertible).
-Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:digits.
+Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:latent (the default; the embedded demo).
 """
 
     def __init__(self, context: ExplainContext) -> None:
@@ -140,7 +140,7 @@ def build_generator(context: ExplainContext):
             print(f"note: {note}", file=sys.stderr)
     else:
         model = load_latent_t2i(context.model, context.device)
-        preset = context.params.get("fit_preset") or FIT_AUTO_PRESETS.get(clf.spec, "thesis")
+        preset = context.params.get("fit_preset") or FIT_AUTO_PRESETS.get(model.model_id, "thesis")
         overrides = {"preset": preset}
         if context.params.get("fit_iterations"):
             overrides["iterations"] = context.params["fit_iterations"]

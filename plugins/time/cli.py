@@ -14,14 +14,15 @@ def run_fit(*, data: str, out: str, classifier: str | None, model: str | None, s
     from cfx_cli.devices import resolve_device
     from cfx_cli.params import parse_set_options, resolve_params
 
-    from .components import load_latent_t2i
+    from .components import DEFAULT_MODEL, load_latent_t2i
     from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS, fit_time_tokens
     from .tokens import artifact_paths, save_artifact
 
     spec = classifier or DEFAULT_SPEC
+    model = model or DEFAULT_MODEL
     overrides = parse_set_options(set_options)
     if "preset" not in overrides:
-        overrides["preset"] = FIT_AUTO_PRESETS.get(spec, "thesis")
+        overrides["preset"] = FIT_AUTO_PRESETS.get(model, "thesis")
         print(f"note: using fit preset {overrides['preset']!r} (override with --set preset=NAME)",
               file=sys.stderr)
     params = resolve_params("fit time", FIT_PARAMS, FIT_PRESETS, overrides)

@@ -12,7 +12,7 @@ from typing import Any
 
 from cfx_cli.errors import UsageError
 
-DEFAULT_MODEL = "demo:digits"
+DEFAULT_MODEL = "demo:latent"  # the embedded latent text-to-image model trained on the demo digits
 
 
 @dataclass
@@ -106,8 +106,6 @@ def _quiet_libraries() -> None:
 
 
 def assemble(vae, unet, text_encoder, tokenizer, scheduler, model_id: str, device: str) -> LatentT2I:
-    import torch
-
     for m in (vae, unet, text_encoder):
         m.eval().to(device)
         m.requires_grad_(False)
@@ -119,7 +117,10 @@ def assemble(vae, unet, text_encoder, tokenizer, scheduler, model_id: str, devic
     sample = unet.config.sample_size
     side = int(sample if isinstance(sample, int) else sample[0]) * down
     alphas = scheduler.alphas_cumprod.detach().float().cpu()
-    final = float(getattr(scheduler, "final_alpha_cumprod", torch.tensor(1.0)))
+    if hasattr(scheduler, "final_alpha_cumprod"):  # DDIM schedulers
+        final = float(scheduler.final_alpha_cumprod)
+    else:  # e.g. a DDPM config: SD 1.x's convention (set_alpha_to_one false) unless the config says otherwise
+        final = 1.0 if getattr(cfg, "set_alpha_to_one", False) else float(alphas[0])
     return LatentT2I(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
                      alphas_cumprod=alphas,
                      final_alpha_cumprod=final, num_train_timesteps=int(cfg.num_train_timesteps),
