@@ -132,7 +132,7 @@ def fit_time(
     out: Annotated[str, typer.Option("--out", "-o", help="Token file to write: FILE.safetensors + FILE.json.")],
     classifier: Annotated[str | None, typer.Option(
         "--classifier", "-c", help="Classifier spec (default: demo:digits); only its predictions are used.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="diffusers:SD_FOLDER_OR_ID or demo:NAME (default demo:digits).")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="diffusers:SD_FOLDER_OR_ID or demo:NAME (default demo:latent, the embedded digits model).")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", "-s", help="Training setting KEY=VALUE, or preset=thesis|code|digits (see docs/methods/time.md).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
