@@ -18,7 +18,7 @@ app = typer.Typer(
     name="cfx",
     help="Visual counterfactual explanations for image classifiers, and their evaluation.",
     no_args_is_help=True,
-    add_completion=True,
+    add_completion=False,  # static scripts ship in completions/ (scripts/gen_completions.py)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
@@ -77,6 +77,11 @@ def explain(
     labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
     mask: Annotated[str | None, typer.Option("--mask", help="Region allowed to change: a mask image or a folder of them.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
+    executor: Annotated[str, typer.Option("--executor", help="local, or ray (distributed; needs the ray extra).")] = "local",
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local one).")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Ray workers (actors), each loading the models once.")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="GPUs reserved per Ray worker.")] = 0.0,
+    shard: Annotated[str | None, typer.Option("--shard", help="Explain shard i of n (i/n, round-robin over the sorted inputs); combine with `cfx merge`.")] = None,
     tokens: Annotated[str | None, typer.Option("--tokens", help="TIME: token file written by `cfx fit time`.")] = None,
     fit_data: Annotated[str | None, typer.Option("--fit-data", help="TIME: fit the tokens now on this folder of training images.")] = None,
 ) -> None:
@@ -107,7 +112,8 @@ def explain(
         batch_size=int(pick(batch_size, "batch_size", 8)), seed=int(pick(seed, "seed", 0)),
         device=pick(device, "device", "auto"), set_options=params, limit=pick(limit, "limit"),
         resume=resume, overwrite=overwrite, model=pick(model, "model"), model_flags=pick(model_flags, "model_flags"),
-        labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(mask, "mask"),
+        labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(mask, "mask"), shard=shard,
+        executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
         options={"debug": os.environ.get("CFX_DEBUG") == "1", "tokens": tokens, "fit_data": fit_data},
     )
     summary = run_explain(req)
@@ -172,6 +178,20 @@ def eval_(
         typer.echo(f"wrote {output}", err=True)
     else:
         typer.echo(text.rstrip("\n"))
+
+
+@app.command()
+def merge(
+    run_dirs: Annotated[list[str], typer.Argument(help="Run directories to combine (e.g. the shards of one job).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="The merged run directory.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run directory.")] = False,
+) -> None:
+    """Combine runs of the same job (shards) into one run directory."""
+    from cfx_cli.merge import merge_runs
+
+    counts = merge_runs(run_dirs, out, overwrite=overwrite)
+    typer.echo(f"merged {len(run_dirs)} runs: {sum(counts.values())} records "
+               f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) → {out}")
 
 
 @app.command()
@@ -321,26 +341,13 @@ def main() -> None:
     """Entry point: one clear line for known errors (CFX_DEBUG=1 shows tracebacks)."""
     debug = os.environ.get("CFX_DEBUG") == "1"
     try:
-        app(standalone_mode=False)
+        app()  # standalone mode: usage errors exit 2 with click's message, --help exits 0
     except CfxError as exc:
         if debug:
             raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; continue with --resume", err=True)
-        sys.exit(130)
-    except Exception as exc:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            typer.echo("aborted", err=True)
-            sys.exit(1)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
         if debug:
             raise
         typer.echo(f"error: {type(exc).__name__}: {exc} (set CFX_DEBUG=1 for a traceback)", err=True)

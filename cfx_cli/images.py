@@ -69,7 +69,7 @@ def make_ids(keys: list[str], paths: list[Path]) -> list[str]:
     for s in slugs:
         counts[s] = counts.get(s, 0) + 1
     ids = []
-    for key, slug, path in zip(keys, slugs, paths, strict=True):
+    for key, slug in zip(keys, slugs, strict=True):
         stem = key.rsplit(".", 1)[0]
         lossless = "__" not in stem and slug == stem.replace("/", "__")
         if counts[slug] > 1 or not lossless:
@@ -99,16 +99,16 @@ def decode(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if size == 0:
         raise InputError(f"{path}: empty file (0 bytes)")
+    dims = _png_header_size(path)
+    if dims is not None and dims[0] * dims[1] > max_pixels:
+        raise InputError(_too_large(path, *dims, max_pixels))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
                 if w * h > max_pixels:
-                    raise InputError(
-                        f"{path}: image too large ({w}×{h} = {w * h / 1e6:.0f} MP, limit "
-                        f"{max_pixels / 1e6:.0f} MP); refusing to decode it"
-                    )
+                    raise InputError(_too_large(path, w, h, max_pixels))
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb_array(img)
@@ -125,6 +125,22 @@ def decode(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise InputError(f"{path}: cannot decode ({msg})") from None
     except (ValueError, SyntaxError) as exc:
         raise InputError(f"{path}: cannot decode ({exc})") from None
+
+
+def _too_large(path: Path, w: int, h: int, max_pixels: int) -> str:
+    return (f"{path}: image too large ({w}×{h} = {w * h / 1e6:.0f} MP, limit {max_pixels / 1e6:.0f} MP); "
+            "refusing to decode it")
+
+
+def _png_header_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR, read before decoding (a bomb may have no usable data)."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return struct.unpack(">II", head[16:24])
+    return None
 
 
 def _to_rgb_array(img) -> np.ndarray:

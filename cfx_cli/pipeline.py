@@ -40,6 +40,11 @@ class ExplainRequest:
     labels_file: str | None = None
     trust_pickle: bool = False
     mask: str | None = None
+    shard: str | None = None  # "i/n": explain every n-th input starting at i
+    executor: str = "local"  # local | ray
+    ray_address: str | None = None
+    workers: int = 2  # Ray actors
+    gpus_per_worker: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -53,6 +58,17 @@ class ExplainSummary:
     @property
     def exit_code(self) -> int:
         return 1 if self.counts.get("error") else 0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``i/n`` → (i, n); shards are round-robin over the sorted inputs, so they are deterministic."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise UsageError(f"--shard {text!r}: expected i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UsageError(f"--shard {text!r}: need 0 <= i < n")
+    return i, n
 
 
 def image_seed(seed: int, ident: str) -> int:
@@ -95,7 +111,6 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     from cfx_cli.explainers import ExplainContext
     from cfx_cli.images import discover
     from cfx_cli.params import resolve_params
-    from cfx_cli.progress import Progress
     from cfx_cli.regions import MaskSource
     from cfx_cli.runs import RunDir
 
@@ -103,11 +118,20 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     explainer_cls = get_explainer_class(req.method)
     spec = req.classifier or DEFAULT_SPEC
     set_options = dict(req.set_options)
+    notes: list[str] = []
     if "preset" not in set_options and spec in explainer_cls.auto_presets:
         set_options["preset"] = explainer_cls.auto_presets[spec]
-        print(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
-              "(override with --set preset=NAME or individual --set values)", file=sys.stderr)
+        notes.append(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
+                     "(override with --set preset=NAME or individual --set values)")
     params = resolve_params(req.method, explainer_cls.params, explainer_cls.presets, set_options)
+    if req.executor not in ("local", "ray"):
+        raise UsageError(f"--executor {req.executor!r}: expected local or ray")
+    if req.executor == "ray":
+        from cfx_cli.executors.ray_executor import check_ray_available
+
+        check_ray_available()
+        if req.workers < 1:
+            raise UsageError(f"--workers {req.workers}: must be at least 1")
     if req.batch_size < 1:
         raise UsageError(f"--batch-size {req.batch_size}: must be at least 1")
     if req.limit is not None and req.limit < 1:
@@ -117,6 +141,9 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         raise UsageError(f"no images found in {', '.join(req.inputs)} (looked for png, jpg, jpeg, bmp, webp)")
     if req.limit is not None:
         items = items[: req.limit]
+    shard = parse_shard(req.shard) if req.shard else None
+    if shard is not None:
+        items = items[shard[0] :: shard[1]]
     mask_source = MaskSource(req.mask) if req.mask else None
     if mask_source is not None and not explainer_cls.uses_region:
         raise UsageError(f"method {req.method!r} does not accept a region mask (--mask)")
@@ -137,7 +164,11 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
 
     out = Path(req.out) if req.out else Path("cfx-runs") / f"{req.method}-{_safe_name(req.target)}"
     run = RunDir(out)
+    if req.resume:
+        _check_resume_matches(out, req.method, params, classifier.spec)
     done = run.prepare(resume=req.resume, overwrite=req.overwrite)
+    for note in notes:  # only once the request is known to be valid
+        print(note, file=sys.stderr)
     pending = [it for it in items if it.id not in done]
 
     context = ExplainContext(
@@ -160,6 +191,7 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         "versions": _versions(),
         "inputs": list(req.inputs),
         "mask": req.mask,
+        "shard": req.shard,
         "command": _redacted_argv(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "running",
@@ -171,14 +203,20 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         counts[rec["status"]] = counts.get(rec["status"], 0) + 1
     errors: list[str] = []
     t_work = time.monotonic()
-    with Progress(f"explain ({req.method})", len(pending), stream=progress_stream) as bar:
-        for start in range(0, len(pending), req.batch_size):
-            chunk = pending[start : start + req.batch_size]
-            for rec in _process_batch(chunk, run, explainer, classifier, fixed_target, req, mask_source):
-                counts[rec["status"]] += 1
-                if rec["status"] == "error":
-                    errors.append(rec["error"])
-            bar.advance(len(chunk))
+    worker = BatchWorker(run, explainer, classifier, fixed_target, req, mask_source)
+    batches = [pending[i : i + req.batch_size] for i in range(0, len(pending), req.batch_size)]
+    if req.executor == "ray":
+        from cfx_cli.executors.ray_executor import run_batches_on_ray
+
+        classifier.close()  # the workers load their own copies
+        results = run_batches_on_ray(batches, req, params, str(out), progress_stream=progress_stream)
+    else:
+        results = _run_batches_locally(batches, worker, req.method, progress_stream)
+    for records in results:
+        for rec in records:
+            counts[rec["status"]] += 1
+            if rec["status"] == "error":
+                errors.append(rec["error"])
 
     info.update({
         "status": "finished",
@@ -192,8 +230,84 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         "counts": counts,
     })
     run.write_run_json(info)
-    classifier.close()
+    if req.executor != "ray":
+        classifier.close()
     return ExplainSummary(out, counts, errors, time.monotonic() - t_start)
+
+
+class BatchWorker:
+    """Explains batches of inputs into a run directory; one per process (local) or per Ray actor."""
+
+    def __init__(self, run, explainer, classifier, fixed_target, req: ExplainRequest, mask_source) -> None:
+        self.run, self.explainer, self.classifier = run, explainer, classifier
+        self.fixed_target, self.req, self.mask_source = fixed_target, req, mask_source
+
+    @classmethod
+    def build(cls, req: ExplainRequest, params: dict, run_path: str) -> BatchWorker:
+        """Load the classifier and the explainer from a validated request (what a Ray actor does once)."""
+        from cfx_cli.classifiers import DEFAULT_SPEC, ClassifierOptions, load_classifier, read_labels_file
+        from cfx_cli.devices import resolve_device
+        from cfx_cli.explainers import ExplainContext
+        from cfx_cli.regions import MaskSource
+        from cfx_cli.runs import RunDir
+
+        device = resolve_device(req.device)
+        labels = read_labels_file(req.labels_file) if req.labels_file else None
+        classifier = load_classifier(req.classifier or DEFAULT_SPEC,
+                                     ClassifierOptions(device=device, labels=labels, trust_pickle=req.trust_pickle))
+        fixed_target = None if req.target == "auto" else classifier.label_index(req.target)
+        context = ExplainContext(classifier=classifier, params=params, device=device, model=req.model,
+                                 model_flags=req.model_flags, trust_pickle=req.trust_pickle,
+                                 options=dict(req.options))
+        explainer = get_explainer_class(req.method)(context)
+        mask_source = MaskSource(req.mask) if req.mask else None
+        return cls(RunDir(run_path), explainer, classifier, fixed_target, req, mask_source)
+
+    def process(self, chunk: list[InputImage], skip_recorded: bool = False) -> list[dict]:
+        """Explain one batch. ``skip_recorded`` makes a retried batch idempotent: inputs that a killed
+        attempt already recorded are not explained (or recorded) twice."""
+        if skip_recorded:
+            from cfx_cli.runs import read_manifest
+
+            recorded = {r["id"] for r in read_manifest(self.run.manifest_path)}
+            chunk = [it for it in chunk if it.id not in recorded]
+            if not chunk:
+                return []
+        return _process_batch(chunk, self.run, self.explainer, self.classifier, self.fixed_target, self.req,
+                              self.mask_source)
+
+    def close(self) -> None:
+        self.classifier.close()
+
+
+def _run_batches_locally(batches, worker: BatchWorker, method: str, progress_stream):
+    from cfx_cli.progress import Progress
+
+    with Progress(f"explain ({method})", sum(map(len, batches)), stream=progress_stream) as bar:
+        for chunk in batches:
+            yield worker.process(chunk)
+            bar.advance(len(chunk))
+
+
+def _check_resume_matches(out: Path, method: str, params: dict, spec: str) -> None:
+    """Resuming with other settings would mix two experiments in one manifest: refuse."""
+    import json
+
+    from cfx_cli.runs import RUN_JSON
+
+    try:
+        old = json.loads((out / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # nothing (readable) to compare with
+    before = (old.get("method"), old.get("parameters"), (old.get("classifier") or {}).get("spec"))
+    now = (method, json.loads(json.dumps(params)), spec)
+    if before != now:
+        what = [name for name, a, b in zip(("method", "parameters", "classifier"), before, now, strict=True)
+                if a != b]
+        raise UsageError(
+            f"--resume: {out} was made with a different {' and '.join(what)}; resume with the same options, "
+            "or use --overwrite or another --out"
+        )
 
 
 def _safe_name(text: str) -> str:

@@ -62,7 +62,9 @@ def get_plugin_manager() -> pluggy.PluginManager:
     pm.add_hookspecs(hookspecs)
     infos: dict[str, PluginInfo] = {}
     allowed = _allowed()
-    for ep in importlib.metadata.entry_points(group=hookspecs.PROJECT):
+    eps = importlib.metadata.entry_points(group=hookspecs.PROJECT)
+    # built-ins first, so a third-party plugin can never take over a built-in name
+    for ep in sorted(eps, key=lambda e: (e.dist is None or e.dist.name != BUILTIN_DISTRIBUTION)):
         dist = ep.dist.name if ep.dist else "?"
         builtin = dist == BUILTIN_DISTRIBUTION
         # CFX_LOAD_PLUGINS restricts third-party plugins only; the built-ins are the tool itself.
@@ -112,7 +114,7 @@ def get_registry(warn: bool = True) -> Registry:
         ("register_metrics", reg.metrics, "name", "metrics"),
     ):
         hook = getattr(pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):  # registration order
+        for impl in hook.get_hookimpls():  # registration order: the first plugin to claim a name keeps it
             plugin_name = impl.plugin_name
             info = infos.setdefault(
                 plugin_name,

@@ -14,7 +14,9 @@ class Progress:
         self.total = total
         self.done = 0
         self.stream = stream or sys.stderr
-        self.interactive = self.stream.isatty() if interactive is None else interactive
+        if interactive is None:  # a bar only when a person is watching; plain lines in logs and CI
+            interactive = self.stream.isatty() and sys.stdout.isatty()
+        self.interactive = interactive
         self.start = time.monotonic()
         self._last_line = 0.0
         self._rich = None
@@ -24,13 +26,7 @@ class Progress:
     def __enter__(self) -> Progress:
         if self.interactive and self.total > 0:
             from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
             self._rich = RichProgress(
