@@ -276,3 +276,62 @@ def test_cli_fit_then_explain(tiny_sd, tmp_path, demo_images):
     assert r.returncode == 0, r.stderr
     assert "fitting TIME tokens" in r.stderr and "fit time: class tokens" in r.stderr
     assert len((tmp_path / "r4" / "manifest.jsonl").read_text().splitlines()) == 2
+
+
+def _has_http_adapter() -> bool:
+    from cfx_cli.plugins import get_registry
+
+    return "http" in get_registry(warn=False).classifier_adapters
+
+
+@pytest.mark.slow
+def test_same_outputs_through_cfx_serve_and_http(tiny_sd, tmp_path, demo_images):
+    """Black-box for real: the demo classifier behind `cfx serve` gives the same counterfactuals."""
+    import os
+    import subprocess
+    import sys
+    import time as _time
+
+    import numpy as np
+
+    from cfx_cli.images import load_png
+
+    if not _has_http_adapter():
+        pytest.skip("the http:// adapter and `cfx serve` are not in this build")
+    model = f"diffusers:{tiny_sd}"
+    tok = tmp_path / "tokens"
+    r = run_cfx("fit", "time", "--data", str(demo_images), "--out", str(tok), "--model", model,
+                "--set", "iterations=2", "--set", "batch_size=2", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    env = dict(os.environ, **ONE_THREAD)
+    env.pop("CFX_HTTP_TOKEN", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cfx_cli", "serve", "--classifier", "demo:digits", "--port", "0",
+                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline, line = _time.monotonic() + 120, ""
+        while "http://" not in line and _time.monotonic() < deadline:
+            line = proc.stdout.readline()
+        assert "http://127.0.0.1:" in line, proc.stderr.read() if proc.poll() is not None else line
+        url = "http://" + line.split("http://", 1)[1].strip()
+        args = ["--method", "time", "--tokens", str(tok), "--limit", "4", "--set", "steps=10",
+                "--set", "schedule=2:1,3:2"]
+        local = run_cfx("explain", str(demo_images), *args, "--out", str(tmp_path / "local"), env=ONE_THREAD)
+        remote = run_cfx("explain", str(demo_images), *args, "-c", url, "--out", str(tmp_path / "remote"),
+                         env=ONE_THREAD)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    assert local.returncode == 0, local.stderr
+    assert remote.returncode == 0, remote.stderr
+    assert "fitted with classifier demo:digits" in remote.stderr  # a note, not an error
+    recs = {}
+    for name in ("local", "remote"):
+        lines = (tmp_path / name / "manifest.jsonl").read_text().splitlines()
+        recs[name] = {json.loads(x)["id"]: json.loads(x) for x in lines}
+    assert recs["local"].keys() == recs["remote"].keys() and len(recs["local"]) == 4
+    for k, a in recs["local"].items():
+        b = recs["remote"][k]
+        assert (a["status"], a["params"]) == (b["status"], b["params"])
+        diff = np.abs(load_png(tmp_path / "local" / a["counterfactual"]).astype(float)
+                      - load_png(tmp_path / "remote" / b["counterfactual"]).astype(float))
+        assert diff.max() <= 1 / 255 + 1e-6
