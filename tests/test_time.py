@@ -4,6 +4,7 @@ batched generation with retries only for unflipped images, and the CLI end to en
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -335,3 +336,44 @@ def test_same_outputs_through_cfx_serve_and_http(tiny_sd, tmp_path, demo_images)
         diff = np.abs(load_png(tmp_path / "local" / a["counterfactual"]).astype(float)
                       - load_png(tmp_path / "remote" / b["counterfactual"]).astype(float))
         assert diff.max() <= 1 / 255 + 1e-6
+
+
+def _demo_latent_available() -> bool:
+    try:
+        from cfx_cli.demo.generators import LATENT_T2I_DIR
+    except ImportError:
+        return False
+    return (LATENT_T2I_DIR / "unet").is_dir()
+
+
+@pytest.mark.slow
+def test_demo_fit_and_explain_flips_most_demo_images(tmp_path, demo_images):
+    """The embedded demo end to end: tokens for demo:digits on the training digits, then the digits schedule on
+    the demo folder. Full digits preset: 15/16; this shortened fit (60 steps) also gave 15/16 when measured."""
+    if not _demo_latent_available():
+        pytest.skip("the demo latent text-to-image model (demo:latent) is not in this build")
+    train = tmp_path / "train"
+    r = subprocess_run([sys.executable, "scripts/export_demo_digits.py", "--out", str(train)])
+    assert r.returncode == 0, r.stderr
+    tok = tmp_path / "tok"
+    r = run_cfx("fit", "time", "--data", str(train), "--out", str(tok), "--set", "iterations=60",
+                "--set", "batch_size=8", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert "fit preset 'digits'" in r.stderr
+    assert json.loads((tmp_path / "tok.json").read_text())["base_model"] == "demo:latent"
+    run = tmp_path / "run"
+    r = run_cfx("explain", str(demo_images), "--method", "time", "--tokens", str(tok), "--batch-size", "16",
+                "--out", str(run), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in (run / "manifest.jsonl").read_text().splitlines()]
+    explained = [x for x in recs if x["status"] in ("flipped", "not_flipped")]
+    assert len(explained) == 16
+    assert sum(x["status"] == "flipped" for x in explained) / len(explained) >= 0.8
+
+
+def subprocess_run(args):
+    import subprocess
+
+    from tests.conftest import REPO
+
+    return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
