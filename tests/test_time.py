@@ -113,6 +113,30 @@ def test_artifact_roundtrip_and_checks(tmp_path):
         T.load_artifact(tmp_path / "absent.safetensors")
 
 
+def test_training_scan_skips_bad_files_and_rejects_empty_folders(tiny_sd, tmp_path):
+    from cfx_plugins.time.components import load_latent_t2i
+    from cfx_plugins.time.fit import scan_training_images
+
+    from cfx_cli.errors import UsageError
+    from cfx_cli.images import save_png
+
+    model = load_latent_t2i(f"diffusers:{tiny_sd}")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, img in enumerate(_images(3)):
+        save_png(img.permute(1, 2, 0).numpy(), data / f"ok{i}.png")
+    (data / "broken.png").write_bytes(b"not a png")
+    ids, pred, mean, std, skipped = scan_training_images(str(data), _stub_classifier(), model, 2, None)
+    assert len(ids) == 3 and pred.tolist() == [0, 1, 2] and mean.shape == std.shape == (3, 4, 8, 8)
+    assert len(skipped) == 1 and "broken.png" in skipped[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UsageError, match="no images found"):
+        scan_training_images(str(empty), _stub_classifier(), model, 2, None)
+    with pytest.raises(UsageError, match="not a folder"):
+        scan_training_images(str(data / "ok0.png"), _stub_classifier(), model, 2, None)
+
+
 @pytest.fixture(scope="module")
 def fitted(tiny_sd, tmp_path_factory):
     """Tokens fitted for the stub classifier on 12 images (2 iterations: plumbing, not quality)."""

@@ -27,13 +27,13 @@ FIT_PARAMS = (
     Param("lr", "float", 0.01, "AdamW learning rate"),
     Param("weight_decay", "float", 1e-4, "AdamW weight decay"),
     Param("batch_size", "int", 64, "images per iteration (per class in the class stage)"),
-    Param("micro_batch", "int", 64, "images per forward pass (gradient accumulation above this)"),
+    Param("micro_batch", "int", 8, "images per forward/backward pass (gradient accumulation above this)"),
     Param("num_tokens", "int", 3, "tokens for the context and for each class"),
     Param("context_init", "str", "picture", "word initialising the context tokens ('' = noise)"),
     Param("class_init", "str", "picture", "word initialising the class tokens ('' = noise)"),
     Param("context_prompt", "str", "a {context} picture", "prompt of the context stage"),
     Param("class_prompt", "str", "a {context} picture with a {class}", "prompt of the class stage"),
-    Param("classify_batch", "int", 32, "images per classifier query"),
+    Param("classify_batch", "int", 32, "images per classifier query (and per VAE encoding pass)"),
 )
 FIT_PRESETS: dict[str, dict[str, Any]] = {
     # thesis §5.4: 800 iterations, lr 0.01, weight decay 1e-4, batch 64
@@ -43,7 +43,8 @@ FIT_PRESETS: dict[str, dict[str, Any]] = {
     # the 16×16 demo (DEMO-FEASIBILITY.md: tokens from "digit", lr 5e-3). Its text encoder reads 8 tokens, so
     # 2 tokens per set in prompts shaped like its training captions ("a handwritten digit three"); fewer,
     # smaller steps so that fitting takes minutes on two CPU cores
-    "digits": {"iterations": 200, "lr": 5e-3, "batch_size": 16, "num_tokens": 2, "context_init": "digit",
+    "digits": {"iterations": 200, "lr": 5e-3, "batch_size": 16, "micro_batch": 64, "num_tokens": 2,
+               "context_init": "digit",
                "class_init": "digit", "context_prompt": "a {context} digit",
                "class_prompt": "a {context} digit {class}"},
 }
@@ -58,39 +59,54 @@ class FitResult:
     notes: list[str] = field(default_factory=list)
 
 
-def load_training_images(data: str, size: tuple[int, int] | None, resolution: int):
-    """Every image under ``data`` → (ids, images at the classifier's size, images at the model's size)."""
+def scan_training_images(data: str, classifier, model, chunk: int, stream) -> tuple:
+    """Classify and encode every image under ``data``, ``chunk`` images at a time (memory stays bounded:
+    only predictions and the VAE posterior's mean/std are kept). → (ids, predicted, mean, std, skipped)."""
     import numpy as np
     import torch
     import torch.nn.functional as F
 
     from cfx_cli.images import decode, discover, resize, to_uint8
+    from cfx_cli.progress import Progress
 
     if not Path(data).is_dir():
         raise UsageError(f"--data {data}: not a folder of images")
     items = discover([data])
     if not items:
         raise UsageError(f"--data {data}: no images found (looked for png, jpg, jpeg, bmp, webp)")
-    ids, for_clf, for_model = [], [], []
-    skipped = []
-    for it in items:
-        try:
-            arr = decode(it.path)
-        except InputError as exc:
-            skipped.append(str(exc))
-            continue
-        ids.append(it.id)
-        # what the classifier sees is quantised exactly as in `cfx explain`
-        for_clf.append(to_uint8(resize(arr, size)).astype(np.float32) / 255.0)
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
-        if tuple(t.shape[-2:]) != (resolution, resolution):
-            t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False,
-                              antialias=True)
-        for_model.append(t[0].clamp(0, 1))
+    size, r = classifier.input_size, model.resolution
+    ids, preds, means, stds, skipped = [], [], [], [], []
+    with Progress("fit time: classify + encode", len(items), stream=stream) as bar:
+        for start in range(0, len(items), chunk):
+            clf_in, model_in = [], []
+            for it in items[start: start + chunk]:
+                try:
+                    arr = decode(it.path)
+                except InputError as exc:
+                    skipped.append(str(exc))
+                    continue
+                ids.append(it.id)
+                # what the classifier sees is quantised exactly as in `cfx explain`
+                q = to_uint8(resize(arr, size)).astype(np.float32) / 255.0
+                clf_in.append(torch.from_numpy(q).permute(2, 0, 1))
+                t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
+                if tuple(t.shape[-2:]) != (r, r):
+                    t = F.interpolate(t, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
+                model_in.append(t[0].clamp(0, 1))
+            if clf_in:
+                if size is None:  # size-agnostic classifier: each image at its own size
+                    p = [int(classifier.predict_proba(x[None].to(model.device)).argmax(1)) for x in clf_in]
+                    preds.append(torch.tensor(p))
+                else:
+                    preds.append(classifier.predict_proba(torch.stack(clf_in).to(model.device)).argmax(1).cpu())
+                with torch.no_grad():
+                    dist = model.vae.encode((torch.stack(model_in) * 2 - 1).to(model.device, model.vae.dtype))
+                means.append(dist.latent_dist.mean.float().cpu())
+                stds.append(dist.latent_dist.std.float().cpu())
+            bar.advance(len(items[start: start + chunk]))
     if not ids:
         raise UsageError(f"--data {data}: none of the {len(items)} images could be decoded ({skipped[0]})")
-    clf_images = torch.from_numpy(np.stack(for_clf)).permute(0, 3, 1, 2).contiguous() if size else None
-    return ids, clf_images, for_clf, torch.stack(for_model), skipped
+    return ids, torch.cat(preds), torch.cat(means), torch.cat(stds), skipped
 
 
 def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, seed: int = 0,
@@ -110,19 +126,9 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
         if not all(n in params[key] for n in needed):
             raise UsageError(f"--set {key}={params[key]!r}: must contain {' and '.join(needed)}")
 
-    ids, clf_images, arrays, images, skipped = load_training_images(data, classifier.input_size,
-                                                                     model.resolution)
+    ids, predicted, mean, std, skipped = scan_training_images(data, classifier, model, params["classify_batch"],
+                                                              stream)
     notes += [f"skipped {s}" for s in skipped]
-    if clf_images is None:  # size-agnostic classifier: query each image at its own size
-        preds = [int(classifier.predict_proba(torch.from_numpy(a).permute(2, 0, 1)[None].to(model.device))
-                     .argmax(1)) for a in arrays]
-        predicted = torch.tensor(preds)
-    else:
-        chunks = []
-        for s in range(0, len(clf_images), params["classify_batch"]):
-            probs = classifier.predict_proba(clf_images[s: s + params["classify_batch"]].to(model.device))
-            chunks.append(probs.argmax(1).cpu())
-        predicted = torch.cat(chunks)
     labels = list(classifier.labels)
     counts = {labels[k]: int((predicted == k).sum()) for k in range(len(labels))}
     print(f"fit time: {len(ids)} images; classifier predictions: "
@@ -130,15 +136,7 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
 
     gen = torch.Generator().manual_seed(seed)
     dev = model.device
-    # cache the VAE posterior (mean, std) once; every step draws a fresh sample from it
-    means, stds = [], []
-    with torch.no_grad():
-        for s in range(0, len(images), params["micro_batch"]):
-            dist = model.vae.encode(images[s: s + params["micro_batch"]].to(dev) * 2 - 1).latent_dist
-            means.append(dist.mean.cpu())
-            stds.append(dist.std.cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
-
+    # the VAE posterior (mean, std) was cached by the scan; every step draws a fresh sample from it
     n = params["num_tokens"]
     ctx_names = T.context_token_names(n)
     T.install_tokens(model, ctx_names, init_word=params["context_init"])
