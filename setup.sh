@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up cfx in ./.venv.  Usage: bash setup.sh [--dev]
-#   --dev  also installs the test and lint tools (pytest, ruff, scikit-learn) used by the test suite.
+#   --dev  also installs the test and lint tools (pytest, ruff, scikit-learn, ray, onnx, playwright) and
+#          Debian's chromium for the report's browser test (scripts/install-browser.sh; needs root or sudo).
 # torch is installed first and pinned, so pip never swaps in a different build: on a machine without an
 # NVIDIA GPU set CFX_TORCH_INDEX to a CPU-only wheel index to avoid the multi-GB CUDA build.
 set -euo pipefail
@@ -23,6 +24,7 @@ fi
 if [ "${1:-}" = "--dev" ]; then
   echo "setup: installing cfx with the dev extra" >&2
   "${PIP[@]}" -e ".[dev]"
+  bash scripts/install-browser.sh >&2
 else
   echo "setup: installing cfx" >&2
   "${PIP[@]}" -e .

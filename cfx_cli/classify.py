@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cfx_cli.errors import InputError
+from cfx_cli.errors import CfxError, InputError
 
 
 def classify_inputs(inputs, spec, labels_file, device, batch_size, trust_pickle):
@@ -37,7 +37,13 @@ def classify_inputs(inputs, spec, labels_file, device, batch_size, trust_pickle)
                 groups.setdefault(arr.shape, []).append((it, arr))
             for group in groups.values():
                 x = torch.from_numpy(np.stack([a for _, a in group])).permute(0, 3, 1, 2).to(dev)
-                probs = clf.predict_proba(x).cpu()
+                try:
+                    probs = clf.predict_proba(x).cpu()
+                except CfxError as exc:  # a failed (remote) batch fails its inputs, not the command
+                    failed = True
+                    results.extend({"source": str(it.path), "label": None, "probabilities": None,
+                                    "error": f"classifier failed: {exc}"} for it, _ in group)
+                    continue
                 for (it, _), row in zip(group, probs, strict=True):
                     results.append({
                         "source": str(it.path),

@@ -162,13 +162,16 @@ def eval_(
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write to FILE instead of stdout.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
-    """Compute metrics for one or more runs, side by side."""
+    """Compute metrics for one or more runs, side by side; also saves each run's RUN_DIR/eval.json,
+    which `cfx report` shows."""
     from cfx_cli.devices import resolve_device
-    from cfx_cli.evaluate import evaluate, render
+    from cfx_cli.evaluate import evaluate, render, save_eval_json
 
     if fmt not in ("table", "json", "csv"):
         raise UsageError(f"--format {fmt!r}: expected table, json or csv")
     result = evaluate(run_dirs, metrics, device=resolve_device(device))
+    for problem in save_eval_json(result, metrics):
+        typer.echo(f"warning: {problem}", err=True)
     text = render(result, fmt)
     for run, reasons in result.skipped.items():
         for metric, reason in reasons.items():
@@ -190,8 +193,27 @@ def merge(
     from cfx_cli.merge import merge_runs
 
     counts = merge_runs(run_dirs, out, overwrite=overwrite)
+    from cfx_cli.report import write_run_report
+
+    write_run_report(out, debug=os.environ.get("CFX_DEBUG") == "1")
     typer.echo(f"merged {len(run_dirs)} runs: {sum(counts.values())} records "
                f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) → {out}")
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[str], typer.Argument(
+        help="Run directories; several are compared input by input.")],
+    output: Annotated[str | None, typer.Option(
+        "--output", "-o",
+        help="HTML file to write (default RUN_DIR/report.html; required for several runs).")] = None,
+) -> None:
+    """Write the HTML gallery of a run (original | counterfactual | difference | overlay), or of
+    several runs side by side. Shows RUN_DIR/eval.json when `cfx eval` saved one."""
+    from cfx_cli.report import build_report
+
+    path = build_report(run_dirs, output)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()
@@ -226,6 +248,25 @@ def classify(
                 table.add_row(r["source"], r["label"], f"{r['probabilities'][r['label']]:.3f}")
         Console().print(table)
     raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def serve(
+    classifier: Annotated[str, typer.Option("--classifier", "-c", help="Classifier spec to serve.")],
+    host: Annotated[str, typer.Option("--host", help="Address to bind (default: loopback).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", help="TCP port (0 picks a free one).")] = 8000,
+    labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    trust_pickle: Annotated[bool, typer.Option(
+        "--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not log one line per request.")] = False,
+) -> None:
+    """Serve a classifier over the HTTP protocol (set CFX_HTTP_TOKEN to require a bearer token)."""
+    from cfx_cli.serve import serve as serve_classifier
+
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: expected 0-65535")
+    serve_classifier(classifier, host, port, labels, device, trust_pickle, quiet=quiet)
 
 
 @app.command()
@@ -311,11 +352,23 @@ def metrics() -> None:
 
 @app.command()
 def models(
+    spec: Annotated[str | None, typer.Argument(help="Load this --model SPEC and describe it (a check).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    model_flags: Annotated[str | None, typer.Option("--model-flags", help="ADM MODEL_FLAGS or flags file.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled checkpoints.")] = False,
 ) -> None:
     """List generative models: embedded demo ones, the papers' checkpoints, and cached hub models."""
-    from cfx_cli.models.catalog import collect, human_size
+    from cfx_cli.models.catalog import collect, describe, human_size
 
+    if spec:
+        from cfx_cli.devices import resolve_device
+        from cfx_cli.models import load_model
+
+        info = describe(load_model(spec, model_flags, resolve_device(device), trust_pickle), spec)
+        typer.echo(json.dumps(info, indent=2) if as_json else
+                   "\n".join(f"{k:12s} {v}" for k, v in info.items()))
+        return
     data = collect()
     if as_json:
         typer.echo(json.dumps(data, indent=2))

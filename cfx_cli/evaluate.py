@@ -15,6 +15,8 @@ class EvalResult:
     columns: list[str]
     rows: dict[str, dict[str, Any]]  # run name → column → value
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # run → metric → reason
+    lower_is_better: dict[str, bool | None] = field(default_factory=dict)  # column → the metric's direction
+    paths: dict[str, str] = field(default_factory=dict)  # run name → run directory
 
 
 def select_metrics(names: str | None) -> list[tuple[str, type]]:
@@ -42,6 +44,7 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
     columns: list[str] = ["n", "flipped"]
     rows: dict[str, dict[str, Any]] = {}
     skipped: dict[str, dict[str, str]] = {}
+    directions: dict[str, bool | None] = {}
     for run, name in zip(runs, names, strict=True):
         row: dict[str, Any] = {"n": len(run.records), "flipped": sum(r["status"] == "flipped" for r in run.records)}
         cache: dict[str, Any] = {}
@@ -70,10 +73,30 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
                 if col not in columns:
                     columns.append(col)
                 row[col] = value
+                directions[col] = cls.lower_is_better
         if "classifier" in cache:
             cache["classifier"].close()
         rows[name] = row
-    return EvalResult(names, columns, rows, skipped)
+    return EvalResult(names, columns, rows, skipped, directions,
+                      {n: str(r.path) for n, r in zip(names, runs, strict=True)})
+
+
+def save_eval_json(result: EvalResult, metric_names: str | None) -> list[str]:
+    """Write each run's row to ``RUN_DIR/eval.json`` (read by ``cfx report``); returns warnings
+    for runs whose directory cannot be written (the metrics are still printed)."""
+    from pathlib import Path
+
+    from cfx_cli.report import write_eval_json
+
+    problems = []
+    for name in result.runs:
+        path = Path(result.paths[name])
+        try:
+            write_eval_json(path, result.rows[name], result.skipped.get(name, {}), result.lower_is_better,
+                            metric_names)
+        except OSError as exc:
+            problems.append(f"{path}/eval.json not written: {exc.strerror or exc}")
+    return problems
 
 
 def _unique_names(paths: list[str]) -> list[str]:

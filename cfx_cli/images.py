@@ -193,6 +193,7 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
         data = data[..., 0]
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; run directories are meant to be shared and served
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(data).save(f, format="PNG")
             f.flush()

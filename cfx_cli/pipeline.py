@@ -144,6 +144,10 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     shard = parse_shard(req.shard) if req.shard else None
     if shard is not None:
         items = items[shard[0] :: shard[1]]
+    if req.model:  # a malformed --model is a usage error before any work (loading happens in the explainer)
+        from cfx_cli.models.spec import parse_model_spec
+
+        parse_model_spec(req.model)
     mask_source = MaskSource(req.mask) if req.mask else None
     if mask_source is not None and not explainer_cls.uses_region:
         raise UsageError(f"method {req.method!r} does not accept a region mask (--mask)")
@@ -232,7 +236,14 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     run.write_run_json(info)
     if req.executor != "ray":
         classifier.close()
+    _write_report(out, req)
     return ExplainSummary(out, counts, errors, time.monotonic() - t_start)
+
+
+def _write_report(out: Path, req: ExplainRequest) -> None:
+    from cfx_cli.report import write_run_report
+
+    write_run_report(out, debug=bool(req.options.get("debug")))
 
 
 class BatchWorker:

@@ -34,6 +34,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; run directories are meant to be shared
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=False, default=str)
             f.write("\n")
@@ -120,6 +121,7 @@ class RunDir:
 
     def _rewrite_manifest(self, records: Iterable[dict]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=self.path)
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")

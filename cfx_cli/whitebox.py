@@ -7,6 +7,7 @@ counts forward passes.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 from cfx_cli.classifiers import Classifier, check_probabilities
@@ -58,3 +59,90 @@ def torch_float():
     import torch
 
     return torch.float32
+
+
+# --------------------------------------------------------------------------- torch-based adapters
+def torch_options():
+    """Spec options shared by the TorchScript and Python adapters (``SPEC#size=224&mean=...``)."""
+    from cfx_cli.protocol import Option
+
+    return (
+        Option("size", "size", None, "input size N or HxW the model expects (inputs are resized "
+                                     "differentiably); default: the model's metadata, else any size"),
+        Option("mean", "floats", None, "per-channel mean subtracted from [0, 1] inputs (1 or 3 numbers)"),
+        Option("std", "floats", None, "per-channel std dividing the inputs after the mean (1 or 3 numbers)"),
+        Option("logits", "bool", None, "the model returns logits (default true; false: probabilities)"),
+    )
+
+
+def build_torch_classifier(module, spec: str, options, opts: dict, meta: dict | None = None):
+    """Wrap a loaded module with its preprocessing into a :class:`TorchModuleClassifier`.
+
+    Precedence: spec options, then the model's own metadata (``meta``), then defaults. Labels come from
+    ``--labels``, the metadata, or ``"0".."K-1"`` with K found by one forward pass.
+    """
+    import torch
+
+    from cfx_cli.errors import UsageError
+
+    meta = meta or {}
+    size = opts.get("size") or _size(meta.get("input_size"))
+    mean = opts.get("mean") or meta.get("mean")
+    std = opts.get("std") or meta.get("std")
+    returns_logits = opts.get("logits")
+    if returns_logits is None:
+        returns_logits = bool(meta.get("logits", True))
+    if std is not None and any(float(v) == 0 for v in std):
+        raise UsageError(f"classifier {spec}: std must not be 0")
+    if mean is not None or std is not None:
+        module = Normalized(module, mean or (0.0, 0.0, 0.0), std or (1.0, 1.0, 1.0))
+    labels = options.labels or meta.get("labels")
+    if not labels:
+        h, w = size or (224, 224)
+        try:
+            with torch.no_grad():
+                out = module.to(options.device).eval()(torch.zeros(1, 3, h, w, device=options.device))
+        except Exception as exc:
+            raise UsageError(
+                f"classifier {spec}: cannot find its number of classes from a test forward pass on a "
+                f"{h}×{w} image ({type(exc).__name__}: {str(exc)[:150]}); give the input size with "
+                "#size=HxW or the class names with --labels FILE"
+            ) from None
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise UsageError(f"classifier {spec}: the model must return a (N, K) tensor, got "
+                             f"{getattr(out, 'shape', type(out).__name__)}")
+        labels = [str(i) for i in range(out.shape[1])]
+    return TorchModuleClassifier(module, list(labels), size, spec=spec, device=options.device,
+                                 returns_logits=returns_logits)
+
+
+def _size(value) -> tuple[int, int] | None:
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    return None
+
+
+@functools.cache
+def _normalized_class():
+    import torch
+    from torch import nn
+
+    class _Normalized(nn.Module):
+        """(x − mean) / std in front of a model that expects normalized inputs."""
+
+        def __init__(self, model: nn.Module, mean, std) -> None:
+            super().__init__()
+            self.model = model
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+        def forward(self, x):
+            return self.model((x - self.mean) / self.std)
+
+    return _Normalized
+
+
+def Normalized(model, mean, std):  # noqa: N802 - a class built lazily so this module never imports torch
+    return _normalized_class()(model, mean, std)

@@ -9,7 +9,7 @@ _cfx() {
     case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
   done
   if [ -z "$cmd" ]; then
-    COMPREPLY=( $(compgen -W "classify eval explain merge methods metrics plugins --version --help" -- "$cur") ); return 0
+    COMPREPLY=( $(compgen -W "classify eval explain merge methods metrics models plugins report serve --version --help" -- "$cur") ); return 0
   fi
   case "$cmd" in
     classify)
@@ -28,8 +28,17 @@ _cfx() {
       if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
     metrics)
       if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
+    models)
+      case "$prev" in --model-flags|--device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
+      if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--json --model-flags --device --trust-pickle --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
     plugins)
       if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--json --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
+    report)
+      case "$prev" in --output|-o) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
+      if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--output -o --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
+    serve)
+      case "$prev" in --classifier|-c|--host|--port|-p|--labels|--device) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
+      if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--classifier -c --host --port -p --labels --device --trust-pickle --quiet -q --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
   esac
 }
 complete -o filenames -F _cfx cfx

@@ -24,12 +24,15 @@ from cfx_cli.diffusion import (
 def test_beta_schedules_match_diffusers():
     from diffusers import DDPMScheduler
 
-    for name, kw in (("linear", {"beta_start": 1e-4, "beta_end": 0.02}),
-                     ("scaled_linear", {"beta_start": 0.00085, "beta_end": 0.012}),
-                     ("cosine", {})):
+    for name, kw in (
+        ("linear", {"beta_start": 1e-4, "beta_end": 0.02}),
+        ("scaled_linear", {"beta_start": 0.00085, "beta_end": 0.012}),
+        ("cosine", {}),
+    ):
         ours = get_beta_schedule(name, 1000, **kw)
-        ref = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2" if name == "cosine" else name,
-                            **kw).betas.double()
+        ref = DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2" if name == "cosine" else name, **kw
+        ).betas.double()
         assert torch.allclose(ours, ref, atol=1e-7, rtol=1e-5), name
     # guided-diffusion scales the linear schedule with the number of steps
     assert get_beta_schedule("linear", 500)[-1].item() == pytest.approx(0.04)
@@ -87,8 +90,9 @@ def test_posterior_matches_diffusers_ddpm_and_learned_range():
     from diffusers import DDPMScheduler
 
     d = GaussianDiffusion.from_config(1000, "linear", sigma_small=True)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-                          variance_type="fixed_small")
+    sched = DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, variance_type="fixed_small"
+    )
     sched.set_timesteps(1000)
     x, eps = torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4)
     for t in (999, 500, 1):
@@ -125,8 +129,15 @@ def test_ddpm_step_per_sample_timesteps_and_no_noise_at_zero():
 def test_ddim_step_equals_diffusers_ddim_scheduler():
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     sched.set_timesteps(50)
     ac = sched.alphas_cumprod.double()
     x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
@@ -141,8 +152,9 @@ def test_ddim_step_equals_diffusers_ddim_scheduler():
             assert torch.allclose(ours, ref, atol=1e-5), (t, eta)
     # and the schedule-indexed form on a respaced GaussianDiffusion is the same update
     d = GaussianDiffusion.from_config(1000, "linear", respacing="ddim50")
-    ref_sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=False,
-                              set_alpha_to_one=True, steps_offset=0)
+    ref_sched = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True, steps_offset=0
+    )
     ref_sched.set_timesteps(50)
     for i in (49, 20, 0):
         t_orig = int(d.timestep_map[i])
@@ -169,12 +181,14 @@ def test_i2sb_schedule_and_bridge_marginals():
     b = BridgeSchedule(betas)
     s2 = torch.cumsum(betas, 0)
     sb2 = torch.cumsum(betas.flip(0), 0).flip(0)
-    assert torch.allclose(b.mu_x0, sb2 / (s2 + sb2)) and torch.allclose(b.std_sb ** 2, s2 * sb2 / (s2 + sb2))
+    assert torch.allclose(b.mu_x0, sb2 / (s2 + sb2)) and torch.allclose(b.std_sb**2, s2 * sb2 / (s2 + sb2))
     x0, x1 = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
     xt = b.q_sample(torch.tensor([0, 999]), x0, x1, ot_ode=True)
     assert xt[0].mean().item() < 0.01 and xt[1].mean().item() > 0.99
     assert b.network_time(torch.tensor([0, 999])).tolist() == pytest.approx([0.1, 1000.0])
     assert space_indices(1000, 3) == [0, 500, 999] and space_indices(1000, 5) == [0, 250, 500, 749, 999]
+    # I2SB accumulates the float stride: 10 × 49.95 lands just below 499.5 → 499 (10 * 49.95 would give 500)
+    assert space_indices(1000, 21)[10] == 499
 
 
 def test_bridge_posterior_is_gaussian_product_and_recovers_x0():
@@ -207,3 +221,25 @@ def test_bridge_posterior_is_gaussian_product_and_recovers_x0():
     start = b.q_sample(600, target, x1, ot_ode=True)
     out = b.sample(pred_x0, start, nfe=6, mask=mask, x1=x1, start_step=600)
     assert torch.allclose(out * mask, target * mask, atol=1e-2) and torch.allclose(out * (1 - mask), x1 * (1 - mask))
+
+
+def test_v_prediction_matches_diffusers_ddim():
+    """SD 2.x 768-v UNets predict v = √ᾱ ε - √(1-ᾱ) x_0; converting to (ε, x̂_0) gives diffusers' DDIM step."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    sched.set_timesteps(25)
+    d = GaussianDiffusion(sched.betas.double(), prediction_type="v_prediction")
+    x, v = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in sched.timesteps[[0, 12, 24]].tolist():
+        eps, x0 = d.eps_and_x0(v, x, t)
+        prev = t - 1000 // 25
+        ab_prev = d.alphas_cumprod[prev] if prev >= 0 else d.alphas_cumprod[0]
+        ours = ddim_step_from_alphas(x0, eps, d.alphas_cumprod[t].float(), ab_prev.float())
+        assert torch.allclose(ours, sched.step(v, t, x).prev_sample, atol=1e-4, rtol=1e-4), t

@@ -27,7 +27,11 @@ def ray_address():
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'cfx[ray]')")
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = dict(os.environ, **RAY_ENV)
-    port = "6391"
+    import socket
+
+    with socket.socket() as sock:  # a free port: several suites may share the machine
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     # loopback only: this test cluster must never listen on or reach another address
     subprocess.run([ray_bin, "start", "--head", "--num-cpus=2", f"--port={port}", "--include-dashboard=false",
                     "--node-ip-address=127.0.0.1", "--disable-usage-stats"],

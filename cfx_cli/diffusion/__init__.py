@@ -21,7 +21,18 @@ from cfx_cli.diffusion.schedules import (
 )
 
 __all__ = [
-    "BridgeSchedule", "DiffusionOutput", "GaussianDiffusion", "betas_for_alpha_bar", "broadcast",
-    "ddim_step_from_alphas", "ddim_transfer", "gaussian_product_coef", "get_beta_schedule", "i2sb_betas",
-    "respace_betas", "space_indices", "space_timesteps", "tweedie_x0",
+    "BridgeSchedule",
+    "DiffusionOutput",
+    "GaussianDiffusion",
+    "betas_for_alpha_bar",
+    "broadcast",
+    "ddim_step_from_alphas",
+    "ddim_transfer",
+    "gaussian_product_coef",
+    "get_beta_schedule",
+    "i2sb_betas",
+    "respace_betas",
+    "space_indices",
+    "space_timesteps",
+    "tweedie_x0",
 ]

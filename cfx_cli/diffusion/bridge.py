@@ -25,8 +25,8 @@ from cfx_cli.diffusion.schedules import i2sb_betas
 
 def gaussian_product_coef(sigma1: torch.Tensor, sigma2: torch.Tensor):
     """N(x|x_a, σ1²)·N(x|x_b, σ2²) ∝ N(x | c1 x_a + c2 x_b, var): returns (c1, c2, var)."""
-    denom = sigma1 ** 2 + sigma2 ** 2
-    return sigma2 ** 2 / denom, sigma1 ** 2 / denom, sigma1 ** 2 * sigma2 ** 2 / denom
+    denom = sigma1**2 + sigma2**2
+    return sigma2**2 / denom, sigma1**2 / denom, sigma1**2 * sigma2**2 / denom
 
 
 def space_indices(num_steps: int, count: int) -> list[int]:
@@ -34,7 +34,11 @@ def space_indices(num_steps: int, count: int) -> list[int]:
     if count > num_steps:
         raise ValueError(f"cannot take {count} steps out of {num_steps}")
     stride = 1 if count <= 1 else (num_steps - 1) / (count - 1)
-    return [round(i * stride) for i in range(count)]
+    steps, cur = [], 0.0
+    for _ in range(count):  # accumulate the float stride (not i * stride): the same rounding as I2SB
+        steps.append(round(cur))
+        cur += stride
+    return steps
 
 
 class BridgeSchedule:
@@ -50,7 +54,9 @@ class BridgeSchedule:
         self.noise_levels = torch.linspace(t0, T, self.interval, dtype=torch.float64) * self.interval
 
     @classmethod
-    def from_options(cls, interval: int = 1000, beta_max: float = 0.3, t0: float = 1e-4, T: float = 1.0) -> BridgeSchedule:
+    def from_options(
+        cls, interval: int = 1000, beta_max: float = 0.3, t0: float = 1e-4, T: float = 1.0
+    ) -> BridgeSchedule:
         return cls(i2sb_betas(interval, beta_max), t0, T)
 
     def network_time(self, step: torch.Tensor | int, batch: int | None = None) -> torch.Tensor:
@@ -58,8 +64,14 @@ class BridgeSchedule:
             step = torch.full((batch or 1,), int(step), dtype=torch.long)
         return self.noise_levels.to(step.device)[step.long()].float()
 
-    def q_sample(self, step: torch.Tensor | int, x0: torch.Tensor, x1: torch.Tensor, ot_ode: bool = False,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
+    def q_sample(
+        self,
+        step: torch.Tensor | int,
+        x0: torch.Tensor,
+        x1: torch.Tensor,
+        ot_ode: bool = False,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x_t from the bridge marginal between x0 and x1 (the mean only under the OT-ODE)."""
         xt = broadcast(self.mu_x0, step, x0) * x0 + broadcast(self.mu_x1, step, x0) * x1
         if not ot_ode:
@@ -67,8 +79,9 @@ class BridgeSchedule:
             xt = xt + broadcast(self.std_sb, step, x0) * noise
         return xt
 
-    def pred_x0(self, step: torch.Tensor | int, x_t: torch.Tensor, net_out: torch.Tensor,
-                clip_denoise: bool = False) -> torch.Tensor:
+    def pred_x0(
+        self, step: torch.Tensor | int, x_t: torch.Tensor, net_out: torch.Tensor, clip_denoise: bool = False
+    ) -> torch.Tensor:
         """Tweedie-style estimate x̂_0 = x_t - σ_t · net(x_t, t)."""
         x0 = x_t - broadcast(self.std_fwd, step, x_t) * net_out
         return x0.clamp(-1, 1) if clip_denoise else x0
@@ -76,11 +89,18 @@ class BridgeSchedule:
     def posterior_coefs(self, nprev: torch.Tensor | int, n: torch.Tensor | int, like: torch.Tensor):
         std_n = broadcast(self.std_fwd, n, like)
         std_prev = broadcast(self.std_fwd, nprev, like)
-        std_delta = (std_n ** 2 - std_prev ** 2).clamp_min(0).sqrt()
+        std_delta = (std_n**2 - std_prev**2).clamp_min(0).sqrt()
         return gaussian_product_coef(std_prev, std_delta)
 
-    def posterior_step(self, nprev: torch.Tensor | int, n: torch.Tensor | int, x_n: torch.Tensor, x0: torch.Tensor,
-                       ot_ode: bool = True, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def posterior_step(
+        self,
+        nprev: torch.Tensor | int,
+        n: torch.Tensor | int,
+        x_n: torch.Tensor,
+        x0: torch.Tensor,
+        ot_ode: bool = True,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x_{nprev} from p(x_{nprev} | x_n, x̂_0), nprev < n; deterministic under the OT-ODE (and at nprev = 0)."""
         c0, cn, var = self.posterior_coefs(nprev, n, x_n)
         out = c0 * x0 + cn * x_n
@@ -98,9 +118,17 @@ class BridgeSchedule:
             raise ValueError(f"nfe must be in 1…{last}")
         return space_indices(last + 1, nfe + 1)
 
-    def sample(self, pred_x0_fn: Callable[[torch.Tensor, int], torch.Tensor], x_start: torch.Tensor, nfe: int,
-               ot_ode: bool = True, mask: torch.Tensor | None = None, x1: torch.Tensor | None = None,
-               start_step: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        pred_x0_fn: Callable[[torch.Tensor, int], torch.Tensor],
+        x_start: torch.Tensor,
+        nfe: int,
+        ot_ode: bool = True,
+        mask: torch.Tensor | None = None,
+        x1: torch.Tensor | None = None,
+        start_step: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Run the sampler from ``x_start`` (x_1, or an x_t at ``start_step``) down to step 0.
 
         ``pred_x0_fn(x_t, step)`` returns x̂_0. With a ``mask`` (1 = to generate), the known region is reset

@@ -40,18 +40,25 @@ class DiffusionOutput:
 
 
 class GaussianDiffusion:
-    def __init__(self, betas: torch.Tensor, timestep_map: list[int] | None = None, original_num_steps: int | None = None,
-                 variance_type: str = "fixed_small", rescale_timesteps: bool = False,
-                 prediction_type: str = "epsilon") -> None:
+    def __init__(
+        self,
+        betas: torch.Tensor,
+        timestep_map: list[int] | None = None,
+        original_num_steps: int | None = None,
+        variance_type: str = "fixed_small",
+        rescale_timesteps: bool = False,
+        prediction_type: str = "epsilon",
+    ) -> None:
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"variance_type {variance_type!r} not in {VARIANCE_TYPES}")
-        if prediction_type not in ("epsilon", "sample"):
-            raise ValueError("prediction_type must be 'epsilon' or 'sample' (x_start)")
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError("prediction_type must be 'epsilon', 'sample' (x_start) or 'v_prediction'")
         betas = betas.double()
         self.betas = betas
         self.num_steps = len(betas)
-        self.timestep_map = torch.tensor(timestep_map if timestep_map is not None else range(self.num_steps),
-                                         dtype=torch.long)
+        self.timestep_map = torch.tensor(
+            timestep_map if timestep_map is not None else range(self.num_steps), dtype=torch.long
+        )
         self.original_num_steps = original_num_steps or self.num_steps
         self.variance_type = variance_type
         self.rescale_timesteps = rescale_timesteps
@@ -69,17 +76,26 @@ class GaussianDiffusion:
         self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - ac)
         # the posterior variance is 0 at t = 0: clip the log by repeating the value at t = 1
         pv = self.posterior_variance
-        self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]])) if len(pv) > 1 else \
-            torch.log(pv.clamp_min(1e-20))
+        self.posterior_log_variance_clipped = (
+            torch.log(torch.cat([pv[1:2], pv[1:]])) if len(pv) > 1 else torch.log(pv.clamp_min(1e-20))
+        )
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1 - ac)
         self.posterior_mean_coef2 = (1 - self.alphas_cumprod_prev) * alphas.sqrt() / (1 - ac)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, num_steps: int = 1000, schedule: str = "linear", respacing: str = "",
-                    learn_sigma: bool = False, sigma_small: bool = False, rescale_timesteps: bool = False,
-                    predict_xstart: bool = False, beta_start: float | None = None,
-                    beta_end: float | None = None) -> GaussianDiffusion:
+    def from_config(
+        cls,
+        num_steps: int = 1000,
+        schedule: str = "linear",
+        respacing: str = "",
+        learn_sigma: bool = False,
+        sigma_small: bool = False,
+        rescale_timesteps: bool = False,
+        predict_xstart: bool = False,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
+    ) -> GaussianDiffusion:
         """As guided-diffusion's ``create_gaussian_diffusion``: a base schedule, optionally respaced."""
         betas = get_beta_schedule(schedule, num_steps, beta_start, beta_end)
         variance = "learned_range" if learn_sigma else ("fixed_small" if sigma_small else "fixed_large")
@@ -94,8 +110,14 @@ class GaussianDiffusion:
         keep = space_timesteps(self.num_steps, respacing)
         new_betas, tmap = respace_betas(self.betas, keep)
         original = self.timestep_map[tmap].tolist()
-        return GaussianDiffusion(new_betas, original, self.original_num_steps, self.variance_type,
-                                 self.rescale_timesteps, self.prediction_type)
+        return GaussianDiffusion(
+            new_betas,
+            original,
+            self.original_num_steps,
+            self.variance_type,
+            self.rescale_timesteps,
+            self.prediction_type,
+        )
 
     def model_timesteps(self, t: torch.Tensor | int, batch: int | None = None) -> torch.Tensor:
         """Network input times for schedule indices ``t``: the original step (respacing), scaled to 0–1000 when
@@ -111,7 +133,10 @@ class GaussianDiffusion:
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor | int, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε."""
         noise = torch.randn_like(x0) if noise is None else noise
-        return broadcast(self.sqrt_alphas_cumprod, t, x0) * x0 + broadcast(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (
+            broadcast(self.sqrt_alphas_cumprod, t, x0) * x0
+            + broadcast(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -121,10 +146,15 @@ class GaussianDiffusion:
     # -- Tweedie / parametrisation conversions ----------------------------------------------------
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
         """Tweedie's estimate x̂_0 = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t."""
-        return broadcast(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - broadcast(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return (
+            broadcast(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - broadcast(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor) -> torch.Tensor:
-        return (broadcast(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / broadcast(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (broadcast(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / broadcast(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        )
 
     def split_output(self, model_output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean part, variance part or None) of a network output; learned variance doubles the channels."""
@@ -135,10 +165,14 @@ class GaussianDiffusion:
             return model_output[:, :c], model_output[:, c:]
         return model_output[:, : x_t.shape[1]], None
 
-    def eps_and_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int,
-                   clip_denoised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def eps_and_x0(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip_denoised: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         out, _ = self.split_output(model_output, x_t)
-        if self.prediction_type == "epsilon":
+        if self.prediction_type == "v_prediction":  # v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho; SD 2.x 768-v)
+            a, s = broadcast(self.sqrt_alphas_cumprod, t, x_t), broadcast(self.sqrt_one_minus_alphas_cumprod, t, x_t)
+            out = a * out + s * x_t  # → ε
+        if self.prediction_type in ("epsilon", "v_prediction"):
             eps, x0 = out, self.predict_x0_from_eps(x_t, t, out)
             if clip_denoised:
                 x0 = x0.clamp(-1, 1)
@@ -148,8 +182,9 @@ class GaussianDiffusion:
         return self.predict_eps_from_x0(x_t, t, x0), x0
 
     # -- reverse process ------------------------------------------------------------------------
-    def p_mean_variance(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int,
-                        clip_denoised: bool = False) -> DiffusionOutput:
+    def p_mean_variance(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip_denoised: bool = False
+    ) -> DiffusionOutput:
         """p(x_{t-1} | x_t) from the network output (ADM ``p_mean_variance``).
 
         Learned range (ADM ``learn_sigma``): the extra channels v ∈ [-1, 1] interpolate the log-variance between
@@ -175,9 +210,15 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior(x0, x_t, t)
         return DiffusionOutput(mean=mean, variance=var, log_variance=log_var, pred_x0=x0, eps=eps)
 
-    def ddpm_step(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int,
-                  noise: torch.Tensor | None = None, clip_denoised: bool = False,
-                  mean_shift: torch.Tensor | None = None) -> tuple[torch.Tensor, DiffusionOutput]:
+    def ddpm_step(
+        self,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        noise: torch.Tensor | None = None,
+        clip_denoised: bool = False,
+        mean_shift: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, DiffusionOutput]:
         """One ancestral step x_t → x_{t-1} ~ N(μ + shift, σ²); no noise where t = 0.
 
         ``mean_shift`` is added to the mean (classifier guidance: ``-variance * grad`` as in DiME eq. 3.4)."""
@@ -187,8 +228,15 @@ class GaussianDiffusion:
         nonzero = (self._as_batch(t, x_t) != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
         return mean + nonzero * torch.exp(0.5 * out.log_variance) * noise, out
 
-    def ddim_step(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, eta: float = 0.0,
-                  noise: torch.Tensor | None = None, clip_denoised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def ddim_step(
+        self,
+        model_output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor | int,
+        eta: float = 0.0,
+        noise: torch.Tensor | None = None,
+        clip_denoised: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """DDIM x_t → x_{t-1} on this schedule's ᾱ (prev = ᾱ_{t-1}, 1 at t = 0). Returns (x_prev, x̂_0)."""
         eps, x0 = self.eps_and_x0(model_output, x_t, t, clip_denoised)
         ab_t = broadcast(self.alphas_cumprod, t, x_t)
@@ -198,8 +246,9 @@ class GaussianDiffusion:
         nonzero = (self._as_batch(t, x_t) != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
         return ddim_step_from_alphas(x0, eps, ab_t, ab_prev, eta, noise, nonzero), x0
 
-    def ddim_reverse_step(self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int,
-                          clip_denoised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def ddim_reverse_step(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip_denoised: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Deterministic DDIM inversion x_t → x_{t+1} (ᾱ_next; guided-diffusion ``ddim_reverse_sample``)."""
         eps, x0 = self.eps_and_x0(model_output, x_t, t, clip_denoised)
         ab_next = broadcast(self.alphas_cumprod_next, t, x_t)
@@ -218,20 +267,27 @@ def tweedie_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) ->
     return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
 
-def ddim_step_from_alphas(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor,
-                          eta: float = 0.0, noise: torch.Tensor | None = None,
-                          nonzero: torch.Tensor | float = 1.0) -> torch.Tensor:
+def ddim_step_from_alphas(
+    x0: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_bar: torch.Tensor,
+    alpha_bar_prev: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+    nonzero: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
     """DDIM update (Song et al. eq. 12): √ᾱ' x̂_0 + √(1-ᾱ'-σ²) ε + σ z with
     σ = η √((1-ᾱ')/(1-ᾱ)) √(1-ᾱ/ᾱ'). Works in either direction when η = 0 (ᾱ' > ᾱ denoises, < inverts)."""
     if eta == 0:
         return alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev).sqrt() * eps
     sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-    out = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma ** 2).clamp_min(0).sqrt() * eps
+    out = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - sigma**2).clamp_min(0).sqrt() * eps
     return out + nonzero * sigma * noise if noise is not None else out
 
 
-def ddim_transfer(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_from: torch.Tensor,
-                  alpha_bar_to: torch.Tensor) -> torch.Tensor:
+def ddim_transfer(
+    x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_from: torch.Tensor, alpha_bar_to: torch.Tensor
+) -> torch.Tensor:
     """Deterministic DDIM move of x between two noise levels given ε (denoising or inversion):
     x' = √(ᾱ'/ᾱ) x + (√(1-ᾱ') - √(ᾱ'(1-ᾱ)/ᾱ)) ε — the (a, b) form used by EDICT/TIME (thesis eq. 5.6)."""
     a = (alpha_bar_to / alpha_bar_from).sqrt()

@@ -14,8 +14,9 @@ def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max
     return torch.tensor(betas, dtype=torch.float64)
 
 
-def get_beta_schedule(name: str, num_steps: int, beta_start: float | None = None,
-                      beta_end: float | None = None) -> torch.Tensor:
+def get_beta_schedule(
+    name: str, num_steps: int, beta_start: float | None = None, beta_end: float | None = None
+) -> torch.Tensor:
     """``linear`` (DDPM; guided-diffusion scales 1e-4→0.02 by 1000/num_steps unless start/end are given),
     ``scaled_linear`` (Stable Diffusion: linear in sqrt(beta), default 0.00085→0.012), or ``cosine``
     (Nichol & Dhariwal, s = 0.008, beta ≤ 0.999). float64, shape (num_steps,)."""
@@ -29,7 +30,7 @@ def get_beta_schedule(name: str, num_steps: int, beta_start: float | None = None
     if name in ("scaled_linear", "scaled-linear"):
         beta_start = 0.00085 if beta_start is None else beta_start
         beta_end = 0.012 if beta_end is None else beta_end
-        return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=torch.float64) ** 2
+        return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
     if name in ("cosine", "squaredcos_cap_v2"):
         return betas_for_alpha_bar(num_steps, lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2)
     raise ValueError(f"unknown beta schedule {name!r} (linear, scaled_linear or cosine)")
@@ -49,7 +50,7 @@ def space_timesteps(num_steps: int, section_counts: str | int | Iterable[int]) -
         if not text:
             return list(range(num_steps))
         if text.startswith("ddim"):
-            desired = int(text[len("ddim"):])
+            desired = int(text[len("ddim") :])
             for stride in range(1, num_steps):
                 if len(range(0, num_steps, stride)) == desired:
                     return list(range(0, num_steps, stride))
@@ -90,6 +91,6 @@ def respace_betas(betas: torch.Tensor, use_timesteps: Iterable[int]) -> tuple[to
 def i2sb_betas(interval: int = 1000, beta_max: float = 0.3, beta_min: float = 1e-4) -> torch.Tensor:
     """I2SB's symmetric schedule: a quadratic ramp (linear in sqrt(beta)) from ``beta_min`` to
     ``beta_max / interval`` over ``interval`` steps, of which the first half is kept and mirrored."""
-    ramp = torch.linspace(beta_min ** 0.5, (beta_max / interval) ** 0.5, interval, dtype=torch.float64) ** 2
+    ramp = torch.linspace(beta_min**0.5, (beta_max / interval) ** 0.5, interval, dtype=torch.float64) ** 2
     half = ramp[: interval // 2]
     return torch.cat([half, half.flip(0)])

@@ -3,6 +3,6 @@ embeddings for textual inversion, and the ``cfx models`` catalogue. Importing th
 torch; each loader imports its framework when called."""
 
 from cfx_cli.models.memory import MemoryOptions
-from cfx_cli.models.spec import demo_models, load_model, parse_model_spec
+from cfx_cli.models.spec import clear_model_cache, demo_models, load_model, model_for, parse_model_spec
 
-__all__ = ["MemoryOptions", "demo_models", "load_model", "parse_model_spec"]
+__all__ = ["MemoryOptions", "clear_model_cache", "demo_models", "load_model", "model_for", "parse_model_spec"]

@@ -17,33 +17,67 @@ class KnownModel:
 
 
 KNOWN_MODELS = (
-    KnownModel("Stable Diffusion 1.4", "diffusers:CompVis/stable-diffusion-v1-4", "TIME, ECED",
-               "https://huggingface.co/CompVis/stable-diffusion-v1-4", "CompVis/stable-diffusion-v1-4"),
-    KnownModel("Stable Diffusion 1.5", "diffusers:stable-diffusion-v1-5/stable-diffusion-v1-5", "TIME, ECED",
-               "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5",
-               "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-    KnownModel("Stable Diffusion 2.1 base", "diffusers:stabilityai/stable-diffusion-2-1-base", "TIME, ECED",
-               "https://huggingface.co/stabilityai/stable-diffusion-2-1-base", "stabilityai/stable-diffusion-2-1-base"),
-    KnownModel("DDPM CelebA-HQ 256 (diffusers)", "diffusers:google/ddpm-celebahq-256", "DiME/ACE (pixel prior)",
-               "https://huggingface.co/google/ddpm-celebahq-256", "google/ddpm-celebahq-256"),
-    KnownModel("OpenAI ADM ImageNet 256 uncond", "adm:256x256_diffusion_uncond.pt --model-flags \"--attention_"
-               "resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --image_size 256 --learn_sigma True "
-               "--noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 "
-               "--resblock_updown True --use_fp16 True --use_scale_shift_norm True\"", "ACE, DVCE (ImageNet)",
-               "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"),
-    KnownModel("DiME CelebA ADM (128, 500 steps)", "adm:PATH/celeba-ddpm.pt --model-flags \"--attention_resolutions "
-               "32,16,8 --class_cond False --diffusion_steps 500 --learn_sigma True --noise_schedule linear "
-               "--num_channels 128 --num_heads 4 --num_res_blocks 2 --resblock_updown True --use_fp16 True "
-               "--use_scale_shift_norm True --image_size 128\"", "DiME, ACE (CelebA)",
-               "https://huggingface.co/guillaumejs2403/DiME (linked from github.com/guillaumejs2403/DiME)"),
-    KnownModel("ACE CelebA-HQ ADM (256, 500 steps)", "adm:PATH/celebahq-ddpm.pt --model-flags \"--attention_"
-               "resolutions 32,16,8 --class_cond False --diffusion_steps 500 --learn_sigma True --noise_schedule "
-               "linear --num_channels 128 --num_head_channels 64 --num_res_blocks 2 --resblock_updown True "
-               "--use_fp16 True --use_scale_shift_norm True --image_size 256\"", "ACE (CelebA-HQ)",
-               "github.com/guillaumejs2403/ACE (README: pretrained models)"),
-    KnownModel("I2SB inpaint freeform 20-30% (ImageNet 256)", "i2sb:results/inpaint-freeform2030/latest.pt "
-               "--trust-pickle (options.pkl) or a JSON sidecar", "RCSB",
-               "https://github.com/NVlabs/I2SB (scripts/download_checkpoint.sh inpaint-freeform2030)"),
+    KnownModel(
+        "Stable Diffusion 1.4",
+        "diffusers:CompVis/stable-diffusion-v1-4",
+        "TIME, ECED",
+        "https://huggingface.co/CompVis/stable-diffusion-v1-4",
+        "CompVis/stable-diffusion-v1-4",
+    ),
+    KnownModel(
+        "Stable Diffusion 1.5",
+        "diffusers:stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "TIME, ECED",
+        "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ),
+    KnownModel(
+        "Stable Diffusion 2.1 base",
+        "diffusers:stabilityai/stable-diffusion-2-1-base",
+        "TIME, ECED",
+        "https://huggingface.co/stabilityai/stable-diffusion-2-1-base",
+        "stabilityai/stable-diffusion-2-1-base",
+    ),
+    KnownModel(
+        "DDPM CelebA-HQ 256 (diffusers)",
+        "diffusers:google/ddpm-celebahq-256",
+        "DiME/ACE (pixel prior)",
+        "https://huggingface.co/google/ddpm-celebahq-256",
+        "google/ddpm-celebahq-256",
+    ),
+    KnownModel(
+        "OpenAI ADM ImageNet 256 uncond",
+        'adm:256x256_diffusion_uncond.pt --model-flags "--attention_'
+        "resolutions 32,16,8 --class_cond False --diffusion_steps 1000 --image_size 256 --learn_sigma True "
+        "--noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 "
+        '--resblock_updown True --use_fp16 True --use_scale_shift_norm True"',
+        "ACE, DVCE (ImageNet)",
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
+    ),
+    KnownModel(
+        "DiME CelebA ADM (128, 500 steps)",
+        'adm:PATH/celeba-ddpm.pt --model-flags "--attention_resolutions '
+        "32,16,8 --class_cond False --diffusion_steps 500 --learn_sigma True --noise_schedule linear "
+        "--num_channels 128 --num_heads 4 --num_res_blocks 2 --resblock_updown True --use_fp16 True "
+        '--use_scale_shift_norm True --image_size 128"',
+        "DiME, ACE (CelebA)",
+        "https://huggingface.co/guillaumejs2403/DiME (linked from github.com/guillaumejs2403/DiME)",
+    ),
+    KnownModel(
+        "ACE CelebA-HQ ADM (256, 500 steps)",
+        'adm:PATH/celebahq-ddpm.pt --model-flags "--attention_'
+        "resolutions 32,16,8 --class_cond False --diffusion_steps 500 --learn_sigma True --noise_schedule "
+        "linear --num_channels 128 --num_head_channels 64 --num_res_blocks 2 --resblock_updown True "
+        '--use_fp16 True --use_scale_shift_norm True --image_size 256"',
+        "ACE (CelebA-HQ)",
+        "github.com/guillaumejs2403/ACE (README: pretrained models)",
+    ),
+    KnownModel(
+        "I2SB inpaint freeform 20-30% (ImageNet 256)",
+        "i2sb:results/inpaint-freeform2030/latest.pt --trust-pickle (options.pkl) or a JSON sidecar",
+        "RCSB",
+        "https://github.com/NVlabs/I2SB (scripts/download_checkpoint.sh inpaint-freeform2030)",
+    ),
 )
 
 
@@ -72,6 +106,21 @@ def _diffusers_kind(repo) -> str:
     return ""
 
 
+def _demo_dirs(name: str) -> list[Path]:
+    """Where a demo generator's weights live: ``generators.model_dir(name)`` if the module says, else a guess."""
+    from cfx_cli.models.spec import _demo_module
+
+    mod = _demo_module()
+    finder = getattr(mod, "model_dir", None)
+    if callable(finder):
+        try:
+            return [Path(finder(name))]
+        except Exception:  # a missing/unknown model: no size to report
+            return []
+    demo_dir = Path(__file__).resolve().parents[1] / "demo"
+    return [d for d in (demo_dir / "models" / name, demo_dir / name) if d.is_dir()]
+
+
 def human_size(n: int | float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
@@ -84,27 +133,63 @@ def collect() -> dict:
     """Everything ``cfx models`` shows, as plain data (also its ``--json`` output)."""
     from cfx_cli.models.spec import demo_models
 
-    demo_dir = Path(__file__).resolve().parents[1] / "demo"
     demo = []
     for name, summary in demo_models().items():
-        files = sorted(demo_dir.glob(f"{name}*.safetensors")) + sorted((demo_dir / name).glob("**/*.safetensors"))
-        demo.append({"spec": f"demo:{name}", "summary": summary,
-                     "size_bytes": sum(f.stat().st_size for f in files), "source": "embedded (cfx_cli/demo)"})
+        files = [f for d in _demo_dirs(name) for f in d.glob("**/*.safetensors")]
+        demo.append(
+            {
+                "spec": f"demo:{name}",
+                "summary": summary,
+                "size_bytes": sum(f.stat().st_size for f in files),
+                "source": "embedded (cfx_cli/demo)",
+            }
+        )
     cache, cache_error = _scan_cache()
     cached = {}
     if cache is not None:
         for repo in cache.repos:
             if repo.repo_type != "model":
                 continue
-            cached[repo.repo_id] = {"spec": f"diffusers:{repo.repo_id}", "hub_id": repo.repo_id,
-                                    "kind": _diffusers_kind(repo), "size_bytes": repo.size_on_disk,
-                                    "path": str(repo.repo_path)}
+            cached[repo.repo_id] = {
+                "spec": f"diffusers:{repo.repo_id}",
+                "hub_id": repo.repo_id,
+                "kind": _diffusers_kind(repo),
+                "size_bytes": repo.size_on_disk,
+                "path": str(repo.repo_path),
+            }
     known = []
     for km in KNOWN_MODELS:
         entry = asdict(km)
         entry["cached"] = bool(km.hub_id and km.hub_id in cached)
         entry["size_bytes"] = cached[km.hub_id]["size_bytes"] if entry["cached"] else None
         known.append(entry)
-    return {"demo": demo, "known": known,
-            "cached": sorted((c for c in cached.values() if c["kind"]), key=lambda c: c["hub_id"]),
-            "cache_error": cache_error}
+    return {
+        "demo": demo,
+        "known": known,
+        "cached": sorted((c for c in cached.values() if c["kind"]), key=lambda c: c["hub_id"]),
+        "cache_error": cache_error,
+    }
+
+
+def describe(model, spec: str) -> dict:
+    """A short summary of a loaded model (``cfx models SPEC``)."""
+    info: dict = {
+        "spec": spec,
+        "kind": getattr(model, "kind", type(model).__name__),
+        "class": type(model).__name__,
+        "source": getattr(model, "source", ""),
+    }
+    if hasattr(model, "image_size"):
+        info["image_size"] = model.image_size
+    for key, value in (getattr(model, "info", None) or {}).items():
+        info[key] = value
+    if getattr(model, "diffusion", None) is not None and not callable(model.diffusion):
+        d = model.diffusion
+        info["schedule"] = f"{d.num_steps} steps (of {d.original_num_steps}), variance {d.variance_type}"
+    if getattr(model, "bridge", None) is not None:
+        info["schedule"] = f"I2SB bridge, {model.bridge.interval} steps, options {model.options}"
+    if getattr(model, "scheduler", None) is not None:
+        info["scheduler"] = type(model.scheduler).__name__
+    info["device"] = getattr(model, "device", "cpu")
+    info["dtype"] = str(getattr(model, "dtype", "")).replace("torch.", "")
+    return info

@@ -7,8 +7,10 @@ from typing import Any
 
 from cfx_cli.errors import UsageError
 
-PICKLE_HINT = ("it is a full pickle; pass --trust-pickle only if you trust its source (unpickling runs code), "
-               "or convert it once to a plain state dict / safetensors")
+PICKLE_HINT = (
+    "it is a full pickle; pass --trust-pickle only if you trust its source (unpickling runs code), "
+    "or convert it once to a plain state dict / safetensors"
+)
 
 
 def read_checkpoint(path: str | Path, trust_pickle: bool = False, what: str = "checkpoint") -> Any:
@@ -52,8 +54,12 @@ def is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def extract_state_dict(obj: Any, path: str | Path, keys: tuple[str, ...] = ("state_dict", "model", "net"),
-                       strip_prefixes: tuple[str, ...] = ("module.",)) -> dict:
+def extract_state_dict(
+    obj: Any,
+    path: str | Path,
+    keys: tuple[str, ...] = ("state_dict", "model", "net"),
+    strip_prefixes: tuple[str, ...] = ("module.",),
+) -> dict:
     """A state dict from a checkpoint that is either one or holds one under a usual key."""
     if not is_state_dict(obj) and isinstance(obj, dict):
         for key in keys:
@@ -70,7 +76,7 @@ def extract_state_dict(obj: Any, path: str | Path, keys: tuple[str, ...] = ("sta
             raise UsageError(f"checkpoint {path}: no state dict found (top-level: {found})")
     for prefix in strip_prefixes:
         if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return obj
 
 
@@ -79,8 +85,11 @@ def load_into(module, state: dict, path: str | Path, what: str = "checkpoint") -
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -89,6 +98,7 @@ def load_into(module, state: dict, path: str | Path, what: str = "checkpoint") -
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:2])})")
-        raise UsageError(f"{what} {path} does not match the network built from the flags: {', '.join(parts)} "
-                         "— check --model-flags")
+        raise UsageError(
+            f"{what} {path} does not match the network built from the flags: {', '.join(parts)} — check --model-flags"
+        )
     module.load_state_dict(state, strict=True)

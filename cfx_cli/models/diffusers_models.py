@@ -17,11 +17,20 @@ from cfx_cli.errors import UsageError
 from cfx_cli.models.memory import MemoryOptions, apply_to_diffusers, apply_to_text_encoder, resolve_dtype
 
 # weight file names, in the order they are preferred
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
-                     "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json",
-                     "diffusion_pytorch_model.fp16.safetensors")
-TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                        "pytorch_model.bin.index.json", "model.fp16.safetensors")
+DIFFUSERS_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.fp16.safetensors",
+)
+TRANSFORMERS_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "model.fp16.safetensors",
+)
 SD_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -54,8 +63,10 @@ def missing_files(folder: Path, components: tuple[str, ...]) -> list[str]:
 
 def _offline() -> bool:
     truthy = ("1", "on", "yes", "true")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy or \
-            os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in truthy:
+    if (
+        os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy
+        or os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in truthy
+    ):
         return True
     try:
         from huggingface_hub import constants
@@ -91,22 +102,27 @@ def resolve_folder(spec: str, allow_patterns: list[str] | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise UsageError(f"diffusers:{spec}: not a local folder, and huggingface_hub is not installed "
-                         "to resolve hub ids") from None
+        raise UsageError(
+            f"diffusers:{spec}: not a local folder, and huggingface_hub is not installed to resolve hub ids"
+        ) from None
     try:
         return Path(snapshot_download(spec, local_files_only=True, allow_patterns=allow_patterns))
     except Exception as exc:  # LocalEntryNotFoundError & co: not (fully) cached
         cached_error = exc
     if _offline():
-        raise UsageError(f"diffusers:{spec}: hub id not found in the Hugging Face cache ({_cache_dir()}) and "
-                         "HF_HUB_OFFLINE is set; download it once online (`hf download "
-                         f"{spec}`) or pass a local folder") from None
+        raise UsageError(
+            f"diffusers:{spec}: no such local folder, and as a hub id not found in the Hugging Face cache "
+            f"({_cache_dir()}) while HF_HUB_OFFLINE is set; download it once online (`hf download {spec}`) "
+            "or pass a local folder"
+        ) from None
     try:
         return Path(snapshot_download(spec, allow_patterns=allow_patterns))
     except Exception as exc:
-        raise UsageError(f"diffusers:{spec}: not cached and the download failed "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                         f"cache lookup said: {type(cached_error).__name__}") from None
+        raise UsageError(
+            f"diffusers:{spec}: not cached and the download failed "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"cache lookup said: {type(cached_error).__name__}"
+        ) from None
 
 
 def _read_json(path: Path) -> dict:
@@ -129,8 +145,10 @@ def folder_kind(folder: Path) -> str:
         cls = _read_json(folder / "config.json").get("_class_name", "")
         if cls == "UNet2DModel":
             return "pixel"
-        raise UsageError(f"diffusers:{folder}: config.json describes a {cls or 'model of unknown class'}; expected "
-                         "a UNet2DModel folder or a pipeline folder with model_index.json")
+        raise UsageError(
+            f"diffusers:{folder}: config.json describes a {cls or 'model of unknown class'}; expected "
+            "a UNet2DModel folder or a pipeline folder with model_index.json"
+        )
     if (folder / "unet").is_dir():
         unet_cfg = folder / "unet" / "config.json"
         if unet_cfg.is_file() and _read_json(unet_cfg).get("_class_name") == "UNet2DModel":
@@ -163,6 +181,18 @@ class PixelDiffusersModel:
     def learn_sigma(self) -> bool:
         return self.diffusion.variance_type == "learned_range"
 
+    def with_respacing(self, respacing: str) -> PixelDiffusersModel:
+        """The same network on a subset of the schedule's steps (guided-diffusion ``timestep_respacing``)."""
+        return PixelDiffusersModel(
+            self.net,
+            self.diffusion.respaced(respacing),
+            self.scheduler,
+            self.device,
+            self.dtype,
+            self.source,
+            dict(self.info),
+        )
+
     def __call__(self, x, t, y=None):
         ts = self.diffusion.model_timesteps(t, batch=x.shape[0]).to(x.device)
         if ts.numel() == 1 and x.shape[0] > 1:
@@ -176,17 +206,18 @@ def diffusion_from_scheduler(scheduler, learned: bool = False):
     from cfx_cli.diffusion import GaussianDiffusion
 
     cfg = scheduler.config
-    variance = "learned_range" if learned else (
-        "fixed_large" if cfg.get("variance_type") == "fixed_large" else "fixed_small")
-    pred = {"epsilon": "epsilon", "sample": "sample"}.get(cfg.get("prediction_type", "epsilon"))
-    if pred is None:
-        raise UsageError(f"scheduler prediction_type {cfg.get('prediction_type')!r} is not supported "
-                         "(epsilon or sample)")
+    variance = (
+        "learned_range" if learned else ("fixed_large" if cfg.get("variance_type") == "fixed_large" else "fixed_small")
+    )
+    pred = cfg.get("prediction_type", "epsilon")
+    if pred not in ("epsilon", "sample", "v_prediction"):
+        raise UsageError(f"scheduler prediction_type {pred!r} is not supported (epsilon, sample or v_prediction)")
     return GaussianDiffusion(scheduler.betas.double(), variance_type=variance, prediction_type=pred)
 
 
-def load_pixel(folder: Path, device: str = "cpu", memory: MemoryOptions | None = None,
-               source: str = "") -> PixelDiffusersModel:
+def load_pixel(
+    folder: Path, device: str = "cpu", memory: MemoryOptions | None = None, source: str = ""
+) -> PixelDiffusersModel:
     from diffusers import DDPMScheduler, UNet2DModel
 
     memory = memory or MemoryOptions()
@@ -199,11 +230,19 @@ def load_pixel(folder: Path, device: str = "cpu", memory: MemoryOptions | None =
     apply_to_diffusers(net, memory)
     sched_dir = next((d for d in (folder / "scheduler", folder) if (d / "scheduler_config.json").is_file()), None)
     scheduler = DDPMScheduler.from_pretrained(str(sched_dir)) if sched_dir else DDPMScheduler()
-    learned = scheduler.config.get("variance_type") == "learned_range" or \
-        net.config.out_channels == 2 * net.config.in_channels
-    return PixelDiffusersModel(net, diffusion_from_scheduler(scheduler, learned), scheduler, device, dtype,
-                               source or str(folder),
-                               {"parameters": sum(p.numel() for p in net.parameters())})
+    learned = (
+        scheduler.config.get("variance_type") == "learned_range"
+        or net.config.out_channels == 2 * net.config.in_channels
+    )
+    return PixelDiffusersModel(
+        net,
+        diffusion_from_scheduler(scheduler, learned),
+        scheduler,
+        device,
+        dtype,
+        source or str(folder),
+        {"parameters": sum(p.numel() for p in net.parameters())},
+    )
 
 
 def _missing_in(folder: Path, groups: list[tuple[str, ...]]) -> list[str]:
@@ -240,8 +279,13 @@ class LatentDiffusionModel:
 
     def encode_prompt(self, prompts: list[str]):
         """Text-encoder hidden states (N, L, D) for prompts padded to the tokenizer's max length."""
-        tok = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
+        tok = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         return self.text_encoder(tok.input_ids.to(self.device))[0]
 
     def encode_images(self, images, sample: bool = False, generator=None):
@@ -254,13 +298,31 @@ class LatentDiffusionModel:
         """Images in [-1, 1] (float32) from scaled latents."""
         return self.vae.decode((latents / self.scaling_factor).to(self.dtype)).sample.float()
 
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler.config.get("prediction_type", "epsilon"))
+
     def eps(self, latents, t, embeddings):
-        """The UNet's noise prediction at diffusers timesteps ``t`` (int or (N,))."""
-        return self.unet(latents.to(self.dtype), t, encoder_hidden_states=embeddings.to(self.dtype)).sample.float()
+        """The UNet's noise prediction at diffusers timesteps ``t`` (int or (N,)); v- and x_0-predicting UNets
+        (SD 2.x 768-v) are converted to ε so samplers need one parametrisation."""
+        out = self.unet(latents.to(self.dtype), t, encoder_hidden_states=embeddings.to(self.dtype)).sample.float()
+        if self.prediction_type == "epsilon":
+            return out
+        from cfx_cli.diffusion import broadcast
+
+        ab = broadcast(self.alphas_cumprod, t, latents.float())
+        if self.prediction_type == "v_prediction":
+            return ab.sqrt() * out + (1 - ab).sqrt() * latents.float()
+        return (latents.float() - ab.sqrt() * out) / (1 - ab).sqrt()  # "sample": x_0 → ε
 
 
-def load_latent(folder: Path, device: str = "cpu", memory: MemoryOptions | None = None,
-                components: tuple[str, ...] = SD_COMPONENTS, source: str = "") -> LatentDiffusionModel:
+def load_latent(
+    folder: Path,
+    device: str = "cpu",
+    memory: MemoryOptions | None = None,
+    components: tuple[str, ...] = SD_COMPONENTS,
+    source: str = "",
+) -> LatentDiffusionModel:
     """Load Stable Diffusion 1.x/2.x components from a folder laid out as diffusers saves pipelines."""
     memory = memory or MemoryOptions()
     label = f"diffusers:{source or folder}"
@@ -298,8 +360,11 @@ def load_latent(folder: Path, device: str = "cpu", memory: MemoryOptions | None 
         if mod is not None:
             mod.to(device).eval().requires_grad_(False)
             (apply_to_text_encoder if name == "text_encoder" else apply_to_diffusers)(mod, memory)
-    model.info = {name: sum(p.numel() for p in getattr(model, name).parameters())
-                  for name in ("vae", "unet", "text_encoder") if getattr(model, name) is not None}
+    model.info = {
+        name: sum(p.numel() for p in getattr(model, name).parameters())
+        for name in ("vae", "unet", "text_encoder")
+        if getattr(model, name) is not None
+    }
     return model
 
 
@@ -314,13 +379,22 @@ def load_scheduler(folder: Path):
     return cls.from_pretrained(str(folder))
 
 
-def load_diffusers(spec: str, device: str = "cpu", memory: MemoryOptions | None = None,
-                   components: tuple[str, ...] | None = None):
+def load_diffusers(
+    spec: str, device: str = "cpu", memory: MemoryOptions | None = None, components: tuple[str, ...] | None = None
+):
     """``diffusers:PATH_OR_HUB_ID`` → ``PixelDiffusersModel`` or ``LatentDiffusionModel``."""
     patterns = None
     if looks_like_hub_id(spec):  # fetch only what cfx loads (no fp16/ckpt duplicates, no safety checker)
-        patterns = ["model_index.json", "*/config.json", "*/scheduler_config.json", "*/*.safetensors",
-                    "*/*.json", "*/*.txt", "config.json", "*.safetensors"]
+        patterns = [
+            "model_index.json",
+            "*/config.json",
+            "*/scheduler_config.json",
+            "*/*.safetensors",
+            "*/*.json",
+            "*/*.txt",
+            "config.json",
+            "*.safetensors",
+        ]
     folder = resolve_folder(spec, patterns)
     kind = folder_kind(folder)
     if kind == "pixel":

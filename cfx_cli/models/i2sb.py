@@ -23,13 +23,33 @@ from cfx_cli.models.adm.flags import ADMFlags, flags_from_mapping, load_flags
 from cfx_cli.models.memory import MemoryOptions
 
 BRIDGE_KEYS = ("interval", "beta_max", "t0", "T", "cond_x1", "ot_ode", "corrupt", "image_size")
-BRIDGE_DEFAULTS: dict[str, Any] = {"interval": 1000, "beta_max": 0.3, "t0": 1e-4, "T": 1.0, "cond_x1": False,
-                                   "ot_ode": True, "corrupt": None}
+BRIDGE_DEFAULTS: dict[str, Any] = {
+    "interval": 1000,
+    "beta_max": 0.3,
+    "t0": 1e-4,
+    "T": 1.0,
+    "cond_x1": False,
+    "ot_ode": True,
+    "corrupt": None,
+}
 # I2SB's network: ADM 256×256 unconditional flags (ckpt_util.create_argparser) with learn_sigma off
-I2SB_ADM_FLAGS = {"attention_resolutions": "32,16,8", "channel_mult": "", "class_cond": False, "dropout": 0.0,
-                  "image_size": 256, "learn_sigma": False, "num_channels": 256, "num_head_channels": 64,
-                  "num_heads": 4, "num_heads_upsample": -1, "num_res_blocks": 2, "resblock_updown": True,
-                  "use_fp16": False, "use_new_attention_order": False, "use_scale_shift_norm": True}
+I2SB_ADM_FLAGS = {
+    "attention_resolutions": "32,16,8",
+    "channel_mult": "",
+    "class_cond": False,
+    "dropout": 0.0,
+    "image_size": 256,
+    "learn_sigma": False,
+    "num_channels": 256,
+    "num_head_channels": 64,
+    "num_heads": 4,
+    "num_heads_upsample": -1,
+    "num_res_blocks": 2,
+    "resblock_updown": True,
+    "use_fp16": False,
+    "use_new_attention_order": False,
+    "use_scale_shift_norm": True,
+}
 
 
 @dataclass
@@ -74,8 +94,10 @@ class BridgeModel:
 
 def _options_from_pickle(path: Path, trust_pickle: bool) -> dict:
     if not trust_pickle:
-        raise UsageError(f"i2sb: {path} holds the bridge options as a pickle; pass --trust-pickle if you trust it, "
-                         "or write them as JSON beside the checkpoint (see docs/models.md)")
+        raise UsageError(
+            f"i2sb: {path} holds the bridge options as a pickle; pass --trust-pickle if you trust it, "
+            "or write them as JSON beside the checkpoint (see docs/models.md)"
+        )
     import pickle
 
     try:
@@ -116,8 +138,10 @@ def find_options(ckpt: Path, model_flags: str | None, trust_pickle: bool) -> tup
     pkl = ckpt.parent / "options.pkl"
     if pkl.is_file():
         return _options_from_pickle(pkl, trust_pickle), {}, str(pkl)
-    raise UsageError(f"i2sb:{ckpt}: no bridge options found: expected {ckpt.with_suffix('.json').name} or "
-                     "options.json (JSON, safe) or I2SB's options.pkl (with --trust-pickle) beside the checkpoint")
+    raise UsageError(
+        f"i2sb:{ckpt}: no bridge options found: expected {ckpt.with_suffix('.json').name} or "
+        "options.json (JSON, safe) or I2SB's options.pkl (with --trust-pickle) beside the checkpoint"
+    )
 
 
 def _state_from_checkpoint(obj: Any, path: Path, use_ema: bool) -> tuple[dict, list | None]:
@@ -129,12 +153,18 @@ def _state_from_checkpoint(obj: Any, path: Path, use_ema: bool) -> tuple[dict, l
     state = extract_state_dict(obj, path, keys=("net", "state_dict", "model"))
     for prefix in ("module.", "diffusion_model."):
         if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state, shadow
 
 
-def load_i2sb(path: str | Path, model_flags: str | None = None, device: str = "cpu", trust_pickle: bool = False,
-              memory: MemoryOptions | None = None, use_ema: bool = True) -> BridgeModel:
+def load_i2sb(
+    path: str | Path,
+    model_flags: str | None = None,
+    device: str = "cpu",
+    trust_pickle: bool = False,
+    memory: MemoryOptions | None = None,
+    use_ema: bool = True,
+) -> BridgeModel:
     import torch
 
     from cfx_cli.diffusion.bridge import BridgeSchedule
@@ -161,7 +191,9 @@ def load_i2sb(path: str | Path, model_flags: str | None = None, device: str = "c
     ema_used = False
     if shadow is not None:
         params = list(net.parameters())
-        if len(shadow) != len(params) or any(tuple(s.shape) != tuple(p.shape) for s, p in zip(shadow, params)):
+        if len(shadow) != len(params) or any(
+            tuple(s.shape) != tuple(p.shape) for s, p in zip(shadow, params, strict=True)
+        ):
             raise UsageError(f"i2sb checkpoint {path}: EMA shadow parameters do not match the network")
         with torch.no_grad():
             for p, s in zip(params, shadow, strict=True):
@@ -173,8 +205,16 @@ def load_i2sb(path: str | Path, model_flags: str | None = None, device: str = "c
     if dtype != torch.float32:
         net.convert_torso(dtype)
     apply_to_adm(net, memory)
-    bridge = BridgeSchedule.from_options(int(options["interval"]), float(options["beta_max"]),
-                                         float(options["t0"]), float(options["T"]))
-    return BridgeModel(net, bridge, options, flags, device, dtype, str(path),
-                       {"parameters": sum(p.numel() for p in net.parameters()), "ema": ema_used,
-                        "options_from": opt_source})
+    bridge = BridgeSchedule.from_options(
+        int(options["interval"]), float(options["beta_max"]), float(options["t0"]), float(options["T"])
+    )
+    return BridgeModel(
+        net,
+        bridge,
+        options,
+        flags,
+        device,
+        dtype,
+        str(path),
+        {"parameters": sum(p.numel() for p in net.parameters()), "ema": ema_used, "options_from": opt_source},
+    )

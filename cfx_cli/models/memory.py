@@ -69,7 +69,8 @@ def apply_to_diffusers(module, options: MemoryOptions) -> None:
 
 def apply_to_adm(net, options: MemoryOptions) -> None:
     """ADM UNet: checkpointing per ResBlock/AttentionBlock; ``sdpa`` swaps the einsum attention for
-    ``scaled_dot_product_attention`` (slicing = sdpa here: it never materialises the full attention matrix)."""
+    ``scaled_dot_product_attention`` (``slicing`` maps to sdpa too: PyTorch picks a memory-efficient kernel
+    where the device has one)."""
     if options.gradient_checkpointing:
         net.set_gradient_checkpointing(True)
     if options.attention in ("sdpa", "slicing"):

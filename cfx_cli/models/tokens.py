@@ -76,8 +76,11 @@ def save_tokens(path: str | Path, tokenizer, text_encoder, tokens: list[str]) ->
 
     weight = text_encoder.get_input_embeddings().weight
     ids = tokenizer.convert_tokens_to_ids(list(tokens))
-    save_file({t: weight[i].detach().float().cpu().contiguous() for t, i in zip(tokens, ids, strict=True)},
-              str(path), metadata={"format": "cfx-tokens", "tokens": ",".join(tokens)})
+    save_file(
+        {t: weight[i].detach().float().cpu().contiguous() for t, i in zip(tokens, ids, strict=True)},
+        str(path),
+        metadata={"format": "cfx-tokens", "tokens": ",".join(tokens)},
+    )
 
 
 def load_tokens(path: str | Path, tokenizer, text_encoder) -> list[str]:

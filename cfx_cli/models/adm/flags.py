@@ -15,12 +15,31 @@ from typing import Any
 from cfx_cli.errors import UsageError
 
 # Flags of guided-diffusion's scripts that do not change the network or the noise schedule.
-IGNORED_FLAGS = frozenset({
-    "batch_size", "num_samples", "use_ddim", "clip_denoised", "model_path", "classifier_path",
-    "classifier_scale", "lr", "weight_decay", "lr_anneal_steps", "microbatch", "ema_rate", "log_interval",
-    "save_interval", "resume_checkpoint", "fp16_scale_growth", "data_dir", "schedule_sampler", "output_path",
-    "gpus", "seed",
-})
+IGNORED_FLAGS = frozenset(
+    {
+        "batch_size",
+        "num_samples",
+        "use_ddim",
+        "clip_denoised",
+        "model_path",
+        "classifier_path",
+        "classifier_scale",
+        "lr",
+        "weight_decay",
+        "lr_anneal_steps",
+        "microbatch",
+        "ema_rate",
+        "log_interval",
+        "save_interval",
+        "resume_checkpoint",
+        "fp16_scale_growth",
+        "data_dir",
+        "schedule_sampler",
+        "output_path",
+        "gpus",
+        "seed",
+    }
+)
 
 
 @dataclass
@@ -58,8 +77,9 @@ class ADMFlags:
             return tuple(float(c) if "." in c else int(c) for c in self.channel_mult.split(","))
         defaults = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4), 64: (1, 2, 3, 4)}
         if self.image_size not in defaults:
-            raise UsageError(f"--model-flags: no default channel_mult for image_size {self.image_size}; "
-                             "pass --channel_mult")
+            raise UsageError(
+                f"--model-flags: no default channel_mult for image_size {self.image_size}; pass --channel_mult"
+            )
         return defaults[self.image_size]
 
     def attention_ds(self) -> tuple[int, ...]:
@@ -115,8 +135,7 @@ def flags_from_mapping(values: dict[str, Any], source: str = "--model-flags", ba
             continue
         setattr(flags, name, _convert(name, value, source))
     if unknown:
-        raise UsageError(f"{source}: unknown ADM flag(s) {', '.join(unknown)} "
-                         f"(known: {', '.join(sorted(_TYPES))})")
+        raise UsageError(f"{source}: unknown ADM flag(s) {', '.join(unknown)} (known: {', '.join(sorted(_TYPES))})")
     return flags
 
 

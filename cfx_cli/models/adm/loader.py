@@ -38,9 +38,13 @@ def build_unet(flags: ADMFlags):
 def build_diffusion(flags: ADMFlags, respacing: str | None = None) -> GaussianDiffusion:
     """The noise schedule the flags describe (``respacing`` overrides ``--timestep_respacing``)."""
     return GaussianDiffusion.from_config(
-        num_steps=flags.diffusion_steps, schedule=flags.noise_schedule,
-        respacing=flags.timestep_respacing if respacing is None else respacing, learn_sigma=flags.learn_sigma,
-        rescale_timesteps=flags.rescale_timesteps, predict_xstart=flags.predict_xstart)
+        num_steps=flags.diffusion_steps,
+        schedule=flags.noise_schedule,
+        respacing=flags.timestep_respacing if respacing is None else respacing,
+        learn_sigma=flags.learn_sigma,
+        rescale_timesteps=flags.rescale_timesteps,
+        predict_xstart=flags.predict_xstart,
+    )
 
 
 @dataclass
@@ -74,12 +78,25 @@ class ADMModel:
 
     def with_respacing(self, respacing: str) -> ADMModel:
         """The same network on a respaced schedule (e.g. DiME's 500 → 200 steps: ``"200"``)."""
-        return ADMModel(self.net, build_diffusion(self.flags, respacing), self.flags, self.device, self.dtype,
-                        self.source, dict(self.info))
+        return ADMModel(
+            self.net,
+            build_diffusion(self.flags, respacing),
+            self.flags,
+            self.device,
+            self.dtype,
+            self.source,
+            dict(self.info),
+        )
 
 
-def load_adm(path: str | Path, flags: str | dict | ADMFlags | None, device: str = "cpu", trust_pickle: bool = False,
-             memory: MemoryOptions | None = None, state_dict: dict | None = None) -> ADMModel:
+def load_adm(
+    path: str | Path,
+    flags: str | dict | ADMFlags | None,
+    device: str = "cpu",
+    trust_pickle: bool = False,
+    memory: MemoryOptions | None = None,
+    state_dict: dict | None = None,
+) -> ADMModel:
     """Load a guided-diffusion checkpoint (``.pt`` state dict, or ``.safetensors``) built with ``flags``.
 
     ``flags.use_fp16`` (or ``memory.precision``) converts the torso to half precision on GPU; on CPU the model
@@ -106,5 +123,12 @@ def load_adm(path: str | Path, flags: str | dict | ADMFlags | None, device: str 
     apply_to_adm(net, memory)
     if flags.use_checkpoint:
         net.set_gradient_checkpointing(True)
-    return ADMModel(net, build_diffusion(flags), flags, device, dtype, str(path),
-                    {"parameters": sum(p.numel() for p in net.parameters())})
+    return ADMModel(
+        net,
+        build_diffusion(flags),
+        flags,
+        device,
+        dtype,
+        str(path),
+        {"parameters": sum(p.numel() for p in net.parameters())},
+    )

@@ -35,8 +35,7 @@ def normalization(channels: int) -> GroupNorm32:
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding ``[cos(t f_i), sin(t f_i)]`` of (possibly fractional) timesteps, shape (N, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
-                      / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
     args = timesteps[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -89,15 +88,25 @@ class Downsample(nn.Module):
 
 
 class ResBlock(TimestepBlock):
-    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
-                 use_conv: bool = False, use_scale_shift_norm: bool = False, use_checkpoint: bool = False,
-                 up: bool = False, down: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        dropout: float,
+        out_channels: int | None = None,
+        use_conv: bool = False,
+        use_scale_shift_norm: bool = False,
+        use_checkpoint: bool = False,
+        up: bool = False,
+        down: bool = False,
+    ) -> None:
         super().__init__()
         self.out_channels = out_channels or channels
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
-                                       nn.Conv2d(channels, self.out_channels, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), nn.Conv2d(channels, self.out_channels, 3, padding=1)
+        )
         self.updown = up or down
         if up:
             self.h_upd, self.x_upd = Upsample(channels, False), Upsample(channels, False)
@@ -106,9 +115,14 @@ class ResBlock(TimestepBlock):
         else:
             self.h_upd = self.x_upd = nn.Identity()
         self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
-        self.out_layers = nn.Sequential(normalization(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
-                                        nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1))
+            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1),
+        )
         if self.out_channels == channels:
             self.skip_connection: nn.Module = nn.Identity()
         elif use_conv:
@@ -142,8 +156,14 @@ class ResBlock(TimestepBlock):
 class AttentionBlock(nn.Module):
     """Self-attention over spatial positions; ``qkv`` and ``proj_out`` are 1×1 Conv1d as in the checkpoints."""
 
-    def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
-                 use_checkpoint: bool = False, use_new_attention_order: bool = False) -> None:
+    def __init__(
+        self,
+        channels: int,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        use_checkpoint: bool = False,
+        use_new_attention_order: bool = False,
+    ) -> None:
         super().__init__()
         if num_head_channels == -1:
             self.num_heads = num_heads
@@ -189,12 +209,26 @@ class AttentionBlock(nn.Module):
 class ADMUNet(nn.Module):
     """The guided-diffusion ``UNetModel`` (2-D). ``attention_resolutions`` holds downsample rates (ds)."""
 
-    def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
-                 num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float = 0.0,
-                 channel_mult: Sequence[float] = (1, 2, 4, 8), conv_resample: bool = True,
-                 num_classes: int | None = None, use_checkpoint: bool = False, num_heads: int = 1,
-                 num_head_channels: int = -1, num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
-                 resblock_updown: bool = False, use_new_attention_order: bool = False) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        in_channels: int,
+        model_channels: int,
+        out_channels: int,
+        num_res_blocks: int,
+        attention_resolutions: Sequence[int],
+        dropout: float = 0.0,
+        channel_mult: Sequence[float] = (1, 2, 4, 8),
+        conv_resample: bool = True,
+        num_classes: int | None = None,
+        use_checkpoint: bool = False,
+        num_heads: int = 1,
+        num_head_channels: int = -1,
+        num_heads_upsample: int = -1,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        use_new_attention_order: bool = False,
+    ) -> None:
         super().__init__()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
@@ -205,18 +239,31 @@ class ADMUNet(nn.Module):
         self.num_classes = num_classes
         self.dtype = torch.float32
         time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
-                                        nn.Linear(time_embed_dim, time_embed_dim))
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, time_embed_dim)
 
         def res(ch_in: int, ch_out: int | None = None, **kw) -> ResBlock:
-            return ResBlock(ch_in, time_embed_dim, dropout, out_channels=ch_out, use_checkpoint=use_checkpoint,
-                            use_scale_shift_norm=use_scale_shift_norm, **kw)
+            return ResBlock(
+                ch_in,
+                time_embed_dim,
+                dropout,
+                out_channels=ch_out,
+                use_checkpoint=use_checkpoint,
+                use_scale_shift_norm=use_scale_shift_norm,
+                **kw,
+            )
 
         def attn(ch: int, heads: int) -> AttentionBlock:
-            return AttentionBlock(ch, num_heads=heads, num_head_channels=num_head_channels,
-                                  use_checkpoint=use_checkpoint, use_new_attention_order=use_new_attention_order)
+            return AttentionBlock(
+                ch,
+                num_heads=heads,
+                num_head_channels=num_head_channels,
+                use_checkpoint=use_checkpoint,
+                use_new_attention_order=use_new_attention_order,
+            )
 
         ch = input_ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])

@@ -1,0 +1,268 @@
+"""What the HTTP and subprocess classifier protocols share: spec options, PNG/base64 payloads,
+response validation and secret redaction.
+
+Wire format (DESIGN.md): requests are ``{"images": ["<base64 PNG>", ...]}``; answers are
+``{"probabilities": [[p0, p1, ...], ...]}`` with optional ``"labels"``, or ``{"error": "..."}``.
+``cfx serve`` also sends the optional ``"input_size": [H, W]`` so that clients can work at the
+model's resolution.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cfx_cli.errors import ClassifierError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+TOKEN_ENV = "CFX_HTTP_TOKEN"
+#: a trailing ``#key=value&key=value`` on a spec holds adapter options
+_OPTIONS_RE = re.compile(r"#([A-Za-z_][A-Za-z0-9_]*=[^&#]*(?:&[A-Za-z_][A-Za-z0-9_]*=[^&#]*)*)$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+# --------------------------------------------------------------------------- spec options
+@dataclass(frozen=True)
+class Option:
+    """One adapter option: settable as ``SPEC#name=value`` or through the environment variable ``env``."""
+
+    name: str
+    kind: str  # "float" | "int" | "bool" | "str" | "size" | "floats"
+    default: Any
+    help: str
+    env: str | None = None
+
+
+def split_options(spec: str) -> tuple[str, dict[str, str]]:
+    """``onnx:m.onnx#logits=1&size=32`` → (``onnx:m.onnx``, {"logits": "1", "size": "32"})."""
+    m = _OPTIONS_RE.search(spec)
+    if not m:
+        return spec, {}
+    raw: dict[str, str] = {}
+    for pair in m.group(1).split("&"):
+        key, value = pair.split("=", 1)
+        raw[key.lower()] = value
+    return spec[: m.start()], raw
+
+
+def resolve_options(spec: str, raw: Mapping[str, str], known: tuple[Option, ...],
+                    environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Spec options override environment variables, which override defaults; bad values are usage errors."""
+    environ = os.environ if environ is None else environ
+    by_name = {o.name: o for o in known}
+    unknown = sorted(set(raw) - set(by_name))
+    if unknown:
+        names = ", ".join(o.name for o in known) or "none"
+        raise UsageError(f"classifier {spec}: unknown option(s) {', '.join(unknown)} (known: {names})")
+    out: dict[str, Any] = {}
+    for opt in known:
+        if opt.name in raw:
+            text, where = raw[opt.name], f"option {opt.name}"
+        elif opt.env and environ.get(opt.env, "") != "":
+            text, where = environ[opt.env], f"environment variable {opt.env}"
+        else:
+            out[opt.name] = opt.default
+            continue
+        out[opt.name] = _convert(opt, text, f"classifier {spec}: {where}={text!r}")
+    return out
+
+
+def _convert(opt: Option, text: str, where: str) -> Any:
+    t = text.strip()
+    try:
+        if opt.kind == "bool":
+            if t.lower() in _TRUE:
+                return True
+            if t.lower() in _FALSE:
+                return False
+            raise ValueError("expected true or false")
+        if opt.kind == "int":
+            v = int(t)
+            if v < 0:
+                raise ValueError("must not be negative")
+            return v
+        if opt.kind == "float":
+            v = float(t)
+            if not v >= 0:
+                raise ValueError("must be a non-negative number")
+            return v
+        if opt.kind == "size":
+            parts = [int(p) for p in re.split(r"[x,]", t.lower())]
+            if len(parts) == 1:
+                parts *= 2
+            if len(parts) != 2 or min(parts) < 1:
+                raise ValueError("expected N or HxW")
+            return (parts[0], parts[1])
+        if opt.kind == "floats":
+            vals = [float(p) for p in t.split(",")]
+            if len(vals) not in (1, 3):
+                raise ValueError("expected 1 or 3 comma-separated numbers")
+            return tuple(vals * 3 if len(vals) == 1 else vals)
+        return t
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- images on the wire
+def encode_images(images: torch.Tensor) -> list[str]:
+    """(N, 3, H, W) float in [0, 1] → base64 PNGs (8-bit: cfx classifies 8-bit images throughout)."""
+    from PIL import Image
+
+    arr = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    out = []
+    for a in arr:
+        buf = io.BytesIO()
+        Image.fromarray((a * 255.0 + 0.5).astype(np.uint8)).save(buf, format="PNG", compress_level=1)
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+def decode_image(data: str, max_pixels: int | None = None) -> np.ndarray:
+    """A base64 PNG/JPEG → float32 RGB (H, W, 3) in [0, 1], decoded exactly as ``cfx`` decodes files."""
+    import binascii
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    from cfx_cli.images import MAX_PIXELS, _to_rgb_array
+
+    limit = max_pixels or MAX_PIXELS
+    if not isinstance(data, str):
+        raise ValueError(f"expected a base64 string, got {type(data).__name__}")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not valid base64") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(raw)) as img:
+                if img.size[0] * img.size[1] > limit:
+                    raise ValueError(f"image too large ({img.size[0]}×{img.size[1]})")
+                img.load()
+                return _to_rgb_array(img)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError("not a readable image") from None
+
+
+# --------------------------------------------------------------------------- answers
+def quote(text: str | bytes, limit: int = 200) -> str:
+    """A short, single-line excerpt of what a server or program sent, for error messages."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    text = " ".join(text.split())
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def error_text(body: bytes) -> str:
+    """The server's message: the ``error`` field of a JSON body, else the body itself (shortened)."""
+    try:
+        obj = json.loads(body)
+        if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+            return quote(obj["error"], 300)[1:-1]
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return quote(body, 300)[1:-1] or "(empty body)"
+
+
+def parse_answer(body: bytes | str, n_images: int, n_labels: int | None, source: str,
+                 logits: bool) -> tuple[torch.Tensor, list[str] | None, tuple[int, int] | None]:
+    """Validate a protocol answer → (probabilities (N, K), labels or None, input_size or None).
+
+    ``{"error": ...}`` and anything malformed raise :class:`ClassifierError` quoting what was wrong.
+    """
+    import torch
+
+    from cfx_cli.classifiers import check_probabilities
+
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ClassifierError(f"{source}: malformed response (not JSON): {quote(body)}") from None
+    if not isinstance(obj, dict):
+        raise ClassifierError(f"{source}: malformed response (expected a JSON object): {quote(str(obj))}")
+    if obj.get("error") is not None:
+        raise ClassifierError(f"{source}: {quote(str(obj['error']), 300)[1:-1]}")
+    probs = obj.get("probabilities")
+    if not isinstance(probs, list) or not all(isinstance(r, list) for r in probs):
+        raise ClassifierError(
+            f"{source}: malformed response (no \"probabilities\" list of rows): {quote(json.dumps(obj))}"
+        )
+    labels = obj.get("labels")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)
+                               or not labels):
+        raise ClassifierError(f"{source}: malformed response (\"labels\" must be a list of strings)")
+    size = obj.get("input_size")
+    if size is not None:
+        ok = isinstance(size, list) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)
+        size = (size[0], size[1]) if ok else None
+    try:
+        width = len(probs[0]) if probs else len(labels or [])
+        if any(len(r) != width for r in probs):
+            raise ValueError("rows of different lengths")
+        t = torch.tensor(probs, dtype=torch.float64).reshape(len(probs), width)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ClassifierError(f"{source}: malformed response (probabilities: {exc})") from None
+    if labels is not None and n_labels is not None and len(labels) != n_labels:
+        raise ClassifierError(f"{source}: answered {len(labels)} labels, expected {n_labels}")
+    if logits and t.numel():
+        t = torch.softmax(t, dim=1)
+    k = n_labels if n_labels is not None else (len(labels) if labels is not None else None)
+    return check_probabilities(t.float(), n_images, k, source), labels, size
+
+
+# --------------------------------------------------------------------------- secrets
+def redactor(*secrets: str | None) -> Callable[[str], str]:
+    """A function that removes every given secret (and its base64 form) from a text."""
+    values = [s for s in secrets if s]
+    values += [base64.b64encode(s.encode()).decode() for s in values]
+
+    def redact(text: str) -> str:
+        for s in values:
+            text = text.replace(s, "<redacted>")
+        return text
+
+    return redact
+
+
+def redact_url(url: str) -> str:
+    """Drop ``user:password@`` from a URL: run.json records the spec; credentials go in CFX_HTTP_TOKEN."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, "<redacted>@" + host, parts.path, parts.query, parts.fragment))
+
+
+def resize_batch(images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Resize (N, 3, H, W) to ``size`` as cfx resizes inputs (antialiased bicubic); no-op when it fits."""
+    import torch
+
+    from cfx_cli.images import resize
+
+    x = images.detach().float().cpu()
+    if size is None or tuple(x.shape[-2:]) == tuple(size) or len(x) == 0:
+        return x
+    arrays = [resize(a.permute(1, 2, 0).numpy(), size) for a in x]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def unknown_labels_error(spec: str) -> UsageError:
+    return UsageError(f"classifier {spec} does not name its classes; pass --labels FILE (one name per line) "
+                      "or use an index or auto as the target")

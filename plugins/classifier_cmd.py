@@ -1,0 +1,345 @@
+"""``cmd:COMMAND ARGS…``: a long-running program speaking the subprocess protocol (black-box).
+
+The command is split like a shell would (``shlex.split``) but run without one. cfx starts it once and,
+per batch, writes one JSON line ``{"images": [<base64 PNG>, ...]}`` to its stdin and reads one line
+``{"probabilities": [[...], ...], "labels": [...]?}`` or ``{"error": "..."}`` from its stdout. Anything
+the program prints to stderr is kept (last lines) and quoted in error messages.
+
+At start cfx sends an empty request (``{"images": []}``): the program must answer it (ideally with its
+``labels``). A program that crashes is restarted, at most ``restarts`` times in all; one that does not
+answer within ``timeout`` seconds is killed (and restarted for the next batch). Options after ``#`` or
+from the environment: ``#timeout=60&start_timeout=120&restarts=3&batch_size=64&logits=0&size=HxW``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shlex
+import subprocess
+import threading
+import weakref
+from collections import deque
+
+from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
+from cfx_cli.errors import ClassifierError, UsageError
+from cfx_cli.hookspecs import hookimpl
+
+STDERR_LINES = 20  # kept for error messages
+
+
+def cmd_options():
+    from cfx_cli.protocol import Option
+
+    return (
+        Option("timeout", "float", 60.0, "seconds to wait for the answer to a batch", env="CFX_CMD_TIMEOUT"),
+        Option("start_timeout", "float", 120.0, "seconds to wait for the answer to the first (empty) "
+                                                "request, while the program loads its model",
+               env="CFX_CMD_START_TIMEOUT"),
+        Option("restarts", "int", 3, "how many times in all a crashed or hung program is restarted",
+               env="CFX_CMD_RESTARTS"),
+        Option("batch_size", "int", 64, "most images in one request", env="CFX_CMD_BATCH_SIZE"),
+        Option("logits", "bool", None, "the program answers logits: softmax them (default false)"),
+        Option("size", "size", None, "resize inputs to N or HxW before sending (default: the program's "
+                                     "input_size field, else unchanged)"),
+    )
+
+
+class CmdAdapter(ClassifierAdapter):
+    name = "cmd"
+    schemes = ("cmd",)
+    summary = "long-running program over stdin/stdout JSON lines (black-box): cmd:python serve.py"
+
+    def load(self, spec: str, options: ClassifierOptions) -> Classifier:
+        return CmdClassifier(spec, options)
+
+
+class _Dead(Exception):
+    """The process is gone (crashed, or killed after a timeout)."""
+
+
+class _Process:
+    """One running instance of the program with reader threads for stdout (lines) and stderr (tail)."""
+
+    def __init__(self, argv: list[str], spec: str) -> None:
+        try:
+            self.popen = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, bufsize=0, close_fds=True)
+        except FileNotFoundError:
+            raise UsageError(f"classifier {spec}: command not found: {argv[0]}") from None
+        except PermissionError:
+            raise UsageError(f"classifier {spec}: {argv[0]}: permission denied (not executable?)") from None
+        except OSError as exc:
+            raise UsageError(f"classifier {spec}: cannot start {argv[0]}: {exc.strerror or exc}") from None
+        self.lines: queue.Queue[bytes | None] = queue.Queue()
+        self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
+        self._threads = [
+            threading.Thread(target=self._read_stdout, daemon=True, name="cfx-cmd-stdout"),
+            threading.Thread(target=self._read_stderr, daemon=True, name="cfx-cmd-stderr"),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _read_stdout(self) -> None:
+        for line in iter(self.popen.stdout.readline, b""):
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def _read_stderr(self) -> None:
+        for line in iter(self.popen.stderr.readline, b""):
+            self.stderr.append(line.decode("utf-8", "replace").rstrip())
+
+    def request(self, line: bytes, timeout: float | None) -> bytes:
+        """Send one line, return one answer line; raises :class:`_Dead` or :class:`TimeoutError`."""
+        failed: list[BaseException] = []
+
+        def write() -> None:  # in a thread: a program that stops reading must not block cfx forever
+            try:
+                self.popen.stdin.write(line)
+                self.popen.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                failed.append(exc)
+
+        writer = threading.Thread(target=write, daemon=True, name="cfx-cmd-stdin")
+        writer.start()
+        try:
+            answer = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError from None
+        if answer is None:
+            raise _Dead
+        return answer
+
+    def exit_code(self, wait: float = 2.0) -> int | None:
+        try:
+            return self.popen.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stderr_tail(self, wait: float = 0.5) -> str:
+        self._threads[1].join(timeout=wait)  # let the reader drain what the program wrote before dying
+        tail = [x for x in self.stderr if x.strip()][-5:]
+        return " | ".join(tail)[-600:]
+
+    def stop(self, grace: float = 2.0) -> None:
+        p = self.popen
+        if p.poll() is None:
+            try:
+                p.stdin.close()  # well-behaved programs exit at end of input
+            except OSError:
+                pass
+            try:
+                p.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+        for stream in (p.stdin, p.stdout, p.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _stop_quietly(proc: _Process) -> None:
+    try:
+        proc.stop(grace=1.0)
+    except Exception:
+        pass
+
+
+class CmdClassifier(Classifier):
+    def __init__(self, spec: str, options: ClassifierOptions) -> None:
+        from cfx_cli.protocol import TOKEN_ENV, redactor, resolve_options, split_options
+
+        base, raw = split_options(spec)
+        self.spec = spec
+        opts = resolve_options(spec, raw, cmd_options())
+        command = base.split(":", 1)[1].strip()
+        try:
+            self.argv = shlex.split(command)
+        except ValueError as exc:
+            raise UsageError(f"classifier {spec}: cannot split the command ({exc})") from None
+        if not self.argv:
+            raise UsageError(f"classifier {spec}: no command after cmd:")
+        if opts["batch_size"] < 1:
+            raise UsageError(f"classifier {spec}: batch_size must be at least 1")
+        self.timeout = opts["timeout"] or None
+        self.start_timeout = opts["start_timeout"] or None
+        self.max_restarts = opts["restarts"]
+        self.batch_size = opts["batch_size"]
+        self.returns_logits = bool(opts["logits"] if opts["logits"] is not None else options.logits)
+        self.input_size = opts["size"]
+        self.labels = list(options.labels or [])
+        self.labels_known = bool(self.labels)
+        self.restarts = 0
+        self.calls = 0
+        self._redact = redactor(os.environ.get(TOKEN_ENV))
+        self._lock = threading.Lock()
+        self._proc: _Process | None = None
+        self._finalizer = None
+        self._start()
+        self._probe()
+
+    # ----------------------------------------------------------------------- Classifier API
+    def predict_proba(self, images):
+        import torch
+
+        from cfx_cli.protocol import encode_images, resize_batch
+
+        x = resize_batch(images, self.input_size)
+        if len(x) == 0:
+            return torch.zeros(0, len(self.labels))
+        encoded = encode_images(x)
+        parts = [self._classify(encoded[i : i + self.batch_size])
+                 for i in range(0, len(encoded), self.batch_size)]
+        self.calls += len(x)
+        return torch.cat(parts)
+
+    def label_index(self, label: str) -> int:
+        from cfx_cli.protocol import unknown_labels_error
+
+        if not self.labels_known:
+            raise unknown_labels_error(self.spec)
+        return super().label_index(label)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                self._proc.stop()
+                self._proc = None
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
+
+    # ----------------------------------------------------------------------- process management
+    def _start(self) -> None:
+        self._proc = _Process(self.argv, self.spec)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        # never leave the program running when cfx exits without close() (e.g. a usage error)
+        self._finalizer = weakref.finalize(self, _stop_quietly, self._proc)
+
+    def _restart(self, why: str) -> None:
+        if self.restarts >= self.max_restarts:
+            raise ClassifierError(self._redact(
+                f"{self.spec}: {why}; not restarting it (restarted {self.restarts} times already, "
+                f"limit {self.max_restarts}: #restarts=N)"))
+        self.restarts += 1
+        self._start()
+
+    def _exchange(self, line: bytes, timeout: float | None) -> bytes:
+        """One request/answer on the running process; dead or hung processes raise ClassifierError."""
+        proc = self._proc
+        if proc is None or proc.popen.poll() is not None:
+            self._restart("the program is not running")
+            proc = self._proc
+        try:
+            return proc.request(line, timeout)
+        except TimeoutError:
+            proc.kill()
+            tail = proc.stderr_tail()
+            self._proc = None  # restarted (within the limit) for the next batch
+            raise ClassifierError(self._redact(
+                f"{self.spec}: no answer within {timeout:g}s; killed the program"
+                + (f" (stderr: {tail})" if tail else ""))) from None
+        except _Dead:
+            code = proc.exit_code()
+            tail = proc.stderr_tail()
+            self._proc = None
+            why = f"the program exited with code {code}" + (f" (stderr: {tail})" if tail else "")
+            raise _Dead(why) from None
+
+    def _request(self, payload: dict, timeout: float | None) -> bytes:
+        line = (json.dumps(payload) + "\n").encode()
+        with self._lock:
+            try:
+                return self._exchange(line, timeout)
+            except _Dead as first:
+                # A crash: restart (bounded) and try this batch once more.
+                self._restart(str(first))
+                try:
+                    return self._exchange(line, timeout)
+                except _Dead as second:
+                    raise ClassifierError(self._redact(f"{self.spec}: {second}")) from None
+
+    def _probe(self) -> None:
+        from cfx_cli.protocol import parse_answer, quote
+
+        try:
+            with self._lock:
+                answer = self._exchange(b'{"images": []}\n', self.start_timeout)
+        except _Dead as exc:
+            raise UsageError(self._redact(
+                f"classifier {self.spec}: {exc} when sent the start-up request {{\"images\": []}}")) from None
+        except ClassifierError as exc:
+            raise UsageError(self._redact(f"classifier {exc} (start-up request {{\"images\": []}})")) \
+                from None
+        try:
+            obj = json.loads(answer)
+        except ValueError:
+            self.close()
+            raise UsageError(self._redact(
+                f"classifier {self.spec}: answered {quote(answer)} to the start-up request, which is not a "
+                "JSON line of the protocol (the program must log to stderr, never to stdout)")) from None
+        if isinstance(obj, dict) and obj.get("error") is not None:
+            return  # it does not like empty batches: labels will come with the first answer
+        try:
+            _, labels, size = parse_answer(answer, 0, len(self.labels) if self.labels_known else None,
+                                           self.spec, self.returns_logits)
+        except ClassifierError as exc:
+            self.close()
+            raise UsageError(self._redact(f"classifier {exc} (start-up request)")) from None
+        self._learn(labels)
+        if self.input_size is None and size is not None:
+            self.input_size = size
+
+    def _learn(self, labels: list[str] | None, width: int | None = None) -> None:
+        if self.labels_known:
+            return
+        if labels:
+            self.labels = list(labels)
+        elif width is not None:
+            self.labels = [str(i) for i in range(width)]
+        else:
+            return
+        self.labels_known = True
+
+    def _classify(self, images: list[str]):
+        from cfx_cli.protocol import parse_answer
+
+        answer = self._request({"images": images}, self.timeout)
+        try:
+            known = len(self.labels) if self.labels_known else None
+            probs, labels, _ = parse_answer(answer, len(images), known, self.spec, self.returns_logits)
+        except ClassifierError as exc:
+            if not _is_json(answer):
+                # stdout is out of step with our requests (a stray print?): start afresh for the next batch
+                with self._lock:
+                    if self._proc is not None:
+                        self._proc.kill()
+                        self._proc = None
+            raise ClassifierError(self._redact(str(exc))) from None
+        self._learn(labels, probs.shape[1])
+        return probs
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
+@hookimpl
+def register_classifier_adapters(register):
+    register(CmdAdapter)
