@@ -82,6 +82,8 @@ def explain(
     workers: Annotated[int, typer.Option("--workers", help="Ray workers (actors), each loading the models once.")] = 2,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="GPUs reserved per Ray worker.")] = 0.0,
     shard: Annotated[str | None, typer.Option("--shard", help="Explain shard i of n (i/n, round-robin over the sorted inputs); combine with `cfx merge`.")] = None,
+    tokens: Annotated[str | None, typer.Option("--tokens", help="TIME: token file written by `cfx fit time`.")] = None,
+    fit_data: Annotated[str | None, typer.Option("--fit-data", help="TIME: fit the tokens now on this folder of training images.")] = None,
 ) -> None:
     """Explain every image: write counterfactuals and a manifest into a run directory."""
     from cfx_cli.params import parse_set_options
@@ -112,7 +114,7 @@ def explain(
         resume=resume, overwrite=overwrite, model=pick(model, "model"), model_flags=pick(model_flags, "model_flags"),
         labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(mask, "mask"), shard=shard,
         executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-        options={"debug": os.environ.get("CFX_DEBUG") == "1"},
+        options={"debug": os.environ.get("CFX_DEBUG") == "1", "tokens": tokens, "fit_data": fit_data},
     )
     summary = run_explain(req)
     c = summary.counts
@@ -123,6 +125,33 @@ def explain(
         f"{c['skipped']} skipped, {c['error']} errors ({summary.seconds:.1f}s) → {summary.run_dir}"
     )
     raise typer.Exit(summary.exit_code)
+
+
+fit_app = typer.Typer(help="Learning stages of methods that have one; each writes a reusable artifact.",
+                      no_args_is_help=True)
+app.add_typer(fit_app, name="fit")
+
+
+@fit_app.command("time")
+def fit_time(
+    data: Annotated[str, typer.Option("--data", help="Folder of training images (searched recursively).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Token file to write: FILE.safetensors + FILE.json.")],
+    classifier: Annotated[str | None, typer.Option(
+        "--classifier", "-c", help="Classifier spec (default: demo:digits); only its predictions are used.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="diffusers:SD_FOLDER_OR_ID or demo:NAME (default demo:latent, the embedded digits model).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Training setting KEY=VALUE, or preset=thesis|code|digits (see docs/methods/time.md).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing token file.")] = False,
+) -> None:
+    """TIME: learn context and per-class tokens from the classifier's predictions (textual inversion)."""
+    from cfx_plugins.time.cli import run_fit
+
+    run_fit(data=data, out=out, classifier=classifier, model=model, set_options=set_ or [], seed=seed,
+            device=device, labels_file=labels, trust_pickle=trust_pickle, overwrite=overwrite)
 
 
 @app.command("eval")

@@ -21,6 +21,7 @@ class Progress:
         self._last_line = 0.0
         self._rich = None
         self._task = None
+        self.info = ""  # e.g. the current loss, shown after the counts
 
     def __enter__(self) -> Progress:
         if self.interactive and self.total > 0:
@@ -31,16 +32,19 @@ class Progress:
             self._rich = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
                 console=Console(file=self.stream), transient=False,
             )
             self._rich.__enter__()
-            self._task = self._rich.add_task(self.description, total=self.total)
+            self._task = self._rich.add_task(self.description, total=self.total, info="")
         return self
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, info: str | None = None) -> None:
         self.done += n
+        if info is not None:
+            self.info = info
         if self._rich is not None:
-            self._rich.update(self._task, completed=self.done)
+            self._rich.update(self._task, completed=self.done, info=self.info)
             return
         now = time.monotonic()
         # plain mode: a line at most every 2 s, and always the last one
@@ -52,7 +56,8 @@ class Progress:
             pct = 100.0 * self.done / self.total if self.total else 100.0
             eta_s = f"{eta:.0f}s" if eta == eta else "?"
             print(f"{self.description}: {self.done}/{self.total} ({pct:.0f}%) "
-                  f"elapsed {elapsed:.0f}s eta {eta_s}", file=self.stream, flush=True)
+                  f"elapsed {elapsed:.0f}s eta {eta_s}" + (f" {self.info}" if self.info else ""),
+                  file=self.stream, flush=True)
 
     def __exit__(self, *exc) -> None:
         if self._rich is not None:

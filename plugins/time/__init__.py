@@ -1,0 +1,160 @@
+"""``time``: TIME, black-box counterfactuals with textual inversion and EDICT (thesis ch. 5).
+
+Fit once (``cfx fit time``): the classifier's predictions on a folder of training images are distilled into
+text tokens of a latent text-to-image model. Explain: invert the image with EDICT under the source-class
+prompt (the target-class prompt as negative guidance, eq. 5.11), denoise under the target-class prompt (the
+source as negative), decode and ask the classifier; images that did not flip are retried with the next
+(τ, w) of the schedule. Needs only the classifier's probabilities.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
+from cfx_cli.hookspecs import hookimpl
+from cfx_cli.params import Param
+
+from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS
+
+SMILE = "25:3,30:4,35:4,35:6"
+AGE = "30:4,30:6,35:4,35:6"
+# DEMO-FEASIBILITY.md: mild-first (τ, g) = (10,3)(15,3)(20,4)(25,4), i.e. w = g − 1
+DIGITS = "10:2,15:2,20:3,25:3"
+
+
+class Time(Explainer):
+    name = "time"
+    summary = "TIME: textual inversion + EDICT, black-box (thesis ch. 5); needs --tokens or --fit-data"
+    requires = frozenset()
+    params = (
+        Param("schedule", "str", SMILE, "(τ, w) attempts as TAU:W,...; an image stops at its first flip"),
+        Param("steps", "int", 50, "DDIM steps T of the full chain (τ of them are inverted)"),
+        Param("p", "float", 0.93, "EDICT mixing coefficient"),
+        Param("edict", "str", "exact", "exact: invertible level pairing; legacy: the published code's",
+              choices=("exact", "legacy")),
+        Param("fit_preset", "str", "", "with --fit-data: the `cfx fit time` preset (default: auto/thesis)"),
+        Param("fit_iterations", "int", 0, "with --fit-data: iterations per token set (0 = the preset's)"),
+    )
+    presets = {
+        "smile": {"schedule": SMILE},
+        "age": {"schedule": AGE},
+        "digits": {"schedule": DIGITS},
+    }
+    auto_presets = {"demo:digits": "digits"}
+    description = """
+Thesis chapter 5 (Jeanneret 2024). Tokens: 3 context tokens learned on all training images ("a <ctx>
+picture"), 3 tokens per class learned on the images the classifier predicts as that class ("a <ctx> picture
+with a <class>"); `cfx fit time --data DIR --classifier SPEC --out FILE` writes them (FILE.safetensors +
+FILE.json), `--tokens FILE` uses them, `--fit-data DIR` fits on the fly. Generation: VAE posterior mean
+× scaling; EDICT (p = 0.93) inversion over the first τ of T = 50 DDIM steps with ε = ε(neg) + g(ε(pos) −
+ε(neg)), g = 1 + w, positive = source prompt, negative = target prompt; denoising with the roles swapped;
+decode; resize to the classifier. Images that do not flip go on to the next (τ, w) of the schedule
+(smile: (25,3)(30,4)(35,4)(35,6); age: (30,4)(30,6)(35,4)(35,6)); params record the attempt used. Exact
+EDICT by default; edict=legacy reproduces the published code's level pairing (not exactly invertible).
+Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:latent (the default; the embedded demo).
+"""
+
+    def __init__(self, context: ExplainContext) -> None:
+        super().__init__(context)
+        from .generate import parse_schedule
+
+        parse_schedule(self.params["schedule"])  # a bad schedule is a usage error before any work
+        # model, tokens and their checks (or the on-the-fly fit) before the first image
+        self._gen = build_generator(context)
+
+    def _generator(self):
+        return self._gen
+
+    def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
+        import torch
+
+        from .generate import parse_schedule
+
+        p = self.params
+        schedule = parse_schedule(p["schedule"])
+        gen = self._generator()
+        clf = self.context.classifier
+        n = len(batch.ids)
+        size = tuple(batch.images.shape[-2:])
+        latents = gen.encode(batch.images)
+        outputs: list[Any] = [None] * n
+        nfe = [gen_nfe_encode() for _ in range(n)]
+        active = list(range(n))
+        for attempt, (tau, w) in enumerate(schedule, start=1):
+            if not active:
+                break
+            sel = torch.tensor(active)
+            src, tgt = batch.sources.cpu()[sel], batch.targets.cpu()[sel]
+            imgs = gen.counterfactuals(latents[sel], src, tgt, tau, w,
+                                       p["steps"], p["p"], p["edict"], size)
+            probs = clf.predict_proba(torch.round(imgs * 255) / 255)  # as the saved PNG will be
+            flipped = probs.argmax(1) == batch.targets.cpu()[sel]
+            still = []
+            for j, i in enumerate(active):
+                # 2 ε per EDICT step × 2 prompts × (τ up + τ down); decode; classify
+                nfe[i] += 8 * tau + 1 + 1
+                outputs[i] = ExplainOutput(
+                    counterfactual=imgs[j],
+                    params={"attempt": attempt, "tau": tau, "w": w, "steps": p["steps"], "p": p["p"],
+                            "edict": p["edict"], "flipped_at_attempt": bool(flipped[j])},
+                )
+                if not bool(flipped[j]):
+                    still.append(i)
+            active = still
+        for i, out in enumerate(outputs):
+            out.nfe = nfe[i]
+        return outputs
+
+
+def gen_nfe_encode() -> int:
+    return 1  # the VAE encoder pass
+
+
+def build_generator(context: ExplainContext):
+    """Load the model, then the tokens (--tokens FILE) or fit them on the fly (--fit-data DIR)."""
+    import sys
+
+    from cfx_cli.errors import UsageError
+    from cfx_cli.params import resolve_params
+
+    from . import tokens as T
+    from .components import load_latent_t2i
+    from .fit import fit_time_tokens, install_artifact
+    from .generate import TimeGenerator
+
+    opts = context.options
+    tokens_file, fit_data = opts.get("tokens"), opts.get("fit_data")
+    if not tokens_file and not fit_data:
+        raise UsageError("method time needs --tokens FILE (written by `cfx fit time`) or --fit-data DIR "
+                         "(fit the tokens now on a folder of training images)")
+    if tokens_file and fit_data:
+        raise UsageError("give either --tokens or --fit-data, not both")
+    clf = context.classifier
+    if tokens_file:
+        vectors, meta = T.load_artifact(tokens_file)
+        model_spec = context.model or meta.get("base_model")
+        model = load_latent_t2i(model_spec, context.device)
+        for note in T.check_artifact(meta, str(tokens_file), clf.labels, clf.spec, model.model_id,
+                                     model.embedding_dim):
+            print(f"note: {note}", file=sys.stderr)
+    else:
+        model = load_latent_t2i(context.model, context.device)
+        preset = context.params.get("fit_preset") or FIT_AUTO_PRESETS.get(model.model_id, "thesis")
+        overrides = {"preset": preset}
+        if context.params.get("fit_iterations"):
+            overrides["iterations"] = context.params["fit_iterations"]
+        fit_params = resolve_params("fit time", FIT_PARAMS, FIT_PRESETS, overrides)
+        print(f"note: fitting TIME tokens on {fit_data} (preset {preset!r}); `cfx fit time` saves them for "
+              "reuse", file=sys.stderr)
+        result = fit_time_tokens(fit_data, clf, model, fit_params)
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
+        vectors, meta = result.vectors, result.meta
+    install_artifact(model, vectors, meta)
+    return TimeGenerator(model, meta)
+
+
+@hookimpl
+def register_explainers(register):
+    register(Time)

@@ -1,0 +1,251 @@
+"""``cfx fit time``: distil a classifier into text tokens (thesis §5.3.2).
+
+1. Query the classifier on every training image (black-box: probabilities only) → predicted class.
+2. Context tokens (3): textual inversion on all images with the prompt "a <ctx> picture".
+3. Class tokens (3 per predicted class): textual inversion on the images predicted as that class with the
+   prompt "a <ctx> picture with a <class>", the context tokens frozen.
+
+Loss (eq. 5.5): ‖ε − ε_θ(√ᾱ_t z + √(1−ᾱ_t) ε, t, C)‖² with t uniform over the training steps and z a sample
+of the VAE posterior. Only the new embeddings are parameters (AdamW). All classes train in the same loop with
+``batch_size`` images each per iteration: the class tokens never meet in one prompt and Adam is element-wise,
+so this equals training each class on its own for ``iterations`` steps, in one pass over the network.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cfx_cli.errors import InputError, UsageError
+from cfx_cli.params import Param
+
+FIT_PARAMS = (
+    Param("iterations", "int", 800, "optimisation steps per token set (context, then the classes)"),
+    Param("lr", "float", 0.01, "AdamW learning rate"),
+    Param("weight_decay", "float", 1e-4, "AdamW weight decay"),
+    Param("batch_size", "int", 64, "images per iteration (per class in the class stage)"),
+    Param("micro_batch", "int", 8, "images per forward/backward pass (gradient accumulation above this)"),
+    Param("num_tokens", "int", 3, "tokens for the context and for each class"),
+    Param("context_init", "str", "picture", "word initialising the context tokens ('' = noise)"),
+    Param("class_init", "str", "picture", "word initialising the class tokens ('' = noise)"),
+    Param("context_prompt", "str", "a {context} picture", "prompt of the context stage"),
+    Param("class_prompt", "str", "a {context} picture with a {class}", "prompt of the class stage"),
+    Param("classify_batch", "int", 32, "images per classifier query (and per VAE encoding pass)"),
+)
+FIT_PRESETS: dict[str, dict[str, Any]] = {
+    # thesis §5.4: 800 iterations, lr 0.01, weight decay 1e-4, batch 64
+    "thesis": {"iterations": 800, "lr": 0.01, "weight_decay": 1e-4, "batch_size": 64},
+    # the authors' code: 3000 iterations at lr 1e-4 (batch and decay as in the thesis)
+    "code": {"iterations": 3000, "lr": 1e-4, "weight_decay": 1e-4, "batch_size": 64},
+    # the 16×16 demo (DEMO-FEASIBILITY.md: tokens from "digit", lr 5e-3). Its text encoder reads 8 tokens, so
+    # 2 tokens per set in prompts shaped like its training captions ("a handwritten digit three"); fewer,
+    # smaller steps so that fitting takes minutes on two CPU cores
+    "digits": {"iterations": 200, "lr": 5e-3, "batch_size": 16, "micro_batch": 64, "num_tokens": 2,
+               "context_init": "digit",
+               "class_init": "digit", "context_prompt": "a {context} digit",
+               "class_prompt": "a {context} digit {class}"},
+}
+#: preset chosen for a --model spec when the user names none (the demo model needs short prompts)
+FIT_AUTO_PRESETS = {"demo:latent": "digits"}
+
+
+@dataclass
+class FitResult:
+    vectors: dict[str, Any]
+    meta: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def scan_training_images(data: str, classifier, model, chunk: int, stream) -> tuple:
+    """Classify and encode every image under ``data``, ``chunk`` images at a time (memory stays bounded:
+    only predictions and the VAE posterior's mean/std are kept). → (ids, predicted, mean, std, skipped)."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from cfx_cli.images import decode, discover, resize, to_uint8
+    from cfx_cli.progress import Progress
+
+    if not Path(data).is_dir():
+        raise UsageError(f"--data {data}: not a folder of images")
+    items = discover([data])
+    if not items:
+        raise UsageError(f"--data {data}: no images found (looked for png, jpg, jpeg, bmp, webp)")
+    size, r = classifier.input_size, model.resolution
+    ids, preds, means, stds, skipped = [], [], [], [], []
+    with Progress("fit time: classify + encode", len(items), stream=stream) as bar:
+        for start in range(0, len(items), chunk):
+            clf_in, model_in = [], []
+            for it in items[start: start + chunk]:
+                try:
+                    arr = decode(it.path)
+                except InputError as exc:
+                    skipped.append(str(exc))
+                    continue
+                ids.append(it.id)
+                # what the classifier sees is quantised exactly as in `cfx explain`
+                q = to_uint8(resize(arr, size)).astype(np.float32) / 255.0
+                clf_in.append(torch.from_numpy(q).permute(2, 0, 1))
+                t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
+                if tuple(t.shape[-2:]) != (r, r):
+                    t = F.interpolate(t, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
+                model_in.append(t[0].clamp(0, 1))
+            if clf_in:
+                if size is None:  # size-agnostic classifier: each image at its own size
+                    p = [int(classifier.predict_proba(x[None].to(model.device)).argmax(1)) for x in clf_in]
+                    preds.append(torch.tensor(p))
+                else:
+                    preds.append(classifier.predict_proba(torch.stack(clf_in).to(model.device)).argmax(1).cpu())
+                with torch.no_grad():
+                    dist = model.vae.encode((torch.stack(model_in) * 2 - 1).to(model.device, model.vae.dtype))
+                means.append(dist.latent_dist.mean.float().cpu())
+                stds.append(dist.latent_dist.std.float().cpu())
+            bar.advance(len(items[start: start + chunk]))
+    if not ids:
+        raise UsageError(f"--data {data}: none of the {len(items)} images could be decoded ({skipped[0]})")
+    return ids, torch.cat(preds), torch.cat(means), torch.cat(stds), skipped
+
+
+def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, seed: int = 0,
+                    progress_stream=None) -> FitResult:
+    import torch
+
+    from cfx_cli.progress import Progress
+
+    from . import tokens as T
+
+    t_start = time.monotonic()
+    stream = progress_stream or sys.stderr
+    notes: list[str] = []
+    if params["num_tokens"] < 1 or params["iterations"] < 1 or params["batch_size"] < 1:
+        raise UsageError("cfx fit time: num_tokens, iterations and batch_size must be at least 1")
+    for key, needed in (("context_prompt", ("{context}",)), ("class_prompt", ("{context}", "{class}"))):
+        if not all(n in params[key] for n in needed):
+            raise UsageError(f"--set {key}={params[key]!r}: must contain {' and '.join(needed)}")
+
+    ids, predicted, mean, std, skipped = scan_training_images(data, classifier, model, params["classify_batch"],
+                                                              stream)
+    notes += [f"skipped {s}" for s in skipped]
+    labels = list(classifier.labels)
+    counts = {labels[k]: int((predicted == k).sum()) for k in range(len(labels))}
+    print(f"fit time: {len(ids)} images; classifier predictions: "
+          + ", ".join(f"{k} {v}" for k, v in counts.items()), file=stream)
+
+    gen = torch.Generator().manual_seed(seed)
+    dev = model.device
+    # the VAE posterior (mean, std) was cached by the scan; every step draws a fresh sample from it
+    n = params["num_tokens"]
+    ctx_names = T.context_token_names(n)
+    T.install_tokens(model, ctx_names, init_word=params["context_init"])
+    context = " ".join(ctx_names)
+
+    def stage(title: str, groups: list[tuple[list[int], str]], names: list[str]) -> list[float]:
+        """Train the rows of ``names``; groups = (image indices, prompt), one per token set."""
+        from cfx_cli.models.tokens import restore_rows, train_only_tokens
+
+        ids = model.tokenizer.convert_tokens_to_ids(list(names))
+        te = model.text_encoder
+        reference = te.get_input_embeddings().weight.detach().clone()
+        weight, handle = train_only_tokens(te, ids)
+        opt = torch.optim.AdamW([weight], lr=params["lr"], weight_decay=params["weight_decay"])
+        prompt_ids = model.tokenize([p for _, p in groups])
+        bs, mb = params["batch_size"], params["micro_batch"]
+        last = [float("nan")] * len(groups)
+        recent: list[float] = []
+        try:
+            with Progress(title, params["iterations"], stream=stream) as bar:
+                for _ in range(params["iterations"]):
+                    picks = [torch.tensor(idx)[torch.randint(len(idx), (bs,), generator=gen)]
+                             for idx, _ in groups]
+                    which = torch.cat([torch.full((bs,), g) for g in range(len(groups))])
+                    sel = torch.cat(picks)
+                    opt.zero_grad(set_to_none=True)
+                    total = 0.0
+                    per_group = torch.zeros(len(groups))
+                    for s in range(0, len(sel), mb):
+                        b_sel, b_grp = sel[s: s + mb], which[s: s + mb]
+                        eps0 = torch.randn(mean[b_sel].shape, generator=gen)
+                        z = (mean[b_sel] + std[b_sel] * eps0).to(dev) * model.scaling_factor
+                        noise = torch.randn(z.shape, generator=gen).to(dev)
+                        t = torch.randint(0, model.num_train_timesteps, (len(b_sel),), generator=gen)
+                        ab = model.alphas_cumprod[t].to(dev)[:, None, None, None]
+                        zt = ab.sqrt() * z + (1 - ab).sqrt() * noise
+                        text = te(prompt_ids[b_grp.to(dev)])[0]
+                        pred = model.unet_eps(zt, t.to(dev), text)
+                        err = (pred - noise).pow(2).flatten(1).mean(1)
+                        # mean over each token set's own images: its gradient is its own ε-MSE
+                        (err.sum() / bs).backward()
+                        total += float(err.detach().sum())
+                        per_group.index_add_(0, b_grp, err.detach().cpu())
+                    opt.step()
+                    restore_rows(te, reference, ids)  # AdamW's decay touches every row; keep the others
+                    last = (per_group / bs).tolist()
+                    recent = (recent + [total / len(sel)])[-20:]
+                    bar.advance(1, info=f"loss {sum(recent) / len(recent):.4f}")
+        finally:
+            handle.remove()
+            weight.requires_grad_(False)
+        return last
+
+    ctx_loss = stage("fit time: context tokens", [(list(range(len(ids))), params["context_prompt"]
+                                                   .format(context=context))], ctx_names)
+    class_tokens: dict[str, list[str]] = {}
+    groups, names = [], []
+    for k, label in enumerate(labels):
+        idx = (predicted == k).nonzero().flatten().tolist()
+        if not idx:
+            notes.append(f"no training image is predicted as {label!r}: no tokens for it (it cannot be a "
+                         "source or target)")
+            continue
+        cn = T.class_token_names(k, n)
+        T.install_tokens(model, cn, init_word=params["class_init"])
+        class_tokens[label] = cn
+        groups.append((idx, params["class_prompt"].format(context=context, **{"class": " ".join(cn)})))
+        names += cn
+    if not groups:
+        raise UsageError(f"--data {data}: the classifier predicted no class at all")
+    class_loss = stage(f"fit time: class tokens ({len(groups)} classes)", groups, names)
+
+    all_names = ctx_names + names
+    vecs = T.token_vectors(model, all_names)
+    vectors = {name: vecs[i] for i, name in enumerate(all_names)}
+    meta = {
+        "tokens": {"context": ctx_names, "classes": class_tokens},
+        "labels": labels,
+        "classifier": classifier.describe(),
+        "base_model": model.model_id,
+        "embedding_dim": model.embedding_dim,
+        "prompts": {"context": params["context_prompt"], "class": params["class_prompt"]},
+        "training": {
+            "settings": {k: params[k] for k in params},
+            "seed": seed,
+            "images": len(ids),
+            "predicted_counts": counts,
+            "final_loss": {"context": round(ctx_loss[0], 6),
+                           **{lab: round(v, 6) for lab, v in zip(class_tokens, class_loss, strict=True)}},
+            "seconds": round(time.monotonic() - t_start, 1),
+            "data": str(data),
+        },
+    }
+    return FitResult(vectors=vectors, meta=meta, notes=notes)
+
+
+def install_artifact(model, vectors: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Put fitted vectors into ``model``'s tokenizer/text encoder (tokens from an artifact or a fresh fit)."""
+    import torch
+
+    from . import tokens as T
+
+    names = list(meta["tokens"]["context"]) + [n for v in meta["tokens"]["classes"].values() for n in v]
+    present = [n for n in names if n in model.tokenizer.get_vocab()]
+    if present:  # a fit in this process installed them already: just set the rows
+        ids = model.tokenizer.convert_tokens_to_ids(present)
+        with torch.no_grad():
+            table = model.text_encoder.get_input_embeddings().weight
+            table[ids] = torch.stack([vectors[n] for n in present]).to(table)
+    rest = [n for n in names if n not in present]
+    if rest:
+        T.install_tokens(model, rest, vectors=torch.stack([vectors[n] for n in rest]).float())

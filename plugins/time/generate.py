@@ -1,0 +1,94 @@
+"""TIME's counterfactual step (thesis §5.3.3): encode → EDICT inversion (positive = source prompt,
+negative = target prompt) → EDICT denoising with the roles swapped → decode; batched over images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cfx_cli.diffusion.edict import edict_denoise, edict_invert, edict_timesteps, guided_eps_fn
+from cfx_cli.errors import CfxError, UsageError
+
+
+def parse_schedule(text: str) -> list[tuple[int, float]]:
+    """``"25:3,30:4"`` → [(25, 3.0), (30, 4.0)]: (τ inversion steps, w guidance) tried in turn."""
+    out = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        try:
+            tau, w = part.split(":")
+            out.append((int(tau), float(w)))
+        except ValueError:
+            raise UsageError(f"--set schedule={text!r}: expected TAU:W pairs separated by commas, "
+                             "e.g. 25:3,30:4") from None
+    if not out:
+        raise UsageError(f"--set schedule={text!r}: empty schedule")
+    return out
+
+
+class TimeGenerator:
+    """The frozen model with fitted tokens installed; prompt embeddings are computed once per class."""
+
+    def __init__(self, model, meta: dict[str, Any]) -> None:
+        self.model = model
+        self.meta = meta
+        self.labels = list(meta["labels"])
+        tokens = meta["tokens"]
+        self.context = " ".join(tokens["context"])
+        self.class_tokens = dict(tokens["classes"])
+        self._embeds: dict[int, Any] = {}
+
+    def prompt(self, k: int) -> str:
+        label = self.labels[k]
+        if label not in self.class_tokens:
+            raise CfxError(f"the TIME tokens have no class tokens for {label!r} (no training image was "
+                           "predicted as it when they were fitted)")
+        return self.meta["prompts"]["class"].format(context=self.context,
+                                                   **{"class": " ".join(self.class_tokens[label])})
+
+    def class_embeds(self, classes) -> Any:
+        import torch
+
+        missing = sorted({int(k) for k in classes} - set(self._embeds))
+        if missing:
+            with torch.no_grad():
+                out = self.model.encode_prompts([self.prompt(k) for k in missing])
+            self._embeds.update({k: out[i: i + 1] for i, k in enumerate(missing)})
+        return torch.cat([self._embeds[int(k)] for k in classes])
+
+    def encode(self, images):
+        """(N, 3, H, W) in [0, 1] → latents of the model's resolution."""
+        import torch
+        import torch.nn.functional as F
+
+        r = self.model.resolution
+        x = images.to(self.model.device, torch.float32)
+        if tuple(x.shape[-2:]) != (r, r):
+            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
+        with torch.no_grad():
+            return self.model.encode_images(x)
+
+    def counterfactuals(self, latents, sources, targets, tau: int, w: float, steps: int, p: float,
+                        mode: str, out_size: tuple[int, int]):
+        """One (τ, w) attempt for a batch; returns images (N, 3, *out_size) in [0, 1] on the CPU."""
+        import torch
+        import torch.nn.functional as F
+
+        m = self.model
+        if not 1 <= tau <= steps:
+            raise UsageError(f"schedule step τ={tau} must be between 1 and steps={steps}")
+        ts = edict_timesteps(steps, m.num_train_timesteps, m.steps_offset)[:tau]
+        ratio = m.num_train_timesteps // steps
+        src, tgt = self.class_embeds(sources.tolist()), self.class_embeds(targets.tolist())
+        g = 1.0 + w
+        with torch.no_grad():
+            z = latents.to(m.device)
+            x, y = edict_invert(z.clone(), z.clone(), guided_eps_fn(m.unet_eps, src, tgt, g), ts, ratio,
+                                m.alphas_cumprod, m.final_alpha_cumprod, p, mode=mode)
+            x, _ = edict_denoise(x, y, guided_eps_fn(m.unet_eps, tgt, src, g), ts, ratio, m.alphas_cumprod,
+                                 m.final_alpha_cumprod, p)
+            img = m.decode_latents(x).float()
+        if tuple(img.shape[-2:]) != tuple(out_size):
+            img = F.interpolate(img, size=tuple(out_size), mode="bilinear", align_corners=False,
+                                antialias=True)
+        return img.clamp(0, 1).cpu()
