@@ -3,11 +3,12 @@
 All three live under ``cfx_cli/demo/models/`` as diffusers ``save_pretrained`` folders (safetensors) and
 were trained on the demo digits (3×16×16, [-1, 1] inside the models) by ``scripts/train_demo_*.py``:
 
-- ``pixel-ddpm``: ``UNet2DModel`` ε-prediction, linear β schedule, 1000 steps (for DiME / ACE).
-- ``latent-t2i``: ``AutoencoderKL`` (16×16×3 ↔ 8×8×4), a word-level CLIP tokenizer of our own vocabulary,
+- ``pixel`` (``demo:pixel``): ``UNet2DModel`` ε-prediction, linear β schedule, 1000 steps (for DiME / ACE).
+- ``latent`` (``demo:latent``): ``AutoencoderKL`` (16×16×3 ↔ 8×8×4), a ``CLIPTokenizer`` over our own
+  word-level vocabulary,
   a small frozen random ``CLIPTextModel`` and a ``UNet2DConditionModel`` trained on captions such as
   "a handwritten digit three" (10% empty for classifier-free guidance); scaled-linear schedule.
-- ``inpaint-bridge``: an I2SB-style bridge (``UNet2DModel``) from masked digits to clean ones.
+- ``bridge`` (``demo:bridge``): an I2SB-style bridge (``UNet2DModel``) from masked digits to clean ones.
 
 diffusers/transformers are imported inside the functions so importing this module stays cheap.
 """
