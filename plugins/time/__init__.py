@@ -125,12 +125,21 @@ def build_generator(context: ExplainContext):
 
     opts = context.options
     tokens_file, fit_data = opts.get("tokens"), opts.get("fit_data")
+    clf = context.classifier
+    if not tokens_file and not fit_data and clf.spec == "demo:digits" and context.model in (None, "demo:latent"):
+        from cfx_cli.demo import DEMO_DIR
+
+        shipped = DEMO_DIR / "models" / "latent" / "time-tokens-digits"
+        if shipped.with_suffix(".safetensors").exists():
+            # the embedded demo ships tokens fitted by `cfx fit time` on its training digits
+            tokens_file = str(shipped)
+            print(f"note: using the demo's fitted TIME tokens {shipped.name} (demo:digits on demo:latent)",
+                  file=sys.stderr)
     if not tokens_file and not fit_data:
         raise UsageError("method time needs --tokens FILE (written by `cfx fit time`) or --fit-data DIR "
                          "(fit the tokens now on a folder of training images)")
     if tokens_file and fit_data:
         raise UsageError("give either --tokens or --fit-data, not both")
-    clf = context.classifier
     if tokens_file:
         vectors, meta = T.load_artifact(tokens_file)
         model_spec = context.model or meta.get("base_model")
