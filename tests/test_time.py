@@ -401,3 +401,18 @@ def subprocess_run(args):
     from tests.conftest import REPO
 
     return subprocess.run(args, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+@pytest.mark.slow
+def test_demo_runs_time_out_of_the_box_with_shipped_tokens(tmp_path):
+    """The embedded demo ships tokens fitted by `cfx fit time`, so no --tokens/--fit-data is needed."""
+    from conftest import run_cfx
+
+    from cfx_cli.demo import IMAGES_DIR
+
+    out = tmp_path / "run"
+    proc = run_cfx("explain", str(IMAGES_DIR), "--method", "time", "--out", str(out), "--batch-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert "demo's fitted TIME tokens" in proc.stderr
+    recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 16 and sum(r["status"] == "flipped" for r in recs) >= 13
