@@ -86,7 +86,8 @@ def export_ace(run_dir: str | Path, out: str | Path, experiment: str | None = No
         else:  # ACE's fallback: Σ_c |x − x_cf| scaled to [0, 255]
             d = np.abs(x - cf).sum(axis=2)
             d = (255 * d / d.max()) if d.max() > 0 else d
-            Image.fromarray(np.repeat(d[..., None], 3, axis=2).astype(np.uint8)).save(folder / "SM" / f"{name}.png")
+            sm = np.repeat(d[..., None], 3, axis=2).astype(np.uint8)
+            Image.fromarray(sm).save(folder / "SM" / f"{name}.png")
         diff = np.abs(x - cf)
         (folder / "Info" / f"{name}.txt").write_text(
             f"label: {src}\npred: {src}\ntarget: {tgt}\ncf pred: {cfl}\n"
@@ -147,7 +148,8 @@ def load_ace(folder: str | Path) -> list:
                     mask = None
                     if sm.exists():
                         m = load_png(sm)
-                        if np.isin(np.round(m * 255), (0, 255)).all():  # binary: a region mask, not a saliency map
+                        # binary: a region mask, not a saliency map
+                        if np.isin(np.round(m * 255), (0, 255)).all():
                             mask = sm.relative_to(root).as_posix()
                     records.append({
                         "id": ids.get(cf.stem, cf.stem), "source": str(orig), "status":

@@ -80,7 +80,6 @@ class COUT(Metric):
 
     def compute(self, run, context):
         import torch
-
         from cfx_plugins.nets.weights import int_option
 
         recs = run.explained()
@@ -103,8 +102,8 @@ class COUT(Metric):
                     raise MetricUnavailable(
                         f"labels {r['source_label']!r}/{r['target_label']!r} of {r['id']} are not classes of "
                         f"{clf.spec}") from None
-                x = torch.from_numpy(np.ascontiguousarray(run.image(r["original"]))).permute(2, 0, 1).float()
-                cf = torch.from_numpy(np.ascontiguousarray(run.image(r["counterfactual"]))).permute(2, 0, 1).float()
+                x, cf = (torch.from_numpy(np.ascontiguousarray(run.image(r[k]))).permute(2, 0, 1).float()
+                         for k in ("original", "counterfactual"))
                 unchanged += bool((x == cf).all())
                 scores.append(cout_score(predict, x, cf, s, t, steps))
         return {"cout": float(np.mean(scores)), "cout_unchanged": unchanged}

@@ -65,7 +65,6 @@ class SigmaL(Metric):
 
     def compute(self, run, context):
         import torch
-
         from cfx_plugins.nets import lpips
         from cfx_plugins.nets.weights import WeightsSpec, option, resolve
 
@@ -77,7 +76,8 @@ class SigmaL(Metric):
             raise MetricUnavailable(f"lpips_net={net!r}: expected vgg or alex")
         _, _, trunk_file, trunk_url = lpips.NETS[net]
         trunk = resolve(context, WeightsSpec("lpips_backbone", "CFX_LPIPS_BACKBONE", trunk_file, trunk_url))
-        lin = resolve(context, WeightsSpec("lpips_weights", "CFX_LPIPS_WEIGHTS", f"{net}.pth (v0.1)", lpips.LIN_URL))
+        lin = resolve(context, WeightsSpec("lpips_weights", "CFX_LPIPS_WEIGHTS", f"{net}.pth (v0.1)",
+                                           lpips.LIN_URL))
         model = lpips.load(net, trunk, lin).to(context.device)
 
         def distance(a, b):

@@ -50,7 +50,6 @@ class S3(Metric):
 
     def compute(self, run, context):
         import torch
-
         from cfx_plugins.nets.features import weights_tag
         from cfx_plugins.nets.resnet import SIMSIAM_FILE, SIMSIAM_URL, load_simsiam
         from cfx_plugins.nets.weights import WeightsSpec, resolve
@@ -58,7 +57,8 @@ class S3(Metric):
         recs = run.explained()
         if not recs:
             raise MetricUnavailable("no explained inputs in the run")
-        path = resolve(context, WeightsSpec("simsiam_weights", "CFX_SIMSIAM_WEIGHTS", SIMSIAM_FILE, SIMSIAM_URL))
+        path = resolve(context, WeightsSpec("simsiam_weights", "CFX_SIMSIAM_WEIGHTS", SIMSIAM_FILE,
+                                            SIMSIAM_URL))
         holder: dict = {}
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -74,14 +74,13 @@ class S3(Metric):
 
 class FaceVerification(Metric):
     name = "fva"
-    summary = "FS: VGGFace2 ResNet-50 cosine similarity of successful counterfactuals; FVA: share with FS > 0.5"
+    summary = "FS: VGGFace2 ResNet-50 cosine similarity, successful counterfactuals; FVA: share with FS > 0.5"
     needs = frozenset({"vggface2 weights"})
     default = False
     lower_is_better = False
 
     def compute(self, run, context):
         import torch
-
         from cfx_plugins.nets.features import weights_tag
         from cfx_plugins.nets.resnet import VGGFACE2_FILE, VGGFACE2_URL, load_vggface2
         from cfx_plugins.nets.weights import WeightsSpec, resolve

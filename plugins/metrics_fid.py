@@ -15,7 +15,6 @@ from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
 
 
-
 def _spec():
     from cfx_plugins.nets.inception import WEIGHTS_FILE, WEIGHTS_URL
     from cfx_plugins.nets.weights import WeightsSpec
@@ -140,7 +139,8 @@ class SFID(Metric):
         try:
             values = sfid_from_features(real, fake, flipped, splits, seed)
         except ValueError as exc:
-            raise MetricUnavailable(f"{exc} (run has {len(real)} inputs, {int(flipped.sum())} flipped)") from None
+            n_ok = int(flipped.sum())
+            raise MetricUnavailable(f"{exc} (run has {len(real)} inputs, {n_ok} flipped)") from None
         return {"sfid": float(np.mean(values)),
                 "sfid_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
                 "sfid_splits": len(values)}

@@ -81,13 +81,15 @@ def read_correlations(path: Path, attributes: list[str], query: str) -> np.ndarr
 
 class _Oracle:
     def __init__(self, run, context) -> None:
+        from cfx_plugins.nets.weights import option
+
         from cfx_cli.classifiers import ClassifierOptions, load_classifier
         from cfx_cli.errors import CfxError
-        from cfx_plugins.nets.weights import option
 
         spec = option(context, "oracle", "CFX_ORACLE")
         if not spec:
-            raise MetricUnavailable("needs an attribute oracle: --set oracle=SPEC (any classifier spec) or CFX_ORACLE")
+            raise MetricUnavailable(
+                "needs an attribute oracle: --set oracle=SPEC (any classifier spec) or CFX_ORACLE")
         self.activation = str(option(context, "oracle_activation", "CFX_ORACLE_ACTIVATION", "softmax"))
         if self.activation not in ("softmax", "sigmoid"):
             raise MetricUnavailable(f"oracle_activation={self.activation!r}: expected softmax or sigmoid")
@@ -98,8 +100,8 @@ class _Oracle:
         names = option(context, "oracle_attributes", "CFX_ORACLE_ATTRIBUTES")
         if names:
             p = Path(str(names))
-            names = ([x.strip() for x in p.read_text(encoding="utf-8").splitlines() if x.strip()] if p.is_file()
-                     else [x.strip() for x in str(names).split(",") if x.strip()])
+            lines = p.read_text(encoding="utf-8").splitlines() if p.is_file() else str(names).split(",")
+            names = [x.strip() for x in lines if x.strip()]
         self.attributes = list(names) if names else list(self.clf.labels)
         self.device = context.device
         self.run = run
@@ -112,7 +114,10 @@ class _Oracle:
             for start in range(0, len(relpaths), 32):
                 imgs = np.stack([self.run.image(p) for p in relpaths[start:start + 32]])
                 x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(self.device)
-                p = torch.sigmoid(self.clf.logits(x)) if self.activation == "sigmoid" else self.clf.predict_proba(x)
+                if self.activation == "sigmoid":
+                    p = torch.sigmoid(self.clf.logits(x))
+                else:
+                    p = self.clf.predict_proba(x)
                 out.append(p.detach().cpu().numpy())
         probs = np.concatenate(out)
         if probs.shape[1] != len(self.attributes):

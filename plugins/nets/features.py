@@ -43,7 +43,8 @@ def image_batches(run, relpaths: list[str], size: tuple[int, int] | None, batch_
             chunk = idx[start:start + batch_size]
             tensors = []
             for i in chunk:
-                t = torch.from_numpy(np.ascontiguousarray(run.image(relpaths[i]))).permute(2, 0, 1)[None].float()
+                img = np.ascontiguousarray(run.image(relpaths[i]))
+                t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
                 if size is not None and tuple(t.shape[-2:]) != tuple(size):
                     t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=antialias)
                 tensors.append(t)

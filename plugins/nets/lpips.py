@@ -14,8 +14,10 @@ from torch import nn
 # (trunk layout as (kind, args)..., indices after which a feature is taken, channels of those features)
 _VGG16 = [("conv", 3, 64), ("relu",), ("conv", 64, 64), ("relu",), ("pool2",),
           ("conv", 64, 128), ("relu",), ("conv", 128, 128), ("relu",), ("pool2",),
-          ("conv", 128, 256), ("relu",), ("conv", 256, 256), ("relu",), ("conv", 256, 256), ("relu",), ("pool2",),
-          ("conv", 256, 512), ("relu",), ("conv", 512, 512), ("relu",), ("conv", 512, 512), ("relu",), ("pool2",),
+          ("conv", 128, 256), ("relu",), ("conv", 256, 256), ("relu",), ("conv", 256, 256), ("relu",),
+          ("pool2",),
+          ("conv", 256, 512), ("relu",), ("conv", 512, 512), ("relu",), ("conv", 512, 512), ("relu",),
+          ("pool2",),
           ("conv", 512, 512), ("relu",), ("conv", 512, 512), ("relu",), ("conv", 512, 512), ("relu",)]
 _VGG16_TAPS = (3, 8, 15, 22, 29)
 _ALEX = [("conv", 3, 64, 11, 4, 2), ("relu",), ("pool3",), ("conv", 64, 192, 5, 1, 2), ("relu",), ("pool3",),
@@ -28,7 +30,8 @@ NETS = {
     "alex": (_ALEX, _ALEX_TAPS, "alexnet-owt-7be5be79.pth",
              "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
 }
-LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/tree/master/lpips/weights/v0.1 (also in the lpips wheel)"
+LIN_URL = ("https://github.com/richzhang/PerceptualSimilarity/tree/master/lpips/weights/v0.1 "
+           "(also inside the lpips wheel on PyPI)")
 
 
 def _layer(spec) -> nn.Module:
@@ -64,8 +67,9 @@ class LPIPS(nn.Module):
         channels = [self.features[i - 1].out_channels for i in taps]
         for i, c in enumerate(channels):
             setattr(self, f"lin{i}", _Lin(c))
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
+        shift, scale = torch.tensor([-0.030, -0.088, -0.188]), torch.tensor([0.458, 0.448, 0.450])
+        self.register_buffer("shift", shift.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", scale.view(1, 3, 1, 1), persistent=False)
 
     def _taps(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []
@@ -107,4 +111,5 @@ def resize_for(model: LPIPS, x: torch.Tensor) -> torch.Tensor:
     m = model.min_size()
     if min(x.shape[-2:]) >= m:
         return x
-    return F.interpolate(x, size=(max(m, x.shape[-2]), max(m, x.shape[-1])), mode="bilinear", align_corners=False)
+    size = (max(m, x.shape[-2]), max(m, x.shape[-1]))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

@@ -1,5 +1,6 @@
-"""Finding and reading metric weights: local files only, named by ``--set KEY=PATH`` or an environment
-variable; a missing file is a one-line :class:`MetricUnavailable` naming the file and where it is published."""
+"""Finding and reading metric weights: local files only, named by ``--set KEY=PATH`` or an
+environment variable; a missing file is a one-line :class:`MetricUnavailable` naming the file and
+where it is published."""
 
 from __future__ import annotations
 
