@@ -46,9 +46,26 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
-    if len(real) < 2 or len(fake) < 2:
+    """FID of two feature sets (rows are samples), exactly as from their unbiased Gaussian statistics.
+
+    With centred samples A (n1×D) and B (n2×D), Σ1 Σ2 = AᵀA BᵀB / c, c = (n1−1)(n2−1), whose non-zero
+    eigenvalues are those of (ABᵀ)(ABᵀ)ᵀ / c; so tr (Σ1 Σ2)^½ is the nuclear norm of ABᵀ / √c. When there are
+    fewer samples than dimensions (the usual case for counterfactual sets against 2048-d features) that is an
+    n1×n2 SVD instead of two D×D eigendecompositions; otherwise the covariance form is used.
+    """
+    real, fake = np.asarray(real, dtype=np.float64), np.asarray(fake, dtype=np.float64)
+    n1, n2 = len(real), len(fake)
+    if n1 < 2 or n2 < 2:
         raise ValueError("FID needs at least two images on each side")
-    return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
+    d = real.shape[1]
+    if min(n1, n2) >= d:
+        return frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
+    mu1, mu2 = real.mean(axis=0), fake.mean(axis=0)
+    a, b = real - mu1, fake - mu2
+    c = (n1 - 1) * (n2 - 1)
+    tr_covmean = float(np.linalg.svd(a @ b.T, compute_uv=False).sum()) / np.sqrt(c)
+    diff = mu1 - mu2
+    return float(diff @ diff + (a * a).sum() / (n1 - 1) + (b * b).sum() / (n2 - 1) - 2 * tr_covmean)
 
 
 def sfid_from_features(real: np.ndarray, fake: np.ndarray, flipped: np.ndarray, splits: int,
