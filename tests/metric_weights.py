@@ -26,7 +26,6 @@ def _he_init(module, seed: int) -> None:
 
 def inception_file(path: Path) -> Path:
     import torch
-
     from cfx_plugins.nets.inception import FIDInceptionV3
 
     net = FIDInceptionV3()
@@ -36,16 +35,16 @@ def inception_file(path: Path) -> Path:
 
 
 def simsiam_file(path: Path) -> Path:
-    """Like ``checkpoint_0099.pth.tar``: {"epoch", "arch", "state_dict": module.encoder.* + module.predictor.*}."""
+    """Like ``checkpoint_0099.pth.tar``: epoch, arch, state_dict (module.encoder.*, module.predictor.*)."""
     import torch
-    from torch import nn
-
     from cfx_plugins.nets.resnet import ResNet50, simsiam_projector
+    from torch import nn
 
     enc = ResNet50(fc=simsiam_projector())
     _he_init(enc, 1)
-    predictor = nn.Sequential(nn.Linear(2048, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(),
-                              nn.Linear(512, 2048))
+    predictor = nn.Sequential(
+        nn.Linear(2048, 512, bias=False), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 2048)
+    )
     state = {f"module.encoder.{k}": v for k, v in enc.state_dict().items()}
     state.update({f"module.predictor.{k}": v for k, v in predictor.state_dict().items()})
     torch.save({"epoch": 100, "arch": "resnet50", "state_dict": state}, path)
@@ -54,9 +53,8 @@ def simsiam_file(path: Path) -> Path:
 
 def vggface2_file(path: Path) -> Path:
     """Like ``resnet50_ft_weight.pkl``: a pickled dict of numpy arrays, no num_batches_tracked."""
-    from torch import nn
-
     from cfx_plugins.nets.resnet import ResNet50
+    from torch import nn
 
     net = ResNet50(caffe=True, fc=nn.Linear(2048, 8631))
     _he_init(net, 2)
@@ -69,7 +67,6 @@ def vggface2_file(path: Path) -> Path:
 def lpips_files(folder: Path, net: str = "vgg") -> tuple[Path, Path]:
     """A torchvision-layout trunk (``features.N.*`` plus an unused ``classifier.*``) and the lin layers."""
     import torch
-
     from cfx_plugins.nets.lpips import LPIPS
 
     model = LPIPS(net)
@@ -77,8 +74,10 @@ def lpips_files(folder: Path, net: str = "vgg") -> tuple[Path, Path]:
     trunk = {f"features.{k}": v for k, v in model.features.state_dict().items()}
     trunk["classifier.0.weight"] = torch.zeros(4, 4)
     g = torch.Generator().manual_seed(4)
-    lins = {f"lin{i}.model.1.weight": torch.rand(getattr(model, f"lin{i}").model[1].weight.shape, generator=g)
-            for i in range(5)}
+    lins = {
+        f"lin{i}.model.1.weight": torch.rand(getattr(model, f"lin{i}").model[1].weight.shape, generator=g)
+        for i in range(5)
+    }
     torch.save(trunk, folder / f"{net}-trunk.pth")
     torch.save(lins, folder / f"{net}-lin.pth")
     return folder / f"{net}-trunk.pth", folder / f"{net}-lin.pth"

@@ -7,14 +7,13 @@ import json
 
 import numpy as np
 import pytest
-from metric_weights import inception_file
-
 from cfx_plugins.metrics_fid import (
     fid_from_features,
     frechet_distance,
     gaussian_stats,
     sfid_from_features,
 )
+from metric_weights import inception_file
 
 
 def _scipy_fid(mu1, s1, mu2, s2):
@@ -53,7 +52,9 @@ def test_frechet_distance_closed_forms():
     assert ours == pytest.approx(frechet_distance(*gaussian_stats(a), *gaussian_stats(b)), rel=1e-6)
     # and with more samples than dimensions both paths agree as well
     a, b = rng.normal(size=(80, 6)), rng.normal(size=(90, 6)) * 2
-    assert fid_from_features(a, b) == pytest.approx(_scipy_fid(*gaussian_stats(a), *gaussian_stats(b)), rel=1e-6)
+    assert fid_from_features(a, b) == pytest.approx(
+        _scipy_fid(*gaussian_stats(a), *gaussian_stats(b)), rel=1e-6
+    )
 
 
 def test_sfid_split_protocol():
@@ -83,17 +84,19 @@ def test_sfid_split_protocol():
 @pytest.mark.slow
 def test_fid_inception_loads_published_layout_and_gives_pool3(tmp_path):
     import torch
-
     from cfx_plugins.nets.inception import load
 
     path = inception_file(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
     state = torch.load(path, weights_only=True)
     # a few keys and shapes of the published pytorch-fid file
-    for key, shape in {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_1a_3x3.bn.running_var": (32,),
-                       "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
-                       "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
-                       "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
-                       "fc.weight": (1008, 2048)}.items():
+    for key, shape in {
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+        "Conv2d_1a_3x3.bn.running_var": (32,),
+        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+        "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+        "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+        "fc.weight": (1008, 2048),
+    }.items():
         assert tuple(state[key].shape) == shape
     assert not any(k.startswith("AuxLogits") for k in state)
     net = load(path)
@@ -110,8 +113,12 @@ def test_fid_inception_loads_published_layout_and_gives_pool3(tmp_path):
 
 def test_missing_inception_weights_name_the_file(tmp_path, cfx, demo_images):
     run = tmp_path / "run"
-    assert cfx("explain", str(demo_images), "--method", "pgd", "--out", str(run), "--limit", "4").returncode == 0
-    proc = cfx("eval", str(run), "--metrics", "fid,sfid", "--format", "json", env={"CFX_INCEPTION_WEIGHTS": ""})
+    assert (
+        cfx("explain", str(demo_images), "--method", "pgd", "--out", str(run), "--limit", "4").returncode == 0
+    )
+    proc = cfx(
+        "eval", str(run), "--metrics", "fid,sfid", "--format", "json", env={"CFX_INCEPTION_WEIGHTS": ""}
+    )
     assert proc.returncode == 0, proc.stderr
     skipped = json.loads(proc.stdout)["runs"][0]["skipped"]
     assert "pt_inception-2015-12-05-6726825d.pth" in skipped["fid"]
@@ -125,16 +132,28 @@ def test_missing_inception_weights_name_the_file(tmp_path, cfx, demo_images):
 @pytest.mark.slow
 def test_fid_on_demo_run_matches_direct_computation_and_caches(tmp_path, cfx, demo_images):
     import torch
+    from cfx_plugins.nets.inception import load
 
     from cfx_cli.images import load_png
-    from cfx_plugins.nets.inception import load
 
     weights = inception_file(tmp_path / "inception.pth")
     run = tmp_path / "run"
     # 4 inputs (8 Inception passes at 299×299): enough for FID and for sFID's halves of two
-    assert cfx("explain", str(demo_images), "--method", "pgd", "--out", str(run), "--limit", "4").returncode == 0
-    args = ("eval", str(run), "--metrics", "fid,sfid", "--format", "json", "--set", f"inception_weights={weights}",
-            "--set", "sfid_splits=4")
+    assert (
+        cfx("explain", str(demo_images), "--method", "pgd", "--out", str(run), "--limit", "4").returncode == 0
+    )
+    args = (
+        "eval",
+        str(run),
+        "--metrics",
+        "fid,sfid",
+        "--format",
+        "json",
+        "--set",
+        f"inception_weights={weights}",
+        "--set",
+        "sfid_splits=4",
+    )
     proc = cfx(*args)
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)["runs"][0]
