@@ -80,6 +80,7 @@ class COUT(Metric):
 
     def compute(self, run, context):
         import torch
+        from cfx_plugins.nets.features import rgb
         from cfx_plugins.nets.weights import int_option
 
         recs = run.explained()
@@ -102,7 +103,7 @@ class COUT(Metric):
                     raise MetricUnavailable(
                         f"labels {r['source_label']!r}/{r['target_label']!r} of {r['id']} are not classes of "
                         f"{clf.spec}") from None
-                x, cf = (torch.from_numpy(np.ascontiguousarray(run.image(r[k]))).permute(2, 0, 1).float()
+                x, cf = (torch.from_numpy(rgb(run.image(r[k]))).permute(2, 0, 1).float()
                          for k in ("original", "counterfactual"))
                 unchanged += bool((x == cf).all())
                 scores.append(cout_score(predict, x, cf, s, t, steps))

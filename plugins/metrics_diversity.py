@@ -66,6 +66,7 @@ class SigmaL(Metric):
     def compute(self, run, context):
         import torch
         from cfx_plugins.nets import lpips
+        from cfx_plugins.nets.features import rgb
         from cfx_plugins.nets.weights import WeightsSpec, option, resolve
 
         groups = grouped_counterfactuals(seed_runs(run))
@@ -81,8 +82,8 @@ class SigmaL(Metric):
         model = lpips.load(net, trunk, lin).to(context.device)
 
         def distance(a, b):
-            ta = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)[None].float().to(context.device)
-            tb = torch.from_numpy(np.ascontiguousarray(b)).permute(2, 0, 1)[None].float().to(context.device)
+            ta = torch.from_numpy(rgb(a)).permute(2, 0, 1)[None].float().to(context.device)
+            tb = torch.from_numpy(rgb(b)).permute(2, 0, 1)[None].float().to(context.device)
             with torch.no_grad():
                 return float(model(lpips.resize_for(model, ta), lpips.resize_for(model, tb))[0])
 

@@ -108,11 +108,12 @@ class _Oracle:
 
     def on(self, relpaths: list[str]) -> np.ndarray:
         import torch
+        from cfx_plugins.nets.features import rgb
 
         out = []
         with torch.no_grad():
             for start in range(0, len(relpaths), 32):
-                imgs = np.stack([self.run.image(p) for p in relpaths[start:start + 32]])
+                imgs = np.stack([rgb(self.run.image(p)) for p in relpaths[start:start + 32]])
                 x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(self.device)
                 if self.activation == "sigmoid":
                     p = torch.sigmoid(self.clf.logits(x))

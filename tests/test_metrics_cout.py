@@ -20,9 +20,7 @@ def mean_red(x):
 def test_cout_hand_computed_tiny_case():
     x = torch.zeros(3, 2, 2)
     cf = torch.zeros(3, 2, 2)
-    cf[0] = torch.tensor(
-        [[1.0, 0.5], [0.0, 0.0]]
-    )  # inserted in the order 1.0, 0.5, then the unchanged pixels
+    cf[0] = torch.tensor([[1.0, 0.5], [0.0, 0.0]])  # inserted in the order 1.0, 0.5, then the unchanged pixels
     # 4 pixels, 4 steps → step 1; p1 curve 0, .25, .375, .375, .375; p0 = 1 − p1
     # AUPC(p1) = (0/2 + .25 + .375 + .375 + .375/2) / 4 = 0.296875; AUPC(p0) = 0.703125
     assert cout_score(mean_red, x, cf, source=0, target=1, steps=4) == pytest.approx(0.296875 - 0.703125)
@@ -84,11 +82,10 @@ def test_cout_known_answers_with_demo_classifier(demo_images):
     assert cout_score(clf.predict_proba, x, x.clone(), src, tgt) == 0.0
 
 
+@pytest.mark.slow
 def test_cout_on_demo_pgd_run(tmp_path, cfx, demo_images):
     run = tmp_path / "run"
-    assert (
-        cfx("explain", str(demo_images), "--method", "pgd", "--out", str(run), "--limit", "6").returncode == 0
-    )
+    assert cfx("explain", str(demo_images), "--method", "pgd", "--out", str(run), "--limit", "6").returncode == 0
     proc = cfx("eval", str(run), "--metrics", "cout,flip_rate", "--format", "json")
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)["runs"][0]
@@ -106,8 +103,7 @@ def test_cout_on_demo_pgd_run(tmp_path, cfx, demo_images):
             if r["status"] not in ("flipped", "not_flipped"):
                 continue
             x, cf = (
-                torch.from_numpy(load_png(run / r[k])).permute(2, 0, 1).float()
-                for k in ("original", "counterfactual")
+                torch.from_numpy(load_png(run / r[k])).permute(2, 0, 1).float() for k in ("original", "counterfactual")
             )
             vals.append(
                 _reference_cout(
@@ -121,3 +117,32 @@ def test_cout_on_demo_pgd_run(tmp_path, cfx, demo_images):
             )
     assert row["cout"] == pytest.approx(float(np.mean(vals)), abs=1e-5)
     assert row["cout"] > 0  # pgd flips these inputs: the target overtakes the source along the insertion
+
+
+def test_cout_and_features_accept_grey_images(tmp_path, demo_images):
+    """Folders written by other tools may hold greyscale PNGs: metrics see them as three equal channels."""
+    from cfx_plugins.metrics_cout import COUT
+    from cfx_plugins.nets.features import cached_features
+    from PIL import Image
+
+    from cfx_cli.classifiers import ClassifierOptions, load_classifier
+    from cfx_cli.metrics import MetricContext
+    from cfx_cli.runs import RunData
+
+    for name, src in (("o.png", "digit-00-label0.png"), ("c.png", "digit-03-label3.png")):
+        Image.open(demo_images / src).convert("L").save(tmp_path / name)
+    rec = {
+        "id": "a",
+        "status": "flipped",
+        "original": "o.png",
+        "counterfactual": "c.png",
+        "source_label": "0",
+        "target_label": "3",
+    }
+    run = RunData(tmp_path, {}, [rec])
+    clf = load_classifier("demo:digits", ClassifierOptions())
+    value = COUT().compute(run, MetricContext(_classifier_loader=lambda: clf))["cout"]
+    assert value > 0.2
+    feats = cached_features(run, ["o.png", "c.png"], "mean-rgb", lambda x: x.mean(dim=(2, 3)))
+    assert feats.shape == (2, 3) and np.allclose(feats[:, 0], feats[:, 2])
+    assert (tmp_path / ".cache" / "mean-rgb.npz").exists()

@@ -111,6 +111,7 @@ def test_fid_inception_loads_published_layout_and_gives_pool3(tmp_path):
         load(tmp_path / "other.pth")
 
 
+@pytest.mark.slow
 def test_missing_inception_weights_name_the_file(tmp_path, cfx, demo_images):
     run = tmp_path / "run"
     assert (

@@ -58,6 +58,7 @@ def test_read_correlations_json_and_annotation_csv(tmp_path):
         read_correlations(tmp_path / "attrs.csv", ["Smiling", "Beard"], "Smiling")
 
 
+@pytest.mark.slow
 def test_mnac_and_cd_on_demo_run_with_demo_oracle(tmp_path, cfx, demo_images):
     from cfx_cli.demo.data import load_split
 

@@ -45,6 +45,7 @@ def seeded_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_seeds_layout(seeded_run):
     ids = None
     for k, d in enumerate([seeded_run, seeded_run / "seeds" / "1", seeded_run / "seeds" / "2"]):
@@ -104,6 +105,7 @@ def test_sigma_l_pairs_seeds_by_id(seeded_run, tmp_path, cfx):
     assert "--seeds N" in single
 
 
+@pytest.mark.slow
 def test_background_mse_and_hardware(seeded_run, tmp_path, cfx):
     from cfx_cli.images import load_png, save_png
 

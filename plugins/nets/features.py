@@ -27,6 +27,12 @@ def _signature(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def rgb(img: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float32: grey images (e.g. folders in the ACE layout from other tools) get 3 channels."""
+    img = np.ascontiguousarray(img)
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
 def image_batches(run, relpaths: list[str], size: tuple[int, int] | None, batch_size: int,
                   antialias: bool = False):
     """Yield (indices, tensor (B, 3, H, W) in [0, 1]); images are resized to ``size`` when given, else
@@ -43,7 +49,7 @@ def image_batches(run, relpaths: list[str], size: tuple[int, int] | None, batch_
             chunk = idx[start:start + batch_size]
             tensors = []
             for i in chunk:
-                img = np.ascontiguousarray(run.image(relpaths[i]))
+                img = rgb(run.image(relpaths[i]))
                 t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
                 if size is not None and tuple(t.shape[-2:]) != tuple(size):
                     t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=antialias)
@@ -82,16 +88,18 @@ def cached_features(run, relpaths: list[str], cache_name: str, compute: Callable
 
 
 def _save(path: Path, cached: dict[str, tuple[str, np.ndarray]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     keys = sorted(cached)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, paths=np.array(keys), sigs=np.array([cached[k][0] for k in keys]),
                      feats=np.stack([cached[k][1] for k in keys]))
         os.replace(tmp, path)
-    except OSError:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass  # a read-only run directory: features are simply not cached
+    except OSError:  # e.g. a read-only run directory: the features are simply not cached
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
