@@ -162,7 +162,7 @@ def fit_time(
 @app.command("eval")
 def eval_(
     run_dirs: Annotated[list[str], typer.Argument(help="Run directories written by `cfx explain`.")],
-    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of metrics (default: the basic set).")] = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of metrics, or all (default: the basic set).")] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")] = "table",
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write to FILE instead of stdout.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
