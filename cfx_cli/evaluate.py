@@ -92,8 +92,9 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
         if "classifier" in cache:
             cache["classifier"].close()
         rows[name] = row
+    # folders in the ACE layout are not run directories: no RUN_DIR/eval.json for them
     return EvalResult(names, columns, rows, skipped, directions,
-                      {n: str(r.path) for n, r in zip(names, runs, strict=True)})
+                      {n: str(r.path) for n, r in zip(names, runs, strict=True) if layout == "cfx"})
 
 
 def save_eval_json(result: EvalResult, metric_names: str | None) -> list[str]:
@@ -105,6 +106,8 @@ def save_eval_json(result: EvalResult, metric_names: str | None) -> list[str]:
 
     problems = []
     for name in result.runs:
+        if name not in result.paths:
+            continue
         path = Path(result.paths[name])
         try:
             write_eval_json(path, result.rows[name], result.skipped.get(name, {}), result.lower_is_better,
