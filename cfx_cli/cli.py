@@ -84,6 +84,7 @@ def explain(
     shard: Annotated[str | None, typer.Option("--shard", help="Explain shard i of n (i/n, round-robin over the sorted inputs); combine with `cfx merge`.")] = None,
     tokens: Annotated[str | None, typer.Option("--tokens", help="TIME: token file written by `cfx fit time`.")] = None,
     fit_data: Annotated[str | None, typer.Option("--fit-data", help="TIME: fit the tokens now on this folder of training images.")] = None,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="N explanations per input, seeds SEED…SEED+N-1 (extra ones in RUN_DIR/seeds/K).")] = None,
 ) -> None:
     """Explain every image: write counterfactuals and a manifest into a run directory."""
     from cfx_cli.params import parse_set_options
@@ -93,7 +94,7 @@ def explain(
     get_registry()  # one-line warnings for broken plugins, before any work
     cfg = _load_config(config)
     known_cfg = {"method", "target", "classifier", "out", "batch_size", "seed", "device", "limit", "model",
-                 "model_flags", "labels", "mask", "params"}
+                 "model_flags", "labels", "mask", "params", "seeds"}
     unknown = set(cfg) - known_cfg
     if unknown:
         raise UsageError(f"--config {config}: unknown keys {', '.join(sorted(unknown))}")
@@ -115,16 +116,20 @@ def explain(
         labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(mask, "mask"), shard=shard,
         executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
         options={"debug": os.environ.get("CFX_DEBUG") == "1", "tokens": tokens, "fit_data": fit_data},
+        seeds=int(pick(seeds, "seeds", 1)),
     )
-    summary = run_explain(req)
-    c = summary.counts
-    for err in summary.errors:
-        typer.echo(f"error: {err}", err=True)
-    typer.echo(
-        f"{sum(c.values())} inputs: {c['flipped']} flipped, {c['not_flipped']} not flipped, "
-        f"{c['skipped']} skipped, {c['error']} errors ({summary.seconds:.1f}s) → {summary.run_dir}"
-    )
-    raise typer.Exit(summary.exit_code)
+    from cfx_cli.pipeline import run_explain_seeds
+
+    summaries = run_explain_seeds(req) if req.seeds != 1 else [run_explain(req)]
+    for summary in summaries:
+        c = summary.counts
+        for err in summary.errors:
+            typer.echo(f"error: {err}", err=True)
+        typer.echo(
+            f"{sum(c.values())} inputs: {c['flipped']} flipped, {c['not_flipped']} not flipped, "
+            f"{c['skipped']} skipped, {c['error']} errors ({summary.seconds:.1f}s) → {summary.run_dir}"
+        )
+    raise typer.Exit(max(s.exit_code for s in summaries))
 
 
 fit_app = typer.Typer(help="Learning stages of methods that have one; each writes a reusable artifact.",
@@ -157,10 +162,13 @@ def fit_time(
 @app.command("eval")
 def eval_(
     run_dirs: Annotated[list[str], typer.Argument(help="Run directories written by `cfx explain`.")],
-    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of metrics (default: the basic set).")] = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma list of metrics, or all (default: the basic set).")] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table, json or csv.")] = "table",
     output: Annotated[str | None, typer.Option("--output", "-o", help="Write to FILE instead of stdout.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Metric option KEY=VALUE, e.g. inception_weights=PATH (see docs/metrics.md).")] = None,
+    layout: Annotated[str, typer.Option("--layout", help="cfx (run directories) or ace (ACE/DiME folders).")] = "cfx",
 ) -> None:
     """Compute metrics for one or more runs, side by side; also saves each run's RUN_DIR/eval.json,
     which `cfx report` shows."""
@@ -169,7 +177,13 @@ def eval_(
 
     if fmt not in ("table", "json", "csv"):
         raise UsageError(f"--format {fmt!r}: expected table, json or csv")
-    result = evaluate(run_dirs, metrics, device=resolve_device(device))
+    options = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    result = evaluate(run_dirs, metrics, device=resolve_device(device), options=options, layout=layout)
     for problem in save_eval_json(result, metrics):
         typer.echo(f"warning: {problem}", err=True)
     text = render(result, fmt)
@@ -214,6 +228,23 @@ def report(
 
     path = build_report(run_dirs, output)
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="Run directory written by `cfx explain`.")],
+    out: Annotated[str, typer.Argument(help="Folder to write.")],
+    layout: Annotated[str, typer.Option("--layout", help="Folder layout to write: ace (ACE/DiME evaluation scripts).")] = "ace",
+    experiment: Annotated[str | None, typer.Option("--experiment", help="Results/EXP name (default: the method).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT/Results/EXP if it exists.")] = False,
+) -> None:
+    """Write a run in another tool's folder layout (ACE/DiME: Original/, Results/EXP/{CC,IC}/{CCF,ICF}/)."""
+    from cfx_cli.export import export_ace
+
+    if layout != "ace":
+        raise UsageError(f"--layout {layout!r}: expected ace")
+    exp_dir, n = export_ace(run_dir, out, experiment, overwrite)
+    typer.echo(f"wrote {n} explanations → {exp_dir}")
 
 
 @app.command()

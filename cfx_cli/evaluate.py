@@ -25,6 +25,8 @@ def select_metrics(names: str | None) -> list[tuple[str, type]]:
     metrics = get_registry().metrics
     if not names:
         return [(n, cls) for n, (cls, _) in metrics.items() if cls.default]
+    if names.strip() == "all":  # every installed metric; those that cannot run are skipped with a reason
+        return [(n, cls) for n, (cls, _) in sorted(metrics.items())]
     chosen = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if name not in metrics:
@@ -33,14 +35,26 @@ def select_metrics(names: str | None) -> list[tuple[str, type]]:
     return chosen
 
 
-def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
-             options: dict | None = None) -> EvalResult:
-    from cfx_cli.metrics import MetricContext
+def load_runs(run_dirs: list[str], layout: str = "cfx") -> list:
+    """Run directories (``cfx``) or ACE-layout folders (``ace``: one run per Results/EXP)."""
     from cfx_cli.runs import RunData
 
+    if layout == "cfx":
+        return [RunData.load(p) for p in run_dirs]
+    if layout == "ace":
+        from cfx_cli.export import load_ace
+
+        return [run for p in run_dirs for run in load_ace(p)]
+    raise UsageError(f"--layout {layout!r}: expected cfx or ace")
+
+
+def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
+             options: dict | None = None, layout: str = "cfx") -> EvalResult:
+    from cfx_cli.metrics import MetricContext
+
     chosen = select_metrics(metric_names)
-    runs = [RunData.load(p) for p in run_dirs]
-    names = _unique_names([str(r.path) for r in runs])
+    runs = load_runs(run_dirs, layout)
+    names = _unique_names([str(r.path / getattr(r, "display_name", "")) for r in runs])
     columns: list[str] = ["n", "flipped"]
     rows: dict[str, dict[str, Any]] = {}
     skipped: dict[str, dict[str, str]] = {}
@@ -53,7 +67,8 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
             if "classifier" not in _cache:
                 from cfx_cli.classifiers import ClassifierOptions, load_classifier
 
-                spec = (_run.info.get("classifier") or {}).get("spec")
+                # --set classifier=SPEC overrides the run's own (e.g. for folders in the ACE layout)
+                spec = (options or {}).get("classifier") or (_run.info.get("classifier") or {}).get("spec")
                 if not spec:
                     raise MetricUnavailable("run.json does not name the classifier")
                 try:
@@ -77,8 +92,9 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
         if "classifier" in cache:
             cache["classifier"].close()
         rows[name] = row
+    # folders in the ACE layout are not run directories: no RUN_DIR/eval.json for them
     return EvalResult(names, columns, rows, skipped, directions,
-                      {n: str(r.path) for n, r in zip(names, runs, strict=True)})
+                      {n: str(r.path) for n, r in zip(names, runs, strict=True) if layout == "cfx"})
 
 
 def save_eval_json(result: EvalResult, metric_names: str | None) -> list[str]:
@@ -90,6 +106,8 @@ def save_eval_json(result: EvalResult, metric_names: str | None) -> list[str]:
 
     problems = []
     for name in result.runs:
+        if name not in result.paths:
+            continue
         path = Path(result.paths[name])
         try:
             write_eval_json(path, result.rows[name], result.skipped.get(name, {}), result.lower_is_better,
@@ -102,7 +120,7 @@ def save_eval_json(result: EvalResult, metric_names: str | None) -> list[str]:
 def _unique_names(paths: list[str]) -> list[str]:
     from pathlib import Path
 
-    names = [Path(p).name for p in paths]
+    names = [Path(p).name for p in paths]  # e.g. "ace-out/pgd" → "pgd"
     if len(set(names)) == len(names):
         return names
     return paths

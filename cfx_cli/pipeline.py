@@ -46,6 +46,7 @@ class ExplainRequest:
     workers: int = 2  # Ray actors
     gpus_per_worker: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
+    seeds: int = 1  # --seeds N: N explanations per input (RUN_DIR, then RUN_DIR/seeds/K with seed + K)
 
 
 @dataclass
@@ -195,6 +196,7 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         "classifier": classifier.describe(),
         "model": req.model,
         "seed": req.seed,
+        "seeds": req.seeds,
         "batch_size": req.batch_size,
         "device": device,
         "device_name": describe_device(device),
@@ -325,6 +327,25 @@ def _check_resume_matches(out: Path, method: str, params: dict, spec: str) -> No
             f"--resume: {out} was made with a different {' and '.join(what)}; resume with the same options, "
             "or use --overwrite or another --out"
         )
+
+
+SEEDS_DIR = "seeds"
+
+
+def run_explain_seeds(req: ExplainRequest, progress_stream=None) -> list[ExplainSummary]:
+    """``--seeds N``: the run with ``req.seed`` in RUN_DIR as usual, then one complete run per extra seed in
+    ``RUN_DIR/seeds/K`` (K = 1 … N−1, run seed ``req.seed + K``), each a run directory of its own with the
+    same ids, so diversity metrics pair counterfactuals by id."""
+    from dataclasses import replace
+
+    if req.seeds < 1:
+        raise UsageError(f"--seeds {req.seeds}: must be at least 1")
+    first = run_explain(req, progress_stream)
+    summaries = [first]
+    for k in range(1, req.seeds):
+        sub = replace(req, out=str(Path(first.run_dir) / SEEDS_DIR / str(k)), seed=req.seed + k, seeds=1)
+        summaries.append(run_explain(sub, progress_stream))
+    return summaries
 
 
 def _safe_name(text: str) -> str:

@@ -34,6 +34,8 @@ class TargetProb(Metric):
         recs = run.explained()
         if not recs:
             raise MetricUnavailable("no explained inputs in the run")
+        if any(r.get("target_prob_before") is None or r.get("target_prob_after") is None for r in recs):
+            raise MetricUnavailable("the run records no probabilities (e.g. a folder in the ACE layout)")
         return {"target_prob_before": _mean([r["target_prob_before"] for r in recs]),
                 "target_prob_after": _mean([r["target_prob_after"] for r in recs])}
 
@@ -67,7 +69,9 @@ class Efficiency(Metric):
         if not recs:
             raise MetricUnavailable("no timed explanations in the run")
         return {"seconds": _mean([r["seconds"] for r in recs]),
-                "nfe": _mean([r["nfe"] for r in recs if r.get("nfe") is not None])}
+                "nfe": _mean([r["nfe"] for r in recs if r.get("nfe") is not None]),
+                # the hardware the seconds were measured on (run.json device_name, else device)
+                "hardware": run.info.get("device_name") or run.info.get("device")}
 
 
 @hookimpl
