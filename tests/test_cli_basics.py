@@ -107,3 +107,16 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     command = "bash setup.sh --dev && .venv/bin/python -m pytest"
     assert command in readme and command in ci
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject lists packages explicitly (plugins/ is mapped to cfx_plugins): a missing one breaks wheels."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for root, name in ((REPO / "cfx_cli", "cfx_cli"), (REPO / "plugins", "cfx_plugins")):
+        for init in root.rglob("__init__.py"):
+            rel = init.parent.relative_to(root).parts
+            found.add(".".join((name, *rel)))
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
