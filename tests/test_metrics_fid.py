@@ -175,3 +175,42 @@ def test_fid_on_demo_run_matches_direct_computation_and_caches(tmp_path, cfx, de
     assert row["sfid_splits"] == 4 and row["sfid"] > 0 and row["sfid_std"] >= 0
     again = json.loads(cfx(*args).stdout)["runs"][0]  # served from the cache
     assert again["fid"] == pytest.approx(row["fid"], rel=1e-9) and again["sfid"] == pytest.approx(row["sfid"])
+
+
+def test_fid_equals_torchmetrics_on_the_same_images_and_weights(tmp_path, cfx, demo_images):
+    """Independent check of the whole FID computation: torchmetrics' FrechetInceptionDistance, given cfx's
+    Inception (random weights in the published layout) as its feature extractor, on the run's images."""
+    import torch
+
+    torchmetrics_fid = pytest.importorskip("torchmetrics.image.fid", reason="torchmetrics is in the dev extra")
+    from cfx_plugins.nets.inception import load
+
+    from cfx_cli.images import load_png
+
+    weights = inception_file(tmp_path / "inception.pth")
+    run = tmp_path / "run"
+    assert cfx("explain", str(demo_images), "--method", "pgd", "--out", str(run), "--limit", "6").returncode == 0
+    proc = cfx("eval", str(run), "--metrics", "fid", "--format", "json", "--set", f"inception_weights={weights}")
+    assert proc.returncode == 0, proc.stderr
+    ours = json.loads(proc.stdout)["runs"][0]["fid"]
+
+    net = load(weights).eval()
+
+    class Features(torch.nn.Module):
+        num_features = 2048
+
+        def forward(self, x):
+            return net(x.float())
+
+    tm = torchmetrics_fid.FrechetInceptionDistance(feature=Features(), normalize=True)
+    recs = [json.loads(x) for x in (run / "manifest.jsonl").read_text().splitlines()]
+
+    def batch(key, only_flipped=False):
+        imgs = [load_png(run / r[key]) for r in recs if r["status"] == "flipped" or not only_flipped]
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float()
+
+    with torch.no_grad():
+        tm.update(batch("original"), real=True)
+        tm.update(batch("counterfactual", only_flipped=True), real=False)
+        theirs = float(tm.compute())
+    assert ours == pytest.approx(theirs, rel=1e-3)
