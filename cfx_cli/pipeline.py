@@ -7,7 +7,6 @@ other front ends (Ray workers, notebooks) run exactly the same code.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import platform
 import sys

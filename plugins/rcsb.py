@@ -9,8 +9,6 @@ All bridge math comes from :mod:`cfx_cli.diffusion.bridge`. Choices and sources:
 
 from __future__ import annotations
 
-from typing import Any
-
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
@@ -88,7 +86,6 @@ ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe brid
 
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
-
         from cfx_plugins.pixel_prior import to_size
 
         if batch.masks is None:
