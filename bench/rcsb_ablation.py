@@ -6,7 +6,8 @@ stabilization, + adaptive normalization, + trajectory truncation (the full metho
 Runs ``cfx explain --method rcsb`` in-process on ``cfx_cli/demo/images`` (16 digits, target auto) with the demo
 classifier, the demo bridge and automatic regions (a = --area), each row with the ``digits`` preset plus the
 switches below. Rows without truncation start from x_1 (τ = 1). Row scales: as in the paper, the rows without
-adaptive normalization use a much smaller s (the raw Adam step has norm √|R|): --naive-scale (default 0.05).
+adaptive normalization are run at each s of --naive-scales (default 0.05 and 1.0): without normalization the
+step size depends on the raw gradient (or, with Adam, on √|R|), and the paper had to lower s to ~1e-2 there.
 ℓ1 = mean |x − x'| over all pixels in [0, 1] of the saved PNGs; "outside R" = max |x − x'| outside the region.
 """
 
@@ -21,16 +22,22 @@ from pathlib import Path
 import numpy as np
 
 
-def rows(naive_scale: float, scale: float, tau: float) -> list[tuple[str, dict]]:
+def rows(naive_scales: list[float], scale: float, tau: float) -> list[tuple[str, dict]]:
     base = {"tau": 1.0}
-    return [
-        ("naive guidance", {**base, "tweedie": False, "adam": False, "adaptive_norm": False, "scale": naive_scale}),
-        ("+ Tweedie", {**base, "tweedie": True, "adam": False, "adaptive_norm": False, "scale": naive_scale}),
-        ("+ Adam stabilization", {**base, "tweedie": True, "adam": True, "adaptive_norm": False,
-                                  "scale": naive_scale}),
-        ("+ adaptive normalization", {**base, "tweedie": True, "adam": True, "adaptive_norm": True, "scale": scale}),
-        (f"+ truncation (τ = {tau})", {"tau": tau, "tweedie": True, "adam": True, "adaptive_norm": True,
-                                        "scale": scale}),
+    out = []
+    for ns in naive_scales:  # the unnormalized rows depend strongly on s: one block per s
+        out += [
+            (f"naive guidance (s={ns:g})", {**base, "tweedie": False, "adam": False, "adaptive_norm": False,
+                                            "scale": ns}),
+            (f"+ Tweedie (s={ns:g})", {**base, "tweedie": True, "adam": False, "adaptive_norm": False, "scale": ns}),
+            (f"+ Adam stabilization (s={ns:g})", {**base, "tweedie": True, "adam": True, "adaptive_norm": False,
+                                                  "scale": ns}),
+        ]
+    return out + [
+        (f"+ adaptive norm. (s={scale:g})", {**base, "tweedie": True, "adam": True, "adaptive_norm": True,
+                                             "scale": scale}),
+        (f"+ truncation (τ={tau:g}, s={scale:g})", {"tau": tau, "tweedie": True, "adam": True,
+                                                     "adaptive_norm": True, "scale": scale}),
     ]
 
 
@@ -62,7 +69,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--area", type=float, default=0.3)
     ap.add_argument("--scale", type=float, default=None, help="s for the normalized rows (default: preset)")
-    ap.add_argument("--naive-scale", type=float, default=0.05)
+    ap.add_argument("--naive-scales", default="0.05,1.0", help="s values for the rows without adaptive "
+                    "normalization (comma list; one block of rows each)")
     ap.add_argument("--tau", type=float, default=0.6)
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default="/tmp/cfx-rcsb-ablation")
@@ -73,9 +81,10 @@ def main() -> None:
 
     scale = args.scale if args.scale is not None else RCSB.presets["digits"]["scale"]
     print(f"RCSB ablation: demo digits, demo:bridge, --region auto (a = {args.area}), target auto")
-    print(f"{'configuration':30s} {'n':>3s} {'FR':>6s} {'ℓ1':>7s} {'area':>6s} {'max|Δ| out':>10s} {'s/img':>7s}")
-    for label, sets in rows(args.naive_scale, scale, args.tau):
-        out = Path(args.out) / label.split()[1].strip("(")
+    print(f"{'configuration':36s} {'n':>3s} {'FR':>6s} {'ℓ1':>7s} {'area':>6s} {'max|Δ| out':>10s} {'s/img':>7s}")
+    naive = [float(v) for v in args.naive_scales.split(",")]
+    for k, (label, sets) in enumerate(rows(naive, scale, args.tau)):
+        out = Path(args.out) / f"row{k}"
         req = ExplainRequest(inputs=[str(IMAGES_DIR)], method="rcsb", out=str(out), overwrite=True,
                              set_options={"region_area": args.area, **sets, **extra}, limit=args.limit,
                              batch_size=16, mask="auto", device="cpu")
@@ -83,7 +92,7 @@ def main() -> None:
         run_explain(req)
         s = summarise(out)
         wall = time.perf_counter() - t0
-        print(f"{label:30s} {s['n']:3d} {s['flip_rate']:6.1%} {s['l1']:7.4f} {s['area']:6.3f} "
+        print(f"{label:36s} {s['n']:3d} {s['flip_rate']:6.1%} {s['l1']:7.4f} {s['area']:6.3f} "
               f"{s['outside']:10.4f} {s['seconds']:7.2f}  (wall {wall:.0f} s)", flush=True)
 
 

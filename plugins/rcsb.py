@@ -65,8 +65,8 @@ Prior: an I2SB inpainting bridge (--model i2sb:PATH.pt, e.g. NVlabs' "inpaint-fr
 checkpoint) or the embedded demo:bridge when --model is absent. x_1 = x outside R, N(0, 1) inside (I2SB's
 inpainting corruption); sampling starts at step τ·T on the bridge between x and x_1 (OT-ODE mean). Each step:
 x̂_0 = x_t − σ_t·net(x_t); g = ∇_{x_t} log softmax(f((x̂_0+1)/2))[y'] (R⊙x̂_0 + (1−R)⊙x is what f sees);
-g ← Adam(g); g ← g / ‖g_first‖; x_t ← x_t + s·R⊙g; x_{t−1} = OT-ODE posterior step(x_t, x̂_0); paste (1−R)⊙x_{t−1}
-of the bridge marginal. Presets: A (a 0.1, c 4, s 3, τ 0.6), B (a 0.2, c 4, s 1.5), C (a 0.3, c 4, s 1.5) from
+g ← Adam(R⊙g); g ← g / ‖g_first‖; x_t ← x_t + s·g; x_{t−1} = OT-ODE posterior step(x_t, x̂_0); paste (1−R)⊙x
+back. Presets: A (a 0.1, c 4, s 3, τ 0.6), B (a 0.2, c 4, s 1.5), C (a 0.3, c 4, s 1.5) from
 the paper's Table 1; digits for the demo. The switches tweedie/adam/adaptive_norm and tau=1 reproduce the
 ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe bridge + nfe classifier gradients.
 """
