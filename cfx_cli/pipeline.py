@@ -212,7 +212,7 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         "versions": _versions(),
         "inputs": list(req.inputs),
         "mask": req.mask,
-        "region_options": split_region_options(dict(req.set_options))[1] or None,
+        "region_options": mask_source.options if mask_source is not None and mask_source.spec == "auto" else None,
         "shard": req.shard,
         "command": _redacted_argv(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

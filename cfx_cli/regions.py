@@ -115,6 +115,8 @@ class AutoRegion(RegionSource):
             raise UsageError("--set region_cell/region_steps/region_samples: must be at least 1")
         if not 0 < self.clip <= 100:
             raise UsageError(f"--set region_clip={self.clip}: a percentile in (0, 100]")
+        self.options = {"region_area": self.area, "region_cell": self.cell, "region_steps": self.steps,
+                        "region_noise": self.noise, "region_samples": self.samples, "region_clip": self.clip}
 
     def mask_for(self, item: InputImage, size: tuple[int, int], image=None, classifier=None) -> np.ndarray:
         import torch
