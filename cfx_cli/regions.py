@@ -165,13 +165,14 @@ def integrated_gradients(classifier: Any, x, steps: int = 32, noise: float = 0.0
             if use_captum:
                 raise UsageError("--region auto: captum is not importable (pip install 'cfx[regions]')") from None
     if IntegratedGradients is not None:
-        torch.manual_seed(int(seed))  # captum's noise tunnel draws from the global generator
         ig = IntegratedGradients(forward)
-        if samples > 1 and noise > 0:
-            out = NoiseTunnel(ig).attribute(x, nt_type="smoothgrad", nt_samples=samples, stdevs=noise,
-                                            target=pred, n_steps=steps)
-        else:
-            out = ig.attribute(x, target=pred, n_steps=steps)
+        with torch.random.fork_rng(devices=[]):  # captum's noise tunnel draws from the global generator
+            torch.manual_seed(int(seed))
+            if samples > 1 and noise > 0:
+                out = NoiseTunnel(ig).attribute(x, nt_type="smoothgrad", nt_samples=samples, stdevs=noise,
+                                                target=pred, n_steps=steps)
+            else:
+                out = ig.attribute(x, target=pred, n_steps=steps)
         return out.detach().cpu()
     total = torch.zeros_like(x)
     n = samples if (samples > 1 and noise > 0) else 1

@@ -45,7 +45,7 @@ class RCSB(Explainer):
         "B": {"scale": 1.5, "tau": 0.6, "nfe": 100},
         "C": {"scale": 1.5, "tau": 0.6, "nfe": 100},
         # the embedded 16×16 demo bridge: tuned here (docs/methods/rcsb.md)
-        "digits": {"scale": 1.5, "tau": 0.6, "nfe": 20},
+        "digits": {"scale": 1.0, "tau": 0.6, "nfe": 20},
     }
     region_presets = {
         "A": {"region_area": 0.1, "region_cell": 4},
