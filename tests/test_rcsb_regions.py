@@ -257,3 +257,20 @@ def test_cli_region_auto_with_pgd_and_mask_alias(tmp_path, demo_images, cfx):
     r = cfx("explain", str(demo_images), "--method", "pgd", "--mask", str(maskfile), "--set", "region_area=0.2",
             "--limit", "1", "--out", str(tmp_path / "y"))
     assert r.returncode != 0 and "region_area" in r.stderr and "--region auto" in r.stderr
+
+
+@pytest.mark.slow
+def test_preset_region_options_apply_to_auto_regions(tmp_path, demo_images):
+    from cfx_cli.pipeline import ExplainRequest, run_explain
+
+    out = tmp_path / "a"
+    req = ExplainRequest(inputs=[str(demo_images)], method="rcsb", out=str(out), limit=1, device="cpu",
+                         set_options={"preset": "A", "nfe": 2, "region_cell": 2})
+    run_explain(req)
+    run = json.loads((out / "run.json").read_text())
+    assert run["mask"] == "auto"  # rcsb's default region
+    assert run["region_options"]["region_area"] == 0.1 and run["region_options"]["region_cell"] == 2  # --set wins
+    rec = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert rec["params"]["scale"] == 3.0 and rec["nfe"] == 4
+    mask = np.asarray(Image.open(out / rec["mask"]).convert("L")) > 127
+    assert 0.1 <= mask.mean() <= 0.1 + 4 / 256
