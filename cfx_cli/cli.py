@@ -75,7 +75,8 @@ def explain(
     model: Annotated[str | None, typer.Option("--model", help="Generative prior: demo:NAME, diffusers:PATH, adm:PATH.pt, i2sb:PATH.pt.")] = None,
     model_flags: Annotated[str | None, typer.Option("--model-flags", help="ADM MODEL_FLAGS string or flags file.")] = None,
     labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
-    mask: Annotated[str | None, typer.Option("--mask", help="Region allowed to change: a mask image or a folder of them.")] = None,
+    region: Annotated[str | None, typer.Option("--region", help="Region allowed to change: auto (Integrated Gradients cells; --set region_area=0.3 region_cell=4), a mask image, a folder of masks, or SCHEME:ARG from a plugin.")] = None,
+    mask: Annotated[str | None, typer.Option("--mask", help="Alias of --region FILE|DIR.")] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
     executor: Annotated[str, typer.Option("--executor", help="local, or ray (distributed; needs the ray extra).")] = "local",
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster address (default: start a local one).")] = None,
@@ -94,7 +95,7 @@ def explain(
     get_registry()  # one-line warnings for broken plugins, before any work
     cfg = _load_config(config)
     known_cfg = {"method", "target", "classifier", "out", "batch_size", "seed", "device", "limit", "model",
-                 "model_flags", "labels", "mask", "params", "seeds"}
+                 "model_flags", "labels", "mask", "region", "params", "seeds"}
     unknown = set(cfg) - known_cfg
     if unknown:
         raise UsageError(f"--config {config}: unknown keys {', '.join(sorted(unknown))}")
@@ -104,6 +105,9 @@ def explain(
     def pick(value, key, default=None):
         return value if value is not None else cfg.get(key, default)
 
+    if region is not None and mask is not None and region != mask:
+        raise UsageError("--region and --mask name the same option: give one")
+    region = region if region is not None else mask
     method_name = pick(method, "method")
     if not method_name:
         raise UsageError("missing --method (see `cfx methods` for the installed explainers)")
@@ -113,7 +117,7 @@ def explain(
         batch_size=int(pick(batch_size, "batch_size", 8)), seed=int(pick(seed, "seed", 0)),
         device=pick(device, "device", "auto"), set_options=params, limit=pick(limit, "limit"),
         resume=resume, overwrite=overwrite, model=pick(model, "model"), model_flags=pick(model_flags, "model_flags"),
-        labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(mask, "mask"), shard=shard,
+        labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(region, "region", cfg.get("mask")), shard=shard,
         executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
         options={"debug": os.environ.get("CFX_DEBUG") == "1", "tokens": tokens, "fit_data": fit_data},
         seeds=int(pick(seeds, "seeds", 1)),

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from cfx_cli.classifiers import ClassifierAdapter
     from cfx_cli.explainers import Explainer
     from cfx_cli.metrics import Metric
+    from cfx_cli.regions import RegionSource
 
 PROJECT = "cfx"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -52,4 +53,29 @@ def register_metrics(register: Callable[[type[Metric]], None]) -> None:
     Call ``register(cls)`` with a subclass of :class:`cfx_cli.metrics.Metric`. ``needs`` states
     what the metric requires (``"classifier"``, ``"masks"``, ``"seeds"``, weights...), so that
     ``cfx eval`` can skip it with a one-line reason instead of failing.
+    """
+
+
+@hookspec
+def register_region_sources(register: Callable[[type[RegionSource]], None]) -> None:
+    """Register region sources (``--region SCHEME:ARG``), e.g. a text-prompted segmenter.
+
+    Call ``register(cls)`` with a subclass of :class:`cfx_cli.regions.RegionSource` whose ``scheme``
+    (e.g. ``"langsam"``) is the prefix it handles; ``auto`` and ``file`` are built in and cannot be taken, and
+    the first plugin to claim a scheme keeps it. cfx builds ``cls(arg, options)`` once per run from
+    ``--region SCHEME:ARG`` (``arg`` is everything after the first colon, e.g. a text prompt; ``options`` holds
+    the ``--set region_*`` values) and calls ``mask_for(item, (H, W), image=..., classifier=...)`` per input; it
+    returns a float32 (H, W) array in {0, 1}, 1 = may change. Load heavy models lazily in ``mask_for``, never at
+    import time. Example (a plugin module)::
+
+        class LangSAM(RegionSource):
+            scheme = "langsam"
+            summary = "text-prompted segmentation (LangSAM)"
+
+            def mask_for(self, item, size, image=None, classifier=None):
+                return run_langsam(image, prompt=self.arg, size=size)  # your model
+
+        @hookimpl
+        def register_region_sources(register):
+            register(LangSAM)
     """

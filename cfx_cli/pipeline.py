@@ -6,6 +6,7 @@ other front ends (Ray workers, notebooks) run exactly the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import platform
 import sys
@@ -112,19 +113,27 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     from cfx_cli.explainers import ExplainContext
     from cfx_cli.images import discover
     from cfx_cli.params import resolve_params
-    from cfx_cli.regions import MaskSource
+    from cfx_cli.regions import make_region_source, split_region_options
     from cfx_cli.runs import RunDir
 
     t_start = time.monotonic()
     explainer_cls = get_explainer_class(req.method)
     spec = req.classifier or DEFAULT_SPEC
-    set_options = dict(req.set_options)
+    set_options, region_options = split_region_options(dict(req.set_options))
     notes: list[str] = []
     if "preset" not in set_options and spec in explainer_cls.auto_presets:
         set_options["preset"] = explainer_cls.auto_presets[spec]
         notes.append(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
                      "(override with --set preset=NAME or individual --set values)")
     params = resolve_params(req.method, explainer_cls.params, explainer_cls.presets, set_options)
+    # a method may default to a region source (rcsb: auto) and its presets may carry region options (a, c)
+    if not req.mask and getattr(explainer_cls, "default_region", None):
+        req = dataclasses.replace(req, mask=explainer_cls.default_region)
+        notes.append(f"note: {req.method} uses --region {req.mask} (override with --region FILE|DIR)")
+    preset_region = getattr(explainer_cls, "region_presets", {}).get(set_options.get("preset"), {})
+    if preset_region and req.mask == "auto":
+        region_options = {**preset_region, **region_options}
+        req = dataclasses.replace(req, set_options={**preset_region, **dict(req.set_options)})
     if req.executor not in ("local", "ray"):
         raise UsageError(f"--executor {req.executor!r}: expected local or ray")
     if req.executor == "ray":
@@ -149,9 +158,11 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         from cfx_cli.models.spec import parse_model_spec
 
         parse_model_spec(req.model)
-    mask_source = MaskSource(req.mask) if req.mask else None
+    mask_source = make_region_source(req.mask, region_options) if req.mask else None
     if mask_source is not None and not explainer_cls.uses_region:
-        raise UsageError(f"method {req.method!r} does not accept a region mask (--mask)")
+        raise UsageError(f"method {req.method!r} does not accept a region (--region/--mask)")
+    if region_options and not (mask_source is not None and mask_source.spec == "auto"):
+        raise UsageError(f"--set {sorted(region_options)[0]}: region options apply to --region auto only")
 
     device = resolve_device(req.device)
     labels = read_labels_file(req.labels_file) if req.labels_file else None
@@ -203,6 +214,7 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         "versions": _versions(),
         "inputs": list(req.inputs),
         "mask": req.mask,
+        "region_options": mask_source.options if mask_source is not None and mask_source.spec == "auto" else None,
         "shard": req.shard,
         "command": _redacted_argv(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -267,7 +279,7 @@ class BatchWorker:
         from cfx_cli.classifiers import DEFAULT_SPEC, ClassifierOptions, load_classifier, read_labels_file
         from cfx_cli.devices import resolve_device
         from cfx_cli.explainers import ExplainContext
-        from cfx_cli.regions import MaskSource
+        from cfx_cli.regions import make_region_source, split_region_options
         from cfx_cli.runs import RunDir
 
         device = resolve_device(req.device)
@@ -279,7 +291,8 @@ class BatchWorker:
                                  model_flags=req.model_flags, trust_pickle=req.trust_pickle,
                                  options=dict(req.options))
         explainer = get_explainer_class(req.method)(context)
-        mask_source = MaskSource(req.mask) if req.mask else None
+        mask_source = (make_region_source(req.mask, split_region_options(dict(req.set_options))[1])
+                       if req.mask else None)
         return cls(RunDir(run_path), explainer, classifier, fixed_target, req, mask_source)
 
     def process(self, chunk: list[InputImage], skip_recorded: bool = False) -> list[dict]:
@@ -381,7 +394,8 @@ def _process_batch(chunk, run, explainer, classifier, fixed_target, req, mask_so
         try:
             # quantize as the saved original will be, so the manifest describes the files on disk
             arr = to_uint8(resize(decode(item.path), size)).astype(np.float32) / 255.0
-            mask = mask_source.mask_for(item, arr.shape[:2]) if mask_source else None
+            mask = (mask_source.mask_for(item, arr.shape[:2], image=arr, classifier=classifier)
+                    if mask_source else None)
         except InputError as exc:
             rec = _error_record(item, str(exc), seed)
             run.append(rec)

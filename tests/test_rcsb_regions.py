@@ -1,0 +1,276 @@
+"""Region sources (--region auto|FILE|DIR|SCHEME:ARG) and the RCSB explainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cfx_cli.errors import UsageError
+from cfx_cli.regions import AutoRegion, MaskSource, cells_covering, integrated_gradients, make_region_source
+
+
+class _Linear:
+    """A white-box 'classifier' with logits linear in the image: IG has a closed form (x · w_k)."""
+
+    capabilities = frozenset({"gradients"})
+    spec = "test:linear"
+
+    def __init__(self, k: int = 3, size: int = 8, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(k, 3, size, size, generator=g)
+
+    def logits(self, x):
+        return torch.einsum("nchw,kchw->nk", x, self.w)
+
+
+# -- automatic regions ---------------------------------------------------------------------------------------
+def test_cells_covering_takes_the_highest_cells_until_the_area_is_covered():
+    heat = np.zeros((8, 8))
+    heat[0:2, 0:2] = 5.0  # strongest cell
+    heat[6:8, 4:6] = 3.0  # second
+    heat[3, 3] = 1.0  # third
+    mask = cells_covering(heat, area=0.1, cell=2, clip=100)  # 6.4 px → two 2×2 cells
+    assert mask.dtype == np.float32 and mask.sum() == 8
+    assert mask[0:2, 0:2].all() and mask[6:8, 4:6].all()
+    assert cells_covering(heat, area=0.01, cell=2, clip=100).sum() == 4  # at least one cell
+    assert cells_covering(heat, area=1.0, cell=2, clip=100).sum() == 64
+
+
+def test_cells_covering_handles_sizes_not_divisible_by_the_cell():
+    heat = np.random.default_rng(0).random((10, 7))
+    mask = cells_covering(heat, area=0.3, cell=4)
+    assert mask.shape == (10, 7)
+    assert 0.3 <= mask.mean() < 0.3 + 16 / 70 + 1e-9
+
+
+@pytest.mark.parametrize("use_captum", [False, None])
+def test_integrated_gradients_is_exact_for_a_linear_model(use_captum):
+    if use_captum is None:
+        pytest.importorskip("captum")
+    clf = _Linear()
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    attr = integrated_gradients(clf, x, steps=8, noise=0.0, samples=1, use_captum=use_captum)
+    pred = int(clf.logits(x).argmax(1))
+    torch.testing.assert_close(attr, x * clf.w[pred][None], atol=1e-5, rtol=1e-4)
+    # completeness: the attributions sum to f(x) − f(0)
+    assert abs(float(attr.sum()) - float(clf.logits(x)[0, pred])) < 1e-3
+
+
+def test_own_ig_matches_captum_with_a_noise_tunnel():
+    pytest.importorskip("captum")
+    from cfx_cli.classifiers import ClassifierOptions, load_classifier
+    from cfx_cli.demo import IMAGES_DIR
+    from cfx_cli.images import decode
+
+    clf = load_classifier("demo:digits", ClassifierOptions(device="cpu"))
+    x = torch.from_numpy(decode(sorted(Path(IMAGES_DIR).glob("*.png"))[0]).transpose(2, 0, 1).copy())[None]
+    ours = integrated_gradients(clf, x, steps=64, noise=0.0, samples=1, use_captum=False)
+    theirs = integrated_gradients(clf, x, steps=64, noise=0.0, samples=1, use_captum=True)
+    # two quadrature rules of the same integral: close, and the same completeness sum
+    assert float((ours - theirs).abs().max()) < 0.05 * float(theirs.abs().max())
+    assert abs(float(ours.sum()) - float(theirs.sum())) < 0.02 * abs(float(theirs.sum())) + 1e-3
+
+
+def test_auto_region_covers_the_requested_area_on_a_demo_digit(demo_images):
+    from cfx_cli.classifiers import ClassifierOptions, load_classifier
+    from cfx_cli.images import decode, discover
+
+    clf = load_classifier("demo:digits", ClassifierOptions(device="cpu"))
+    item = discover([str(demo_images)])[0]
+    img = decode(item.path)
+    src = AutoRegion("", {"region_area": 0.3, "region_cell": 2})
+    mask = src.mask_for(item, img.shape[:2], image=img, classifier=clf)
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    assert 0.3 <= mask.mean() <= 0.3 + 4 / 256
+    again = src.mask_for(item, img.shape[:2], image=img, classifier=clf)
+    assert (mask == again).all()  # seeded noise tunnel: the same region every run
+
+
+def test_region_option_errors():
+    with pytest.raises(UsageError, match="region_area"):
+        AutoRegion("", {"region_area": 1.5})
+    with pytest.raises(UsageError, match="no such file"):
+        make_region_source("/nonexistent/mask.png")
+
+
+def test_plugin_region_source_through_the_hook(tmp_path):
+    from cfx_cli.hookspecs import hookimpl
+    from cfx_cli.plugins import get_plugin_manager
+    from cfx_cli.regions import RegionSource
+
+    class TopHalf(RegionSource):
+        scheme = "tophalf"
+
+        def mask_for(self, item, size, image=None, classifier=None):
+            m = np.zeros(size, np.float32)
+            m[: size[0] // 2] = 1
+            return m
+
+    class Plugin:
+        @hookimpl
+        def register_region_sources(self, register):
+            register(TopHalf)
+
+    pm = get_plugin_manager()
+    plugin = Plugin()
+    pm.register(plugin, name="test-tophalf")
+    try:
+        src = make_region_source("tophalf:the upper part")
+        assert isinstance(src, TopHalf) and src.arg == "the upper part"
+        assert src.mask_for(None, (4, 4)).sum() == 8
+    finally:
+        pm.unregister(plugin)
+    assert isinstance(make_region_source(str(tmp_path)), MaskSource)
+
+
+# -- RCSB with a tiny random bridge ----------------------------------------------------------------------------
+class _TinyBridge:
+    kind = "bridge"
+    image_size = 8
+    device = "cpu"
+    cond_x1 = False
+
+    def __init__(self) -> None:
+        from cfx_cli.diffusion import BridgeSchedule
+
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(),
+                                       torch.nn.Conv2d(8, 3, 3, padding=1))
+        self.bridge = BridgeSchedule.from_options(100, 0.3)
+
+    def __call__(self, x_t, step, cond=None):
+        t = self.bridge.network_time(step, batch=x_t.shape[0]).float() / 100
+        return self.net(torch.cat([x_t, t.view(-1, 1, 1, 1).expand(-1, 1, *x_t.shape[2:])], 1))
+
+    def pred_x0(self, x_t, step, cond=None, clip_denoise=False):
+        return self.bridge.pred_x0(step, x_t, self(x_t, step), clip_denoise)
+
+
+def _rcsb(monkeypatch, **params):
+    from cfx_plugins import rcsb
+
+    from cfx_cli.explainers import ExplainContext
+    from cfx_cli.params import resolve_params
+
+    bridge = _TinyBridge()
+    monkeypatch.setattr("cfx_cli.models.model_for", lambda *a, **k: bridge)
+    p = resolve_params("rcsb", rcsb.RCSB.params, rcsb.RCSB.presets, {"nfe": 10, **params})
+    ctx = ExplainContext(classifier=_Linear(k=3, size=8), params=p, device="cpu")
+    return rcsb.RCSB(ctx)
+
+
+def _batch(n=3, seeds=None):
+    from cfx_cli.explainers import ExplainBatch
+
+    g = torch.Generator().manual_seed(3)
+    masks = torch.zeros(n, 1, 8, 8)
+    masks[:, :, 2:6, 1:5] = 1
+    return ExplainBatch(ids=[f"i{k}" for k in range(n)], images=torch.rand(n, 3, 8, 8, generator=g),
+                        targets=torch.tensor([0, 1, 2][:n]), sources=torch.tensor([1, 2, 0][:n]),
+                        seeds=seeds or list(range(n)), masks=masks)
+
+
+def test_rcsb_keeps_pixels_outside_the_region_and_raises_the_target(monkeypatch):
+    batch = _batch()
+    outs = _rcsb(monkeypatch, scale=2.0).explain(batch)
+    clf = _Linear(k=3, size=8)
+    for i, o in enumerate(outs):
+        outside = batch.masks[i, 0] < 0.5
+        assert torch.equal(o.counterfactual[:, outside], batch.images[i][:, outside])
+        assert not torch.equal(o.counterfactual, batch.images[i])
+        assert o.nfe == 20 and o.params["start_step"] == round(0.6 * 99)
+    unguided = _rcsb(monkeypatch, scale=0.0).explain(batch)
+    for i, (o, u) in enumerate(zip(outs, unguided, strict=True)):
+        t = int(batch.targets[i])
+        lp = torch.log_softmax(clf.logits(torch.stack([o.counterfactual, u.counterfactual])), 1)[:, t]
+        assert lp[0] > lp[1]  # guidance raised the target's log-probability
+
+
+def test_rcsb_results_do_not_depend_on_batching(monkeypatch):
+    batch = _batch()
+    expl = _rcsb(monkeypatch)
+    together = expl.explain(batch)
+    alone = expl.explain(_batch(n=1))  # image 0 alone (its Adam state and first norm are its own)
+    torch.testing.assert_close(together[0].counterfactual, alone[0].counterfactual, atol=1e-5, rtol=1e-5)
+
+
+def test_rcsb_ablation_switches_change_the_result(monkeypatch):
+    batch = _batch()
+    full = _rcsb(monkeypatch).explain(batch)[0].counterfactual
+    for switch in ({"tweedie": False}, {"adam": False}, {"adaptive_norm": False}, {"tau": 1.0}):
+        other = _rcsb(monkeypatch, **switch).explain(batch)[0].counterfactual
+        assert not torch.allclose(full, other), switch
+
+
+def test_rcsb_parameter_errors(monkeypatch):
+    with pytest.raises(UsageError, match="tau"):
+        _rcsb(monkeypatch, tau=0.0)
+    with pytest.raises(UsageError, match="nfe"):
+        _rcsb(monkeypatch, nfe=500)
+
+
+# -- through the CLI ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_rcsb_auto_region_outside_pixels_bit_identical(tmp_path, demo_images, cfx):
+    from cfx_cli.images import decode
+
+    out = tmp_path / "run"
+    r = cfx("explain", str(demo_images), "--method", "rcsb", "--region", "auto", "--set", "region_area=0.3",
+            "--set", "nfe=10", "--limit", "4", "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 4
+    run = json.loads((out / "run.json").read_text())
+    assert run["mask"] == "auto" and run["region_options"]["region_area"] == 0.3
+    for rec in recs:
+        assert rec["status"] in ("flipped", "not_flipped")
+        orig = np.asarray(Image.open(out / rec["original"]).convert("RGB"))
+        cf = np.asarray(Image.open(out / rec["counterfactual"]).convert("RGB"))
+        mask = decode(out / rec["mask"]).mean(axis=2) > 0.5
+        assert 0.3 <= mask.mean() <= 0.3 + 4 / 256 + 1e-9
+        assert (orig[~mask] == cf[~mask]).all()  # bit-identical bytes outside R
+        assert (orig[mask] != cf[mask]).any()
+
+
+@pytest.mark.slow
+def test_cli_region_auto_with_pgd_and_mask_alias(tmp_path, demo_images, cfx):
+    from cfx_cli.images import decode
+
+    out = tmp_path / "pgd"
+    r = cfx("explain", str(demo_images), "--method", "pgd", "--region", "auto", "--set", "region_area=0.2",
+            "--limit", "2", "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    for rec in (json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()):
+        orig, cf = decode(out / rec["original"]), decode(out / rec["counterfactual"])
+        mask = decode(out / rec["mask"]).mean(axis=2) > 0.5
+        assert 0.2 <= mask.mean() < 0.3 and (orig[~mask] == cf[~mask]).all()
+    maskfile = tmp_path / "m.png"
+    Image.fromarray(np.full((16, 16), 255, np.uint8)).save(maskfile)
+    r = cfx("explain", str(demo_images), "--method", "pgd", "--mask", str(maskfile), "--region", "auto",
+            "--limit", "1", "--out", str(tmp_path / "x"))
+    assert r.returncode != 0 and "--region and --mask" in r.stderr
+    r = cfx("explain", str(demo_images), "--method", "pgd", "--mask", str(maskfile), "--set", "region_area=0.2",
+            "--limit", "1", "--out", str(tmp_path / "y"))
+    assert r.returncode != 0 and "region_area" in r.stderr and "--region auto" in r.stderr
+
+
+@pytest.mark.slow
+def test_preset_region_options_apply_to_auto_regions(tmp_path, demo_images):
+    from cfx_cli.pipeline import ExplainRequest, run_explain
+
+    out = tmp_path / "a"
+    req = ExplainRequest(inputs=[str(demo_images)], method="rcsb", out=str(out), limit=1, device="cpu",
+                         set_options={"preset": "A", "nfe": 2, "region_cell": 2})
+    run_explain(req)
+    run = json.loads((out / "run.json").read_text())
+    assert run["mask"] == "auto"  # rcsb's default region
+    assert run["region_options"]["region_area"] == 0.1 and run["region_options"]["region_cell"] == 2  # --set wins
+    rec = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert rec["params"]["scale"] == 3.0 and rec["nfe"] == 4
+    mask = np.asarray(Image.open(out / rec["mask"]).convert("L")) > 127
+    assert 0.1 <= mask.mean() <= 0.1 + 4 / 256
