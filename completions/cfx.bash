@@ -19,8 +19,8 @@ _cfx() {
       case "$prev" in --metrics|--format|-f|--output|-o|--device|--set|-s|--layout) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
       if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--metrics --format -f --output -o --device --set -s --layout --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
     explain)
-      case "$prev" in --method|-m|--target|-t|--classifier|-c|--out|-o|--batch-size|-b|--seed|--device|--set|-s|--config|--limit|--model|--model-flags|--labels|--mask|--executor|--ray-address|--workers|--gpus-per-worker|--shard|--tokens|--fit-data|--seeds) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
-      if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--method -m --target -t --classifier -c --out -o --batch-size -b --seed --device --set -s --config --limit --resume --overwrite --model --model-flags --labels --mask --trust-pickle --executor --ray-address --workers --gpus-per-worker --shard --tokens --fit-data --seeds --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
+      case "$prev" in --method|-m|--target|-t|--classifier|-c|--out|-o|--batch-size|-b|--seed|--device|--set|-s|--config|--limit|--model|--model-flags|--labels|--region|--mask|--executor|--ray-address|--workers|--gpus-per-worker|--shard|--tokens|--fit-data|--seeds) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
+      if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--method -m --target -t --classifier -c --out -o --batch-size -b --seed --device --set -s --config --limit --resume --overwrite --model --model-flags --labels --region --mask --trust-pickle --executor --ray-address --workers --gpus-per-worker --shard --tokens --fit-data --seeds --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
     export)
       case "$prev" in --layout|--experiment) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
       if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--layout --experiment --overwrite --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
