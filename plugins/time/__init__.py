@@ -25,7 +25,7 @@ DIGITS = "10:2,15:2,20:3,25:3"
 
 class Time(Explainer):
     name = "time"
-    summary = "TIME: textual inversion + EDICT, black-box (thesis ch. 5); needs --tokens or --fit-data"
+    summary = "TIME: textual inversion + EDICT, black-box (thesis ch. 5); --tokens or --fit-data (demo: shipped)"
     requires = frozenset()
     params = (
         Param("schedule", "str", SMILE, "(τ, w) attempts as TAU:W,...; an image stops at its first flip"),
