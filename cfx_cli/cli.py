@@ -82,6 +82,7 @@ def explain(
     workers: Annotated[int, typer.Option("--workers", help="Ray workers (actors), each loading the models once.")] = 2,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="GPUs reserved per Ray worker.")] = 0.0,
     shard: Annotated[str | None, typer.Option("--shard", help="Explain shard i of n (i/n, round-robin over the sorted inputs); combine with `cfx merge`.")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="Forward-only diffusion-network calls: auto (a validated `cfx accelerate` build if cached, else torch), torch, onnx or tensorrt.")] = "auto",
 ) -> None:
     """Explain every image: write counterfactuals and a manifest into a run directory."""
     from cfx_cli.params import parse_set_options
@@ -112,7 +113,7 @@ def explain(
         resume=resume, overwrite=overwrite, model=pick(model, "model"), model_flags=pick(model_flags, "model_flags"),
         labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(mask, "mask"), shard=shard,
         executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-        options={"debug": os.environ.get("CFX_DEBUG") == "1"},
+        options={"debug": os.environ.get("CFX_DEBUG") == "1", "backend": _check_backend(backend)},
     )
     summary = run_explain(req)
     c = summary.counts
@@ -359,6 +360,34 @@ def models(
         typer.echo("  (none)")
     for c in data["cached"]:
         typer.echo(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['kind']}  {c['path']}")
+
+
+def _check_backend(name: str) -> str:
+    from cfx_cli.backends.base import BACKENDS
+
+    if name not in BACKENDS:
+        raise UsageError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@app.command()
+def accelerate(
+    model: Annotated[str, typer.Argument(help="Generative model spec (demo:pixel, diffusers:PATH, adm:PATH.pt).")],
+    backend: Annotated[str, typer.Option("--backend", help="onnx or tensorrt (tensorrt: unverified, needs a GPU).")] = "onnx",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16.")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    size: Annotated[int | None, typer.Option("--size", help="Image size to build for (default: the model's).")] = None,
+    model_flags: Annotated[str | None, typer.Option("--model-flags", help="ADM MODEL_FLAGS string or flags file.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
+) -> None:
+    """Prebuild and validate an accelerated UNet for MODEL (export, cache, parity gate against torch)."""
+    from cfx_cli.backends.accelerate import accelerate_model
+
+    if backend not in ("onnx", "tensorrt"):
+        raise UsageError(f"--backend {backend!r}: cfx accelerate builds onnx or tensorrt")
+    if precision not in ("fp32", "fp16"):
+        raise UsageError(f"--precision {precision!r}: expected fp32 or fp16")
+    typer.echo(accelerate_model(model, backend, precision, device, size, model_flags, trust_pickle))
 
 
 def main() -> None:
