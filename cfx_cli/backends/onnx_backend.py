@@ -154,6 +154,12 @@ def _session(path: Path, providers: list, kind: str, device: str):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    # ORT's idle threads spin by default; between calls cfx runs torch (the classifier's gradients) on the same
+    # cores, and the spinning starves it
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    import torch
+
+    opts.intra_op_num_threads = torch.get_num_threads()  # the same thread budget as torch (OMP_NUM_THREADS)
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # unreadable/corrupt file, unsupported op, provider init failure
