@@ -104,7 +104,8 @@ def test_gate_refuses_a_tampered_or_truncated_cached_file(tmp_path):
     with pytest.raises(ParityError, match=r"differs from torch by \d"):
         onnx_backend.build(net, example(), "onnx", "fp32", "cpu", cache_dir=str(tmp_path))
     meta = json.loads((built.path.parent / "meta.json").read_text())
-    assert meta["validated"] is False or meta.get("parity_error", 0) <= 1e-4  # refusal never marks it valid
+    assert meta["validated"] is False and float(meta["parity_error"]) > 1e-4  # `auto` will not pick it again
+    assert not onnx_backend.cached(net, example(), "onnx", "fp32", "cpu", str(tmp_path))
     built.path.write_bytes(built.path.read_bytes()[:100])
     with pytest.raises(BackendError, match=r"cannot load .*model\.onnx"):
         onnx_backend.build(net, example(), "onnx", "fp32", "cpu", cache_dir=str(tmp_path))
