@@ -165,3 +165,30 @@ def test_dime_through_onnx_matches_torch_and_accelerate_feeds_auto(tmp_path, dem
     r = run_cfx("explain", str(demo_images), *common, "-o", str(tmp_path / "auto"), env=env)
     recs = [json.loads(line) for line in (tmp_path / "auto" / "manifest.jsonl").read_text().splitlines()]
     assert {r["params"]["backend"] for r in recs if r.get("params")} == {"onnx (CPU, fp32)"}
+
+
+def test_ace_refinement_through_onnx_matches_torch(tmp_path, monkeypatch, demo_images):
+    """In-process: ACE on 2 demo digits with --backend onnx vs torch (the refinement is the onnx part)."""
+    from cfx_cli.classifiers import ClassifierOptions, load_classifier
+    from cfx_cli.explainers import ExplainBatch, ExplainContext
+    from cfx_cli.images import decode
+    from cfx_cli.params import resolve_params
+    from cfx_cli.pipeline import get_explainer_class
+
+    monkeypatch.setenv("CFX_CACHE_DIR", str(tmp_path))
+    clf = load_classifier("demo:digits", ClassifierOptions())
+    cls = get_explainer_class("ace")
+    params = resolve_params("ace", cls.params, cls.presets, {"iterations": "3", "tau": "4", "respacing": "50"})
+    paths = sorted(demo_images.glob("*.png"))[:2]
+    images = torch.from_numpy(np.stack([decode(p) for p in paths])).permute(0, 3, 1, 2).float().contiguous()
+    batch = ExplainBatch(ids=[p.stem for p in paths], images=images, targets=torch.tensor([5, 7]),
+                         sources=torch.tensor([0, 1]), seeds=[3, 4])
+    outs = {}
+    for backend in ("torch", "onnx"):
+        exp = cls(ExplainContext(classifier=clf, params=params, options={"backend": backend}))
+        outs[backend] = exp.explain(batch)
+    assert [o.params["backend"] for o in outs["onnx"]] == ["onnx (CPU, fp32)"] * 2
+    assert [o.params["backend"] for o in outs["torch"]] == ["torch (fp32)"] * 2
+    for i, (a, b) in enumerate(zip(outs["torch"], outs["onnx"], strict=True)):
+        assert (a.counterfactual - b.counterfactual).abs().max() <= 1e-3
+        assert (a.counterfactual - images[i]).abs().max() > 0.05  # a real edit happened (not a copy)
