@@ -228,6 +228,7 @@ def build(module, example_inputs, kind: str, precision: str, device: str, *, cac
     folder, key = _entry(module, example_inputs, kind, precision, device, cache_dir)
     path = folder / "model.onnx"
     meta_path = folder / "meta.json"
+    providers = providers_for(kind, device, folder, precision)  # before exporting: a missing GPU fails fast
     if not path.is_file():
         try:
             import onnx  # noqa: F401  (the TorchScript exporter writes the protobuf through it)
@@ -241,7 +242,7 @@ def build(module, example_inputs, kind: str, precision: str, device: str, *, cac
         except Exception as exc:
             raise BackendError(f"ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
         meta_path.write_text(json.dumps({"key": key, "validated": False}, indent=1))
-    sess = _session(path, providers_for(kind, device, folder, precision), kind, device)
+    sess = _session(path, providers, kind, device)
     backend = OnnxBackend(sess, _numpy_dtypes(sess), kind, precision, path)
     backend.cache_hit = bool(meta_path.is_file() and json.loads(meta_path.read_text()).get("validated"))
     tol = TOLERANCES[precision] if tolerance is None else tolerance
