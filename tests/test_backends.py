@@ -119,6 +119,7 @@ def test_missing_library_and_missing_gpu_fall_back_with_one_line(tmp_path, monke
     seen, notice = notices()
     got = build_backend(SmallNet(), example(), "tensorrt", device="cpu", cache_dir=str(tmp_path), notice=notice)
     assert isinstance(got, TorchBackend) and "tensorrt needs a CUDA device" in seen[-1]
+    assert not list(tmp_path.rglob("model.onnx"))  # refused before any export
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     got = build_backend(SmallNet(), example(), "onnx", cache_dir=str(tmp_path), notice=notice)
     assert isinstance(got, TorchBackend) and "onnxruntime is not installed" in seen[-1]
