@@ -168,6 +168,7 @@ def test_dime_through_onnx_matches_torch_and_accelerate_feeds_auto(tmp_path, dem
     assert {r["params"]["backend"] for r in recs if r.get("params")} == {"onnx (CPU, fp32)"}
 
 
+@pytest.mark.slow
 def test_ace_refinement_through_onnx_matches_torch(tmp_path, monkeypatch, demo_images):
     """In-process: ACE on 2 demo digits with --backend onnx vs torch (the refinement is the onnx part)."""
     from cfx_cli.classifiers import ClassifierOptions, load_classifier
