@@ -86,6 +86,7 @@ def explain(
     tokens: Annotated[str | None, typer.Option("--tokens", help="TIME: token file written by `cfx fit time`.")] = None,
     fit_data: Annotated[str | None, typer.Option("--fit-data", help="TIME: fit the tokens now on this folder of training images.")] = None,
     seeds: Annotated[int | None, typer.Option("--seeds", help="N explanations per input, seeds SEED…SEED+N-1 (extra ones in RUN_DIR/seeds/K).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="Forward-only diffusion-network calls: auto (a validated `cfx accelerate` build if cached, else torch), torch, onnx or tensorrt.")] = "auto",
 ) -> None:
     """Explain every image: write counterfactuals and a manifest into a run directory."""
     from cfx_cli.params import parse_set_options
@@ -119,7 +120,8 @@ def explain(
         resume=resume, overwrite=overwrite, model=pick(model, "model"), model_flags=pick(model_flags, "model_flags"),
         labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(region, "region", cfg.get("mask")), shard=shard,
         executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-        options={"debug": os.environ.get("CFX_DEBUG") == "1", "tokens": tokens, "fit_data": fit_data},
+        options={"debug": os.environ.get("CFX_DEBUG") == "1", "tokens": tokens, "fit_data": fit_data,
+                 "backend": _check_backend(backend)},
         seeds=int(pick(seeds, "seeds", 1)),
     )
     from cfx_cli.pipeline import run_explain_seeds
@@ -423,6 +425,34 @@ def models(
         typer.echo("  (none)")
     for c in data["cached"]:
         typer.echo(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['kind']}  {c['path']}")
+
+
+def _check_backend(name: str) -> str:
+    from cfx_cli.backends.base import BACKENDS
+
+    if name not in BACKENDS:
+        raise UsageError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@app.command()
+def accelerate(
+    model: Annotated[str, typer.Argument(help="Generative model spec (demo:pixel, diffusers:PATH, adm:PATH.pt).")],
+    backend: Annotated[str, typer.Option("--backend", help="onnx or tensorrt (tensorrt: unverified, needs a GPU).")] = "onnx",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 or fp16.")] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    size: Annotated[int | None, typer.Option("--size", help="Image size to build for (default: the model's).")] = None,
+    model_flags: Annotated[str | None, typer.Option("--model-flags", help="ADM MODEL_FLAGS string or flags file.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
+) -> None:
+    """Prebuild and validate an accelerated UNet for MODEL (export, cache, parity gate against torch)."""
+    from cfx_cli.backends.accelerate import accelerate_model
+
+    if backend not in ("onnx", "tensorrt"):
+        raise UsageError(f"--backend {backend!r}: cfx accelerate builds onnx or tensorrt")
+    if precision not in ("fp32", "fp16"):
+        raise UsageError(f"--precision {precision!r}: expected fp32 or fp16")
+    typer.echo(accelerate_model(model, backend, precision, device, size, model_flags, trust_pickle))
 
 
 def main() -> None:

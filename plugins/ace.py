@@ -195,13 +195,17 @@ docs/methods/ace.md.
                 return torch.zeros((len(rows), *lead, *shape), device=x.device)
             return noise.randn(rows, (*lead, *shape))
 
+        from cfx_cli.backends.pixel import pixel_forward
+
+        # the refinement is forward-only: it runs on --backend (the filter above keeps its gradients in torch)
+        self.prior = pixel_forward(self.context, self.model, shape)
         xm = x * 2 - 1
         with torch.no_grad():
             z = d.q_sample(pe * 2 - 1, p["tau"] - 1, draw())
             for i in range(p["tau"] - 1, -1, -1):
                 eps = draw(2)  # the known region's q_sample noise, then the DDPM step's
                 z = mask * z + (1 - mask) * d.q_sample(xm, i, eps[:, 0])
-                z, _ = d.ddpm_step(self.model(z, i), z, i, noise=eps[:, 1], clip_denoised=True)
+                z, _ = d.ddpm_step(self.prior(z, i), z, i, noise=eps[:, 1], clip_denoised=True)
         return ((z + 1) / 2).clamp(0, 1)
 
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
@@ -229,7 +233,8 @@ docs/methods/ace.md.
         params = {"attack": p["attack"], "iterations": p["iterations"], "tau": p["tau"],
                   "respacing": p["respacing"], "schedule": schedule_summary(self.model), "distance": p["distance"],
                   "lambda_d": p["lambda_d"], "threshold": p["threshold"], "dilation": p["dilation"],
-                  "model": self.model_spec, "nfe_model": nfe_model, "nfe_classifier": nfe_clf}
+                  "model": self.model_spec, "nfe_model": nfe_model, "nfe_classifier": nfe_clf,
+                  "backend": self.prior.backend.name}
         return [ExplainOutput(counterfactual=cf[i], mask=mask_b[i], nfe=nfe_model + nfe_clf,
                               params=dict(params, mask_fraction=round(float(mask_b[i].mean()), 4)),
                               extras={"pre_explanations": to_size(pe[i:i + 1], size_b)[0]})

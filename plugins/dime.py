@@ -143,6 +143,10 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
             with torch.no_grad():
                 x_feats = vgg_input_features(self.perceptual, x)
 
+        # forward-only prior calls (all of them run under no_grad) go through --backend; gradients stay in torch
+        from cfx_cli.backends.pixel import pixel_forward
+
+        self.prior = pixel_forward(self.context, self.model, tuple(x.shape[1:]))
         results: list[Any] = [None] * n
         nfe_model, nfe_clf = nfe_per_attempt(tau)
         pending = rows
@@ -162,7 +166,8 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
                     "attempt": attempt, "scale": scale, "tau": tau, "respacing": p["respacing"],
                     "schedule": _schedule(self.model), "loss": p["loss"], "lambda_p": p["lambda_p"],
                     "lambda_1": p["lambda_1"], "perceptual": self.perceptual_name, "model": self.model_spec,
-                    "nfe_model": attempt * nfe_model, "nfe_classifier": attempt * nfe_clf})
+                    "nfe_model": attempt * nfe_model, "nfe_classifier": attempt * nfe_clf,
+                    "backend": self.prior.backend.name})
                 if int(pred[j]) != int(batch.targets[sel][j]):
                     still.append(i)
             pending = still
@@ -182,7 +187,7 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
         x_t = x.clone()  # x_τ = x (thesis §3.3.2): the first gradient is taken at the input itself
         for i in range(p["tau"] - 1, -1, -1):
             with torch.no_grad():
-                out = self.model(z, i)
+                out = self.prior(z, i)
                 var = d.p_mean_variance(out, z, i, p["clip_denoised"]).variance
             g = self._clean_grad(x_t, x, targets, region, x_feats, scale) / _at(d.sqrt_alphas_cumprod, i, x)
             if p["lambda_1"]:
@@ -202,7 +207,7 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
         shape = tuple(z.shape[1:])
         for j in range(steps - 1, -1, -1):
             eps = noise.randn(rows, shape) if self.params["stochastic_x"] else torch.zeros_like(z)
-            z, _ = d.ddpm_step(self.model(z, j), z, j, noise=eps, clip_denoised=True)
+            z, _ = d.ddpm_step(self.prior(z, j), z, j, noise=eps, clip_denoised=True)
         return z
 
     def _clean_grad(self, x_t, x, targets, region, x_feats, scale: float):
