@@ -9,9 +9,12 @@ _cfx() {
     case "${COMP_WORDS[i]}" in -*) ;; *) cmd="${COMP_WORDS[i]}"; break ;; esac
   done
   if [ -z "$cmd" ]; then
-    COMPREPLY=( $(compgen -W "classify eval explain export fit merge methods metrics models plugins report serve --version --help" -- "$cur") ); return 0
+    COMPREPLY=( $(compgen -W "accelerate classify eval explain export fit merge methods metrics models plugins report serve --version --help" -- "$cur") ); return 0
   fi
   case "$cmd" in
+    accelerate)
+      case "$prev" in --backend|--precision|--device|--size|--model-flags) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
+      if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--backend --precision --device --size --model-flags --trust-pickle --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
     classify)
       case "$prev" in --classifier|-c|--format|-f|--labels|--device|--batch-size|-b) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
       if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--classifier -c --format -f --labels --device --batch-size -b --trust-pickle --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
@@ -19,8 +22,8 @@ _cfx() {
       case "$prev" in --metrics|--format|-f|--output|-o|--device|--set|-s|--layout) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
       if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--metrics --format -f --output -o --device --set -s --layout --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
     explain)
-      case "$prev" in --method|-m|--target|-t|--classifier|-c|--out|-o|--batch-size|-b|--seed|--device|--set|-s|--config|--limit|--model|--model-flags|--labels|--region|--mask|--executor|--ray-address|--workers|--gpus-per-worker|--shard|--tokens|--fit-data|--seeds) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
-      if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--method -m --target -t --classifier -c --out -o --batch-size -b --seed --device --set -s --config --limit --resume --overwrite --model --model-flags --labels --region --mask --trust-pickle --executor --ray-address --workers --gpus-per-worker --shard --tokens --fit-data --seeds --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
+      case "$prev" in --method|-m|--target|-t|--classifier|-c|--out|-o|--batch-size|-b|--seed|--device|--set|-s|--config|--limit|--model|--model-flags|--labels|--region|--mask|--executor|--ray-address|--workers|--gpus-per-worker|--shard|--tokens|--fit-data|--seeds|--backend) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
+      if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--method -m --target -t --classifier -c --out -o --batch-size -b --seed --device --set -s --config --limit --resume --overwrite --model --model-flags --labels --region --mask --trust-pickle --executor --ray-address --workers --gpus-per-worker --shard --tokens --fit-data --seeds --backend --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
     export)
       case "$prev" in --layout|--experiment) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;; esac
       if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W "--layout --experiment --overwrite --help" -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi ;;
