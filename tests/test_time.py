@@ -290,7 +290,8 @@ def test_cli_fit_then_explain(tiny_sd, tmp_path, demo_images):
     r = run_cfx("explain", str(demo_images), "--method", "time", "--tokens", str(bad), "--limit", "1",
                 "--out", str(tmp_path / "run2"), env=ONE_THREAD)
     assert r.returncode == 2 and "bad.json" in r.stderr and "fitted for classes" in r.stderr
-    r = run_cfx("explain", str(demo_images), "--method", "time", "--limit", "1",
+    # only the embedded demo (demo:digits on demo:latent) ships tokens; any other model needs them
+    r = run_cfx("explain", str(demo_images), "--method", "time", "--limit", "1", "--model", model,
                 "--out", str(tmp_path / "r3"), env=ONE_THREAD)
     assert r.returncode == 2 and "--tokens" in r.stderr and "--fit-data" in r.stderr
 
