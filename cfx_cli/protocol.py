@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
+from cfx_cli.classifiers import Classifier
 from cfx_cli.errors import ClassifierError, UsageError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy and torch are imported where used: plugins import this module at registration
+    import numpy as np
     import torch
 
 TOKEN_ENV = "CFX_HTTP_TOKEN"
@@ -117,6 +117,7 @@ def _convert(opt: Option, text: str, where: str) -> Any:
 # --------------------------------------------------------------------------- images on the wire
 def encode_images(images: torch.Tensor) -> list[str]:
     """(N, 3, H, W) float in [0, 1] → base64 PNGs (8-bit: cfx classifies 8-bit images throughout)."""
+    import numpy as np
     from PIL import Image
 
     arr = images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()
@@ -252,6 +253,7 @@ def redact_url(url: str) -> str:
 
 def resize_batch(images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     """Resize (N, 3, H, W) to ``size`` as cfx resizes inputs (antialiased bicubic); no-op when it fits."""
+    import numpy as np
     import torch
 
     from cfx_cli.images import resize
@@ -266,3 +268,32 @@ def resize_batch(images: torch.Tensor, size: tuple[int, int] | None) -> torch.Te
 def unknown_labels_error(spec: str) -> UsageError:
     return UsageError(f"classifier {spec} does not name its classes; pass --labels FILE (one name per line) "
                       "or use an index or auto as the target")
+
+
+class RemoteClassifier(Classifier):
+    """Shared behaviour of the black-box protocol adapters (``http``, ``cmd``): resize, encode as PNG, send in
+    chunks of ``batch_size``, concatenate; labels may only become known from the first answer."""
+
+    batch_size: int = 64
+    labels_known: bool = False
+
+    def _send_chunks(self, chunks: list[list[str]]) -> list[torch.Tensor]:
+        """One (n, K) probability tensor per chunk of base64 PNGs; subclasses decide how chunks travel."""
+        raise NotImplementedError
+
+    def predict_proba(self, images):
+        import torch
+
+        x = resize_batch(images, self.input_size)
+        if len(x) == 0:
+            return torch.zeros(0, len(self.labels))
+        encoded = encode_images(x)
+        chunks = [encoded[i : i + self.batch_size] for i in range(0, len(encoded), self.batch_size)]
+        parts = self._send_chunks(chunks)
+        self.calls += len(x)
+        return torch.cat(parts)
+
+    def label_index(self, label: str) -> int:
+        if not self.labels_known:
+            raise unknown_labels_error(self.spec)
+        return super().label_index(label)

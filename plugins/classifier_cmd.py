@@ -25,6 +25,7 @@ from collections import deque
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import ClassifierError, UsageError
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.protocol import RemoteClassifier
 
 STDERR_LINES = 20  # kept for error messages
 
@@ -156,7 +157,7 @@ def _stop_quietly(proc: _Process) -> None:
         pass
 
 
-class CmdClassifier(Classifier):
+class CmdClassifier(RemoteClassifier):
     def __init__(self, spec: str, options: ClassifierOptions) -> None:
         from cfx_cli.protocol import TOKEN_ENV, redactor, resolve_options, split_options
 
@@ -190,26 +191,8 @@ class CmdClassifier(Classifier):
         self._probe()
 
     # ----------------------------------------------------------------------- Classifier API
-    def predict_proba(self, images):
-        import torch
-
-        from cfx_cli.protocol import encode_images, resize_batch
-
-        x = resize_batch(images, self.input_size)
-        if len(x) == 0:
-            return torch.zeros(0, len(self.labels))
-        encoded = encode_images(x)
-        parts = [self._classify(encoded[i : i + self.batch_size])
-                 for i in range(0, len(encoded), self.batch_size)]
-        self.calls += len(x)
-        return torch.cat(parts)
-
-    def label_index(self, label: str) -> int:
-        from cfx_cli.protocol import unknown_labels_error
-
-        if not self.labels_known:
-            raise unknown_labels_error(self.spec)
-        return super().label_index(label)
+    def _send_chunks(self, chunks):
+        return [self._classify(chunk) for chunk in chunks]
 
     def close(self) -> None:
         with self._lock:

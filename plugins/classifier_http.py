@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import ClassifierError, UsageError
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.protocol import RemoteClassifier
 
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 MAX_BACKOFF_SECONDS = 60.0
@@ -66,7 +67,7 @@ class _Failure(Exception):
         self.fatal = fatal  # a configuration problem (authorization, redirect, TLS): no use going on
 
 
-class HttpClassifier(Classifier):
+class HttpClassifier(RemoteClassifier):
     def __init__(self, spec: str, options: ClassifierOptions) -> None:
         from cfx_cli.protocol import TOKEN_ENV, redact_url, redactor, resolve_options, split_options
 
@@ -101,29 +102,10 @@ class HttpClassifier(Classifier):
         self._probe()
 
     # ----------------------------------------------------------------------- Classifier API
-    def predict_proba(self, images):
-        import torch
-
-        from cfx_cli.protocol import encode_images, resize_batch
-
-        x = resize_batch(images, self.input_size)
-        if len(x) == 0:
-            return torch.zeros(0, len(self.labels))
-        encoded = encode_images(x)
-        chunks = [encoded[i : i + self.batch_size] for i in range(0, len(encoded), self.batch_size)]
+    def _send_chunks(self, chunks):
         if len(chunks) == 1:
-            parts = [self._post_batch(chunks[0])]
-        else:
-            parts = list(self._executor().map(self._post_batch, chunks))
-        self.calls += len(x)
-        return torch.cat(parts)
-
-    def label_index(self, label: str) -> int:
-        from cfx_cli.protocol import unknown_labels_error
-
-        if not self.labels_known:
-            raise unknown_labels_error(self.spec)
-        return super().label_index(label)
+            return [self._post_batch(chunks[0])]
+        return list(self._executor().map(self._post_batch, chunks))
 
     def close(self) -> None:
         if self._pool is not None:
