@@ -4,6 +4,10 @@
 
 Runs one (τ, w) attempt (no classifier, no retries) on the demo images so that only the generative work is
 timed: encode + EDICT inversion + EDICT denoising + decode. Prints a table.
+
+FLOPs per explanation: matmul/conv/attention FLOPs (bench/flops.py) of that step for one image (the prompt
+embeddings are cached, as in a run). Share of peak: FLOPs ÷ seconds per image ÷ this machine's fp32 matmul rate
+(torch.mm, same thread count) measured at the start of the run — an achievable rate, not a datasheet number.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+
+from flops import count_flops, fmt_flops, measure_sgemm_peak, share_of_peak
 
 
 def main() -> None:
@@ -57,7 +63,15 @@ def main() -> None:
                                 tuple(imgs.shape[-2:]))
         return (time.perf_counter() - t0) / args.batch
 
-    run(args.batch)  # warm-up
+    run(args.batch)  # warm-up (also caches the prompt embeddings)
+
+    def one_image():
+        lat = gen.encode(imgs[:1])
+        gen.counterfactuals(lat, src[:1], tgt[:1], args.tau, args.w, args.steps, 0.93, "exact",
+                            tuple(imgs.shape[-2:]))
+
+    flops, _ = count_flops(one_image)
+    peak = measure_sgemm_peak()
     rows = []
     for n in (1, args.batch):
         times = [run(n) for _ in range(args.repeats)]
@@ -65,9 +79,12 @@ def main() -> None:
     base = rows[0][1]
     print(f"TIME counterfactual step, model {args.model}, τ={args.tau}/{args.steps}, {args.batch} images, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'batch':>6} {'s/image (median)':>17} {'min':>8} {'max':>8} {'speed-up':>9}")
+    print(peak.describe())
+    print(f"FLOPs per explanation: {fmt_flops(flops)}")
+    print(f"{'batch':>6} {'s/image (median)':>17} {'min':>8} {'max':>8} {'speed-up':>9} {'GFLOP/s':>8} {'% peak':>7}")
     for n, med, lo, hi in rows:
-        print(f"{n:>6} {med:>17.4f} {lo:>8.4f} {hi:>8.4f} {base / med:>8.2f}x")
+        print(f"{n:>6} {med:>17.4f} {lo:>8.4f} {hi:>8.4f} {base / med:>8.2f}x {flops / med / 1e9:>8.2f} "
+              f"{share_of_peak(flops, med, peak):>7.1%}")
 
 
 if __name__ == "__main__":

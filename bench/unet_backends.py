@@ -14,6 +14,11 @@ machine's best provider; CPU here), [ONNX Runtime fp16]. Each accelerated build 
 (max |Δ| / max |torch|; its value is printed). Timing: after 2 warm-up calls, the backends are called in
 turn, round after round, so they share the machine's conditions; the median of --repeats rounds is reported.
 Exports go to a temporary cache (not ~/.cache/cfx), so every run measures a fresh build.
+
+FLOPs per forward: matmul/conv/attention FLOPs of one eager torch call on the timed inputs (bench/flops.py; the
+same arithmetic every backend does). Share of peak: FLOPs ÷ median seconds ÷ this machine's fp32 matmul rate
+(torch.mm, same thread count), measured at the start of the run and printed; a measured, achievable rate, not a
+datasheet number.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ import statistics
 import sys
 import tempfile
 import time
+
+from flops import count_flops, fmt_flops, measure_sgemm_peak, share_of_peak
 
 
 def sd1_unet(seed: int = 0):
@@ -57,7 +64,7 @@ def backends_for(module, example, args, cache: str) -> tuple[list[tuple[str, obj
     from cfx_cli.backends import TorchBackend, onnx_backend
     from cfx_cli.backends.base import BackendError
 
-    out = [("torch fp32 eager", TorchBackend(module), "reference"),
+    out = [("torch fp32 eager", TorchBackend(module), "ref"),
            ("torch fp32 channels_last", TorchBackend(module, channels_last=True), "-")]
     notes = []
     if args.compile:
@@ -75,28 +82,39 @@ def backends_for(module, example, args, cache: str) -> tuple[list[tuple[str, obj
     return out, notes
 
 
-def time_round_robin(backends, inputs, repeats: int) -> dict[str, list[float]]:
+def time_round_robin(backends, inputs, repeats: int) -> tuple[dict[str, list[float]], dict[str, object]]:
     times: dict[str, list[float]] = {name: [] for name, _, _ in backends}
+    outputs = {}
     for _ in range(2):
-        for _, b, _ in backends:
-            b(*inputs)
+        for name, b, _ in backends:
+            outputs[name] = b(*inputs)
     for _ in range(repeats):
         for name, b, _ in backends:
             t0 = time.perf_counter()
             b(*inputs)
             times[name].append(time.perf_counter() - t0)
-    return times
+    return times, outputs
 
 
-def run_config(label: str, module, example, inputs, args, rows: list, all_notes: list) -> None:
+def run_config(label: str, module, example, inputs, args, rows: list, all_notes: list, peak) -> None:
+    import torch
+
+    with torch.no_grad():
+        flops, _ = count_flops(module, *inputs)
     with tempfile.TemporaryDirectory(prefix="cfx-bench-") as cache:
         backends, notes = backends_for(module, example, args, cache)
         all_notes += [f"{label}: {n}" for n in notes]
-        times = time_round_robin(backends, inputs, args.repeats)
-    ref = statistics.median(times["torch fp32 eager"])
+        times, outputs = time_round_robin(backends, inputs, args.repeats)
+    eager = "torch fp32 eager"
+    ref = statistics.median(times[eager])
+    ref_out = outputs[eager]
     for name, _, parity in backends:
         med = statistics.median(times[name])
-        rows.append((label, name, med * 1000, ref / med, parity))
+        # the ratio within each round (the backends ran back to back), then its median over the rounds
+        per_round = statistics.median(e / t for e, t in zip(times[eager], times[name], strict=True))
+        rel = float((outputs[name] - ref_out).abs().max() / ref_out.abs().max())
+        rows.append((label, name, med * 1000, ref / med, per_round, parity, rel, flops,
+                     share_of_peak(flops, med, peak), min(times[name]) * 1000))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list = []
     notes: list[str] = []
+    peak = measure_sgemm_peak()
     g = torch.Generator().manual_seed(0)
     demo = as_pixel_model(load_model("demo:pixel"), "demo:pixel", "bench")
     net = net_module(demo).eval()
     n = args.demo_batch
     run_config(f"demo 3×16×16 b{n}", net, (torch.zeros(1, 3, 16, 16), torch.zeros(1)),
                (torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 1000, (n,), generator=g).float()),
-               args, rows, notes)
+               args, rows, notes, peak)
     if not args.skip_sd:
         unet = conditional_module(sd1_unet())
         params = sum(p.numel() for p in unet.parameters()) / 1e6
@@ -136,15 +155,23 @@ def main(argv: list[str] | None = None) -> int:
         run_config(f"sd1 ({params:.0f}M) 4×{L}×{L} b{n}", unet,
                    (torch.zeros(1, 4, L, L), torch.zeros(1), torch.zeros(1, 77, 768)),
                    (torch.randn(n, 4, L, L, generator=g), torch.full((n,), 500.0),
-                    torch.randn(n, 77, 768, generator=g)), args, rows, notes)
+                    torch.randn(n, 77, 768, generator=g)), args, rows, notes, peak)
+    peak_after = measure_sgemm_peak()  # the CPU is shared: the rate moves with the other jobs' load
 
     import onnxruntime as ort
 
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__}, "
           f"{args.repeats} rounds")
-    print(f"{'config':<26} {'backend':<28} {'median ms':>10} {'× vs eager':>10} {'parity':>10}")
-    for label, name, ms, ratio, parity in rows:
-        print(f"{label:<26} {name:<28} {ms:>10.1f} {ratio:>10.2f} {parity:>10}")
+    print(peak.describe())
+    print(f"(re-measured after the run: {peak_after.flops_per_s / 1e9:.1f} GFLOP/s)")
+    print(f"{'config':<26} {'backend':<28} {'median ms':>10} {'min ms':>8} {'× eager':>8} {'× /round':>8} "
+          f"{'gate':>8} {'rel Δ':>8} {'FLOPs/fwd':>10} {'GFLOP/s':>8} {'% peak':>7}")
+    for label, name, ms, ratio, per_round, parity, rel, flops, share, lo in rows:
+        print(f"{label:<26} {name:<28} {ms:>10.1f} {lo:>8.1f} {ratio:>8.2f} {per_round:>8.2f} {parity:>8} "
+              f"{rel:>8.1e} {fmt_flops(flops):>10} {flops / ms / 1e6:>8.2f} {share:>7.1%}")
+    print("× eager: median eager time / median time; × /round: median over rounds of eager / backend time in that "
+          "round; gate: the parity gate's max relative error (random inputs, batch 2); rel Δ: max |out − eager| / "
+          "max |eager| on the timed inputs")
     for note in notes:
         print(note)
     return 0
