@@ -355,3 +355,14 @@ def test_cli_black_box_classifier_gets_one_line(tmp_path, demo_images):
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "ScoreCAM needs a white-box" in lines[0] and "--region FILE|DIR" in lines[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_region_sources_are_registered_and_listed():
+    from cfx_cli.plugins import get_registry
+    from cfx_cli.regions import plugin_region_sources
+
+    sources = plugin_region_sources()
+    assert sources["scorecam"].__name__ == "ScoreCamRegion" and sources["gradcam"].__name__ == "GradCamRegion"
+    reg = get_registry(warn=False)
+    assert reg.region_sources["scorecam"][1] == "regions_cam"
+    assert reg.plugins["regions_cam"].region_sources == ["scorecam", "gradcam"]
