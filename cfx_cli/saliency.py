@@ -4,7 +4,7 @@ ECED (supplement, alg. 1) finds the region a counterfactual may change as
 ``U = ScoreCAM(I, y, f, l)``, ``M = [u_ij > ξ]``, ``M' = downsample(M)``. This module holds the pieces:
 
 - :func:`score_cam` / :func:`grad_cam`: (N, H, W) maps in [0, 1] at the input's resolution;
-- :func:`default_layer`: the layer used when none is named (the last ``Conv2d``);
+- :func:`default_layer`: the layer used when none is named (the last ``Conv2d``, rectified);
 - :func:`key_region`: the threshold ``M = U > ξ``;
 - :func:`latent_mask`: ``M' = downsample(M)`` to the latent grid of a latent diffusion model.
 
@@ -149,9 +149,9 @@ def _capture(forward: Callable, target: Any, layer: str, images: torch.Tensor) -
         scores = forward(images)
     finally:
         handle.remove()
-    if "a" not in store:  # never called, or a TorchScript module (scripted code does not run Python hooks)
-        raise UsageError(f"CAM layer {layer!r} did not run in the classifier's forward pass (CAMs need an eager "
-                         "torch module: a TorchScript model does not call hooks; load it with a python: spec)")
+    if "a" not in store:
+        raise UsageError(f"CAM layer {layer!r} is a module of the classifier that its forward pass never calls: "
+                         "name another layer")
     return scores, _feature_maps(store["a"], layer)
 
 
@@ -160,9 +160,9 @@ def probe_layer(module: Any, layer: str | None, size: Sequence[int]) -> tuple[st
     before any real work that the layer exists, runs, and gives (N, C, h, w) feature maps."""
     import torch
 
-    forward, _ = _forward_and_root(module)
+    forward, root = _forward_and_root(module)
     name, target = find_layer(module, layer)
-    device = getattr(module, "device", None) or next((p.device for p in target.parameters()), "cpu")
+    device = getattr(module, "device", None) or next((p.device for p in root.parameters()), "cpu")
     with torch.no_grad():
         _, acts = _capture(forward, target, name, torch.zeros(1, 3, int(size[0]), int(size[1]), device=device))
     return name, tuple(acts.shape)

@@ -366,3 +366,41 @@ def test_region_sources_are_registered_and_listed():
     reg = get_registry(warn=False)
     assert reg.region_sources["scorecam"][1] == "regions_cam"
     assert reg.plugins["regions_cam"].region_sources == ["scorecam", "gradcam"]
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet block layout: conv/bn ×3, one shared in-place ReLU (registered after bn3), residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += x
+        return self.relu(out)
+
+
+def test_resnet_style_block_default_layer_is_the_block_output():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), Bottleneck(8), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 3)).eval()
+    assert saliency.default_layer(net) == "2.relu"  # read at its last call: the block's output
+    x = torch.rand(2, 3, 12, 12)
+    store = {}
+    handle = net[2].register_forward_hook(lambda m, i, o: store.update(block=o.detach().clone()))
+    grad_cam_maps = saliency.grad_cam(net, None, x, [0, 1])
+    handle.remove()
+    assert saliency.probe_layer(net, None, (12, 12)) == ("2.relu", (1, 8, 12, 12))
+    # Grad-CAM from the block output read directly: α = mean gradient of the logit = the linear weight / (h·w)
+    alpha = net[5].weight[[0, 1]] / 144
+    expect = torch.relu((alpha[:, :, None, None] * store["block"]).sum(1))
+    expect = (expect - expect.amin((1, 2), keepdim=True)) / (expect.amax((1, 2), keepdim=True)
+                                                             - expect.amin((1, 2), keepdim=True))
+    assert torch.allclose(grad_cam_maps, expect, atol=1e-5)
+    assert saliency.score_cam(net, None, x, [0, 1]).shape == (2, 12, 12)
