@@ -222,6 +222,9 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         "batch_size": req.batch_size,
         "device": device,
         "device_name": describe_device(device),
+        # what was asked for; each record's params say what each method's forward calls actually ran on
+        "backend": {k: req.options.get(k) for k in ("backend", "backend_precision", "channels_last", "compile")
+                    if req.options.get(k) is not None},
         "versions": _versions(),
         "inputs": list(req.inputs),
         "mask": req.mask,
