@@ -87,6 +87,10 @@ def explain(
     fit_data: Annotated[str | None, typer.Option("--fit-data", help="TIME: fit the tokens now on this folder of training images.")] = None,
     seeds: Annotated[int | None, typer.Option("--seeds", help="N explanations per input, seeds SEED…SEED+N-1 (extra ones in RUN_DIR/seeds/K).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="Forward-only diffusion-network calls: auto (a validated `cfx accelerate` build if cached, else torch), torch, onnx or tensorrt.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="Precision of the forward-only calls on --backend: fp32, fp16 or bf16 (gradients stay in the model's own precision).")] = "fp32",
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="torch backend: run the forward-only calls in channels_last memory format.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the forward-only calls (slow first batch).")] = False,
+    compile_mode: Annotated[str, typer.Option("--compile-mode", help="With --compile: default, reduce-overhead (CUDA graphs) or max-autotune.")] = "default",
 ) -> None:
     """Explain every image: write counterfactuals and a manifest into a run directory."""
     from cfx_cli.params import parse_set_options
@@ -121,7 +125,8 @@ def explain(
         labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(region, "region", cfg.get("mask")), shard=shard,
         executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
         options={"debug": os.environ.get("CFX_DEBUG") == "1", "tokens": tokens, "fit_data": fit_data,
-                 "backend": _check_backend(backend)},
+                 "backend": _check_backend(backend), "backend_precision": _check_precision(precision),
+                 "channels_last": channels_last, "compile": _check_compile(compile_, compile_mode)},
         seeds=int(pick(seeds, "seeds", 1)),
     )
     from cfx_cli.pipeline import run_explain_seeds
@@ -329,7 +334,7 @@ def plugins(
     for i in infos:
         provides = ", ".join(
             [f"explainer {x}" for x in i.explainers] + [f"classifier {x}:" for x in i.classifier_adapters]
-            + [f"metric {x}" for x in i.metrics]
+            + [f"metric {x}" for x in i.metrics] + [f"region {x}:" for x in i.region_sources]
         )
         table.add_row(i.name, i.distribution + (" (built-in)" if i.builtin else ""), i.version,
                       provides or "–", f"error: {i.error}" if i.error else "ok")
@@ -425,6 +430,23 @@ def models(
         typer.echo("  (none)")
     for c in data["cached"]:
         typer.echo(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['kind']}  {c['path']}")
+
+
+def _check_compile(enabled: bool, mode: str) -> bool | str:
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if mode not in modes:
+        raise UsageError(f"--compile-mode {mode!r}: expected one of {', '.join(modes)}")
+    if mode != "default" and not enabled:
+        raise UsageError("--compile-mode needs --compile")
+    return (mode if mode != "default" else True) if enabled else False
+
+
+def _check_precision(name: str) -> str:
+    from cfx_cli.backends.base import PRECISIONS
+
+    if name not in PRECISIONS:
+        raise UsageError(f"--precision {name!r}: expected one of {', '.join(PRECISIONS)}")
+    return name
 
 
 def _check_backend(name: str) -> str:

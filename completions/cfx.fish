@@ -55,6 +55,10 @@ complete -c cfx -n '__fish_seen_subcommand_from explain' -l tokens -r -F -d 'TIM
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l fit-data -r -F -d 'TIME - fit the tokens now on this folder of training images'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l seeds -r -F -d 'N explanations per input, seeds SEED…SEED+N-1 (extra ones in RUN_DIR/seeds/K)'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l backend -r -F -d 'Forward-only diffusion-network calls - auto (a validated `cfx accelerate` build if cached, else torch), torch, onnx or tensorrt'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l precision -r -F -d 'Precision of the forward-only calls on --backend - fp32, fp16 or bf16 (gradients stay in the models own precision)'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l channels-last -d 'torch backend - run the forward-only calls in channels_last memory format'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l compile -d 'torch backend - torch'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l compile-mode -r -F -d 'With --compile - default, reduce-overhead (CUDA graphs) or max-autotune'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l help -d 'Show help and exit'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -F
 complete -c cfx -n '__fish_seen_subcommand_from export' -l layout -r -F -d 'Folder layout to write - ace (ACE/DiME evaluation scripts)'

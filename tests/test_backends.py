@@ -194,3 +194,62 @@ def test_ace_refinement_through_onnx_matches_torch(tmp_path, monkeypatch, demo_i
     for i, (a, b) in enumerate(zip(outs["torch"], outs["onnx"], strict=True)):
         assert (a.counterfactual - b.counterfactual).abs().max() <= 1e-3
         assert (a.counterfactual - images[i]).abs().max() > 0.05  # a real edit happened (not a copy)
+
+
+@pytest.mark.slow
+def test_time_through_onnx_matches_torch_and_accelerate_feeds_auto(tmp_path, monkeypatch, demo_images):
+    """In-process: TIME on 3 demo digits with --backend onnx vs torch (UNet ε, VAE encode and decode on ONNX
+    Runtime); the counterfactuals agree within 1e-3, and `cfx accelerate demo:latent` builds what auto uses."""
+    from cfx_cli.classifiers import ClassifierOptions, load_classifier
+    from cfx_cli.explainers import ExplainBatch, ExplainContext
+    from cfx_cli.images import decode
+    from cfx_cli.params import resolve_params
+    from cfx_cli.pipeline import get_explainer_class
+
+    monkeypatch.setenv("CFX_CACHE_DIR", str(tmp_path / "cache"))
+    clf = load_classifier("demo:digits", ClassifierOptions())
+    cls = get_explainer_class("time")
+    params = resolve_params("time", cls.params, cls.presets, {"preset": "digits", "schedule": "10:2"})
+    paths = sorted(demo_images.glob("*.png"))[:3]
+    images = torch.from_numpy(np.stack([decode(p) for p in paths])).permute(0, 3, 1, 2).float().contiguous()
+    sources = clf.predict_proba(images).argmax(1)
+    batch = ExplainBatch(ids=[p.stem for p in paths], images=images, targets=(sources + 3) % 10,
+                         sources=sources, seeds=[0, 1, 2])
+    outs = {}
+    for backend in ("torch", "onnx", "auto"):
+        exp = cls(ExplainContext(classifier=clf, params=params, options={"backend": backend}))
+        outs[backend] = exp.explain(batch)
+        if backend == "onnx":
+            r = run_cfx("accelerate", "demo:latent", env={"CFX_CACHE_DIR": str(tmp_path / "cache")})
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.count("cached build reused") == 3, r.stdout  # unet, vae decoder, vae encoder
+    assert [o.params["backend"] for o in outs["torch"]] == ["torch (fp32)"] * 3
+    assert [o.params["backend"] for o in outs["onnx"]] == ["onnx (CPU, fp32)"] * 3
+    assert [o.params["backend"] for o in outs["auto"]] == ["onnx (CPU, fp32)"] * 3  # the validated cache
+    for i, (a, b) in enumerate(zip(outs["torch"], outs["onnx"], strict=True)):
+        assert (a.counterfactual - b.counterfactual).abs().max() <= 1e-3
+        assert (a.counterfactual - images[i]).abs().max() > 0.05  # a real edit happened (not a copy)
+
+
+def test_torch_backend_precision_and_compile_mode_options(tmp_path, demo_images):
+    from cfx_cli.backends import TorchBackend
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(),
+                              torch.nn.Conv2d(8, 3, 3, padding=1)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = net(x)
+    for precision, tol in (("fp32", 1e-6), ("bf16", 5e-2)):
+        b = TorchBackend(net, precision, channels_last=True)
+        err = float((b(x) - ref).abs().max() / ref.abs().max())
+        assert err <= tol and b.name == f"torch ({precision}, channels_last)"
+    assert net[0].weight.dtype == torch.float32  # the caller's module is never converted
+    low = TorchBackend(net.to(torch.bfloat16), "fp32")  # a low-precision model gets an fp32 copy
+    assert low(x).dtype == torch.float32 and low.module[0].weight.dtype == torch.float32
+    assert net[0].weight.dtype == torch.bfloat16
+    for args, message in ((["--precision", "fp8"], "--precision 'fp8'"),
+                          (["--compile-mode", "reduce-overhead"], "--compile-mode needs --compile"),
+                          (["--compile", "--compile-mode", "fast"], "--compile-mode 'fast'")):
+        r = run_cfx("explain", str(demo_images), "-m", "pgd", "-o", str(tmp_path / "x"), *args)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

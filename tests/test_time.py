@@ -196,6 +196,7 @@ def _explainer(fitted, classifier, schedule="2:1,3:2", edict="exact"):
     r = fitted["result"]
     install_artifact(fitted["model"], r.vectors, r.meta)
     exp._gen = TimeGenerator(fitted["model"], r.meta)
+    exp._backend = fitted["model"].use_backend(ctx)
     assert build_generator  # the on-disk path is covered by the CLI test
     return exp
 

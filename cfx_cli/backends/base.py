@@ -40,7 +40,7 @@ class TorchBackend(ForwardBackend):
     """Eager torch (the reference): fp32 by default, optional fp16/bf16 copy, channels_last, ``torch.compile``."""
 
     def __init__(self, module: Any, precision: str = "fp32", channels_last: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool | str = False) -> None:
         import copy
 
         import torch
@@ -48,14 +48,21 @@ class TorchBackend(ForwardBackend):
         if precision not in PRECISIONS:
             raise BackendError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        if precision != "fp32" or channels_last:  # never mutate the caller's module
+        param = next(iter(module.parameters()), None)
+        own = param.dtype if param is not None else torch.float32
+        if own != self.dtype or channels_last:  # never mutate the caller's module
             module = copy.deepcopy(module).to(self.dtype)
             if channels_last:
                 module = module.to(memory_format=torch.channels_last)
         self.module = module.eval()
         self.channels_last = channels_last
-        self.fn = torch.compile(self.module) if compile else self.module
-        flags = [precision] + (["channels_last"] if channels_last else []) + (["compile"] if compile else [])
+        # compile=True is torch.compile's default mode; a mode name (e.g. "reduce-overhead": CUDA graphs, which
+        # removes the per-kernel launch cost that dominates a UNet call on a fast GPU) is passed through
+        mode = compile if isinstance(compile, str) and compile not in ("default", "") else None
+        self.fn = torch.compile(self.module, mode=mode) if compile else self.module
+        self.graphs = mode in ("reduce-overhead", "max-autotune")
+        flags = [precision] + (["channels_last"] if channels_last else []) + \
+            ([f"compile {mode}" if mode else "compile"] if compile else [])
         self.name = f"torch ({', '.join(flags)})"
 
     def __call__(self, *inputs):
@@ -69,7 +76,9 @@ class TorchBackend(ForwardBackend):
                     t = t.contiguous(memory_format=torch.channels_last)
             args.append(t)
         with torch.no_grad():
-            return self.fn(*args).float()
+            out = self.fn(*args)
+        # CUDA-graph outputs live in a static buffer that the next replay overwrites
+        return out.clone().float() if self.graphs else out.float()
 
 
 def _notice(message: str) -> None:
@@ -121,15 +130,17 @@ _BUILT: dict[tuple, ForwardBackend] = {}
 def forward_backend(context: Any, module: Any, example_inputs: Sequence[Any], label: str = "model") -> ForwardBackend:
     """The backend an explainer should use for forward-only calls of ``module``, from ``context.options``:
     ``backend`` (auto|torch|onnx|tensorrt, default auto), ``backend_precision`` (fp32|fp16|bf16),
-    ``channels_last`` and ``compile`` (torch only). Built once per process and input shape."""
+    ``channels_last`` and ``compile`` (torch only; true or a torch.compile mode such as ``reduce-overhead``).
+    Built once per process and input shape."""
     opts = getattr(context, "options", {}) or {}
     backend = opts.get("backend") or "auto"
     precision = opts.get("backend_precision") or "fp32"
     device = getattr(context, "device", "cpu")
-    key = (id(module), backend, precision, device, bool(opts.get("channels_last")), bool(opts.get("compile")),
+    compile_opt = opts.get("compile") or False
+    key = (id(module), backend, precision, device, bool(opts.get("channels_last")), compile_opt,
            tuple(tuple(getattr(t, "shape", ()))[1:] for t in example_inputs))
     if key not in _BUILT:
         _BUILT[key] = build_backend(module, example_inputs, backend, precision, device,
-                                    channels_last=bool(opts.get("channels_last")), compile=bool(opts.get("compile")),
+                                    channels_last=bool(opts.get("channels_last")), compile=compile_opt,
                                     label=label)
     return _BUILT[key]

@@ -143,14 +143,20 @@ class OnnxBackend(ForwardBackend):
         return torch.from_numpy(out).float().to(inputs[0].device)
 
 
+def _check_provider(providers: list) -> None:
+    import onnxruntime as ort
+
+    first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+    available = ort.get_available_providers()
+    if first not in available:
+        raise BackendError(f"onnxruntime {ort.__version__} has no {first} (available: {', '.join(available)})")
+
+
 def _session(path: Path, providers: list, kind: str, device: str):
     import onnxruntime as ort
 
     wanted = [p if isinstance(p, str) else p[0] for p in providers]
-    available = ort.get_available_providers()
-    missing = [p for p in wanted[:1] if p not in available]
-    if missing:
-        raise BackendError(f"onnxruntime {ort.__version__} has no {missing[0]} (available: {', '.join(available)})")
+    _check_provider(providers)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
@@ -229,6 +235,7 @@ def build(module, example_inputs, kind: str, precision: str, device: str, *, cac
     path = folder / "model.onnx"
     meta_path = folder / "meta.json"
     providers = providers_for(kind, device, folder, precision)  # before exporting: a missing GPU fails fast
+    _check_provider(providers)  # likewise a missing execution provider (an SD UNet export takes minutes)
     if not path.is_file():
         try:
             import onnx  # noqa: F401  (the TorchScript exporter writes the protobuf through it)

@@ -62,6 +62,8 @@ Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:latent (the default; t
         parse_schedule(self.params["schedule"])  # a bad schedule is a usage error before any work
         # model, tokens and their checks (or the on-the-fly fit) before the first image
         self._gen = build_generator(context)
+        # forward-only UNet/VAE calls on --backend (after any token fitting, whose gradients stay in torch)
+        self._backend = self._gen.model.use_backend(context)
 
     def _generator(self):
         return self._gen
@@ -97,7 +99,8 @@ Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:latent (the default; t
                 outputs[i] = ExplainOutput(
                     counterfactual=imgs[j],
                     params={"attempt": attempt, "tau": tau, "w": w, "steps": p["steps"], "p": p["p"],
-                            "edict": p["edict"], "flipped_at_attempt": bool(flipped[j])},
+                            "edict": p["edict"], "flipped_at_attempt": bool(flipped[j]),
+                            "backend": self._backend},
                 )
                 if not bool(flipped[j]):
                     still.append(i)

@@ -30,6 +30,21 @@ class LatentT2I:
     model_id: str
     resolution: int  # image side the VAE/UNet pair works at (latent side × VAE downsampling)
     device: str = "cpu"
+    #: forward-only calls on the ``--backend`` (``cfx_cli.backends.latent.LatentForward``); None = the modules
+    forward: Any = None
+
+    def use_backend(self, context) -> str:
+        """Route the forward-only calls (UNet ε, VAE encode/decode) through ``context``'s backend choice;
+        returns the backend's description for the run record."""
+        from cfx_cli.backends.latent import latent_forward
+
+        side = self.resolution // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        channels = int(self.unet.config.in_channels)
+        seq = int(self.tokenizer.model_max_length)
+        fwd = latent_forward(context, self.unet, self.vae, (channels, side, side), (seq, self.embedding_dim),
+                             label=self.model_id)
+        self.forward = None if fwd.direct else fwd
+        return fwd.describe()
 
     @property
     def scaling_factor(self) -> float:
@@ -49,17 +64,28 @@ class LatentT2I:
 
         if isinstance(t, int):
             t = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
+        if self.forward is not None and not torch.is_grad_enabled():  # gradients (token fitting) stay in torch
+            return self.forward.unet(z.float(), t.float(), embeds.float()).float()
         return self.unet(z.to(self.dtype), t, encoder_hidden_states=embeds.to(self.dtype)).sample.float()
 
     def encode_images(self, images, *, sample: bool = False, generator=None):
         """Images (N, 3, R, R) in [0, 1] → latents × scaling (posterior mean, or a sample), float32."""
+        import torch
+
+        if self.forward is not None and not sample and not torch.is_grad_enabled():
+            return self.forward.encode((images * 2 - 1).to(self.device).float()).float() * self.scaling_factor
         dist = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist
         z = dist.sample(generator=generator) if sample else dist.mean
         return z.float() * self.scaling_factor
 
     def decode_latents(self, z):
         """Latents × scaling → images in [0, 1], float32."""
-        img = self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample.float()
+        import torch
+
+        if self.forward is not None and not torch.is_grad_enabled():
+            img = self.forward.decode((z / self.scaling_factor).float()).float()
+        else:
+            img = self.vae.decode((z / self.scaling_factor).to(self.vae.dtype)).sample.float()
         return (img.clamp(-1, 1) + 1) / 2
 
     def encode_prompts(self, prompts: list[str]):
