@@ -11,8 +11,8 @@ Backends (``--backend`` of ``cfx explain --method time``, via ``LatentT2I.use_ba
 the modules' own calls: the reference) and ``onnx`` (the forward-only UNet and VAE calls on ONNX Runtime; export
 and parity gate go to a temporary cache and happen before timing). In each round every (backend, batch) pair
 runs in turn, so they share the machine's conditions. × torch = torch's median ÷ this row's at the same batch;
-max |Δ| = the largest difference between this backend's counterfactual images (batch N, in [0, 1]) and
-torch's.
+max |Δ| = the largest difference between this backend's counterfactual images (in [0, 1]) and torch's at the
+same batch size; the last line compares torch's batch-N images with its batch-1 images.
 
 FLOPs per explanation: matmul/conv/attention FLOPs (bench/flops.py) of that step for one image on torch (the
 prompt embeddings are cached, as in a run; every backend does the same arithmetic). Share of peak: FLOPs ÷
@@ -97,7 +97,8 @@ def main() -> None:
                                             "exact", tuple(imgs.shape[-2:])))
         return (time.perf_counter() - t0) / args.batch, torch.cat(outs)
 
-    cfs = {b: run(b, args.batch)[1] for b in names}  # warm-up (also caches the prompt embeddings)
+    for b in names:  # warm-up (also caches the prompt embeddings)
+        run(b, args.batch)
 
     def one_image():
         model.forward = None
@@ -109,13 +110,13 @@ def main() -> None:
     peak = measure_sgemm_peak()
     batches = (1, args.batch)
     times: dict[tuple[str, int], list[float]] = {(b, n): [] for b in names for n in batches}
+    cfs: dict[tuple[str, int], torch.Tensor] = {}
     for _ in range(args.repeats):
         for n in batches:
             for b in names:
                 dt, out = run(b, n)
                 times[(b, n)].append(dt)
-                if n == args.batch:
-                    cfs[b] = out
+                cfs[(b, n)] = out
     tmp.cleanup()
     print(f"TIME counterfactual step, model {args.model}, τ={args.tau}/{args.steps}, {args.batch} images, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
@@ -125,14 +126,16 @@ def main() -> None:
           f"{'GFLOP/s':>8} {'% peak':>7} {'max |Δ|':>8}")
     for b in names:
         base = statistics.median(times[(b, 1)])
-        diff = float((cfs[b] - cfs["torch"]).abs().max())
         for n in batches:
+            diff = float((cfs[(b, n)] - cfs[("torch", n)]).abs().max())
             t = times[(b, n)]
             med = statistics.median(t)
             ref = statistics.median(times[("torch", n)])
             print(f"{described[b]:<34} {n:>5} {med:>8.4f} {min(t):>7.4f} {max(t):>7.4f} {base / med:>8.2f}x "
                   f"{ref / med:>7.2f}x {flops / med / 1e9:>8.2f} {share_of_peak(flops, med, peak):>7.1%} "
                   f"{diff:>8.1e}")
+    batching = float((cfs[("torch", args.batch)] - cfs[("torch", 1)]).abs().max())
+    print(f"torch batch {args.batch} vs batch 1: max |Δ| {batching:.1e}")
 
 
 if __name__ == "__main__":
