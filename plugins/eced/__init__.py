@@ -31,6 +31,8 @@ class ECED(Explainer):
         Param("cam", "str", "scorecam", "visual explanation of Alg. 1", choices=("scorecam", "gradcam")),
         Param("layer", "str", "", "classifier layer for the CAM (module name; '' = the saliency module's "
               "default, the last convolution)"),
+        Param("latent_mode", "str", "nearest", "M' = downsample(M): nearest (Blended Latent Diffusion's rule), "
+              "any (a latent cell touching the region), majority", choices=("nearest", "any", "majority")),
         Param("prompt", "str", "A photo of a/an {target}", "target prompt template; {target} is the class "
               "name, a/an becomes the fitting article"),
         Param("class_names", "str", "", "comma list of the words used for the classes in the prompt "
@@ -58,8 +60,8 @@ class ECED(Explainer):
         "celebahq": {"prompt": "A photo of a/an {target} face"},
         # the embedded demo: demo:latent was trained on "a handwritten digit three" (generators.caption);
         # T₂, τ, lr and guidance tuned here (docs/methods/eced.md)
-        "digits": {"prompt": "a handwritten digit {target}", "class_names": DIGIT_NAMES, "xi": 0.5,
-                   "steps": 50, "tau": 10, "guidance": 3.0, "iterations": 20, "lr": 0.1},
+        "digits": {"prompt": "a handwritten digit {target}", "class_names": DIGIT_NAMES, "xi": 0.2,
+                   "steps": 50, "tau": 10, "guidance": 3.0, "iterations": 20, "lr": 0.1, "bg_lr_decoder": 1e-3},
     }
     auto_presets = {"demo:digits": "digits"}
     description = """
@@ -112,13 +114,10 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
         from cfx_cli import saliency
 
         p = self.params
-        module = getattr(self.context.classifier, "module", None)
-        if module is None:
-            raise UsageError(f"eced: the key region needs the classifier's torch module for {p['cam']}; "
-                             f"{self.context.classifier.spec} has none: pass --region FILE|DIR")
-        layer = p["layer"] or saliency.default_layer(module)
+        clf = self.context.classifier  # the saliency module runs it through its own logits (preprocessing)
+        layer = p["layer"] or saliency.default_layer(clf)
         cam_fn = saliency.score_cam if p["cam"] == "scorecam" else saliency.grad_cam
-        maps = cam_fn(module, layer, images, sources)
+        maps = cam_fn(clf, layer, images, sources)
         mask = torch.as_tensor(saliency.key_region(maps, p["xi"])).float()
         return _as_n1hw(mask, len(images)).to(images.device), layer
 
@@ -127,7 +126,8 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
 
         from cfx_cli import saliency
 
-        lat = torch.as_tensor(saliency.latent_mask(pixel_mask, tuple(latent_hw))).float()
+        lat = torch.as_tensor(saliency.latent_mask(pixel_mask, tuple(latent_hw), mode=self.params["latent_mode"]))
+        lat = lat.float()
         return (_as_n1hw(lat, pixel_mask.shape[0]) > 0.5).float().to(pixel_mask.device)
 
     # -- prompts -----------------------------------------------------------------------------------------------

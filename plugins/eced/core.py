@@ -131,7 +131,7 @@ def preserve_background(vae, scaling: float, image: torch.Tensor, z_f: torch.Ten
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            last = float(loss)
+            last = float(loss.detach())
             if i == 0:
                 first = last
     decoder.requires_grad_(False)
