@@ -182,7 +182,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
 
 # -- the explainer --------------------------------------------------------------------------------------------
 def test_alg2_tunes_a_copy_and_never_the_loaded_models():
-    exp = _explainer({"iterations": 2, "bg_iterations": 15})
+    exp = _explainer({"iterations": 2, "bg_iterations": 80})
     m, clf = exp.model, exp.context.classifier
     before = _state_hash(m.vae, m.unet, m.text_encoder), _state_hash(clf.module)
     batch = _batch(["digit-05-label5", "digit-08-label8"])
