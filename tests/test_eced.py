@@ -12,10 +12,11 @@ from tests.conftest import fixture_dir, run_cfx
 
 
 def _explainer(overrides=None, model=None, preset="digits"):
+    from cfx_plugins.eced import ECED
+
     from cfx_cli.classifiers import ClassifierOptions, load_classifier
     from cfx_cli.explainers import ExplainContext
     from cfx_cli.params import resolve_params
-    from cfx_plugins.eced import ECED
 
     sets = {"preset": preset, **(overrides or {})} if preset else dict(overrides or {})
     params = resolve_params("eced", ECED.params, ECED.presets, sets)
@@ -116,8 +117,9 @@ def test_proposition_1_and_2_through_the_demo_denoising_chain_and_decoder():
 
 # -- the pieces -----------------------------------------------------------------------------------------------
 def test_prompt_template_and_class_names():
-    from cfx_cli.errors import UsageError
     from cfx_plugins.eced.core import class_names, fill_prompt
+
+    from cfx_cli.errors import UsageError
 
     assert fill_prompt("A photo of a/an {target}", "owl") == "A photo of an owl"
     assert fill_prompt("A photo of a/an {target}", "zebra") == "A photo of a zebra"
@@ -146,7 +148,7 @@ def test_chain_levels_end_with_the_background_at_alpha_0():
     assert [lv.t for lv in levels] == [181 - 20 * k for k in range(10)]
     assert start == pytest.approx(float(ac[181]))
     assert levels[-1].ab_bg == pytest.approx(float(ac[0]))  # α_0 = 1 − β_0
-    assert all(a.ab_prev == pytest.approx(b.ab_t) for a, b in zip(levels, levels[1:]))
+    assert all(a.ab_prev == pytest.approx(b.ab_t) for a, b in zip(levels, levels[1:], strict=False))
 
 
 def test_background_mse_is_eq_12():
