@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--seeds", type=int, default=3, help="runs per row with run seeds 0..N-1 (pooled)")
+    ap.add_argument("--no-attack-rows", action="store_true",
+                    help="also run both rows with iterations=0: the blended chain's first image I^(0), no attack")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     sets = dict(item.split("=", 1) for item in args.set)
@@ -85,6 +87,12 @@ def main() -> None:
     for label, r in rows:
         print(f"| {label} | {r['bg_median']:.6f} | {r['bg_mean']:.6f} | {r['flip_rate']:.1%} | "
               f"{r['s_per_image']:.2f} |")
+    if args.no_attack_rows:
+        for label, flag in (("T₂ = 0, with Alg. 2", "true"), ("T₂ = 0, without Alg. 2", "false")):
+            res = run_seeds(base / f"t0-preserve-{flag}", {**sets, "preserve_background": flag, "iterations": 0},
+                            args.limit, args.seeds)
+            print(f"| {label} | {res['bg_median']:.6f} | {res['bg_mean']:.6f} | {res['flip_rate']:.1%} | "
+                  f"{res['s_per_image']:.2f} |")
     with_, without = rows[0][1], rows[1][1]
     print()
     print(f"ratio bg MSE (median) without / with Alg. 2: {without['bg_median'] / max(with_['bg_median'], 1e-12):.2f}×")
