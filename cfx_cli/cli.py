@@ -329,7 +329,7 @@ def plugins(
     for i in infos:
         provides = ", ".join(
             [f"explainer {x}" for x in i.explainers] + [f"classifier {x}:" for x in i.classifier_adapters]
-            + [f"metric {x}" for x in i.metrics]
+            + [f"metric {x}" for x in i.metrics] + [f"region {x}:" for x in i.region_sources]
         )
         table.add_row(i.name, i.distribution + (" (built-in)" if i.builtin else ""), i.version,
                       provides or "–", f"error: {i.error}" if i.error else "ok")

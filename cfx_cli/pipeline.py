@@ -161,14 +161,25 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     mask_source = make_region_source(req.mask, region_options) if req.mask else None
     if mask_source is not None and not explainer_cls.uses_region:
         raise UsageError(f"method {req.method!r} does not accept a region (--region/--mask)")
-    if region_options and not (mask_source is not None and mask_source.spec == "auto"):
-        raise UsageError(f"--set {sorted(region_options)[0]}: region options apply to --region auto only")
+    if region_options:  # each source reads its own --set region_* options (auto: AUTO_OPTIONS)
+        accepted = mask_source.option_defaults if mask_source is not None else {}
+        foreign = sorted(set(region_options) - set(accepted))
+        if foreign:
+            where = (f"--region {mask_source.spec} reads {', '.join(accepted)}" if accepted
+                     else "region options apply to --region auto only (or a region source that reads them)")
+            raise UsageError(f"--set {foreign[0]}: {where}")
 
     device = resolve_device(req.device)
     labels = read_labels_file(req.labels_file) if req.labels_file else None
     classifier = load_classifier(
         spec, ClassifierOptions(device=device, labels=labels, trust_pickle=req.trust_pickle)
     )
+    if mask_source is not None:
+        try:
+            mask_source.check(classifier)
+        except BaseException:
+            classifier.close()
+            raise
     missing = set(explainer_cls.requires) - set(classifier.capabilities)
     if missing:
         bb = ", ".join(black_box_methods()) or "none installed"
@@ -214,7 +225,8 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         "versions": _versions(),
         "inputs": list(req.inputs),
         "mask": req.mask,
-        "region_options": mask_source.options if mask_source is not None and mask_source.spec == "auto" else None,
+        "region_options": (mask_source.options or None) if mask_source is not None and (
+            mask_source.spec == "auto" or mask_source.option_defaults) else None,
         "shard": req.shard,
         "command": _redacted_argv(),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),

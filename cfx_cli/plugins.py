@@ -31,6 +31,7 @@ class PluginInfo:
     explainers: list[str] = field(default_factory=list)
     classifier_adapters: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
+    region_sources: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Registry:
     explainers: dict[str, tuple[type, str]] = field(default_factory=dict)
     classifier_adapters: dict[str, tuple[type, str]] = field(default_factory=dict)
     metrics: dict[str, tuple[type, str]] = field(default_factory=dict)
+    region_sources: dict[str, tuple[type, str]] = field(default_factory=dict)
     plugins: dict[str, PluginInfo] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -112,6 +114,7 @@ def get_registry(warn: bool = True) -> Registry:
         ("register_explainers", reg.explainers, "name", "explainers"),
         ("register_classifier_adapters", reg.classifier_adapters, "schemes", "classifier_adapters"),
         ("register_metrics", reg.metrics, "name", "metrics"),
+        ("register_region_sources", reg.region_sources, "scheme", "region_sources"),
     ):
         hook = getattr(pm.hook, hook_name)
         for impl in hook.get_hookimpls():  # registration order: the first plugin to claim a name keeps it

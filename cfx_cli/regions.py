@@ -40,11 +40,17 @@ class RegionSource:
     summary: ClassVar[str] = ""
     #: does mask_for need the image and the classifier (``image=``, ``classifier=``)?
     needs_classifier: ClassVar[bool] = False
+    #: the ``--set region_*`` options this source reads, with their defaults (others are refused)
+    option_defaults: ClassVar[dict[str, Any]] = {}
     spec: str = ""
 
     def __init__(self, arg: str, options: dict[str, Any] | None = None) -> None:
         self.arg = arg
         self.options = dict(options or {})
+
+    def check(self, classifier: Any) -> None:
+        """Called once with the loaded classifier before any work: raise :class:`UsageError` if this source
+        cannot work with it (e.g. it needs gradients from a black box)."""
 
     def mask_for(self, item: InputImage, size: tuple[int, int], image: np.ndarray | None = None,
                  classifier: Any = None) -> np.ndarray:
@@ -95,6 +101,7 @@ class AutoRegion(RegionSource):
     scheme = "auto"
     summary = "Integrated Gradients of the predicted class, c×c cells covering a fraction a of the area"
     needs_classifier = True
+    option_defaults = AUTO_OPTIONS
 
     def __init__(self, arg: str = "", options: dict[str, Any] | None = None) -> None:
         opts = {**AUTO_OPTIONS, **(options or {})}
@@ -236,8 +243,13 @@ def split_region_options(set_options: dict[str, Any]) -> tuple[dict[str, Any], d
     region = {k: v for k, v in set_options.items() if k.startswith("region_")}
     rest = {k: v for k, v in set_options.items() if not k.startswith("region_")}
     unknown = set(region) - set(AUTO_OPTIONS)
-    if unknown:
-        raise UsageError(f"--set {sorted(unknown)[0]}: unknown region option (known: {', '.join(AUTO_OPTIONS)})")
+    if unknown:  # plugin sources declare theirs (option_defaults); only then is the registry consulted
+        known = dict(AUTO_OPTIONS)
+        for cls in plugin_region_sources().values():
+            known.update(cls.option_defaults)
+        unknown -= set(known)
+        if unknown:
+            raise UsageError(f"--set {sorted(unknown)[0]}: unknown region option (known: {', '.join(known)})")
     return rest, region
 
 

@@ -4,7 +4,7 @@ ECED (supplement, alg. 1) finds the region a counterfactual may change as
 ``U = ScoreCAM(I, y, f, l)``, ``M = [u_ij > ξ]``, ``M' = downsample(M)``. This module holds the pieces:
 
 - :func:`score_cam` / :func:`grad_cam`: (N, H, W) maps in [0, 1] at the input's resolution;
-- :func:`default_layer`: the layer used when none is named (the last ``Conv2d``);
+- :func:`default_layer`: the layer used when none is named (the last ``Conv2d``, rectified);
 - :func:`key_region`: the threshold ``M = U > ξ``;
 - :func:`latent_mask`: ``M' = downsample(M)`` to the latent grid of a latent diffusion model.
 
@@ -31,16 +31,24 @@ LATENT_MODES = ("nearest", "any", "majority")
 # --------------------------------------------------------------------------------------------- layers
 def _forward_and_root(module: Any) -> tuple[Callable, Any]:
     """(images → scores callable, the nn.Module whose ``named_modules`` name the layers)."""
+    import torch
     from torch import nn
 
-    if isinstance(module, nn.Module):
-        return module, module
-    inner = getattr(module, "module", None)
-    if isinstance(inner, nn.Module) and callable(getattr(module, "logits", None)):
-        return module.logits, inner  # a white-box classifier: its preprocessing is part of the forward
     spec = getattr(module, "spec", type(module).__name__)
+    if isinstance(module, nn.Module):
+        forward, root = module, module
+    elif isinstance(getattr(module, "module", None), nn.Module) and callable(getattr(module, "logits", None)):
+        forward, root = module.logits, module.module  # a white-box classifier: its preprocessing is in the forward
+    else:
+        forward = root = None
+    if root is not None:
+        if any(isinstance(m, torch.jit.ScriptModule) for m in root.modules()):
+            raise UsageError(f"ScoreCAM/Grad-CAM need an eager torch module; {spec} is TorchScript, whose compiled "
+                             "forward does not call the hooks that read a layer: load the model with a python: "
+                             "spec, or pass a mask with --region FILE|DIR")
+        return forward, root
     raise UsageError(f"ScoreCAM/Grad-CAM need a white-box classifier (a torch module); {spec} is a black box: "
-                     "pass --region FILE|DIR (a mask) or --region auto instead")
+                     "pass a mask with --region FILE|DIR instead")
 
 
 def conv_layers(module: Any) -> list[str]:
@@ -142,8 +150,22 @@ def _capture(forward: Callable, target: Any, layer: str, images: torch.Tensor) -
     finally:
         handle.remove()
     if "a" not in store:
-        raise UsageError(f"CAM layer {layer!r} is not used by the classifier's forward pass")
+        raise UsageError(f"CAM layer {layer!r} is a module of the classifier that its forward pass never calls: "
+                         "name another layer")
     return scores, _feature_maps(store["a"], layer)
+
+
+def probe_layer(module: Any, layer: str | None, size: Sequence[int]) -> tuple[str, tuple[int, ...]]:
+    """(resolved layer name, its output shape) from one forward pass on a black (1, 3, H, W) image: checks
+    before any real work that the layer exists, runs, and gives (N, C, h, w) feature maps."""
+    import torch
+
+    forward, root = _forward_and_root(module)
+    name, target = find_layer(module, layer)
+    device = getattr(module, "device", None) or next((p.device for p in root.parameters()), "cpu")
+    with torch.no_grad():
+        _, acts = _capture(forward, target, name, torch.zeros(1, 3, int(size[0]), int(size[1]), device=device))
+    return name, tuple(acts.shape)
 
 
 def _normalise(maps: torch.Tensor) -> torch.Tensor:
