@@ -231,6 +231,8 @@ def test_parameter_errors():
         _explainer({"xi": 1.0})
     with pytest.raises(UsageError, match="class_names"):
         _explainer({"class_names": "a,b"})
+    with pytest.raises(UsageError, match="no_such_layer"):
+        _explainer({"layer": "no_such_layer"})
 
 
 # -- Stable Diffusion folders --------------------------------------------------------------------------------
@@ -285,3 +287,15 @@ def _find(obj, key):
             if found is not None:
                 return found
     return None
+
+
+@pytest.mark.slow
+def test_cli_accepts_a_cam_region_source(tmp_path, demo_images):
+    out = tmp_path / "run"
+    res = run_cfx("explain", str(demo_images), "--method", "eced", "--classifier", "demo:digits", "--region",
+                  "gradcam:", "--set", "region_threshold=0.3", "--set", "iterations=1", "--limit", "2",
+                  "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["params"]["region"] for r in recs] == ["--region", "--region"]
+    assert all(r["mask"] for r in recs)

@@ -97,6 +97,11 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
         from .core import fill_prompt
 
         fill_prompt(p["prompt"], self.names[0])  # a bad template is a usage error before any work
+        if p["layer"]:  # a named CAM layer is checked before any work (exists, runs, gives feature maps)
+            from cfx_cli.saliency import probe_layer
+
+            size = context.classifier.input_size or (64, 64)
+            probe_layer(context.classifier, p["layer"], size)
         self.model = load_latent_t2i(context.model, context.device)
         m = self.model
         if not 1 <= p["steps"] <= m.num_train_timesteps:
