@@ -160,7 +160,7 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
 
         from .core import (
             AdamRows,
-            LatentDecoder,
+            SharedDecoder,
             background_mse,
             blended_chain,
             draw_noise,
@@ -191,18 +191,15 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
         lat = self.latent_mask(pix_r, z_f.shape[-2:])
         gens = [torch.Generator().manual_seed(int(s)) for s in batch.seeds]
 
-        # Alg. 2, one image at a time (each image has its own decoder copy)
+        # Alg. 2 (each image has its own decoder copy)
         t0 = time.monotonic()
         if p["preserve_background"]:
-            bgs = [preserve_background(m.vae, m.scaling_factor, x_r[i:i + 1], z_f[i:i + 1], lat[i:i + 1],
-                                       pix_r[i:i + 1], self.alpha0, p["bg_iterations"], p["bg_lr_latent"],
-                                       p["bg_lr_decoder"], gens[i]) for i in range(n)]
-            z_bg = torch.cat([b.z_bg for b in bgs])
-            decoders = [b.decoder for b in bgs]
+            bgs = preserve_background(m.vae, m.scaling_factor, x_r, z_f, lat, pix_r, self.alpha0,
+                                      p["bg_iterations"], p["bg_lr_latent"], p["bg_lr_decoder"], gens)
+            z_bg, decoders = bgs.z_bg, bgs.decoders
         else:
             bgs = None
-            z_bg = z_f.clone()
-            decoders = [LatentDecoder(m.vae, m.scaling_factor, tuned=False)] * n
+            z_bg, decoders = z_f.clone(), SharedDecoder(m.vae, m.scaling_factor)
         bg_seconds = time.monotonic() - t0
 
         # Alg. 3
@@ -230,7 +227,7 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
                 z0 = blended_chain(m.unet_eps, zi, z_bg[rows], lat[rows], cond_all[rows],
                                    uncond.expand(len(active), -1, -1), p["guidance"], self.start_ab, self.levels,
                                    p["eta"], noise, checkpoint=p["checkpoint"])
-                dec = torch.cat([decoders[i](z0[j:j + 1]) for j, i in enumerate(active)])
+                dec = decoders(z0, rows)
                 img = to_size(straight_through_unit(dec), size_b)
                 logits = clf.logits(img) if not last else None
             with torch.no_grad():
@@ -269,7 +266,7 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
                 "bg_mse": round(float(bg_after[i]), 6), "model": m.model_id,
             }
             if bgs is not None:
-                info.update({"bg_loss_first": round(bgs[i].loss_first, 6), "bg_loss_last": round(bgs[i].loss_last, 6),
+                info.update({"bg_loss_first": round(bgs.loss_first[i], 6), "bg_loss_last": round(bgs.loss_last[i], 6),
                              "bg_seconds_batch": round(bg_seconds, 3)})
             outputs.append(ExplainOutput(counterfactual=img, mask=pix[i].cpu(), params=info, nfe=nfe))
         return outputs

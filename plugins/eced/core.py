@@ -98,45 +98,97 @@ class LatentDecoder(torch.nn.Module):
         return self.decoder(z).float()
 
 
+class StackedDecoders(torch.nn.Module):
+    """D*_1 … D*_N: one trainable copy of the decoder per image, stored as stacked weights and run with
+    ``torch.func.vmap``, so image i is always decoded by copy i while the batch runs as one call. Adam is
+    element-wise, so optimising the stack equals optimising each copy alone."""
+
+    def __init__(self, vae, scaling: float, n: int) -> None:
+        super().__init__()
+        one = LatentDecoder(vae, scaling, tuned=True)
+        self.params = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.ndim)).requires_grad_(True)
+                       for k, v in one.named_parameters()}
+        self.buffers_ = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.ndim)) for k, v in one.named_buffers()}
+        self.base = one.to("meta")  # the architecture only; the weights live in the stacks
+        self.n = n
+
+    def trainable(self) -> list[torch.Tensor]:
+        return list(self.params.values())
+
+    def freeze(self) -> None:
+        self.params = {k: v.detach() for k, v in self.params.items()}
+
+    def forward(self, z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode z (M, C, h, w) with the copies ``rows`` (default: all N, M = N)."""
+        import warnings
+
+        from torch.func import functional_call, vmap
+
+        p, b = self.params, self.buffers_
+        if rows is not None:
+            rows = rows.to(next(iter(p.values())).device)
+            p = {k: v[rows] for k, v in p.items()}
+            b = {k: v[rows] for k, v in b.items()}
+
+        def one(params, buffers, zi):
+            return functional_call(self.base, (params, buffers), (zi[None],))[0]
+
+        with warnings.catch_warnings():
+            # attention layers fall back to a per-image loop under vmap on some builds (a performance note only)
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            return vmap(one)(p, b, z)
+
+
+class SharedDecoder(torch.nn.Module):
+    """The loaded decoder for every image (Alg. 2 off): same call signature as :class:`StackedDecoders`."""
+
+    def __init__(self, vae, scaling: float) -> None:
+        super().__init__()
+        self.decoder = LatentDecoder(vae, scaling, tuned=False)
+
+    def forward(self, z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decoder(z)
+
+
 @dataclass
 class Background:
-    """What Alg. 2 returns for one image, plus its loss trace."""
+    """What Alg. 2 returns for a batch, plus each image's loss at the first and the last iteration."""
 
-    z_bg: torch.Tensor  # (1, C, h, w)
-    decoder: LatentDecoder
-    loss_first: float
-    loss_last: float
+    z_bg: torch.Tensor  # (N, C, h, w)
+    decoders: StackedDecoders
+    loss_first: list[float]
+    loss_last: list[float]
 
 
-def preserve_background(vae, scaling: float, image: torch.Tensor, z_f: torch.Tensor, latent_mask: torch.Tensor,
+def preserve_background(vae, scaling: float, images: torch.Tensor, z_f: torch.Tensor, latent_mask: torch.Tensor,
                         pixel_mask: torch.Tensor, alpha0: float, iterations: int, lr_latent: float,
-                        lr_decoder: float, generator: torch.Generator) -> Background:
-    """Alg. 2 for one image. ``image`` (1, 3, R, R) in [0, 1] at the model's resolution, ``z_f`` = E(image)
-    (1, C, h, w), ``latent_mask`` M' (1, 1, h, w), ``pixel_mask`` M (1, 1, R, R) (1 = key region).
+                        lr_decoder: float, generators: list[torch.Generator]) -> Background:
+    """Alg. 2 for a batch, each image with its own decoder copy and its own noise. ``images`` (N, 3, R, R) in
+    [0, 1] at the model's resolution, ``z_f`` = E(images) (N, C, h, w), ``latent_mask`` M' (N, 1, h, w),
+    ``pixel_mask`` M (N, 1, R, R) (1 = key region).
 
     Each iteration draws a fresh ε, blends z_init = z^F⊙M' + z^bg⊙(1−M'), noises it to α_0 and decodes with the
     copied decoder; one Adam (two parameter groups: z^bg and θ_D) minimises the background MSE (eq. 12)."""
-    decoder = LatentDecoder(vae, scaling, tuned=True)
+    decoders = StackedDecoders(vae, scaling, len(images))
     z_bg = z_f.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([{"params": [z_bg], "lr": lr_latent},
-                            {"params": list(decoder.parameters()), "lr": lr_decoder}])
+                            {"params": decoders.trainable(), "lr": lr_decoder}])
     m = latent_mask.to(z_f.dtype)
-    first = last = float("nan")
+    first = last = [float("nan")] * len(images)
     with torch.enable_grad():
         for i in range(iterations):
-            eps = torch.randn(z_f.shape, generator=generator).to(z_f.device)
+            eps = torch.cat([torch.randn((1, *z_f.shape[1:]), generator=g) for g in generators]).to(z_f.device)
             z_init = z_f * m + z_bg * (1 - m)
-            out = (decoder(q_sample_at(z_init, alpha0, eps)) + 1) / 2
-            loss = background_mse(out, image, pixel_mask).sum()
+            out = (decoders(q_sample_at(z_init, alpha0, eps)) + 1) / 2
+            per_image = background_mse(out, images, pixel_mask)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            per_image.sum().backward()  # a sum: each image's weights get only their own image's gradient
             opt.step()
-            last = float(loss.detach())
+            last = per_image.detach().cpu().tolist()
             if i == 0:
                 first = last
-    decoder.requires_grad_(False)
-    decoder.eval()
-    return Background(z_bg=z_bg.detach(), decoder=decoder, loss_first=first, loss_last=last)
+    decoders.freeze()
+    return Background(z_bg=z_bg.detach(), decoders=decoders, loss_first=first, loss_last=last)
 
 
 # -- Alg. 3: blended latent diffusion ------------------------------------------------------------------------------
