@@ -222,6 +222,15 @@ def test_region_from_the_caller_replaces_the_cam_and_disabling_alg2():
     assert "bg_loss_first" not in out.params
 
 
+def test_diversity_through_xi():
+    """A larger ξ gives a smaller key region (nested) and another counterfactual of the same image."""
+    batch = _batch(["digit-06-label6"])
+    outs = [_explainer({"xi": xi, "iterations": 1, "bg_iterations": 5}).explain(batch)[0] for xi in (0.1, 0.5)]
+    low, high = outs
+    assert high.mask.sum() < low.mask.sum() and bool((high.mask <= low.mask).all())
+    assert (low.counterfactual - high.counterfactual).abs().max() > 0.05
+
+
 def test_parameter_errors():
     from cfx_cli.errors import UsageError
 
