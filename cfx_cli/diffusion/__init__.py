@@ -10,6 +10,7 @@ from cfx_cli.diffusion.gaussian import (
     broadcast,
     ddim_step_from_alphas,
     ddim_transfer,
+    q_sample_at,
     tweedie_x0,
 )
 from cfx_cli.diffusion.schedules import (
@@ -31,6 +32,7 @@ __all__ = [
     "gaussian_product_coef",
     "get_beta_schedule",
     "i2sb_betas",
+    "q_sample_at",
     "respace_betas",
     "space_indices",
     "space_timesteps",

@@ -262,6 +262,12 @@ class GaussianDiffusion:
 
 
 # -- schedule-free helpers (explicit ᾱ values, broadcastable tensors) ------------------------------
+def q_sample_at(x0: torch.Tensor, alpha_bar: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ x_0 + √(1-ᾱ) ε at an explicit level ᾱ (a float or a tensor broadcasting against x_0)."""
+    ab = torch.as_tensor(alpha_bar, dtype=x0.dtype, device=x0.device)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
 def tweedie_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """x̂_0 = (x_t - √(1-ᾱ) ε) / √ᾱ."""
     return (x_t - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()

@@ -1,0 +1,310 @@
+"""ECED (issue 9): Proposition 1, Alg. 2 on a decoder copy, the blended chain, batching, SD folders, the demo."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from tests.conftest import fixture_dir, run_cfx
+
+
+def _explainer(overrides=None, model=None, preset="digits"):
+    from cfx_plugins.eced import ECED
+
+    from cfx_cli.classifiers import ClassifierOptions, load_classifier
+    from cfx_cli.explainers import ExplainContext
+    from cfx_cli.params import resolve_params
+
+    sets = {"preset": preset, **(overrides or {})} if preset else dict(overrides or {})
+    params = resolve_params("eced", ECED.params, ECED.presets, sets)
+    clf = load_classifier("demo:digits", ClassifierOptions())
+    return ECED(ExplainContext(classifier=clf, params=params, model=model))
+
+
+def _batch(ids, masks=None):
+    import numpy as np
+
+    from cfx_cli.demo import IMAGES_DIR
+    from cfx_cli.explainers import ExplainBatch
+    from cfx_cli.images import decode
+
+    imgs = torch.from_numpy(np.stack([decode(IMAGES_DIR / f"{i}.png") for i in ids])).permute(0, 3, 1, 2).float()
+    from cfx_cli.classifiers import ClassifierOptions, load_classifier
+
+    probs = load_classifier("demo:digits", ClassifierOptions()).predict_proba(imgs)
+    src = probs.argmax(1)
+    masked = probs.clone()
+    masked[torch.arange(len(src)), src] = -1
+    return ExplainBatch(ids=list(ids), images=imgs, targets=masked.argmax(1), sources=src,
+                        seeds=[1000 + k for k in range(len(ids))], masks=masks)
+
+
+def _state_hash(*modules) -> str:
+    h = hashlib.sha256()
+    for mod in modules:
+        for name, t in sorted(mod.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# -- Proposition 1 (and 2) ------------------------------------------------------------------------------------
+def test_proposition_1_on_random_gradients_and_masks():
+    from cfx_plugins.eced.core import angle_degrees, prune
+
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        c, h, w = 4, int(torch.randint(1, 9, (1,), generator=rng)), int(torch.randint(1, 9, (1,), generator=rng))
+        u = torch.randn(1, c, h, w, generator=rng) * torch.rand(1, generator=rng) * 10
+        mask = (torch.rand(1, 1, h, w, generator=rng) < torch.rand(1, generator=rng)).float()
+        if mask.sum() == 0:
+            mask.view(-1)[int(torch.randint(h * w, (1,), generator=rng))] = 1
+        v = prune(u, mask)
+        angle = angle_degrees(u, v)
+        assert 0.0 <= angle < 90.0
+        # the proof's identity: cos ∠(u, v) = ‖v‖ / ‖u‖
+        cos = float(v.double().norm() / u.double().norm())
+        assert abs(torch.cos(torch.deg2rad(torch.tensor(angle, dtype=torch.float64))).item() - cos) < 1e-6
+
+
+def _demo_chain_gradient(exp, batch, pixel_mask):
+    """∇_{z_init} CE(f(D(blended chain(z_init))), y') for one image through the real demo UNet and decoder."""
+    from cfx_plugins.eced.core import LatentDecoder, blended_chain, draw_noise, straight_through_unit, to_size
+
+    m = exp.model
+    x_r = to_size(batch.images, (m.resolution, m.resolution))
+    with torch.no_grad():
+        z_f = m.encode_images(x_r)
+    lat = exp.latent_mask(to_size(pixel_mask, (m.resolution,) * 2, nearest=True), z_f.shape[-2:])
+    cond, uncond = exp.embeds([int(batch.targets[0])])
+    noise = draw_noise([torch.Generator().manual_seed(7)], tuple(z_f.shape[1:]), len(exp.levels), "cpu")
+    dec = LatentDecoder(m.vae, m.scaling_factor, tuned=False)
+    z_init = z_f.clone().requires_grad_(True)
+    z0 = blended_chain(m.unet_eps, z_init, z_f, lat, cond, uncond, exp.params["guidance"], exp.start_ab,
+                       exp.levels, exp.params["eta"], noise)
+    logits = exp.context.classifier.logits(to_size(straight_through_unit(dec(z0)), (16, 16)))
+    loss = torch.nn.functional.cross_entropy(logits, batch.targets)
+    (u,) = torch.autograd.grad(loss, z_init)
+    return u, lat
+
+
+def test_proposition_1_and_2_through_the_demo_denoising_chain_and_decoder():
+    """u is the real gradient through τ UNet steps, the blend and the VAE decoder; masks are random and
+    nested (a rising ξ): every pruned angle is in [0°, 90°) and the angles do not decrease (Prop. 2)."""
+    from cfx_plugins.eced.core import angle_degrees, prune
+
+    exp = _explainer({"tau": 3})
+    batch = _batch(["digit-03-label3"])
+    rng = torch.Generator().manual_seed(1)
+    for case in range(4):
+        scores = torch.rand(1, 1, 16, 16, generator=rng)
+        pixel_mask = (scores > 0.5).float()
+        u, _ = _demo_chain_gradient(exp, batch, pixel_mask)
+        assert u.abs().sum() > 0
+        angles = []
+        for xi in (0.0, 0.3, 0.6, 0.9):  # nested latent masks F_1 ⊇ F_2 ⊇ ...
+            lat = (torch.nn.functional.interpolate(scores, size=u.shape[-2:], mode="area") > xi * 0.9).float()
+            if lat.sum() == 0:
+                continue
+            angle = angle_degrees(u, prune(u, lat))
+            assert 0.0 <= angle < 90.0, (case, xi, angle)
+            angles.append(angle)
+        assert angles == sorted(angles) and len(angles) >= 2
+
+
+# -- the pieces -----------------------------------------------------------------------------------------------
+def test_prompt_template_and_class_names():
+    from cfx_plugins.eced.core import class_names, fill_prompt
+
+    from cfx_cli.errors import UsageError
+
+    assert fill_prompt("A photo of a/an {target}", "owl") == "A photo of an owl"
+    assert fill_prompt("A photo of a/an {target}", "zebra") == "A photo of a zebra"
+    assert fill_prompt("A photo of a/an {target} face", "old") == "A photo of an old face"
+    assert fill_prompt("a handwritten digit {target}", "three") == "a handwritten digit three"
+    with pytest.raises(UsageError, match="target"):
+        fill_prompt("a photo", "x")
+    assert class_names(["0", "1"], "") == ["0", "1"]
+    with pytest.raises(UsageError, match="2 names"):
+        class_names(["0", "1", "2"], "a,b")
+
+
+def test_digits_preset_uses_the_demo_caption_template():
+    from cfx_cli.demo.generators import caption
+
+    exp = _explainer()
+    assert exp._prompt(3) == caption(3)
+    assert exp.params["preset"] == "digits"
+
+
+def test_chain_levels_end_with_the_background_at_alpha_0():
+    from cfx_plugins.eced.core import chain_levels
+
+    ac = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
+    start, levels = chain_levels(ac, float(ac[0]), 1000, 1, 50, 10)
+    assert [lv.t for lv in levels] == [181 - 20 * k for k in range(10)]
+    assert start == pytest.approx(float(ac[181]))
+    assert levels[-1].ab_bg == pytest.approx(float(ac[0]))  # α_0 = 1 − β_0
+    assert all(a.ab_prev == pytest.approx(b.ab_t) for a, b in zip(levels, levels[1:], strict=False))
+
+
+def test_background_mse_is_eq_12():
+    from cfx_plugins.eced.core import background_mse
+
+    x = torch.zeros(1, 3, 4, 4)
+    cf = x.clone()
+    cf[..., 0, 0] = 1.0  # a background pixel changed by 1 in every channel
+    cf[..., 3, 3] = 0.5  # a key-region pixel: ignored
+    mask = torch.zeros(1, 1, 4, 4)
+    mask[..., 3, 3] = 1
+    assert background_mse(cf, x, mask).item() == pytest.approx(1 / 15)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient():
+    from cfx_plugins.eced.core import blended_chain, draw_noise
+
+    exp = _explainer({"tau": 2})
+    m = exp.model
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    lat = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    cond, uncond = exp.embeds([3, 8])
+    grads = []
+    for ck in (False, True):
+        noise = draw_noise([torch.Generator().manual_seed(s) for s in (1, 2)], (4, 8, 8), len(exp.levels), "cpu")
+        zi = z.clone().requires_grad_(True)
+        out = blended_chain(m.unet_eps, zi, z, lat, cond, uncond.expand(2, -1, -1), 3.0, exp.start_ab,
+                            exp.levels, 1.0, noise, checkpoint=ck)
+        (g,) = torch.autograd.grad(out.square().sum(), zi)
+        grads.append(g)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+# -- the explainer --------------------------------------------------------------------------------------------
+def test_alg2_tunes_a_copy_and_never_the_loaded_models():
+    exp = _explainer({"iterations": 2, "bg_iterations": 80})
+    m, clf = exp.model, exp.context.classifier
+    before = _state_hash(m.vae, m.unet, m.text_encoder), _state_hash(clf.module)
+    batch = _batch(["digit-05-label5", "digit-08-label8"])
+    outs = exp.explain(batch)
+    assert (_state_hash(m.vae, m.unet, m.text_encoder), _state_hash(clf.module)) == before
+    assert not any(p.requires_grad for p in m.vae.parameters())
+    for o in outs:
+        # Alg. 2 lowered the background loss of the blended reconstruction
+        assert o.params["bg_loss_last"] < o.params["bg_loss_first"]
+        assert o.counterfactual.shape == (3, 16, 16) and 0 <= o.counterfactual.min() <= o.counterfactual.max() <= 1
+        assert o.mask.shape == (1, 16, 16) and 0 < o.mask.mean() < 1
+        assert o.params["region"].startswith("scorecam:")
+
+
+def test_results_do_not_depend_on_batching():
+    exp = _explainer({"iterations": 2, "bg_iterations": 5})
+    ids = ["digit-01-label1", "digit-04-label4", "digit-09-label9"]
+    full = _batch(ids)
+    together = exp.explain(full)
+    for k, i in enumerate(ids):
+        one = _batch([i])
+        one.seeds = [full.seeds[k]]
+        alone = exp.explain(one)[0]
+        assert torch.allclose(alone.counterfactual, together[k].counterfactual, atol=1e-4)
+        assert alone.params["iterations_used"] == together[k].params["iterations_used"]
+
+
+def test_region_from_the_caller_replaces_the_cam_and_disabling_alg2():
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., 4:12, 4:12] = 1
+    exp = _explainer({"iterations": 1, "preserve_background": False})
+    out = exp.explain(_batch(["digit-02-label2"], masks=mask))[0]
+    assert torch.equal(out.mask, mask[0])
+    assert out.params["region"] == "--region" and out.params["latent_area"] == pytest.approx(0.25)
+    assert "bg_loss_first" not in out.params
+
+
+def test_diversity_through_xi():
+    """A larger ξ gives a smaller key region (nested) and another counterfactual of the same image."""
+    batch = _batch(["digit-06-label6"])
+    outs = [_explainer({"xi": xi, "iterations": 1, "bg_iterations": 5}).explain(batch)[0] for xi in (0.1, 0.5)]
+    low, high = outs
+    assert high.mask.sum() < low.mask.sum() and bool((high.mask <= low.mask).all())
+    assert (low.counterfactual - high.counterfactual).abs().max() > 0.05
+
+
+def test_parameter_errors():
+    from cfx_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="tau"):
+        _explainer({"tau": 60})
+    with pytest.raises(UsageError, match="xi"):
+        _explainer({"xi": 1.0})
+    with pytest.raises(UsageError, match="class_names"):
+        _explainer({"class_names": "a,b"})
+    with pytest.raises(UsageError, match="no_such_layer"):
+        _explainer({"layer": "no_such_layer"})
+
+
+# -- Stable Diffusion folders --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from tests.tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(fixture_dir("time-edict"), tmp_path_factory.mktemp("tiny") / "sd")
+
+
+def test_runs_on_a_stable_diffusion_folder_without_modifying_it(tiny_sd):
+    exp = _explainer({"iterations": 2, "bg_iterations": 5, "steps": 10, "tau": 3, "checkpoint": True},
+                     model=f"diffusers:{tiny_sd}", preset="imagenet")
+    m = exp.model
+    before = _state_hash(m.vae, m.unet, m.text_encoder)
+    outs = exp.explain(_batch(["digit-00-label0", "digit-07-label7"]))
+    assert _state_hash(m.vae, m.unet, m.text_encoder) == before
+    assert [o.counterfactual.shape for o in outs] == [(3, 16, 16)] * 2
+    assert outs[0].params["prompt"].startswith("A photo of a")
+    assert all(o.nfe > 0 for o in outs)
+
+
+# -- end to end on the demo ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_demo_flips_at_least_80_percent(tmp_path, demo_images):
+    out = tmp_path / "run"
+    res = run_cfx("explain", str(demo_images), "--method", "eced", "--target", "auto", "--classifier",
+                  "demo:digits", "--out", str(out), timeout=900)
+    assert res.returncode == 0, res.stderr
+    assert "preset 'digits'" in res.stderr
+    ev = run_cfx("eval", str(out), "--metrics", "flip_rate,bg_mse", "--format", "json")
+    assert ev.returncode == 0, ev.stderr
+    text = ev.stdout
+    metrics = json.loads(text[text.index("{"):])
+    flat = json.dumps(metrics)
+    rate = _find(metrics, "flip_rate")
+    assert rate is not None and rate >= 0.8, flat
+    assert len(list(out.glob("masks/*.png"))) == 16
+
+
+def _find(obj, key):
+    if isinstance(obj, dict):
+        if key in obj and isinstance(obj[key], int | float):
+            return obj[key]
+        for v in obj.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    if isinstance(obj, list):
+        for v in obj:
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+@pytest.mark.slow
+def test_cli_accepts_a_cam_region_source(tmp_path, demo_images):
+    out = tmp_path / "run"
+    res = run_cfx("explain", str(demo_images), "--method", "eced", "--classifier", "demo:digits", "--region",
+                  "gradcam:", "--set", "region_threshold=0.3", "--set", "iterations=1", "--limit", "2",
+                  "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["params"]["region"] for r in recs] == ["--region", "--region"]
+    assert all(r["mask"] for r in recs)
