@@ -304,3 +304,16 @@ class AdamRows:
         m_hat = self.m[rows] / (1 - b1 ** k)
         v_hat = self.v[rows] / (1 - b2 ** k)
         param[rows] = param[rows] - self.lr * m_hat / (v_hat.sqrt() + self.eps)
+
+
+def attention_for_gradients(device: object):
+    """The SDPA kernels ECED's backward passes may use. On CUDA the memory-efficient kernel's backward failed on an
+    H100 (torch 2.11: "LSE is not correctly aligned (strideB)", every demo image) for the attention inside ECED's
+    differentiated chain and vmapped decoder copies; flash (fp16/bf16) and the math kernel do not. CPU: unchanged."""
+    import contextlib
+
+    if not str(device).startswith("cuda"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
