@@ -46,20 +46,6 @@ def sd1_unet(seed: int = 0):
     ).eval()
 
 
-def conditional_module(unet):
-    import torch
-
-    class Cond(torch.nn.Module):
-        def __init__(self, net) -> None:
-            super().__init__()
-            self.net = net
-
-        def forward(self, x, t, text):
-            return self.net(x, t, encoder_hidden_states=text).sample
-
-    return Cond(unet).eval()
-
-
 def backends_for(module, example, args, cache: str) -> tuple[list[tuple[str, object, str]], list[str]]:
     from cfx_cli.backends import TorchBackend, onnx_backend
     from cfx_cli.backends.base import BackendError
@@ -135,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cfx_plugins.pixel_prior import as_pixel_model
 
+    from cfx_cli.backends.latent import unet_module
     from cfx_cli.backends.pixel import net_module
     from cfx_cli.models import load_model
 
@@ -149,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                (torch.randn(n, 3, 16, 16, generator=g), torch.randint(0, 1000, (n,), generator=g).float()),
                args, rows, notes, peak)
     if not args.skip_sd:
-        unet = conditional_module(sd1_unet())
+        unet = unet_module(sd1_unet())
         params = sum(p.numel() for p in unet.parameters()) / 1e6
         L, n = args.sd_latent, args.sd_batch
         run_config(f"sd1 ({params:.0f}M) 4×{L}×{L} b{n}", unet,
