@@ -253,3 +253,27 @@ def test_torch_backend_precision_and_compile_mode_options(tmp_path, demo_images)
                           (["--compile", "--compile-mode", "fast"], "--compile-mode 'fast'")):
         r = run_cfx("explain", str(demo_images), "-m", "pgd", "-o", str(tmp_path / "x"), *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.slow
+def test_time_sd_bench_runs_and_reports_every_column(tmp_path):
+    """bench/time_sd_backends.py (the GPU benchmark) on a narrow SD-layout model on the CPU: the table and the
+    JSON carry the reference row, ratios, FLOPs, and a refused backend's reason."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rows.json"
+    r = subprocess.run([sys.executable, str(root / "bench" / "time_sd_backends.py"), "--device", "cpu", "--small",
+                        "--resolution", "64", "--tau", "2", "--steps", "4", "--repeats", "1",
+                        "--variants", "eager,channels_last,tensorrt", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "CFX_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    rows = {row["variant"]: row for row in data["rows"]}
+    assert set(rows) == {"eager", "channels_last"} and rows["eager"]["ratio"] == 1.0
+    assert data["flops"] > 1e9 and all(row["seconds"] > 0 for row in rows.values())
+    assert rows["channels_last"]["backend"] == "torch (fp32, channels_last)"
+    assert any("tensorrt: refused" in n and "CUDA" in n for n in data["notes"]), data["notes"]
+    assert "s/explanation" in r.stdout and "× vs eager" in r.stdout
