@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -276,6 +277,21 @@ class RemoteClassifier(Classifier):
 
     batch_size: int = 64
     labels_known: bool = False
+    _labels_lock = threading.Lock()  # chunks may be answered on several threads (http)
+
+    def _learn(self, labels: list[str] | None, width: int | None = None) -> None:
+        """Fix the labels from an answer: the names it gives, else indices for its ``width`` columns. The first
+        answer that says anything decides; later ones are checked against it by ``parse_answer``."""
+        with self._labels_lock:
+            if self.labels_known:
+                return
+            if labels:
+                self.labels = list(labels)
+            elif width is not None:
+                self.labels = [str(i) for i in range(width)]
+            else:
+                return
+            self.labels_known = True
 
     def _send_chunks(self, chunks: list[list[str]]) -> list[torch.Tensor]:
         """One (n, K) probability tensor per chunk of base64 PNGs; subclasses decide how chunks travel."""

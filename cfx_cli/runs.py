@@ -185,9 +185,15 @@ class RunData:
     def name(self) -> str:
         return self.path.name
 
-    def explained(self) -> list[dict]:
-        """Records that have a counterfactual (flipped or not)."""
-        return [r for r in self.records if r.get("status") in ("flipped", "not_flipped")]
+    def explained(self, required: bool = False) -> list[dict]:
+        """Records that have a counterfactual (flipped or not). ``required``: raise
+        :class:`~cfx_cli.errors.MetricUnavailable` when there are none (what a metric wants)."""
+        recs = [r for r in self.records if r.get("status") in ("flipped", "not_flipped")]
+        if required and not recs:
+            from cfx_cli.errors import MetricUnavailable
+
+            raise MetricUnavailable("no explained inputs in the run")
+        return recs
 
     def image(self, relpath: str):
         """Decoded image of a record path (cached), float32 (H, W, C) in [0, 1]."""

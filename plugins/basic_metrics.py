@@ -19,9 +19,7 @@ class FlipRate(Metric):
     lower_is_better = False
 
     def compute(self, run, context):
-        recs = run.explained()
-        if not recs:
-            raise MetricUnavailable("no explained inputs in the run")
+        recs = run.explained(required=True)
         return {"flip_rate": sum(r["status"] == "flipped" for r in recs) / len(recs)}
 
 
@@ -31,9 +29,7 @@ class TargetProb(Metric):
     lower_is_better = False
 
     def compute(self, run, context):
-        recs = run.explained()
-        if not recs:
-            raise MetricUnavailable("no explained inputs in the run")
+        recs = run.explained(required=True)
         if any(r.get("target_prob_before") is None or r.get("target_prob_after") is None for r in recs):
             raise MetricUnavailable("the run records no probabilities (e.g. a folder in the ACE layout)")
         return {"target_prob_before": _mean([r["target_prob_before"] for r in recs]),
@@ -48,9 +44,7 @@ class Distances(Metric):
     def compute(self, run, context):
         import numpy as np
 
-        recs = run.explained()
-        if not recs:
-            raise MetricUnavailable("no explained inputs in the run")
+        recs = run.explained(required=True)
         l1, l2 = [], []
         for r in recs:
             d = run.image(r["counterfactual"]) - run.image(r["original"])

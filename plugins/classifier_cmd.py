@@ -285,17 +285,6 @@ class CmdClassifier(RemoteClassifier):
         if self.input_size is None and size is not None:
             self.input_size = size
 
-    def _learn(self, labels: list[str] | None, width: int | None = None) -> None:
-        if self.labels_known:
-            return
-        if labels:
-            self.labels = list(labels)
-        elif width is not None:
-            self.labels = [str(i) for i in range(width)]
-        else:
-            return
-        self.labels_known = True
-
     def _classify(self, images: list[str]):
         from cfx_cli.protocol import parse_answer
 

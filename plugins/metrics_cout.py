@@ -83,9 +83,7 @@ class COUT(Metric):
         from cfx_plugins.nets.features import rgb
         from cfx_plugins.nets.weights import int_option
 
-        recs = run.explained()
-        if not recs:
-            raise MetricUnavailable("no explained inputs in the run")
+        recs = run.explained(required=True)
         steps = int_option(context, "cout_steps", "CFX_COUT_STEPS", 50)
         clf = context.classifier()
         labels = list(clf.labels)

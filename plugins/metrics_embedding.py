@@ -54,9 +54,7 @@ class S3(Metric):
         from cfx_plugins.nets.resnet import SIMSIAM_FILE, SIMSIAM_URL, load_simsiam
         from cfx_plugins.nets.weights import WeightsSpec, resolve
 
-        recs = run.explained()
-        if not recs:
-            raise MetricUnavailable("no explained inputs in the run")
+        recs = run.explained(required=True)
         path = resolve(context, WeightsSpec("simsiam_weights", "CFX_SIMSIAM_WEIGHTS", SIMSIAM_FILE,
                                             SIMSIAM_URL))
         holder: dict = {}

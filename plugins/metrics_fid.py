@@ -102,9 +102,7 @@ class _InceptionFeatures:
         key = "<fid-inception-features>"
         if key in cache:
             return cache[key]
-        recs = self.run.explained()
-        if not recs:
-            raise MetricUnavailable("no explained inputs in the run")
+        recs = self.run.explained(required=True)
         path = resolve(self.context, _spec())
         batch = int_option(self.context, "batch_size", "CFX_EVAL_BATCH_SIZE", 16)
         net_holder: dict = {}
