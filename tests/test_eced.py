@@ -308,3 +308,18 @@ def test_cli_accepts_a_cam_region_source(tmp_path, demo_images):
     recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["params"]["region"] for r in recs] == ["--region", "--region"]
     assert all(r["mask"] for r in recs)
+
+
+def test_sdpa_check_script_reports_every_pass_and_kernel_set():
+    """bench/eced_sdpa_check.py (which decides ECED's CUDA kernel restriction) runs and reports 3 passes × 4
+    kernel sets; on the CPU every one works."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "eced_sdpa_check.py"
+    r = subprocess.run([sys.executable, str(script), "--model", "demo:latent", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("  ")]
+    assert len(rows) == 12 and all(" ok " in row for row in rows), r.stdout

@@ -153,12 +153,6 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
 
     # -- the method --------------------------------------------------------------------------------------------
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
-        from .core import attention_for_gradients
-
-        with attention_for_gradients(self.model.device):
-            return self._explain(batch)
-
-    def _explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import time
 
         import torch

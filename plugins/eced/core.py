@@ -133,7 +133,7 @@ class StackedDecoders(torch.nn.Module):
         def one(params, buffers, zi):
             return functional_call(self.base, (params, buffers), (zi[None],))[0]
 
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), attention_for_gradients(z.device):
             # attention layers fall back to a per-image loop under vmap on some builds (a performance note only)
             warnings.filterwarnings("ignore", message=".*batching rule.*")
             return vmap(one)(p, b, z)
@@ -307,9 +307,11 @@ class AdamRows:
 
 
 def attention_for_gradients(device: object):
-    """The SDPA kernels ECED's backward passes may use. On CUDA the memory-efficient kernel's backward failed on an
-    H100 (torch 2.11: "LSE is not correctly aligned (strideB)", every demo image) for the attention inside ECED's
-    differentiated chain and vmapped decoder copies; flash (fp16/bf16) and the math kernel do not. CPU: unchanged."""
+    """The SDPA kernels the vmapped decoder copies may use. On an H100 (torch 2.11) their backward failed with the
+    memory-efficient kernel ("LSE is not correctly aligned (strideB)", the demo, every time) and with the default set
+    once at SD size ("unable to find an engine"); flash (fp16/bf16) and math always worked. The UNet's backward
+    worked with every kernel set, so it keeps torch's default choice. `bench/eced_sdpa_check.py` re-checks this
+    (bench/results/eced_h100_run*.txt). CPU: unchanged."""
     import contextlib
 
     if not str(device).startswith("cuda"):

@@ -1,0 +1,62 @@
+"""Write a diffusers folder with Stable Diffusion 1.x's shapes and random weights, for timing and plumbing runs
+where no real checkpoint can be downloaded (`--model diffusers:OUT` then loads it like a real SD 1.x folder).
+
+    python bench/make_random_sd.py OUT [--seed 0]
+
+UNet: bench/unet_backends.py's SD-1.x UNet (860M parameters, cross-attention 768). VAE: bench/time_sd_backends.py's
+AutoencoderKL 128/256/512/512. Text encoder: CLIP ViT-L/14's text tower shape (12 layers, width 768, 77
+positions) with random weights over a character-level vocabulary (every word spelled letter by letter, which is
+enough for timing). Scheduler: SD 1.x's DDIM configuration (scaled-linear β 0.00085–0.012, steps_offset 1).
+Nothing it generates means anything: use it for speed and memory, never for quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import sys
+from pathlib import Path
+
+
+def build(out: Path, seed: int = 0) -> Path:
+    import torch
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from time_sd_backends import sd1_vae
+    from unet_backends import sd1_unet
+
+    out.mkdir(parents=True, exist_ok=True)
+    sd1_unet(seed).save_pretrained(out / "unet")
+    sd1_vae(seed).save_pretrained(out / "vae")
+    DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                  set_alpha_to_one=False, steps_offset=1).save_pretrained(out / "scheduler")
+    tok_dir = out / "tokenizer"
+    tok_dir.mkdir(exist_ok=True)
+    chars = string.ascii_lowercase + string.digits
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + list(chars) + [c + "</w>" for c in chars]
+    (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    tok.save_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                         num_attention_heads=12, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                         pad_token_id=1)
+    CLIPTextModel(cfg).save_pretrained(out / "text_encoder")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    print(build(Path(args.out), args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
