@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cfx_cli.atomic import atomic_write
 from cfx_cli.errors import InputError, UsageError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -191,20 +190,8 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
     data = array if array.dtype == np.uint8 else to_uint8(array)
     if data.ndim == 3 and data.shape[2] == 1:
         data = data[..., 0]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; run directories are meant to be shared and served
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(data).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path) as f:
+        Image.fromarray(data).save(f, format="PNG")
 
 
 def load_png(path: str | Path) -> np.ndarray:

@@ -420,24 +420,10 @@ def write_run_report(run_dir: str | Path, debug: bool = False) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    import tempfile
+    from cfx_cli.atomic import atomic_write
 
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".html", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is meant to be shared
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_write(path, "w", encoding="utf-8", perms=None) as f:  # a report is meant to be shared: the umask's
+        f.write(text)
 
 
 # --- the page ---------------------------------------------------------------------------------

@@ -111,3 +111,21 @@ def test_sigkill_then_resume_gives_one_record_per_input(tmp_path):
         for f in files:
             with Image.open(f) as img:
                 img.load()  # decodes fully: no half-written image
+
+
+def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
+    import os
+    import stat
+
+    from cfx_cli.atomic import atomic_write
+
+    target = tmp_path / "sub" / "file.json"
+    with atomic_write(target, "w", encoding="utf-8") as f:
+        f.write("old")
+    assert target.read_text() == "old" and stat.S_IMODE(os.stat(target).st_mode) == 0o644
+    with pytest.raises(RuntimeError, match="disk gone"):
+        with atomic_write(target, "w", encoding="utf-8") as f:
+            f.write("half of the new")
+            raise RuntimeError("disk gone")
+    assert target.read_text() == "old"  # the failed write left the old file and no temporary file
+    assert sorted(p.name for p in target.parent.iterdir()) == ["file.json"]

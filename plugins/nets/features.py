@@ -8,12 +8,12 @@ are recomputed, never served stale.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from cfx_cli.atomic import atomic_write
 
 
 def weights_tag(path: Path) -> str:
@@ -89,17 +89,9 @@ def cached_features(run, relpaths: list[str], cache_name: str, compute: Callable
 
 def _save(path: Path, cached: dict[str, tuple[str, np.ndarray]]) -> None:
     keys = sorted(cached)
-    tmp = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, paths=np.array(keys), sigs=np.array([cached[k][0] for k in keys]),
                      feats=np.stack([cached[k][1] for k in keys]))
-        os.replace(tmp, path)
     except OSError:  # e.g. a read-only run directory: the features are simply not cached
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        pass
