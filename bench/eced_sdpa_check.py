@@ -5,8 +5,8 @@
 ECED differentiates through the UNet (Alg. 3) and through per-image decoder copies stacked under
 ``torch.func.vmap`` (Alg. 2 and the decoding). On an H100 with torch 2.11 one of them failed with the
 memory-efficient SDPA kernel ("LSE is not correctly aligned"), so ECED restricts its backward passes on CUDA to
-flash + math (`plugins/eced/core.py:attention_for_gradients`). This script prints, for each pass and kernel
-set, "ok" with the time of one forward+backward, or the error, so the restriction can be narrowed or lifted
+flash + math (`cfx_plugins/explainers/eced/core.py:attention_for_gradients`). This script prints, for each pass
+and kernel set, "ok" with the time of one forward+backward, or the error, so the restriction can be narrowed or lifted
 when torch changes.
 """
 
@@ -19,9 +19,10 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     import torch
-    from cfx_plugins.eced.core import StackedDecoders
-    from cfx_plugins.time.components import load_latent_t2i
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from cfx_plugins.explainers.eced.core import StackedDecoders
+    from cfx_plugins.explainers.time.components import load_latent_t2i
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo:latent")

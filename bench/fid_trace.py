@@ -17,8 +17,9 @@ import numpy as np
 
 
 def main() -> None:
-    from cfx_plugins.metrics_fid import fid_from_features, frechet_distance, gaussian_stats
     from scipy import linalg
+
+    from cfx_plugins.metrics.fid import fid_from_features, frechet_distance, gaussian_stats
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)

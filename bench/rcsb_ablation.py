@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
     extra = parse_set_options(args.set)
-    from cfx_plugins.rcsb import RCSB
+    from cfx_plugins.explainers.rcsb import RCSB
 
     scale = args.scale if args.scale is not None else RCSB.presets["digits"]["scale"]
     print(f"RCSB ablation: demo digits, demo:bridge, --region auto (a = {args.area}), target auto")

@@ -47,13 +47,13 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from cfx_plugins.time import tokens as T
-    from cfx_plugins.time.components import load_latent_t2i
-    from cfx_plugins.time.fit import install_artifact
-    from cfx_plugins.time.generate import TimeGenerator
 
     from cfx_cli.demo import DEMO_DIR, IMAGES_DIR
     from cfx_cli.images import decode, discover
+    from cfx_plugins.explainers.time import tokens as T
+    from cfx_plugins.explainers.time.components import load_latent_t2i
+    from cfx_plugins.explainers.time.fit import install_artifact
+    from cfx_plugins.explainers.time.generate import TimeGenerator
 
     if args.threads:
         torch.set_num_threads(args.threads)

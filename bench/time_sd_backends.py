@@ -3,12 +3,12 @@
     python bench/time_sd_backends.py [--device cuda] [--resolution 512] [--tau 35] [--steps 50] [--w 4]
                                      [--batch 1] [--repeats 3] [--variants eager,fp16,...] [--out FILE.json]
 
-One TIME explanation attempt as `cfx explain --method time` runs it (plugins/time/generate.py): VAE encode,
-EDICT inversion over τ of T DDIM steps with the source prompt (target as negative guidance), EDICT denoising
-with the roles swapped, VAE decode. Random weights with SD 1.x's shapes: the UNet of bench/unet_backends.py
-(860M parameters, 77×768 text), AutoencoderKL 128/256/512/512 (8× downsampling), scaled-linear β. Prompt
-embeddings are random (the text encoder runs once per class, not per explanation; the classifier call is
-excluded). Variants go through the same `--backend/--precision/--channels-last/--compile` options as the CLI:
+One TIME explanation attempt as `cfx explain --method time` runs it (cfx_plugins/explainers/time/generate.py): VAE
+encode, EDICT inversion over τ of T DDIM steps with the source prompt (target as negative guidance), EDICT denoising
+with the roles swapped, VAE decode. Random weights with SD 1.x's shapes: the UNet of bench/unet_backends.py (860M
+parameters, 77×768 text), AutoencoderKL 128/256/512/512 (8× downsampling), scaled-linear β. Prompt embeddings are
+random (the text encoder runs once per class, not per explanation; the classifier call is excluded). Variants go
+through the same `--backend/--precision/--channels-last/--compile` options as the CLI:
 
   eager          torch fp32 eager (the published implementation's regime; the reference)
   channels_last  torch fp32, channels_last
@@ -69,8 +69,9 @@ def build_model(resolution: int, device: str, small: bool):
     from diffusers import DDIMScheduler
 
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from cfx_plugins.time.components import LatentT2I
     from unet_backends import sd1_unet
+
+    from cfx_plugins.explainers.time.components import LatentT2I
 
     vae = sd1_vae().to(device).eval().requires_grad_(False)
     if not small:
@@ -96,7 +97,8 @@ def build_model(resolution: int, device: str, small: bool):
 
 def generator(model, device: str):
     import torch
-    from cfx_plugins.time.generate import TimeGenerator
+
+    from cfx_plugins.explainers.time.generate import TimeGenerator
 
     meta = {"labels": ["source", "target"], "tokens": {"context": [], "classes": {}}, "prompts": {"class": ""}}
     gen = TimeGenerator(model, meta)

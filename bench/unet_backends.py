@@ -119,11 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from cfx_plugins.pixel_prior import as_pixel_model
-
     from cfx_cli.backends.latent import unet_module
     from cfx_cli.backends.pixel import net_module
     from cfx_cli.models import load_model
+    from cfx_plugins.explainers.pixel_prior import as_pixel_model
 
     rows: list = []
     notes: list[str] = []

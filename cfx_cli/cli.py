@@ -164,7 +164,7 @@ def fit_time(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing token file.")] = False,
 ) -> None:
     """TIME: learn context and per-class tokens from the classifier's predictions (textual inversion)."""
-    from cfx_plugins.time.cli import run_fit
+    from cfx_plugins.explainers.time.cli import run_fit
 
     run_fit(data=data, out=out, classifier=classifier, model=model, set_options=set_ or [], seed=seed,
             device=device, labels_file=labels, trust_pickle=trust_pickle, overwrite=overwrite)

@@ -26,9 +26,10 @@ def main(src: str) -> None:
     pkg = types.ModuleType("torch_fidelity")
     pkg.__path__ = [str(Path(src) / "torch_fidelity")]
     sys.modules["torch_fidelity"] = pkg
-    from cfx_plugins.nets.inception import load
     from metric_weights import inception_file
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from cfx_plugins.nets.inception import load
 
     with tempfile.TemporaryDirectory() as tmp:
         path = inception_file(Path(tmp) / "inception.pth")

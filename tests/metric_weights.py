@@ -26,6 +26,7 @@ def _he_init(module, seed: int) -> None:
 
 def inception_file(path: Path) -> Path:
     import torch
+
     from cfx_plugins.nets.inception import FIDInceptionV3
 
     net = FIDInceptionV3()
@@ -37,8 +38,9 @@ def inception_file(path: Path) -> Path:
 def simsiam_file(path: Path) -> Path:
     """Like ``checkpoint_0099.pth.tar``: epoch, arch, state_dict (module.encoder.*, module.predictor.*)."""
     import torch
-    from cfx_plugins.nets.resnet import ResNet50, simsiam_projector
     from torch import nn
+
+    from cfx_plugins.nets.resnet import ResNet50, simsiam_projector
 
     enc = ResNet50(fc=simsiam_projector())
     _he_init(enc, 1)
@@ -53,8 +55,9 @@ def simsiam_file(path: Path) -> Path:
 
 def vggface2_file(path: Path) -> Path:
     """Like ``resnet50_ft_weight.pkl``: a pickled dict of numpy arrays, no num_batches_tracked."""
-    from cfx_plugins.nets.resnet import ResNet50
     from torch import nn
+
+    from cfx_plugins.nets.resnet import ResNet50
 
     net = ResNet50(caffe=True, fc=nn.Linear(2048, 8631))
     _he_init(net, 2)
@@ -67,6 +70,7 @@ def vggface2_file(path: Path) -> Path:
 def lpips_files(folder: Path, net: str = "vgg") -> tuple[Path, Path]:
     """A torchvision-layout trunk (``features.N.*`` plus an unused ``classifier.*``) and the lin layers."""
     import torch
+
     from cfx_plugins.nets.lpips import LPIPS
 
     model = LPIPS(net)

@@ -110,12 +110,12 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_every_subpackage_is_packaged():
-    """pyproject lists packages explicitly (plugins/ is mapped to cfx_plugins): a missing one breaks wheels."""
+    """pyproject lists packages explicitly: a missing one breaks wheels."""
     import tomllib
 
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = set()
-    for root, name in ((REPO / "cfx_cli", "cfx_cli"), (REPO / "plugins", "cfx_plugins")):
+    for root, name in ((REPO / "cfx_cli", "cfx_cli"), (REPO / "cfx_plugins", "cfx_plugins")):
         for init in root.rglob("__init__.py"):
             rel = init.parent.relative_to(root).parts
             found.add(".".join((name, *rel)))

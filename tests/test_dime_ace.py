@@ -141,8 +141,9 @@ def test_dime_region_mask_keeps_outside_pixels(tiny_prior, classifier):
 
 
 def test_dime_vgg19_perceptual_from_user_weights(tmp_path, tiny_prior, classifier):
-    from cfx_plugins.dime import build_vgg19_features
     from safetensors.torch import save_file
+
+    from cfx_plugins.explainers.dime import build_vgg19_features
 
     torch.manual_seed(0)
     net = build_vgg19_features(18)
@@ -187,7 +188,7 @@ def test_ace_mask_is_dilated_normalised_difference(tiny_prior, classifier):
 
 
 def test_ace_checkpointing_gives_the_same_gradient(tiny_prior, classifier):
-    from cfx_plugins.pixel_prior import ImageNoise
+    from cfx_plugins.explainers.pixel_prior import ImageNoise
 
     batch = demo_batch(2)
     grads = []
@@ -324,10 +325,9 @@ def test_demo_flip_rate_and_closeness(tmp_path, method):
     flipped counterfactuals are closer to their inputs (mean ℓ1) than the nearest training digit of the target."""
     import importlib.util
 
-    from cfx_plugins.pixel_prior import DEFAULT_MODEL
-
     from cfx_cli.demo.data import load_split
     from cfx_cli.errors import UsageError
+    from cfx_plugins.explainers.pixel_prior import DEFAULT_MODEL
 
     try:
         from cfx_cli.models import load_model

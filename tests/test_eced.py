@@ -12,11 +12,10 @@ from tests.conftest import fixture_dir, run_cfx
 
 
 def _explainer(overrides=None, model=None, preset="digits"):
-    from cfx_plugins.eced import ECED
-
     from cfx_cli.classifiers import ClassifierOptions, load_classifier
     from cfx_cli.explainers import ExplainContext
     from cfx_cli.params import resolve_params
+    from cfx_plugins.explainers.eced import ECED
 
     sets = {"preset": preset, **(overrides or {})} if preset else dict(overrides or {})
     params = resolve_params("eced", ECED.params, ECED.presets, sets)
@@ -53,7 +52,7 @@ def _state_hash(*modules) -> str:
 
 # -- Proposition 1 (and 2) ------------------------------------------------------------------------------------
 def test_proposition_1_on_random_gradients_and_masks():
-    from cfx_plugins.eced.core import angle_degrees, prune
+    from cfx_plugins.explainers.eced.core import angle_degrees, prune
 
     rng = torch.Generator().manual_seed(0)
     for _ in range(500):
@@ -72,7 +71,13 @@ def test_proposition_1_on_random_gradients_and_masks():
 
 def _demo_chain_gradient(exp, batch, pixel_mask):
     """∇_{z_init} CE(f(D(blended chain(z_init))), y') for one image through the real demo UNet and decoder."""
-    from cfx_plugins.eced.core import LatentDecoder, blended_chain, draw_noise, straight_through_unit, to_size
+    from cfx_plugins.explainers.eced.core import (
+        LatentDecoder,
+        blended_chain,
+        draw_noise,
+        straight_through_unit,
+        to_size,
+    )
 
     m = exp.model
     x_r = to_size(batch.images, (m.resolution, m.resolution))
@@ -94,7 +99,7 @@ def _demo_chain_gradient(exp, batch, pixel_mask):
 def test_proposition_1_and_2_through_the_demo_denoising_chain_and_decoder():
     """u is the real gradient through τ UNet steps, the blend and the VAE decoder; masks are random and
     nested (a rising ξ): every pruned angle is in [0°, 90°) and the angles do not decrease (Prop. 2)."""
-    from cfx_plugins.eced.core import angle_degrees, prune
+    from cfx_plugins.explainers.eced.core import angle_degrees, prune
 
     exp = _explainer({"tau": 3})
     batch = _batch(["digit-03-label3"])
@@ -117,9 +122,8 @@ def test_proposition_1_and_2_through_the_demo_denoising_chain_and_decoder():
 
 # -- the pieces -----------------------------------------------------------------------------------------------
 def test_prompt_template_and_class_names():
-    from cfx_plugins.eced.core import class_names, fill_prompt
-
     from cfx_cli.errors import UsageError
+    from cfx_plugins.explainers.eced.core import class_names, fill_prompt
 
     assert fill_prompt("A photo of a/an {target}", "owl") == "A photo of an owl"
     assert fill_prompt("A photo of a/an {target}", "zebra") == "A photo of a zebra"
@@ -141,7 +145,7 @@ def test_digits_preset_uses_the_demo_caption_template():
 
 
 def test_chain_levels_end_with_the_background_at_alpha_0():
-    from cfx_plugins.eced.core import chain_levels
+    from cfx_plugins.explainers.eced.core import chain_levels
 
     ac = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2, 0)
     start, levels = chain_levels(ac, float(ac[0]), 1000, 1, 50, 10)
@@ -152,7 +156,7 @@ def test_chain_levels_end_with_the_background_at_alpha_0():
 
 
 def test_background_mse_is_eq_12():
-    from cfx_plugins.eced.core import background_mse
+    from cfx_plugins.explainers.eced.core import background_mse
 
     x = torch.zeros(1, 3, 4, 4)
     cf = x.clone()
@@ -164,7 +168,7 @@ def test_background_mse_is_eq_12():
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
-    from cfx_plugins.eced.core import blended_chain, draw_noise
+    from cfx_plugins.explainers.eced.core import blended_chain, draw_noise
 
     exp = _explainer({"tau": 2})
     m = exp.model

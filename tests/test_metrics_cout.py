@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from cfx_plugins.metrics_cout import cout_score
+
+from cfx_plugins.metrics.cout import cout_score
 
 
 def mean_red(x):
@@ -121,13 +122,13 @@ def test_cout_on_demo_pgd_run(tmp_path, cfx, demo_images):
 
 def test_cout_and_features_accept_grey_images(tmp_path, demo_images):
     """Folders written by other tools may hold greyscale PNGs: metrics see them as three equal channels."""
-    from cfx_plugins.metrics_cout import COUT
-    from cfx_plugins.nets.features import cached_features
     from PIL import Image
 
     from cfx_cli.classifiers import ClassifierOptions, load_classifier
     from cfx_cli.metrics import MetricContext
     from cfx_cli.runs import RunData
+    from cfx_plugins.metrics.cout import COUT
+    from cfx_plugins.nets.features import cached_features
 
     for name, src in (("o.png", "digit-00-label0.png"), ("c.png", "digit-03-label3.png")):
         Image.open(demo_images / src).convert("L").save(tmp_path / name)

@@ -7,13 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from cfx_plugins.metrics_fid import (
+from metric_weights import inception_file
+
+from cfx_plugins.metrics.fid import (
     fid_from_features,
     frechet_distance,
     gaussian_stats,
     sfid_from_features,
 )
-from metric_weights import inception_file
 
 
 def _scipy_fid(mu1, s1, mu2, s2):
@@ -84,6 +85,7 @@ def test_sfid_split_protocol():
 @pytest.mark.slow
 def test_fid_inception_loads_published_layout_and_gives_pool3(tmp_path):
     import torch
+
     from cfx_plugins.nets.inception import load
 
     path = inception_file(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
@@ -133,9 +135,9 @@ def test_missing_inception_weights_name_the_file(tmp_path, cfx, demo_images):
 @pytest.mark.slow
 def test_fid_on_demo_run_matches_direct_computation_and_caches(tmp_path, cfx, demo_images):
     import torch
-    from cfx_plugins.nets.inception import load
 
     from cfx_cli.images import load_png
+    from cfx_plugins.nets.inception import load
 
     weights = inception_file(tmp_path / "inception.pth")
     run = tmp_path / "run"
@@ -183,9 +185,8 @@ def test_fid_equals_torchmetrics_on_the_same_images_and_weights(tmp_path, cfx, d
     import torch
 
     torchmetrics_fid = pytest.importorskip("torchmetrics.image.fid", reason="torchmetrics is in the dev extra")
-    from cfx_plugins.nets.inception import load
-
     from cfx_cli.images import load_png
+    from cfx_plugins.nets.inception import load
 
     weights = inception_file(tmp_path / "inception.pth")
     run = tmp_path / "run"

@@ -79,10 +79,9 @@ def test_lpips_loads_torchvision_trunk_and_lin_layers(tmp_path, net):
 
 
 def test_missing_and_wrong_weights_name_the_file(tmp_path):
+    from cfx_cli.metrics import MetricContext
     from cfx_plugins.nets.resnet import SIMSIAM_FILE, SIMSIAM_URL, load_simsiam
     from cfx_plugins.nets.weights import WeightsSpec, resolve
-
-    from cfx_cli.metrics import MetricContext
 
     spec = WeightsSpec("simsiam_weights", "CFX_TEST_UNSET_VAR", SIMSIAM_FILE, SIMSIAM_URL)
     with pytest.raises(MetricUnavailable) as exc:

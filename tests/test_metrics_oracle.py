@@ -7,7 +7,8 @@ import json
 
 import numpy as np
 import pytest
-from cfx_plugins.metrics_oracle import correlation_difference, mnac, read_correlations
+
+from cfx_plugins.metrics.oracle import correlation_difference, mnac, read_correlations
 
 
 def test_mnac_counts_changed_attributes():

@@ -61,9 +61,9 @@ def test_seeds_layout(seeded_run):
 @pytest.mark.slow
 def test_sigma_l_pairs_seeds_by_id(seeded_run, tmp_path, cfx):
     import torch
-    from cfx_plugins.nets import lpips
 
     from cfx_cli.images import load_png, save_png
+    from cfx_plugins.nets import lpips
 
     trunk, lin = lpips_files(tmp_path)
     # pgd is deterministic: make seed 2's counterfactuals differ so the mean is over unequal pairs

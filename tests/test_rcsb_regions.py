@@ -152,10 +152,9 @@ class _TinyBridge:
 
 
 def _rcsb(monkeypatch, **params):
-    from cfx_plugins import rcsb
-
     from cfx_cli.explainers import ExplainContext
     from cfx_cli.params import resolve_params
+    from cfx_plugins.explainers import rcsb
 
     bridge = _TinyBridge()
     monkeypatch.setattr("cfx_cli.models.model_for", lambda *a, **k: bridge)

@@ -57,9 +57,8 @@ def _images(n=4, seed=0):
 
 
 def test_parse_schedule():
-    from cfx_plugins.time.generate import parse_schedule
-
     from cfx_cli.errors import UsageError
+    from cfx_plugins.explainers.time.generate import parse_schedule
 
     assert parse_schedule("25:3, 30:4,35:4") == [(25, 3.0), (30, 4.0), (35, 4.0)]
     for bad in ("", "25", "25:x", "a:3"):
@@ -68,9 +67,9 @@ def test_parse_schedule():
 
 
 def test_presets_follow_the_thesis_and_the_feasibility_note():
-    from cfx_plugins.time import Time
-    from cfx_plugins.time.fit import FIT_PRESETS
-    from cfx_plugins.time.generate import parse_schedule
+    from cfx_plugins.explainers.time import Time
+    from cfx_plugins.explainers.time.fit import FIT_PRESETS
+    from cfx_plugins.explainers.time.generate import parse_schedule
 
     assert parse_schedule(Time.presets["smile"]["schedule"]) == [(25, 3), (30, 4), (35, 4), (35, 6)]
     assert parse_schedule(Time.presets["age"]["schedule"]) == [(30, 4), (30, 6), (35, 4), (35, 6)]
@@ -83,9 +82,8 @@ def test_presets_follow_the_thesis_and_the_feasibility_note():
 
 
 def test_artifact_roundtrip_and_checks(tmp_path):
-    from cfx_plugins.time import tokens as T
-
     from cfx_cli.errors import UsageError
+    from cfx_plugins.explainers.time import tokens as T
 
     vecs = {n: torch.randn(8) for n in ["<time-ctx-0>", "<time-c0-0>"]}
     meta = {"tokens": {"context": ["<time-ctx-0>"], "classes": {"a": ["<time-c0-0>"]}}, "labels": ["a", "b"],
@@ -114,11 +112,10 @@ def test_artifact_roundtrip_and_checks(tmp_path):
 
 
 def test_training_scan_skips_bad_files_and_rejects_empty_folders(tiny_sd, tmp_path):
-    from cfx_plugins.time.components import load_latent_t2i
-    from cfx_plugins.time.fit import scan_training_images
-
     from cfx_cli.errors import UsageError
     from cfx_cli.images import save_png
+    from cfx_plugins.explainers.time.components import load_latent_t2i
+    from cfx_plugins.explainers.time.fit import scan_training_images
 
     model = load_latent_t2i(f"diffusers:{tiny_sd}")
     data = tmp_path / "data"
@@ -140,11 +137,10 @@ def test_training_scan_skips_bad_files_and_rejects_empty_folders(tiny_sd, tmp_pa
 @pytest.fixture(scope="module")
 def fitted(tiny_sd, tmp_path_factory):
     """Tokens fitted for the stub classifier on 12 images (2 iterations: plumbing, not quality)."""
-    from cfx_plugins.time.components import load_latent_t2i
-    from cfx_plugins.time.fit import FIT_PARAMS, FIT_PRESETS, fit_time_tokens
-
     from cfx_cli.images import save_png
     from cfx_cli.params import resolve_params
+    from cfx_plugins.explainers.time.components import load_latent_t2i
+    from cfx_plugins.explainers.time.fit import FIT_PARAMS, FIT_PRESETS, fit_time_tokens
 
     data = tmp_path_factory.mktemp("data")
     for i, img in enumerate(_images(12, seed=1)):
@@ -181,12 +177,11 @@ def test_fit_trains_only_the_new_tokens(fitted):
 
 
 def _explainer(fitted, classifier, schedule="2:1,3:2", edict="exact"):
-    from cfx_plugins.time import Time, build_generator
-    from cfx_plugins.time.fit import install_artifact
-    from cfx_plugins.time.generate import TimeGenerator
-
     from cfx_cli.explainers import ExplainContext
     from cfx_cli.params import resolve_params
+    from cfx_plugins.explainers.time import Time, build_generator
+    from cfx_plugins.explainers.time.fit import install_artifact
+    from cfx_plugins.explainers.time.generate import TimeGenerator
 
     params = resolve_params("time", Time.params, Time.presets, {"schedule": schedule, "steps": "10",
                                                                 "edict": edict})
@@ -202,7 +197,7 @@ def _explainer(fitted, classifier, schedule="2:1,3:2", edict="exact"):
 
 
 def test_batched_generation_equals_one_by_one(fitted):
-    from cfx_plugins.time.generate import TimeGenerator
+    from cfx_plugins.explainers.time.generate import TimeGenerator
 
     gen = TimeGenerator(fitted["model"], fitted["result"].meta)
     x = _images(3)

@@ -25,7 +25,7 @@ def accelerate_model(spec: str, backend: str, precision: str, device: str, size:
     if all(parts.get(k) is not None for k in ("unet", "vae", "text_encoder")):
         return _accelerate_latent(spec, parts, backend, precision, dev, size)
     if getattr(model, "kind", None) != "pixel":  # the demo returns a bare (unet, scheduler) holder
-        from cfx_plugins.pixel_prior import as_pixel_model
+        from cfx_plugins.explainers.pixel_prior import as_pixel_model
 
         model = as_pixel_model(model, spec, "accelerate")
     side = size or getattr(model, "image_size", None)

@@ -50,6 +50,7 @@ class S3(Metric):
 
     def compute(self, run, context):
         import torch
+
         from cfx_plugins.nets.features import weights_tag
         from cfx_plugins.nets.resnet import SIMSIAM_FILE, SIMSIAM_URL, load_simsiam
         from cfx_plugins.nets.weights import WeightsSpec, resolve
@@ -79,6 +80,7 @@ class FaceVerification(Metric):
 
     def compute(self, run, context):
         import torch
+
         from cfx_plugins.nets.features import weights_tag
         from cfx_plugins.nets.resnet import VGGFACE2_FILE, VGGFACE2_URL, load_vggface2
         from cfx_plugins.nets.weights import WeightsSpec, resolve

@@ -86,7 +86,8 @@ ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe brid
 
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
-        from cfx_plugins.pixel_prior import to_size
+
+        from cfx_plugins.explainers.pixel_prior import to_size
 
         if batch.masks is None:
             raise UsageError("rcsb needs a region: --region auto|FILE|DIR")

@@ -87,7 +87,7 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
 
     def __init__(self, context) -> None:
         super().__init__(context)
-        from cfx_plugins.pixel_prior import load_prior
+        from cfx_plugins.explainers.pixel_prior import load_prior
 
         p = self.params
         if p["tau"] < 1:
@@ -123,7 +123,8 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
     # -- the method ----------------------------------------------------------------------------------------
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
-        from cfx_plugins.pixel_prior import ImageNoise, model_size, to_size
+
+        from cfx_plugins.explainers.pixel_prior import ImageNoise, model_size, to_size
 
         p = self.params
         clf = self.context.classifier
@@ -236,7 +237,7 @@ def _at(values, i: int, like):
 
 
 def _schedule(model) -> str:
-    from cfx_plugins.pixel_prior import schedule_summary
+    from cfx_plugins.explainers.pixel_prior import schedule_summary
 
     return schedule_summary(model)
 

@@ -1,7 +1,8 @@
 """Shared plumbing of the pixel-diffusion explainers (DiME, ACE): the prior behind ``--model``, per-image noise,
 resolution changes between classifier and prior, and mask dilation.
 
-Not an entry point itself; imported lazily by ``cfx_plugins.dime`` and ``cfx_plugins.ace``. All noise math
+Not an entry point itself; imported lazily by ``cfx_plugins.explainers.dime`` and ``cfx_plugins.explainers.ace``.
+All noise math
 (q_sample, the DDPM posterior with learned variance, respacing) comes from :mod:`cfx_cli.diffusion`.
 """
 

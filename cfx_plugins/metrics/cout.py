@@ -80,6 +80,7 @@ class COUT(Metric):
 
     def compute(self, run, context):
         import torch
+
         from cfx_plugins.nets.features import rgb
         from cfx_plugins.nets.weights import int_option
 

@@ -65,6 +65,7 @@ class SigmaL(Metric):
 
     def compute(self, run, context):
         import torch
+
         from cfx_plugins.nets import lpips
         from cfx_plugins.nets.features import rgb
         from cfx_plugins.nets.weights import WeightsSpec, option, resolve

@@ -83,7 +83,7 @@ docs/methods/ace.md.
 
     def __init__(self, context) -> None:
         super().__init__(context)
-        from cfx_plugins.pixel_prior import load_prior
+        from cfx_plugins.explainers.pixel_prior import load_prior
 
         p = self.params
         if p["tau"] < 1 or p["iterations"] < 0:
@@ -175,7 +175,7 @@ docs/methods/ace.md.
 
     # -- steps 2–3: mask and refinement --------------------------------------------------------------------
     def _mask(self, x, pe, region):
-        from cfx_plugins.pixel_prior import dilate
+        from cfx_plugins.explainers.pixel_prior import dilate
 
         diff = (x - pe).abs().sum(1, keepdim=True)
         peak = diff.reshape(len(x), -1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
@@ -210,7 +210,8 @@ docs/methods/ace.md.
 
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
-        from cfx_plugins.pixel_prior import ImageNoise, model_size, schedule_summary, to_size
+
+        from cfx_plugins.explainers.pixel_prior import ImageNoise, model_size, schedule_summary, to_size
 
         p = self.params
         n = len(batch.ids)

@@ -81,7 +81,7 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
 
     def __init__(self, context: ExplainContext) -> None:
         super().__init__(context)
-        from cfx_plugins.time.components import load_latent_t2i
+        from cfx_plugins.explainers.time.components import load_latent_t2i
 
         from .core import chain_levels, class_names
 

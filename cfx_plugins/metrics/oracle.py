@@ -81,10 +81,9 @@ def read_correlations(path: Path, attributes: list[str], query: str) -> np.ndarr
 
 class _Oracle:
     def __init__(self, run, context) -> None:
-        from cfx_plugins.nets.weights import option
-
         from cfx_cli.classifiers import ClassifierOptions, load_classifier
         from cfx_cli.errors import CfxError
+        from cfx_plugins.nets.weights import option
 
         spec = option(context, "oracle", "CFX_ORACLE")
         if not spec:
@@ -108,6 +107,7 @@ class _Oracle:
 
     def on(self, relpaths: list[str]) -> np.ndarray:
         import torch
+
         from cfx_plugins.nets.features import rgb
 
         out = []

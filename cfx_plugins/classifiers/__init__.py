@@ -1,0 +1,1 @@
+"""Built-in classifier adapters (classifier spec schemes)."""

@@ -1,0 +1,1 @@
+"""Built-in region sources for ``--region``."""
