@@ -1,0 +1,94 @@
+"""Check that a refactoring changed no behaviour: every built-in method on the demo digits, byte for byte.
+
+    # at the old commit (its own checkout and venv), write the reference runs:
+    python scripts/compare_demo_runs.py --python OLD/.venv/bin/python --out /tmp/runs-old
+    # at the new commit, run again and compare with them:
+    python scripts/compare_demo_runs.py --out /tmp/runs-new --compare /tmp/runs-old
+
+Each method runs as ``cfx explain cfx_cli/demo/images --method M --target auto --seed 0`` (default presets,
+one process per method, 1 thread) with the interpreter given by ``--python`` (default: this one), so the same
+script drives an old and a new checkout. The comparison covers the bytes of every PNG under ``originals/``,
+``counterfactuals/`` and ``masks/`` and every manifest field except the timing (``seconds``). It prints one line
+per method and exits 1 when anything differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("pgd", "dime", "ace", "rcsb", "time", "eced")
+VOLATILE = {"seconds"}
+
+
+def run_method(python: str, method: str, out: Path, images: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CFX_DEBUG="1")
+    cmd = [python, "-m", "cfx_cli", "explain", str(images), "--method", method, "--target", "auto",
+           "--seed", "0", "--out", str(out), "--overwrite"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode not in (0, 1):
+        sys.exit(f"{method}: cfx explain failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+
+
+def snapshot(run: Path) -> dict:
+    files = {}
+    for sub in ("originals", "counterfactuals", "masks"):
+        for path in sorted((run / sub).rglob("*.png")) if (run / sub).exists() else []:
+            files[str(path.relative_to(run))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    records = {}
+    for line in (run / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        records[rec["id"]] = {k: v for k, v in rec.items() if k not in VOLATILE}
+    return {"files": files, "records": records}
+
+
+def compare(old: dict, new: dict) -> list[str]:
+    problems = []
+    for name in sorted(set(old["files"]) | set(new["files"])):
+        if old["files"].get(name) != new["files"].get(name):
+            problems.append(f"{name}: " + ("missing" if name not in new["files"] else
+                                           "new" if name not in old["files"] else "bytes differ"))
+    for ident in sorted(set(old["records"]) | set(new["records"])):
+        a, b = old["records"].get(ident), new["records"].get(ident)
+        if a is None or b is None:
+            problems.append(f"record {ident}: {'missing' if b is None else 'new'}")
+            continue
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                problems.append(f"record {ident} field {key}: {a.get(key)!r} != {b.get(key)!r}")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--python", default=sys.executable, help="interpreter whose cfx runs the methods")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the runs (one sub-folder per method)")
+    parser.add_argument("--compare", type=Path, help="reference runs written earlier by this script")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--images", type=Path, default=REPO / "cfx_cli" / "demo" / "images")
+    args = parser.parse_args(argv)
+    failed = False
+    for method in args.methods.split(","):
+        run = args.out / method
+        run_method(args.python, method, run, args.images)
+        snap = snapshot(run)
+        if args.compare is None:
+            print(f"{method}: {len(snap['records'])} records, {len(snap['files'])} images written")
+            continue
+        problems = compare(snapshot(args.compare / method), snap)
+        failed |= bool(problems)
+        verdict = "identical" if not problems else f"{len(problems)} differences"
+        print(f"{method}: {len(snap['records'])} records, {len(snap['files'])} images: {verdict}")
+        for line in problems[:20]:
+            print(f"    {line}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
