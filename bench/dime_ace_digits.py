@@ -55,7 +55,8 @@ def summarise(run_dir: Path, x_train: np.ndarray, y_train: np.ndarray) -> dict:
 def run(method: str, out: Path, model: str | None, sets: dict, limit: int | None, batch_size: int,
         seed: int = 0) -> Path:
     from cfx_cli.demo import IMAGES_DIR
-    from cfx_cli.pipeline import ExplainRequest, run_explain
+    from cfx_cli.explain.pipeline import run_explain
+    from cfx_cli.explain.request import ExplainRequest
 
     req = ExplainRequest(inputs=[str(IMAGES_DIR)], method=method, out=str(out), overwrite=True, model=model,
                          set_options=dict(sets), limit=limit, batch_size=batch_size, seed=seed, device="cpu")

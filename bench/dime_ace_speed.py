@@ -44,9 +44,9 @@ def demo_batch(classifier, n: int, seed: int = 0):
     import torch
 
     from cfx_cli.demo import IMAGES_DIR
+    from cfx_cli.explain.batch import image_seed
     from cfx_cli.explainers import ExplainBatch
     from cfx_cli.images import decode, discover
-    from cfx_cli.pipeline import image_seed
 
     items = discover([str(IMAGES_DIR)])[:n]
     images = torch.from_numpy(np.stack([decode(it.path) for it in items])).permute(0, 3, 1, 2).contiguous()
@@ -59,14 +59,15 @@ def demo_batch(classifier, n: int, seed: int = 0):
 
 
 def make_explainer(method: str, classifier, sets: dict, options: dict):
-    from cfx_cli.explainers import ExplainContext
+    from cfx_cli.explainers import ExplainContext, RunOptions
     from cfx_cli.params import resolve_params
-    from cfx_cli.pipeline import get_explainer_class
+    from cfx_cli.plugins import get_explainer_class
 
     cls = get_explainer_class(method)
     set_options = {"preset": cls.auto_presets["demo:digits"], **sets}
     params = resolve_params(method, cls.params, cls.presets, set_options)
-    return cls(ExplainContext(classifier=classifier, params=params, device="cpu", options=dict(options))), params
+    context = ExplainContext(classifier=classifier, params=params, device="cpu", options=RunOptions(**options))
+    return cls(context), params
 
 
 VARIANTS = (("torch", {"backend": "torch"}),
@@ -113,7 +114,7 @@ def bench_method(method: str, classifier, batch, sets: dict, args, peak) -> tupl
 
 
 def cls_preset(method: str) -> str:
-    from cfx_cli.pipeline import get_explainer_class
+    from cfx_cli.plugins import get_explainer_class
 
     return get_explainer_class(method).auto_presets["demo:digits"]
 

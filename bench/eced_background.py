@@ -40,7 +40,8 @@ def eq12(run_dir: Path) -> list[float]:
 
 def run(out: Path, sets: dict, limit: int | None, seed: int = 0) -> dict:
     from cfx_cli.demo import IMAGES_DIR
-    from cfx_cli.pipeline import ExplainRequest, run_explain
+    from cfx_cli.explain.pipeline import run_explain
+    from cfx_cli.explain.request import ExplainRequest
 
     req = ExplainRequest(inputs=[str(IMAGES_DIR)], method="eced", target="auto", classifier="demo:digits",
                          out=str(out), batch_size=16, set_options=dict(sets), limit=limit, overwrite=True,

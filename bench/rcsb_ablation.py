@@ -63,8 +63,9 @@ def summarise(run_dir: Path) -> dict:
 
 def main() -> None:
     from cfx_cli.demo import IMAGES_DIR
+    from cfx_cli.explain.pipeline import run_explain
+    from cfx_cli.explain.request import ExplainRequest
     from cfx_cli.params import parse_set_options
-    from cfx_cli.pipeline import ExplainRequest, run_explain
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--area", type=float, default=0.3)

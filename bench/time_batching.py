@@ -31,6 +31,8 @@ from types import SimpleNamespace
 
 from flops import count_flops, fmt_flops, measure_sgemm_peak, share_of_peak
 
+from cfx_cli.explainers import RunOptions
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -83,7 +85,7 @@ def main() -> None:
         if not hasattr(model, "use_backend"):
             raise SystemExit(f"--backends {b}: this cfx has no TIME backend (LatentT2I.use_backend)")
         t0 = time.perf_counter()
-        described[b] = model.use_backend(SimpleNamespace(options={"backend": b}, device="cpu"))
+        described[b] = model.use_backend(SimpleNamespace(options=RunOptions(backend=b), device="cpu"))
         forwards[b] = model.forward
         print(f"{b}: {described[b]} (export + gate {time.perf_counter() - t0:.1f}s)")
 

@@ -37,6 +37,8 @@ import sys
 import time
 from types import SimpleNamespace
 
+from cfx_cli.explainers import RunOptions
+
 VARIANTS = {
     "eager": {"backend": "torch"},
     "channels_last": {"backend": "torch", "channels_last": True},
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ready, notes = {}, []
     reference = None
     for name in names:
-        ctx = SimpleNamespace(options=dict(VARIANTS[name]), device=dev)
+        ctx = SimpleNamespace(options=RunOptions(**VARIANTS[name]), device=dev)
         err = io.StringIO()
         with contextlib.redirect_stderr(err):  # a refused backend says why; those lines become notes
             t0 = time.perf_counter()

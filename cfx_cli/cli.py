@@ -12,10 +12,21 @@ from typing import Annotated
 import typer
 
 from cfx_cli import __version__
+from cfx_cli.cli_support import (
+    FitGroup,
+    RootGroup,
+    check_backend,
+    check_compile,
+    check_precision,
+    load_config,
+    plugin_commands,
+    show,
+)
 from cfx_cli.errors import CfxError, UsageError
 
 app = typer.Typer(
     name="cfx",
+    cls=RootGroup,  # plugins' commands (register_commands) are found on demand
     help="Visual counterfactual explanations for image classifiers, and their evaluation.",
     no_args_is_help=True,
     add_completion=False,  # static scripts ship in completions/ (scripts/gen_completions.py)
@@ -36,22 +47,6 @@ def _root(
                                           help="Show the version and exit.")] = False,
 ) -> None:
     """Visual counterfactual explanations for image classifiers, and their evaluation."""
-
-
-def _load_config(path: str | None) -> dict:
-    if not path:
-        return {}
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as exc:
-        raise UsageError(f"--config {path}: cannot read ({exc.strerror or exc})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"--config {path}: invalid TOML ({exc})") from None
 
 
 @app.command()
@@ -83,8 +78,8 @@ def explain(
     workers: Annotated[int, typer.Option("--workers", help="Ray workers (actors), each loading the models once.")] = 2,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="GPUs reserved per Ray worker.")] = 0.0,
     shard: Annotated[str | None, typer.Option("--shard", help="Explain shard i of n (i/n, round-robin over the sorted inputs); combine with `cfx merge`.")] = None,
-    tokens: Annotated[str | None, typer.Option("--tokens", help="TIME: token file written by `cfx fit time`.")] = None,
-    fit_data: Annotated[str | None, typer.Option("--fit-data", help="TIME: fit the tokens now on this folder of training images.")] = None,
+    tokens: Annotated[str | None, typer.Option("--tokens", help="Alias of --set tokens=FILE (TIME: the token file written by `cfx fit time`).")] = None,
+    fit_data: Annotated[str | None, typer.Option("--fit-data", help="Alias of --set fit_data=DIR (TIME: fit the tokens now on this folder of training images).")] = None,
     seeds: Annotated[int | None, typer.Option("--seeds", help="N explanations per input, seeds SEED…SEED+N-1 (extra ones in RUN_DIR/seeds/K).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="Forward-only diffusion-network calls: auto (a validated `cfx accelerate` build if cached, else torch), torch, onnx or tensorrt.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="Precision of the forward-only calls on --backend: fp32, fp16 or bf16 (gradients stay in the model's own precision).")] = "fp32",
@@ -93,12 +88,14 @@ def explain(
     compile_mode: Annotated[str, typer.Option("--compile-mode", help="With --compile: default, reduce-overhead (CUDA graphs) or max-autotune.")] = "default",
 ) -> None:
     """Explain every image: write counterfactuals and a manifest into a run directory."""
+    from cfx_cli.explain.pipeline import run_explain, run_explain_seeds
+    from cfx_cli.explain.request import ExplainRequest
+    from cfx_cli.explainers import RunOptions
     from cfx_cli.params import parse_set_options
-    from cfx_cli.pipeline import ExplainRequest, run_explain
     from cfx_cli.plugins import get_registry
 
     get_registry()  # one-line warnings for broken plugins, before any work
-    cfg = _load_config(config)
+    cfg = load_config(config)
     known_cfg = {"method", "target", "classifier", "out", "batch_size", "seed", "device", "limit", "model",
                  "model_flags", "labels", "mask", "region", "params", "seeds"}
     unknown = set(cfg) - known_cfg
@@ -106,6 +103,11 @@ def explain(
         raise UsageError(f"--config {config}: unknown keys {', '.join(sorted(unknown))}")
     params = {k: v for k, v in (cfg.get("params") or {}).items()}
     params.update(parse_set_options(set_ or []))
+    for flag, key, value in (("--tokens", "tokens", tokens), ("--fit-data", "fit_data", fit_data)):
+        if value is not None:  # aliases of the method's own options (TIME declares them as parameters)
+            if key in params and params[key] != value:
+                raise UsageError(f"{flag} and --set {key}=... name the same option: give one")
+            params[key] = value
 
     def pick(value, key, default=None):
         return value if value is not None else cfg.get(key, default)
@@ -122,15 +124,13 @@ def explain(
         batch_size=int(pick(batch_size, "batch_size", 8)), seed=int(pick(seed, "seed", 0)),
         device=pick(device, "device", "auto"), set_options=params, limit=pick(limit, "limit"),
         resume=resume, overwrite=overwrite, model=pick(model, "model"), model_flags=pick(model_flags, "model_flags"),
-        labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(region, "region", cfg.get("mask")), shard=shard,
-        executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
-        options={"debug": os.environ.get("CFX_DEBUG") == "1", "tokens": tokens, "fit_data": fit_data,
-                 "backend": _check_backend(backend), "backend_precision": _check_precision(precision),
-                 "channels_last": channels_last, "compile": _check_compile(compile_, compile_mode)},
+        labels_file=pick(labels, "labels"), trust_pickle=trust_pickle, mask=pick(region, "region", cfg.get("mask")),
+        shard=shard, executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
+        options=RunOptions(backend=check_backend(backend), backend_precision=check_precision(precision),
+                           channels_last=channels_last, compile=check_compile(compile_, compile_mode),
+                           debug=os.environ.get("CFX_DEBUG") == "1"),
         seeds=int(pick(seeds, "seeds", 1)),
     )
-    from cfx_cli.pipeline import run_explain_seeds
-
     summaries = run_explain_seeds(req) if req.seeds != 1 else [run_explain(req)]
     for summary in summaries:
         c = summary.counts
@@ -141,33 +141,6 @@ def explain(
             f"{c['skipped']} skipped, {c['error']} errors ({summary.seconds:.1f}s) → {summary.run_dir}"
         )
     raise typer.Exit(max(s.exit_code for s in summaries))
-
-
-fit_app = typer.Typer(help="Learning stages of methods that have one; each writes a reusable artifact.",
-                      no_args_is_help=True)
-app.add_typer(fit_app, name="fit")
-
-
-@fit_app.command("time")
-def fit_time(
-    data: Annotated[str, typer.Option("--data", help="Folder of training images (searched recursively).")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Token file to write: FILE.safetensors + FILE.json.")],
-    classifier: Annotated[str | None, typer.Option(
-        "--classifier", "-c", help="Classifier spec (default: demo:digits); only its predictions are used.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="diffusers:SD_FOLDER_OR_ID or demo:NAME (default demo:latent, the embedded digits model).")] = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", "-s", help="Training setting KEY=VALUE, or preset=thesis|code|digits (see docs/methods/time.md).")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing token file.")] = False,
-) -> None:
-    """TIME: learn context and per-class tokens from the classifier's predictions (textual inversion)."""
-    from cfx_plugins.explainers.time.cli import run_fit
-
-    run_fit(data=data, out=out, classifier=classifier, model=model, set_options=set_ or [], seed=seed,
-            device=device, labels_file=labels, trust_pickle=trust_pickle, overwrite=overwrite)
 
 
 @app.command("eval")
@@ -320,6 +293,7 @@ def plugins(
 
     from cfx_cli.plugins import get_registry
 
+    plugin_commands()  # so that each plugin's commands are listed
     reg = get_registry(warn=False)
     infos = sorted(reg.plugins.values(), key=lambda i: (not i.builtin, i.name))
     if as_json:
@@ -334,7 +308,8 @@ def plugins(
     for i in infos:
         provides = ", ".join(
             [f"explainer {x}" for x in i.explainers] + [f"classifier {x}:" for x in i.classifier_adapters]
-            + [f"metric {x}" for x in i.metrics] + [f"region {x}:" for x in i.region_sources]
+            + [f"metric {x}" for x in i.metrics] + [f"region {x}" + (":" if reg.region_sources[x][0].takes_arg else "") for x in i.region_sources]
+            + [f"command {x}" for x in i.commands]
         )
         table.add_row(i.name, i.distribution + (" (built-in)" if i.builtin else ""), i.version,
                       provides or "–", f"error: {i.error}" if i.error else "ok")
@@ -354,7 +329,7 @@ def methods(
             kind = "white-box (needs gradients)" if "gradients" in cls.requires else "black-box"
             typer.echo(f"{n:12s} {kind:28s} {cls.summary}  [{plugin}]")
         return
-    from cfx_cli.pipeline import get_explainer_class
+    from cfx_cli.plugins import get_explainer_class
 
     cls = get_explainer_class(name)
     typer.echo(f"{name}: {cls.summary}")
@@ -366,19 +341,11 @@ def methods(
     typer.echo("parameters (--set KEY=VALUE):")
     for p in cls.params:
         choices = f" (one of {', '.join(map(str, p.choices))})" if p.choices else ""
-        typer.echo(f"  {p.name:16s} {p.kind:7s} default {_show(p.default):10}  {p.help}{choices}")
+        typer.echo(f"  {p.name:16s} {p.kind:7s} default {show(p.default):10}  {p.help}{choices}")
     if cls.presets:
         typer.echo("presets (--set preset=NAME):")
         for pname, values in cls.presets.items():
-            typer.echo(f"  {pname:16s} " + ", ".join(f"{k}={_show(v)}" for k, v in values.items()))
-
-
-def _show(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, tuple):
-        return ",".join(_show(v) for v in value)
-    return repr(value) if isinstance(value, str) else str(value)
+            typer.echo(f"  {pname:16s} " + ", ".join(f"{k}={show(v)}" for k, v in values.items()))
 
 
 @app.command()
@@ -432,31 +399,6 @@ def models(
         typer.echo(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['kind']}  {c['path']}")
 
 
-def _check_compile(enabled: bool, mode: str) -> bool | str:
-    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-    if mode not in modes:
-        raise UsageError(f"--compile-mode {mode!r}: expected one of {', '.join(modes)}")
-    if mode != "default" and not enabled:
-        raise UsageError("--compile-mode needs --compile")
-    return (mode if mode != "default" else True) if enabled else False
-
-
-def _check_precision(name: str) -> str:
-    from cfx_cli.backends.base import PRECISIONS
-
-    if name not in PRECISIONS:
-        raise UsageError(f"--precision {name!r}: expected one of {', '.join(PRECISIONS)}")
-    return name
-
-
-def _check_backend(name: str) -> str:
-    from cfx_cli.backends.base import BACKENDS
-
-    if name not in BACKENDS:
-        raise UsageError(f"--backend {name!r}: expected one of {', '.join(BACKENDS)}")
-    return name
-
-
 @app.command()
 def accelerate(
     model: Annotated[str, typer.Argument(help="Generative model spec (demo:pixel, diffusers:PATH, adm:PATH.pt).")],
@@ -475,6 +417,12 @@ def accelerate(
     if precision not in ("fp32", "fp16"):
         raise UsageError(f"--precision {precision!r}: expected fp32 or fp16")
     typer.echo(accelerate_model(model, backend, precision, device, size, model_flags, trust_pickle))
+
+
+fit_app = typer.Typer(cls=FitGroup, no_args_is_help=True,
+                      help="Learning stages of methods that have one (added by their plugins, e.g. `cfx fit time`); "
+                           "each writes a reusable artifact.")
+app.add_typer(fit_app, name="fit")
 
 
 def main() -> None:

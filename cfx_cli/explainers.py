@@ -13,17 +13,40 @@ if TYPE_CHECKING:
     from cfx_cli.classifiers import Classifier
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """Run-wide options of ``cfx explain`` besides the method's own ``--set`` parameters."""
+
+    #: forward-only generative-network calls (``--backend``, ``--precision``, ``--channels-last``, ``--compile``);
+    #: only methods with ``uses_backend = True`` honour them (see :func:`cfx_cli.backends.base.forward_backend`)
+    backend: str = "auto"
+    backend_precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool | str = False  # True or a torch.compile mode such as "reduce-overhead"
+    #: ``CFX_DEBUG=1``: an explainer's exception propagates (with its traceback) instead of error records
+    debug: bool = False
+
+    def backend_requested(self) -> bool:
+        """Did the user ask for anything but the default forward-only calls?"""
+        return self != RunOptions(debug=self.debug)
+
+    def backend_summary(self) -> dict[str, Any]:
+        """What run.json records under ``backend`` (what was asked for)."""
+        return {"backend": self.backend, "backend_precision": self.backend_precision,
+                "channels_last": self.channels_last, "compile": self.compile}
+
+
 @dataclass
 class ExplainContext:
     """Everything an explainer may need besides the batch; built once per run."""
 
     classifier: Classifier
-    params: dict[str, Any]
+    params: dict[str, Any]  # resolved hyperparameters (defaults < preset < --set), method options included
     device: str = "cpu"
     model: str | None = None  # --model SPEC (generative prior), None = method's demo default
     model_flags: str | None = None
     trust_pickle: bool = False
-    options: dict[str, Any] = field(default_factory=dict)  # method-specific CLI options (--tokens ...)
+    options: RunOptions = field(default_factory=RunOptions)
 
 
 @dataclass
@@ -52,23 +75,36 @@ class ExplainOutput:
 class Explainer:
     """Base class of every explainer. Subclasses set the class attributes and implement ``explain``.
 
+    These class attributes are the whole contract between cfx and an explainer: cfx reads no other attribute
+    of an explainer class (a test checks it), and docs/plugins.md documents each of them.
     Keep module-level imports light; import torch and model code inside ``__init__``/``explain``.
     """
 
+    #: the method name (``--method NAME``), unique across the installed plugins
     name: ClassVar[str]
+    #: one line for ``cfx methods``
     summary: ClassVar[str] = ""
+    #: a longer description for ``cfx methods NAME`` (paper, algorithm summary, choices made)
+    description: ClassVar[str] = ""
     #: classifier capabilities needed, e.g. ``frozenset({"gradients"})``; empty = works black-box
     requires: ClassVar[frozenset[str]] = frozenset()
+    #: the hyperparameters ``--set KEY=VALUE`` accepts, also method options such as TIME's ``tokens``
     params: ClassVar[tuple[Param, ...]] = ()
     #: named sets of hyperparameters (``--set preset=NAME``), e.g. the papers' per-dataset settings
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: preset applied automatically for a classifier spec (e.g. ``{"demo:digits": "digits"}``) when the
     #: user chose none; the CLI says so, and run.json records it
     auto_presets: ClassVar[dict[str, str]] = {}
-    #: does the method use a region mask (``--mask``)?
+    #: does the method honour a region (``--region``/``--mask``)? Otherwise a region is a usage error.
     uses_region: ClassVar[bool] = False
-    #: a longer description for ``cfx methods NAME`` (paper, algorithm summary, choices made)
-    description: ClassVar[str] = ""
+    #: the ``--region`` spec used when the user gives none (e.g. ``"auto"``); None = no region
+    default_region: ClassVar[str | None] = None
+    #: per preset, the ``--set region_*`` options it implies for the region source (those the source reads);
+    #: explicit ``--set region_*`` values win
+    region_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: does the method run forward-only network calls through ``cfx_cli.backends`` (``--backend``,
+    #: ``--precision``, ``--channels-last``, ``--compile``)? Otherwise those options are a usage error.
+    uses_backend: ClassVar[bool] = False
 
     def __init__(self, context: ExplainContext) -> None:
         self.context = context

@@ -1,8 +1,10 @@
-"""Plugin discovery and the registries of explainers, classifier adapters and metrics.
+"""Plugin discovery and the one registry of explainers, classifier adapters, metrics and region sources.
 
 Built-in plugins live in the ``cfx`` distribution and are found through the same ``cfx``
-entry-point group as third-party ones. Loading never raises: a plugin that fails to import
-or registers a duplicate name is recorded in :func:`load_errors` and reported by ``cfx plugins``.
+entry-point group as third-party ones. Loading never raises: a plugin that fails to import,
+registers a duplicate name or fails in a hook is recorded in :attr:`Registry.errors` and reported by
+``cfx plugins``. Every lookup (``--method``, ``--classifier SCHEME:``, ``--metrics``, ``--region``) goes
+through :func:`get_registry`, so what ``cfx plugins`` lists is exactly what the commands use.
 """
 
 from __future__ import annotations
@@ -11,11 +13,17 @@ import importlib.metadata
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from cfx_cli import hookspecs
+from cfx_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import typer
+
+    from cfx_cli.explainers import Explainer
 
 BUILTIN_DISTRIBUTION = "cfx"
 
@@ -32,6 +40,7 @@ class PluginInfo:
     classifier_adapters: list[str] = field(default_factory=list)
     metrics: list[str] = field(default_factory=list)
     region_sources: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -46,6 +55,10 @@ class Registry:
 
 _pm: pluggy.PluginManager | None = None
 _registry: Registry | None = None
+#: problems met by :func:`register_commands` (it runs before the registry is built): (plugin, message)
+_command_errors: list[tuple[str, str]] = []
+#: commands each plugin added through ``register_commands``
+_commands: dict[str, list[str]] = {}
 
 
 def _allowed() -> set[str] | None:
@@ -128,6 +141,11 @@ def get_registry(warn: bool = True) -> Registry:
                          _table: dict = table, _key: str = key_attr, _attr: str = info_attr) -> None:
                 keys = getattr(cls, _key)
                 for key in [keys] if isinstance(keys, str) else list(keys):
+                    if not key:
+                        msg = f"plugin {_plugin!r} tried to register a {_attr[:-1].replace('_', ' ')} without {_key}"
+                        reg.errors.append(msg)
+                        _info.error = msg if _info.error is None else _info.error
+                        continue
                     if key in _table:
                         other = _table[key][1]
                         msg = (f"plugin {_plugin!r} tried to register {_attr[:-1].replace('_', ' ')} "
@@ -145,6 +163,13 @@ def get_registry(warn: bool = True) -> Registry:
                 info.error = msg
                 reg.errors.append(msg)
 
+    for plugin_name, msg in _command_errors:
+        reg.errors.append(msg)
+        if plugin_name in infos and infos[plugin_name].error is None:
+            infos[plugin_name].error = msg
+    for plugin_name, names in _commands.items():
+        if plugin_name in infos:
+            infos[plugin_name].commands = list(names)
     for info in infos.values():
         if info.error and not any(info.error in e for e in reg.errors):
             reg.errors.append(f"plugin {info.name!r} ({info.distribution}) failed to load: {info.error}")
@@ -154,6 +179,42 @@ def get_registry(warn: bool = True) -> Registry:
         for msg in reg.errors:
             _warn(msg)
     return reg
+
+
+def get_explainer_class(method: str) -> type[Explainer]:
+    """The explainer registered as ``method``, or a usage error naming the installed ones."""
+    explainers = get_registry().explainers
+    if method not in explainers:
+        known = ", ".join(sorted(explainers)) or "none"
+        raise UsageError(f"unknown method {method!r} (installed: {known})")
+    return explainers[method][0]
+
+
+def black_box_methods() -> list[str]:
+    """The installed methods that need only the classifier's probabilities."""
+    return sorted(n for n, (cls, _) in get_registry().explainers.items() if "gradients" not in cls.requires)
+
+
+def _command_names(app: typer.Typer, prefix: str) -> set[str]:
+    names = {f"{prefix}{c.name or c.callback.__name__.replace('_', '-')}" for c in app.registered_commands}
+    return names | {f"{prefix}{g.name}" for g in app.registered_groups}
+
+
+def register_commands(cli: typer.Typer, fit: typer.Typer) -> None:
+    """Let every plugin add its commands (the ``register_commands`` hook): to ``cli`` (``cfx NAME``) or to the
+    ``fit`` group (``cfx fit NAME``, a method's learning stage). A failing plugin is recorded, never raised."""
+    hook = get_plugin_manager().hook.register_commands
+    for impl in hook.get_hookimpls():
+        before = _command_names(cli, "") | _command_names(fit, "fit ")
+        values = {"cli": cli, "fit": fit}
+        try:
+            impl.function(**{name: values[name] for name in impl.argnames})
+        except Exception as exc:  # a broken plugin must never break the CLI
+            _command_errors.append((impl.plugin_name, f"plugin {impl.plugin_name!r} failed in register_commands: "
+                                                      f"{type(exc).__name__}: {exc}"))
+            continue
+        added = (_command_names(cli, "") | _command_names(fit, "fit ")) - before
+        _commands.setdefault(impl.plugin_name, []).extend(sorted(added))
 
 
 def reset() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,38 @@ MANIFEST = "manifest.jsonl"
 RUN_JSON = "run.json"
 IMAGE_DIRS = ("originals", "counterfactuals", "masks")
 STATUSES = ("flipped", "not_flipped", "skipped", "error")
+#: ``--seeds N``: the runs of the extra seeds live in RUN_DIR/seeds/K
+SEEDS_DIR = "seeds"
 
-RECORD_FIELDS = (
-    "id", "source", "status", "error", "source_label", "source_prob", "target_label",
-    "target_prob_before", "target_prob_after", "cf_label", "counterfactual", "original", "mask",
-    "params", "seed", "seconds", "nfe",
-)
+
+
+@dataclass
+class Record:
+    """One line of ``manifest.jsonl``: one input's outcome. The field order is the JSON key order on disk."""
+
+    id: str
+    source: str
+    status: str | None = None  # one of STATUSES once finished
+    error: str | None = None
+    source_label: str | None = None
+    source_prob: float | None = None
+    target_label: str | None = None
+    target_prob_before: float | None = None
+    target_prob_after: float | None = None
+    cf_label: str | None = None
+    counterfactual: str | None = None  # paths relative to the run directory
+    original: str | None = None
+    mask: str | None = None
+    params: dict[str, Any] | None = None  # the attempt that produced the counterfactual
+    seed: int | None = None
+    seconds: float | None = None
+    nfe: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in RECORD_FIELDS}
+
+
+RECORD_FIELDS = tuple(f.name for f in fields(Record))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -117,8 +143,9 @@ class RunDir:
             for rec in records:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
-    def append(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    def append(self, record: Record | dict) -> None:
+        data = record.to_dict() if isinstance(record, Record) else record
+        line = (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
         fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             written = os.write(fd, line)

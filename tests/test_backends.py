@@ -172,10 +172,10 @@ def test_dime_through_onnx_matches_torch_and_accelerate_feeds_auto(tmp_path, dem
 def test_ace_refinement_through_onnx_matches_torch(tmp_path, monkeypatch, demo_images):
     """In-process: ACE on 2 demo digits with --backend onnx vs torch (the refinement is the onnx part)."""
     from cfx_cli.classifiers import ClassifierOptions, load_classifier
-    from cfx_cli.explainers import ExplainBatch, ExplainContext
+    from cfx_cli.explainers import ExplainBatch, ExplainContext, RunOptions
     from cfx_cli.images import decode
     from cfx_cli.params import resolve_params
-    from cfx_cli.pipeline import get_explainer_class
+    from cfx_cli.plugins import get_explainer_class
 
     monkeypatch.setenv("CFX_CACHE_DIR", str(tmp_path))
     clf = load_classifier("demo:digits", ClassifierOptions())
@@ -187,7 +187,7 @@ def test_ace_refinement_through_onnx_matches_torch(tmp_path, monkeypatch, demo_i
                          sources=torch.tensor([0, 1]), seeds=[3, 4])
     outs = {}
     for backend in ("torch", "onnx"):
-        exp = cls(ExplainContext(classifier=clf, params=params, options={"backend": backend}))
+        exp = cls(ExplainContext(classifier=clf, params=params, options=RunOptions(backend=backend)))
         outs[backend] = exp.explain(batch)
     assert [o.params["backend"] for o in outs["onnx"]] == ["onnx (CPU, fp32)"] * 2
     assert [o.params["backend"] for o in outs["torch"]] == ["torch (fp32)"] * 2
@@ -201,10 +201,10 @@ def test_time_through_onnx_matches_torch_and_accelerate_feeds_auto(tmp_path, mon
     """In-process: TIME on 3 demo digits with --backend onnx vs torch (UNet ε, VAE encode and decode on ONNX
     Runtime); the counterfactuals agree within 1e-3, and `cfx accelerate demo:latent` builds what auto uses."""
     from cfx_cli.classifiers import ClassifierOptions, load_classifier
-    from cfx_cli.explainers import ExplainBatch, ExplainContext
+    from cfx_cli.explainers import ExplainBatch, ExplainContext, RunOptions
     from cfx_cli.images import decode
     from cfx_cli.params import resolve_params
-    from cfx_cli.pipeline import get_explainer_class
+    from cfx_cli.plugins import get_explainer_class
 
     monkeypatch.setenv("CFX_CACHE_DIR", str(tmp_path / "cache"))
     clf = load_classifier("demo:digits", ClassifierOptions())
@@ -217,7 +217,7 @@ def test_time_through_onnx_matches_torch_and_accelerate_feeds_auto(tmp_path, mon
                          sources=sources, seeds=[0, 1, 2])
     outs = {}
     for backend in ("torch", "onnx", "auto"):
-        exp = cls(ExplainContext(classifier=clf, params=params, options={"backend": backend}))
+        exp = cls(ExplainContext(classifier=clf, params=params, options=RunOptions(backend=backend)))
         outs[backend] = exp.explain(batch)
         if backend == "onnx":
             r = run_cfx("accelerate", "demo:latent", env={"CFX_CACHE_DIR": str(tmp_path / "cache")})

@@ -299,7 +299,8 @@ def test_cli_classify_json_and_table_with_torchscript(tmp_path, cfx, demo_images
 
 @pytest.mark.slow
 def test_whitebox_adapters_explain_with_pgd_like_demo(tmp_path, demo_images):
-    from cfx_cli.pipeline import ExplainRequest, run_explain
+    from cfx_cli.explain.pipeline import run_explain
+    from cfx_cli.explain.request import ExplainRequest
 
     ts = export_torchscript(tmp_path / "digits.pt")
     runs = {}

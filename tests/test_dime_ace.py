@@ -47,7 +47,7 @@ def classifier():
 def make_explainer(method: str, model: str, classifier, **overrides):
     from cfx_cli.explainers import ExplainContext
     from cfx_cli.params import resolve_params
-    from cfx_cli.pipeline import get_explainer_class
+    from cfx_cli.plugins import get_explainer_class
 
     cls = get_explainer_class(method)
     params = resolve_params(method, cls.params, cls.presets, {k: str(v) for k, v in overrides.items()})

@@ -10,8 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from cfx_cli import plugins
+from cfx_cli.attribution import cells_covering, integrated_gradients
 from cfx_cli.errors import UsageError
-from cfx_cli.regions import AutoRegion, MaskSource, cells_covering, integrated_gradients, make_region_source
+from cfx_cli.regions import make_region_source
+from cfx_plugins.regions.auto import AutoRegion
+from cfx_plugins.regions.file import MaskSource
 
 
 class _Linear:
@@ -100,7 +104,6 @@ def test_region_option_errors():
 
 def test_plugin_region_source_through_the_hook(tmp_path):
     from cfx_cli.hookspecs import hookimpl
-    from cfx_cli.plugins import get_plugin_manager
     from cfx_cli.regions import RegionSource
 
     class TopHalf(RegionSource):
@@ -116,16 +119,18 @@ def test_plugin_region_source_through_the_hook(tmp_path):
         def register_region_sources(self, register):
             register(TopHalf)
 
-    pm = get_plugin_manager()
-    plugin = Plugin()
-    pm.register(plugin, name="test-tophalf")
+    plugins.register_plugin(Plugin(), name="test-tophalf")
     try:
         src = make_region_source("tophalf:the upper part")
         assert isinstance(src, TopHalf) and src.arg == "the upper part"
         assert src.mask_for(None, (4, 4)).sum() == 8
+        # the same registry that `cfx plugins` lists
+        assert plugins.get_registry(warn=False).plugins["test-tophalf"].region_sources == ["tophalf"]
     finally:
-        pm.unregister(plugin)
+        plugins.reset()
     assert isinstance(make_region_source(str(tmp_path)), MaskSource)
+    with pytest.raises(UsageError, match="no such file"):
+        make_region_source("tophalf:the upper part")  # gone with its plugin: a path that does not exist
 
 
 # -- RCSB with a tiny random bridge ----------------------------------------------------------------------------
@@ -260,7 +265,8 @@ def test_cli_region_auto_with_pgd_and_mask_alias(tmp_path, demo_images, cfx):
 
 @pytest.mark.slow
 def test_preset_region_options_apply_to_auto_regions(tmp_path, demo_images):
-    from cfx_cli.pipeline import ExplainRequest, run_explain
+    from cfx_cli.explain.pipeline import run_explain
+    from cfx_cli.explain.request import ExplainRequest
 
     out = tmp_path / "a"
     req = ExplainRequest(inputs=[str(demo_images)], method="rcsb", out=str(out), limit=1, device="cpu",

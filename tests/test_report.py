@@ -337,17 +337,16 @@ def test_cfx_explain_ends_with_a_report(tmp_path, cfx, demo_images):
 
 def test_a_failing_report_is_a_warning_not_a_failed_run(tmp_path, monkeypatch, capsys):
     import cfx_cli.report
-    from cfx_cli.pipeline import ExplainRequest, _write_report
 
     def broken(*_a, **_k):
         raise OSError("disk full")
 
     monkeypatch.setattr(cfx_cli.report, "build_report", broken)
-    _write_report(tmp_path, ExplainRequest(inputs=[], method="pgd"))  # no exception
+    cfx_cli.report.write_run_report(tmp_path)  # no exception
     err = capsys.readouterr().err
     assert "report.html not written: OSError: disk full" in err and f"cfx report {tmp_path}" in err
     with pytest.raises(OSError):
-        _write_report(tmp_path, ExplainRequest(inputs=[], method="pgd", options={"debug": True}))
+        cfx_cli.report.write_run_report(tmp_path, debug=True)
 
 
 def test_cfx_merge_ends_with_a_report(tmp_path, cfx):

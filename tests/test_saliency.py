@@ -327,7 +327,8 @@ def test_cli_scorecam_region_end_to_end(tmp_path, demo_images, digits):
 
 
 def test_region_option_errors_come_before_any_work(tmp_path, demo_images):
-    from cfx_cli.pipeline import ExplainRequest, run_explain
+    from cfx_cli.explain.pipeline import run_explain
+    from cfx_cli.explain.request import ExplainRequest
 
     cases = [
         ("scorecam:nope", {}, "CAM layer 'nope' is not a module"),
@@ -359,13 +360,15 @@ def test_cli_black_box_classifier_gets_one_line(tmp_path, demo_images):
 
 def test_region_sources_are_registered_and_listed():
     from cfx_cli.plugins import get_registry
-    from cfx_cli.regions import plugin_region_sources
+    from cfx_cli.regions import region_sources
 
-    sources = plugin_region_sources()
+    sources = region_sources()
     assert sources["scorecam"].__name__ == "ScoreCamRegion" and sources["gradcam"].__name__ == "GradCamRegion"
+    assert sources["auto"].__name__ == "AutoRegion" and sources["file"].__name__ == "MaskSource"
     reg = get_registry(warn=False)
     assert reg.region_sources["scorecam"][1] == "regions_cam"
     assert reg.plugins["regions_cam"].region_sources == ["scorecam", "gradcam"]
+    assert reg.region_sources["auto"][1] == "regions_auto" and reg.region_sources["file"][1] == "regions_file"
 
 
 class Bottleneck(nn.Module):

@@ -184,8 +184,8 @@ def _explainer(fitted, classifier, schedule="2:1,3:2", edict="exact"):
     from cfx_plugins.explainers.time.generate import TimeGenerator
 
     params = resolve_params("time", Time.params, Time.presets, {"schedule": schedule, "steps": "10",
-                                                                "edict": edict})
-    ctx = ExplainContext(classifier=classifier, params=params, options={"tokens": "unused"})
+                                                                "edict": edict, "tokens": "unused"})
+    ctx = ExplainContext(classifier=classifier, params=params)
     exp = Time.__new__(Time)  # skip loading from disk: reuse the fitted in-memory model
     exp.context, exp.params = ctx, params
     r = fitted["result"]

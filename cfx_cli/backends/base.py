@@ -128,19 +128,15 @@ _BUILT: dict[tuple, ForwardBackend] = {}
 
 
 def forward_backend(context: Any, module: Any, example_inputs: Sequence[Any], label: str = "model") -> ForwardBackend:
-    """The backend an explainer should use for forward-only calls of ``module``, from ``context.options``:
-    ``backend`` (auto|torch|onnx|tensorrt, default auto), ``backend_precision`` (fp32|fp16|bf16),
-    ``channels_last`` and ``compile`` (torch only; true or a torch.compile mode such as ``reduce-overhead``).
-    Built once per process and input shape."""
-    opts = getattr(context, "options", {}) or {}
-    backend = opts.get("backend") or "auto"
-    precision = opts.get("backend_precision") or "fp32"
-    device = getattr(context, "device", "cpu")
-    compile_opt = opts.get("compile") or False
-    key = (id(module), backend, precision, device, bool(opts.get("channels_last")), compile_opt,
+    """The backend an explainer should use for forward-only calls of ``module``, from ``context.options`` (a
+    :class:`cfx_cli.explainers.RunOptions`): ``backend`` (auto|torch|onnx|tensorrt), ``backend_precision``
+    (fp32|fp16|bf16), ``channels_last`` and ``compile`` (torch only; true or a torch.compile mode such as
+    ``reduce-overhead``). Built once per process and input shape."""
+    opts = context.options
+    device = context.device
+    key = (id(module), opts.backend, opts.backend_precision, device, opts.channels_last, opts.compile,
            tuple(tuple(getattr(t, "shape", ()))[1:] for t in example_inputs))
     if key not in _BUILT:
-        _BUILT[key] = build_backend(module, example_inputs, backend, precision, device,
-                                    channels_last=bool(opts.get("channels_last")), compile=compile_opt,
-                                    label=label)
+        _BUILT[key] = build_backend(module, example_inputs, opts.backend, opts.backend_precision, device,
+                                    channels_last=opts.channels_last, compile=opts.compile, label=label)
     return _BUILT[key]

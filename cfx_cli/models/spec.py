@@ -122,17 +122,10 @@ _CACHE: dict[tuple, Any] = {}
 
 def model_for(context, default: str, expect: str | tuple[str, ...] | None = None) -> Any:
     """The generative model an explainer should use: ``--model`` or the method's ``default`` spec (e.g. its demo
-    model), loaded once per process for the same spec/flags/device/options.
-
-    Memory options come from ``context.options``: ``precision`` (fp32/fp16/bf16), ``attention``
-    (default/sdpa/slicing/math), ``gradient_checkpointing`` (bool).
+    model), loaded once per process for the same spec/flags/device, with the default memory options (fp32, the
+    default attention, no gradient checkpointing: no command sets others).
     """
-    opts = getattr(context, "options", {}) or {}
-    memory = MemoryOptions(
-        precision=opts.get("precision", "fp32"),
-        attention=opts.get("attention", "default"),
-        gradient_checkpointing=bool(opts.get("gradient_checkpointing", False)),
-    )
+    memory = MemoryOptions()
     spec = context.model or default
     key = (
         spec,

@@ -29,6 +29,7 @@ class ACE(Explainer):
     summary = "ACE: adversarial attack through a diffusion filter, then RePaint refinement (thesis ch. 4)"
     requires = frozenset({"gradients"})
     uses_region = True
+    uses_backend = True  # the diffusion UNet's forward-only calls (cfx_cli.backends.pixel)
     params = (
         Param("attack", "str", "pgd", "optimiser of the pre-explanation: 'pgd' (sign steps), 'gd' (plain "
               "gradient steps), 'cw' (Carlini–Wagner tanh parametrisation and margin loss)",

@@ -31,6 +31,7 @@ class DiME(Explainer):
     summary = "DiME: guided pixel diffusion with clean-image gradients (thesis ch. 3)"
     requires = frozenset({"gradients"})
     uses_region = True
+    uses_backend = True  # the diffusion UNet's forward-only calls (cfx_cli.backends.pixel)
     params = (
         Param("tau", "int", 60, "τ: the input is noised to step τ of the respaced schedule; the guided chain "
               "runs τ steps"),

@@ -20,14 +20,11 @@ import numpy as np
 from cfx_cli.errors import MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
-
-SEEDS_DIR = "seeds"  # same as cfx_cli.pipeline.SEEDS_DIR
+from cfx_cli.runs import MANIFEST, SEEDS_DIR, RunData
 
 
 def seed_runs(run) -> list:
     """The run itself and its per-seed sub-runs (RUN_DIR/seeds/K with a manifest), in K order."""
-    from cfx_cli.runs import MANIFEST, RunData
-
     runs = [run]
     root = Path(run.path) / SEEDS_DIR
     if root.is_dir():

@@ -15,6 +15,7 @@ from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainO
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.params import Param
 
+from .cli import fit_time
 from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS
 
 SMILE = "25:3,30:4,35:4,35:6"
@@ -27,7 +28,10 @@ class Time(Explainer):
     name = "time"
     summary = "TIME: textual inversion + EDICT, black-box (thesis ch. 5); --tokens or --fit-data (demo: shipped)"
     requires = frozenset()
+    uses_backend = True  # the UNet/VAE forward-only calls (cfx_cli.backends.latent)
     params = (
+        Param("tokens", "str", "", "token file written by `cfx fit time` (alias: --tokens FILE)"),
+        Param("fit_data", "str", "", "fit the tokens now on this folder of training images (alias: --fit-data DIR)"),
         Param("schedule", "str", SMILE, "(τ, w) attempts as TAU:W,...; an image stops at its first flip"),
         Param("steps", "int", 50, "DDIM steps T of the full chain (τ of them are inverted)"),
         Param("p", "float", 0.93, "EDICT mixing coefficient"),
@@ -126,8 +130,7 @@ def build_generator(context: ExplainContext):
     from .fit import fit_time_tokens, install_artifact
     from .generate import TimeGenerator
 
-    opts = context.options
-    tokens_file, fit_data = opts.get("tokens"), opts.get("fit_data")
+    tokens_file, fit_data = context.params.get("tokens") or None, context.params.get("fit_data") or None
     clf = context.classifier
     if not tokens_file and not fit_data and clf.spec == "demo:digits" and context.model in (None, "demo:latent"):
         from cfx_cli.demo import DEMO_DIR
@@ -170,3 +173,8 @@ def build_generator(context: ExplainContext):
 @hookimpl
 def register_explainers(register):
     register(Time)
+
+
+@hookimpl
+def register_commands(fit):
+    fit.command("time")(fit_time)

@@ -1,11 +1,34 @@
-"""``cfx fit time``: option handling around :func:`fit_time_tokens` (kept out of the core CLI module)."""
+"""``cfx fit time``: the command (added through the ``register_commands`` hook) and its option handling around
+:func:`fit_time_tokens`."""
 
 from __future__ import annotations
 
 import sys
 import time
+from typing import Annotated
+
+import typer
 
 from cfx_cli.errors import UsageError
+
+
+def fit_time(
+    data: Annotated[str, typer.Option("--data", help="Folder of training images (searched recursively).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Token file to write: FILE.safetensors + FILE.json.")],
+    classifier: Annotated[str | None, typer.Option(
+        "--classifier", "-c", help="Classifier spec (default: demo:digits); only its predictions are used.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="diffusers:SD_FOLDER_OR_ID or demo:NAME (default demo:latent, the embedded digits model).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", "-s", help="Training setting KEY=VALUE, or preset=thesis|code|digits (see docs/methods/time.md).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    labels: Annotated[str | None, typer.Option("--labels", help="Class names, one per line.")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing token file.")] = False,
+) -> None:
+    """TIME: learn context and per-class tokens from the classifier's predictions (textual inversion)."""
+    run_fit(data=data, out=out, classifier=classifier, model=model, set_options=set_ or [], seed=seed,
+            device=device, labels_file=labels, trust_pickle=trust_pickle, overwrite=overwrite)
 
 
 def run_fit(*, data: str, out: str, classifier: str | None, model: str | None, set_options: list[str],

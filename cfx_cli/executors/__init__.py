@@ -1,1 +1,0 @@
-"""Where batches run: in this process (default) or on a Ray cluster (``--executor ray``)."""

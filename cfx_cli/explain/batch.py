@@ -1,0 +1,228 @@
+"""One worker: the classifier, the explainer and the region source of a run, and the explanation of a batch of
+inputs into manifest records. :func:`build_worker` is the only place they are built, for every executor."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cfx_cli.classifiers import Classifier, ClassifierOptions, load_classifier, read_labels_file
+from cfx_cli.devices import resolve_device
+from cfx_cli.errors import CfxError, InputError, UsageError
+from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer
+from cfx_cli.images import InputImage, decode, resize, save_png, to_uint8
+from cfx_cli.plugins import black_box_methods
+from cfx_cli.runs import Record, RunDir, read_manifest
+
+if TYPE_CHECKING:
+    from cfx_cli.explain.request import ExplainPlan
+    from cfx_cli.regions import RegionSource
+
+
+def image_seed(seed: int, ident: str) -> int:
+    """Per-image seed from the run seed and the input id: independent of batching and sharding."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{ident}".encode()).digest()[:4], "little")
+
+
+class BatchWorker:
+    """Explains batches of inputs into a run directory; one per process (local) or per Ray actor."""
+
+    def __init__(self, run: RunDir, explainer: Explainer, classifier: Classifier, fixed_target: int | None,
+                 plan: ExplainPlan) -> None:
+        self.run, self.explainer, self.classifier = run, explainer, classifier
+        self.fixed_target, self.plan = fixed_target, plan
+        self._closed = False
+
+    @property
+    def region(self) -> RegionSource | None:
+        return self.plan.region
+
+    def process(self, chunk: list[InputImage], skip_recorded: bool = False) -> list[Record]:
+        """Explain one batch. ``skip_recorded`` makes a retried batch idempotent: inputs that a killed
+        attempt already recorded are not explained (or recorded) twice."""
+        if skip_recorded:
+            recorded = {r["id"] for r in read_manifest(self.run.manifest_path)}
+            chunk = [it for it in chunk if it.id not in recorded]
+            if not chunk:
+                return []
+        return _process_batch(chunk, self)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.classifier.close()
+
+
+def build_worker(plan: ExplainPlan, before_explainer: Callable[[Classifier], None] | None = None) -> BatchWorker:
+    """Load the classifier, check it against the method and the region, then build the explainer (which loads
+    its models). ``before_explainer(classifier)`` runs just before that, for checks that need the classifier."""
+    req = plan.req
+    device = resolve_device(req.device)
+    labels = read_labels_file(req.labels_file) if req.labels_file else None
+    classifier = load_classifier(plan.spec, ClassifierOptions(device=device, labels=labels,
+                                                              trust_pickle=req.trust_pickle))
+    try:
+        if plan.region is not None:
+            plan.region.check(classifier)
+        missing = set(plan.explainer_cls.requires) - set(classifier.capabilities)
+        if missing:
+            bb = ", ".join(black_box_methods()) or "none installed"
+            raise UsageError(
+                f"method {req.method!r} needs classifier {', '.join(sorted(missing))}, which {plan.spec} does not "
+                f"provide (it is a black box); methods that work with black-box classifiers: {bb}"
+            )
+        fixed_target = None if req.target == "auto" else classifier.label_index(req.target)
+        if before_explainer is not None:
+            before_explainer(classifier)
+        context = ExplainContext(classifier=classifier, params=plan.params, device=device, model=req.model,
+                                 model_flags=req.model_flags, trust_pickle=req.trust_pickle, options=req.options)
+        explainer = plan.explainer_cls(context)
+    except BaseException:
+        classifier.close()
+        raise
+    return BatchWorker(RunDir(plan.out), explainer, classifier, fixed_target, plan)
+
+
+def _error_record(item: InputImage, message: str, seed: int) -> Record:
+    return Record(id=item.id, source=str(item.path), status="error", error=message, seed=seed)
+
+
+def _process_batch(chunk: list[InputImage], worker: BatchWorker) -> list[Record]:
+    run, classifier, region = worker.run, worker.classifier, worker.region
+    records: list[Record] = []
+    good: list[tuple[InputImage, np.ndarray, np.ndarray | None]] = []
+    size = classifier.input_size
+    for item in chunk:
+        seed = image_seed(worker.plan.req.seed, item.id)
+        try:
+            # quantize as the saved original will be, so the manifest describes the files on disk
+            arr = to_uint8(resize(decode(item.path), size)).astype(np.float32) / 255.0
+            mask = region.mask_for(item, arr.shape[:2], image=arr, classifier=classifier) if region else None
+        except InputError as exc:
+            rec = _error_record(item, str(exc), seed)
+            run.append(rec)
+            records.append(rec)
+            continue
+        good.append((item, arr, mask))
+    if not good:
+        return records
+    # Inputs of a size-agnostic classifier may differ in size: explain each size group together.
+    groups: dict[tuple[int, int], list] = {}
+    for entry in good:
+        groups.setdefault(entry[1].shape[:2], []).append(entry)
+    for entries in groups.values():
+        records.extend(_explain_group(entries, worker))
+    return records
+
+
+def _explain_group(entries, worker: BatchWorker) -> list[Record]:
+    import torch
+
+    run, explainer, classifier = worker.run, worker.explainer, worker.classifier
+    device = explainer.context.device
+    method = worker.plan.method
+    t0 = time.monotonic()
+    seeds = [image_seed(worker.plan.req.seed, item.id) for item, _, _ in entries]
+    images = torch.from_numpy(np.stack([a for _, a, _ in entries])).permute(0, 3, 1, 2).contiguous()
+    try:
+        probs = classifier.predict_proba(images.to(device)).cpu()
+    except CfxError as exc:
+        return _fail_all(entries, run, seeds, f"classifier failed: {exc}")
+    except Exception as exc:
+        return _fail_all(entries, run, seeds, f"classifier failed: {type(exc).__name__}: {exc}")
+    labels = classifier.labels
+    src = probs.argmax(dim=1)
+    if worker.fixed_target is None:  # auto: the most probable class other than the predicted one
+        masked = probs.clone()
+        masked[torch.arange(len(src)), src] = -1.0
+        targets = masked.argmax(dim=1)
+    else:
+        targets = torch.full_like(src, worker.fixed_target)
+
+    records: list[Record] = []
+    todo = [i for i in range(len(entries)) if int(src[i]) != int(targets[i])]
+    base: list[Record] = []
+    for i, (item, arr, _mask) in enumerate(entries):
+        orig_path = run.image_path("originals", item.id)
+        save_png(arr, orig_path)
+        base.append(Record(
+            id=item.id, source=str(item.path), source_label=labels[int(src[i])],
+            source_prob=round(float(probs[i, src[i]]), 6), target_label=labels[int(targets[i])],
+            target_prob_before=round(float(probs[i, targets[i]]), 6), original=run.relative(orig_path),
+            seed=seeds[i],
+        ))
+    for i in range(len(entries)):
+        if i not in todo:
+            rec = replace(base[i], status="skipped", params=None, seconds=0.0, nfe=0)
+            run.append(rec)
+            records.append(rec)
+    if not todo:
+        return records
+
+    sel = torch.tensor(todo)
+    masks = None
+    if any(entries[i][2] is not None for i in todo):
+        masks = torch.from_numpy(np.stack([entries[i][2] for i in todo]))[:, None].to(device)
+    batch = ExplainBatch(
+        ids=[entries[i][0].id for i in todo], images=images[sel].to(device), targets=targets[sel].to(device),
+        sources=src[sel].to(device), seeds=[seeds[i] for i in todo], masks=masks,
+    )
+    try:
+        outputs = explainer.explain(batch)
+        if len(outputs) != len(todo):
+            raise RuntimeError(f"explainer returned {len(outputs)} outputs for {len(todo)} images")
+        cfs = torch.stack([o.counterfactual.detach().float().cpu().clamp(0, 1) for o in outputs])
+        cfs = torch.round(cfs * 255.0) / 255.0  # classify exactly what the saved PNG holds
+        after = classifier.predict_proba(cfs.to(device)).cpu()
+    except CfxError as exc:
+        return records + _fail_all([entries[i] for i in todo], run, [seeds[i] for i in todo], str(exc))
+    except Exception as exc:
+        if explainer.context.options.debug:
+            raise
+        msg = f"{method} failed: {type(exc).__name__}: {exc}"
+        return records + _fail_all([entries[i] for i in todo], run, [seeds[i] for i in todo], msg)
+    per_image = (time.monotonic() - t0) / len(todo)
+    for j, i in enumerate(todo):
+        item = entries[i][0]
+        out = outputs[j]
+        cf_path = run.image_path("counterfactuals", item.id)
+        save_png(cfs[j].permute(1, 2, 0).numpy(), cf_path)
+        mask_rel = None
+        mask = out.mask if out.mask is not None else (masks[j] if masks is not None else None)
+        if mask is not None:
+            mask_path = run.image_path("masks", item.id)
+            save_png(mask.detach().float().cpu()[0].numpy(), mask_path)
+            mask_rel = run.relative(mask_path)
+        for folder, img in out.extras.items():
+            save_png(img.detach().float().cpu().clamp(0, 1).permute(1, 2, 0).numpy(),
+                     run.image_path(folder, item.id))
+        tgt = int(targets[i])
+        cf_label = int(after[j].argmax())
+        rec = replace(
+            base[i],
+            status="flipped" if cf_label == tgt else "not_flipped",
+            target_prob_after=round(float(after[j, tgt]), 6),
+            cf_label=labels[cf_label],
+            counterfactual=run.relative(cf_path),
+            mask=mask_rel,
+            params=out.params,
+            seconds=round(per_image, 4),
+            nfe=int(out.nfe),
+        )
+        run.append(rec)
+        records.append(rec)
+    return records
+
+
+def _fail_all(entries, run: RunDir, seeds: list[int], message: str) -> list[Record]:
+    records = []
+    for (item, _, _), seed in zip(entries, seeds, strict=True):
+        rec = _error_record(item, message if str(item.path) in message else f"{item.path}: {message}", seed)
+        run.append(rec)
+        records.append(rec)
+    return records
