@@ -286,6 +286,7 @@ def serve(
 
 @app.command()
 def plugins(
+    ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """List installed plugins, their versions, what they register and load errors."""
@@ -293,7 +294,7 @@ def plugins(
 
     from cfx_cli.plugins import get_registry
 
-    plugin_commands()  # so that each plugin's commands are listed
+    plugin_commands(ctx)  # so that each plugin's commands are listed
     reg = get_registry(warn=False)
     infos = sorted(reg.plugins.values(), key=lambda i: (not i.builtin, i.name))
     if as_json:

@@ -8,8 +8,6 @@ is not a core one, for ``cfx fit ...`` and for ``cfx plugins``. Loading the plug
 
 from __future__ import annotations
 
-import functools
-
 import click
 import typer
 import typer.main
@@ -67,26 +65,33 @@ def show(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-@functools.cache
-def plugin_commands() -> tuple[dict[str, click.Command], dict[str, click.Command]]:
-    """(``cfx NAME`` commands, ``cfx fit NAME`` commands) that the plugins add, loaded once."""
-    root, fit = typer.Typer(), typer.Typer()
-    register_commands(root, fit)
-    return dict(typer.main.get_group(root).commands), dict(typer.main.get_group(fit).commands)
+_loaded: tuple[dict[str, click.Command], dict[str, click.Command]] | None = None
+
+
+def plugin_commands(ctx: click.Context) -> tuple[dict[str, click.Command], dict[str, click.Command]]:
+    """(``cfx NAME`` commands, ``cfx fit NAME`` commands) that the plugins add, loaded once; ``ctx`` is any
+    context of this command line (its root group's commands are the core ones, which no plugin can take)."""
+    global _loaded
+    if _loaded is None:
+        root, fit = typer.Typer(), typer.Typer()
+        core = ctx.find_root().command
+        register_commands(root, fit, reserved=set(getattr(core, "commands", {})))
+        _loaded = dict(typer.main.get_group(root).commands), dict(typer.main.get_group(fit).commands)
+    return _loaded
 
 
 class RootGroup(TyperGroup):
     """``cfx``: the core commands, then (only for a name that is none of them) the plugins' commands."""
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, cmd_name) or plugin_commands()[0].get(cmd_name)
+        return super().get_command(ctx, cmd_name) or plugin_commands(ctx)[0].get(cmd_name)
 
 
 class FitGroup(TyperGroup):
     """``cfx fit``: the learning stages, all of them added by plugins (TIME: ``cfx fit time``)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | set(plugin_commands()[1]))
+        return sorted(set(super().list_commands(ctx)) | set(plugin_commands(ctx)[1]))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        return super().get_command(ctx, cmd_name) or plugin_commands()[1].get(cmd_name)
+        return super().get_command(ctx, cmd_name) or plugin_commands(ctx)[1].get(cmd_name)

@@ -105,6 +105,9 @@ class Explainer:
     #: does the method run forward-only network calls through ``cfx_cli.backends`` (``--backend``,
     #: ``--precision``, ``--channels-last``, ``--compile``)? Otherwise those options are a usage error.
     uses_backend: ClassVar[bool] = False
+    #: set by ``__init__``: the run's classifier, device, model spec and options (the resolved parameters are
+    #: also ``self.params``, a dict, on the instance)
+    context: ExplainContext
 
     def __init__(self, context: ExplainContext) -> None:
         self.context = context

@@ -195,17 +195,25 @@ def black_box_methods() -> list[str]:
     return sorted(n for n, (cls, _) in get_registry().explainers.items() if "gradients" not in cls.requires)
 
 
-def _command_names(app: typer.Typer, prefix: str) -> set[str]:
-    names = {f"{prefix}{c.name or c.callback.__name__.replace('_', '-')}" for c in app.registered_commands}
-    return names | {f"{prefix}{g.name}" for g in app.registered_groups}
+def _command_entries(cli: typer.Typer, fit: typer.Typer) -> list[tuple[str, list, Any]]:
+    """(the command's name as typed after ``cfx``, the list holding its registration, the registration)."""
+    out = []
+    for app, prefix in ((cli, ""), (fit, "fit ")):
+        out += [(prefix + (c.name or c.callback.__name__.replace("_", "-")), app.registered_commands, c)
+                for c in app.registered_commands]
+        out += [(prefix + (g.name or ""), app.registered_groups, g) for g in app.registered_groups]
+    return out
 
 
-def register_commands(cli: typer.Typer, fit: typer.Typer) -> None:
+def register_commands(cli: typer.Typer, fit: typer.Typer, reserved: set[str] | frozenset[str] = frozenset()) -> None:
     """Let every plugin add its commands (the ``register_commands`` hook): to ``cli`` (``cfx NAME``) or to the
-    ``fit`` group (``cfx fit NAME``, a method's learning stage). A failing plugin is recorded, never raised."""
+    ``fit`` group (``cfx fit NAME``, a method's learning stage). ``reserved`` are the core commands' names. As
+    for every other registration, the first plugin to claim a name keeps it; a failing plugin is recorded, never
+    raised."""
     hook = get_plugin_manager().hook.register_commands
+    taken = set(reserved)
     for impl in hook.get_hookimpls():
-        before = _command_names(cli, "") | _command_names(fit, "fit ")
+        known = {id(entry) for _, _, entry in _command_entries(cli, fit)}
         values = {"cli": cli, "fit": fit}
         try:
             impl.function(**{name: values[name] for name in impl.argnames})
@@ -213,8 +221,16 @@ def register_commands(cli: typer.Typer, fit: typer.Typer) -> None:
             _command_errors.append((impl.plugin_name, f"plugin {impl.plugin_name!r} failed in register_commands: "
                                                       f"{type(exc).__name__}: {exc}"))
             continue
-        added = (_command_names(cli, "") | _command_names(fit, "fit ")) - before
-        _commands.setdefault(impl.plugin_name, []).extend(sorted(added))
+        for name, holder, entry in _command_entries(cli, fit):
+            if id(entry) in known:
+                continue
+            if name in taken:
+                holder.remove(entry)
+                _command_errors.append((impl.plugin_name, f"plugin {impl.plugin_name!r} tried to register command "
+                                                          f"{name!r}, which is taken; refused"))
+                continue
+            taken.add(name)
+            _commands.setdefault(impl.plugin_name, []).append(name)
 
 
 def reset() -> None:
