@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from cfx_cli.atomic import atomic_write
-from cfx_cli.errors import UsageError
+from cfx_cli.errors import MetricUnavailable, UsageError
+from cfx_cli.images import load_png, safe_child
 
 MANIFEST = "manifest.jsonl"
 RUN_JSON = "run.json"
@@ -130,8 +132,6 @@ class RunDir:
         return done
 
     def _clear(self) -> None:
-        import shutil
-
         for child in self.path.iterdir():
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
@@ -156,8 +156,6 @@ class RunDir:
             os.close(fd)
 
     def image_path(self, folder: str, ident: str) -> Path:
-        from cfx_cli.images import safe_child
-
         return safe_child(self.path, folder, f"{ident}.png")
 
     def relative(self, path: Path) -> str:
@@ -200,15 +198,11 @@ class RunData:
         :class:`~cfx_cli.errors.MetricUnavailable` when there are none (what a metric wants)."""
         recs = [r for r in self.records if r.get("status") in ("flipped", "not_flipped")]
         if required and not recs:
-            from cfx_cli.errors import MetricUnavailable
-
             raise MetricUnavailable("no explained inputs in the run")
         return recs
 
     def image(self, relpath: str):
         """Decoded image of a record path (cached), float32 (H, W, C) in [0, 1]."""
-        from cfx_cli.images import load_png, safe_child
-
         if relpath not in self._cache:
             self._cache[relpath] = load_png(safe_child(self.path, relpath))
         return self._cache[relpath]

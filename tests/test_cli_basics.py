@@ -62,6 +62,24 @@ def test_bad_set_value_and_unknown_param(tmp_path, demo_images):
     assert "no parameter 'alpha'" in _one_line_error(proc)
 
 
+def test_backend_options_and_method_options_are_refused_where_they_do_not_apply(tmp_path, demo_images):
+    """--backend & co. for a method that runs nothing on a backend, and TIME's --tokens for another method: one
+    line, exit 2, before any work (they used to be ignored silently)."""
+    for method in ("rcsb", "eced", "pgd"):
+        proc = run_cfx("explain", str(demo_images), "--method", method, "--backend", "onnx", "--out",
+                       str(tmp_path / "r"))
+        assert proc.returncode == 2 and f"method {method!r} runs no forward-only network calls on a backend" in \
+            _one_line_error(proc)
+    proc = run_cfx("explain", str(demo_images), "--method", "rcsb", "--channels-last", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "--channels-last" in _one_line_error(proc)
+    proc = run_cfx("explain", str(demo_images), "--method", "pgd", "--tokens", "t", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "method 'pgd' has no parameter 'tokens'" in _one_line_error(proc)
+    proc = run_cfx("explain", str(demo_images), "--method", "time", "--tokens", "a", "--set", "tokens=b",
+                   "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "--tokens and --set tokens=... name the same option" in _one_line_error(proc)
+    assert not (tmp_path / "r").exists()
+
+
 def test_unreadable_config_and_unknown_classifier(tmp_path, demo_images):
     bad = tmp_path / "c.toml"
     bad.write_text("method = [unclosed\n")

@@ -28,6 +28,8 @@ class ForwardBackend:
     """A forward-only callable over tensors. ``name`` is what run records show (e.g. ``onnx (CPU, fp32)``)."""
 
     name = "base"
+    #: the module's own eager fp32 call: callers may call the module itself (bit-identical, no copy)
+    plain = False
 
     def __call__(self, *inputs: Any) -> Any:
         raise NotImplementedError
@@ -64,6 +66,7 @@ class TorchBackend(ForwardBackend):
         flags = [precision] + (["channels_last"] if channels_last else []) + \
             ([f"compile {mode}" if mode else "compile"] if compile else [])
         self.name = f"torch ({', '.join(flags)})"
+        self.plain = precision == "fp32" and not channels_last and not compile
 
     def __call__(self, *inputs):
         import torch

@@ -66,7 +66,7 @@ class LatentForward:
 
     @property
     def direct(self) -> bool:
-        return all(b.name == "torch (fp32)" for b in (self.unet, self.decode, self.encode))
+        return all(b.plain for b in (self.unet, self.decode, self.encode))
 
     def describe(self) -> str:
         names = {b.name for b in (self.unet, self.decode, self.encode)}

@@ -33,7 +33,7 @@ class BackendPixelModel:
         self.backend = backend
         self.diffusion = model.diffusion
         # plain fp32 torch is the model's own call: bit-identical to not having a backend at all
-        self.direct = backend.name == "torch (fp32)"
+        self.direct = backend.plain
 
     def __call__(self, x, t, y=None):
         if y is not None or self.direct:

@@ -93,9 +93,9 @@ def resolve(req: ExplainRequest) -> ExplainPlan:
         notes.append(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
                      "(override with --set preset=NAME or individual --set values)")
     params = resolve_params(req.method, explainer_cls.params, explainer_cls.presets, set_options)
-    region_spec = req.mask
-    if not region_spec and explainer_cls.default_region:
-        region_spec = explainer_cls.default_region
+    region_spec, default_region = req.mask, explainer_cls.default_region
+    if not region_spec and default_region:
+        region_spec = default_region
         notes.append(f"note: {req.method} uses --region {region_spec} (override with --region FILE|DIR)")
     if region_spec:  # a preset's region options, those the chosen source reads; explicit --set values win
         source_cls, _ = region_source_class(region_spec)
@@ -128,7 +128,7 @@ def resolve(req: ExplainRequest) -> ExplainPlan:
             where = (f"--region {region.spec} reads {', '.join(accepted)}" if accepted
                      else "region options apply to --region auto only (or a region source that reads them)")
             raise UsageError(f"--set {foreign[0]}: {where}")
-    if req.options.backend_requested() and not explainer_cls.uses_backend:
+    if not explainer_cls.uses_backend and req.options.backend_requested():
         raise UsageError(f"method {req.method!r} runs no forward-only network calls on a backend: "
                          "--backend, --precision, --channels-last and --compile do not apply to it")
     out = Path(req.out) if req.out else Path("cfx-runs") / f"{req.method}-{safe_name(req.target)}"
