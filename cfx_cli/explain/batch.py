@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cfx_cli.classifiers import Classifier, ClassifierOptions, load_classifier, read_labels_file
+from cfx_cli.classifiers import Classifier, ClassifierOptions, load_classifier
 from cfx_cli.devices import resolve_device
 from cfx_cli.errors import CfxError, InputError, UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer
@@ -63,8 +63,7 @@ def build_worker(plan: ExplainPlan, before_explainer: Callable[[Classifier], Non
     its models). ``before_explainer(classifier)`` runs just before that, for checks that need the classifier."""
     req = plan.req
     device = resolve_device(req.device)
-    labels = read_labels_file(req.labels_file) if req.labels_file else None
-    classifier = load_classifier(plan.spec, ClassifierOptions(device=device, labels=labels,
+    classifier = load_classifier(plan.spec, ClassifierOptions(device=device, labels=plan.labels,
                                                               trust_pickle=req.trust_pickle))
     try:
         if plan.region is not None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cfx_cli.classifiers import DEFAULT_SPEC
+from cfx_cli.classifiers import DEFAULT_SPEC, get_adapter, read_labels_file
 from cfx_cli.errors import UsageError
 from cfx_cli.explain.executors import Executor, get_executor
 from cfx_cli.explainers import Explainer, RunOptions
@@ -55,6 +55,7 @@ class ExplainPlan:
     req: ExplainRequest
     explainer_cls: type[Explainer]
     spec: str  # the classifier spec
+    labels: list[str] | None  # --labels FILE, read once
     params: dict[str, Any]
     region: RegionSource | None
     items: list[InputImage]
@@ -86,6 +87,7 @@ def resolve(req: ExplainRequest) -> ExplainPlan:
     """Check the request and resolve its defaults; raises :class:`UsageError` before any work."""
     explainer_cls = get_explainer_class(req.method)
     spec = req.classifier or DEFAULT_SPEC
+    get_adapter(spec)  # an unknown scheme is a usage error now, not after the inputs are found
     set_options, region_options = split_region_options(dict(req.set_options))
     notes: list[str] = []
     if "preset" not in set_options and spec in explainer_cls.auto_presets:
@@ -131,5 +133,6 @@ def resolve(req: ExplainRequest) -> ExplainPlan:
     if not explainer_cls.uses_backend and req.options.backend_requested():
         raise UsageError(f"method {req.method!r} runs no forward-only network calls on a backend: "
                          "--backend, --precision, --channels-last and --compile do not apply to it")
+    labels = read_labels_file(req.labels_file) if req.labels_file else None
     out = Path(req.out) if req.out else Path("cfx-runs") / f"{req.method}-{safe_name(req.target)}"
-    return ExplainPlan(req, explainer_cls, spec, params, region, items, out, executor, notes)
+    return ExplainPlan(req, explainer_cls, spec, labels, params, region, items, out, executor, notes)
