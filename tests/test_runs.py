@@ -14,11 +14,28 @@ import pytest
 from conftest import run_cfx
 from PIL import Image
 
-from cfx_cli.runs import RunDir, read_manifest
+from cfx_cli.runs import RECORD_FIELDS, Record, RunDir, read_manifest
 
 
 def _records(run):
     return [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_a_record_is_written_as_the_manifest_line_it_always_was(tmp_path):
+    """The manifest format (keys and their order) is what other tools read: Record must not change it."""
+    assert RECORD_FIELDS == (
+        "id", "source", "status", "error", "source_label", "source_prob", "target_label", "target_prob_before",
+        "target_prob_after", "cf_label", "counterfactual", "original", "mask", "params", "seed", "seconds", "nfe",
+    )
+    run = RunDir(tmp_path)
+    run.append(Record(id="a", source="in/a.png", status="error", error="in/a.png: broken", seed=7))
+    assert (tmp_path / "manifest.jsonl").read_text() == (
+        '{"id": "a", "source": "in/a.png", "status": "error", "error": "in/a.png: broken", "source_label": null, '
+        '"source_prob": null, "target_label": null, "target_prob_before": null, "target_prob_after": null, '
+        '"cf_label": null, "counterfactual": null, "original": null, "mask": null, "params": null, "seed": 7, '
+        '"seconds": null, "nfe": null}\n')
+    assert read_manifest(tmp_path / "manifest.jsonl") == [Record("a", "in/a.png", "error", "in/a.png: broken",
+                                                                 seed=7).to_dict()]
 
 
 def test_existing_run_needs_resume_or_overwrite(tmp_path, demo_images):
