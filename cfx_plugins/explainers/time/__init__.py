@@ -20,7 +20,7 @@ from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS
 
 SMILE = "25:3,30:4,35:4,35:6"
 AGE = "30:4,30:6,35:4,35:6"
-# DEMO-FEASIBILITY.md: mild-first (τ, g) = (10,3)(15,3)(20,4)(25,4), i.e. w = g − 1
+# the demo digits: mild-first (τ, g) = (10,3)(15,3)(20,4)(25,4), i.e. w = g − 1 (docs/methods/time.md)
 DIGITS = "10:2,15:2,20:3,25:3"
 
 
