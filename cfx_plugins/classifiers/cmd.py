@@ -5,10 +5,14 @@ per batch, writes one JSON line ``{"images": [<base64 PNG>, ...]}`` to its stdin
 ``{"probabilities": [[...], ...], "labels": [...]?}`` or ``{"error": "..."}`` from its stdout. Anything
 the program prints to stderr is kept (last lines) and quoted in error messages.
 
-At start cfx sends an empty request (``{"images": []}``): the program must answer it (ideally with its
-``labels``). A program that crashes is restarted, at most ``restarts`` times in all; one that does not
-answer within ``timeout`` seconds is killed (and restarted for the next batch). Options after ``#`` or
-from the environment: ``#timeout=60&start_timeout=120&restarts=3&batch_size=64&logits=0&size=HxW``.
+At start cfx sends an empty request (``{"images": []}``), ideally answered with the ``labels``. A program
+that exits or answers garbage instead is restarted (not counted) and labels come with the first answer; only
+a program that cannot start at all (it exits again before being asked anything) or does not answer within
+``start_timeout`` stops cfx. A program that crashes is restarted, at most ``restarts`` times in all; one that
+does not answer within ``timeout`` seconds is killed (and restarted for the next batch). A batch answered
+with ``{"error": ...}`` or a malformed answer is retried by halves (:class:`~cfx_cli.protocol.RemoteClassifier`).
+Options after ``#`` or from the environment:
+``#timeout=60&start_timeout=120&restarts=3&batch_size=64&logits=0&size=HxW``.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ import queue
 import shlex
 import subprocess
 import threading
+import time
 import weakref
 from collections import deque
 
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import ClassifierError, UsageError
 from cfx_cli.hookspecs import hookimpl
-from cfx_cli.protocol import RemoteClassifier
+from cfx_cli.protocol import RefusedBatch, RemoteClassifier, outcome
 
 STDERR_LINES = 20  # kept for error messages
 
@@ -73,6 +78,7 @@ class _Process:
             raise UsageError(f"classifier {spec}: {argv[0]}: permission denied (not executable?)") from None
         except OSError as exc:
             raise UsageError(f"classifier {spec}: cannot start {argv[0]}: {exc.strerror or exc}") from None
+        self.started = time.monotonic()
         self.lines: queue.Queue[bytes | None] = queue.Queue()
         self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
         self._threads = [
@@ -192,7 +198,7 @@ class CmdClassifier(RemoteClassifier):
 
     # ----------------------------------------------------------------------- Classifier API
     def _send_chunks(self, chunks):
-        return [self._classify(chunk) for chunk in chunks]
+        return [outcome(self._classify, chunk) for chunk in chunks]
 
     def close(self) -> None:
         with self._lock:
@@ -255,35 +261,51 @@ class CmdClassifier(RemoteClassifier):
                     raise ClassifierError(self._redact(f"{self.spec}: {second}")) from None
 
     def _probe(self) -> None:
-        from cfx_cli.protocol import parse_answer, quote
+        """The empty start-up request: learns labels (and input size) when the program answers it.
 
+        A program that exits on it or answers something that is not a protocol answer does not answer empty
+        batches: it is restarted (not counted) and labels come with the first answer. Only a program that
+        cannot start (it exits again before being asked anything) or answers nothing in time stops cfx.
+        """
+        from cfx_cli.protocol import parse_answer
+
+        started = self._proc.started
         try:
             with self._lock:
                 answer = self._exchange(b'{"images": []}\n', self.start_timeout)
         except _Dead as exc:
-            raise UsageError(self._redact(
-                f"classifier {self.spec}: {exc} when sent the start-up request {{\"images\": []}}")) from None
+            self._start_again(time.monotonic() - started, str(exc))
+            return
         except ClassifierError as exc:
             raise UsageError(self._redact(f"classifier {exc} (start-up request {{\"images\": []}})")) \
                 from None
-        try:
-            obj = json.loads(answer)
-        except ValueError:
-            self.close()
-            raise UsageError(self._redact(
-                f"classifier {self.spec}: answered {quote(answer)} to the start-up request, which is not a "
-                "JSON line of the protocol (the program must log to stderr, never to stdout)")) from None
-        if isinstance(obj, dict) and obj.get("error") is not None:
-            return  # it does not like empty batches: labels will come with the first answer
+        if not _is_json(answer):  # stdout is out of step with the requests: start afresh
+            self._proc.kill()
+            self._start()
+            return
         try:
             _, labels, size = parse_answer(answer, 0, len(self.labels) if self.labels_known else None,
                                            self.spec, self.returns_logits)
-        except ClassifierError as exc:
-            self.close()
-            raise UsageError(self._redact(f"classifier {exc} (start-up request)")) from None
+        except ClassifierError:
+            return  # an error or a malformed answer to the empty batch: labels come with the first answer
         self._learn(labels)
         if self.input_size is None and size is not None:
             self.input_size = size
+
+    def _start_again(self, lived: float, why: str) -> None:
+        """Restart after the program exited on the start-up request. One that exits again without being asked
+        anything within 1.5× the time the first one lived (+1 s) cannot start at all: a usage error quoting its
+        stderr. (A crash at import and a crash on an empty batch look alike until then.)"""
+        self._start()
+        grace = 1.5 * lived + 1.0
+        code = self._proc.exit_code(wait=min(grace, self.start_timeout or grace))
+        if code is None:
+            return
+        tail = self._proc.stderr_tail()
+        self.close()
+        raise UsageError(self._redact(
+            f"classifier {self.spec}: the program exited with code {code} at start-up, before any request"
+            + (f" (stderr: {tail})" if tail else f"; before that, {why}")))
 
     def _classify(self, images: list[str]):
         from cfx_cli.protocol import parse_answer
@@ -299,7 +321,9 @@ class CmdClassifier(RemoteClassifier):
                     if self._proc is not None:
                         self._proc.kill()
                         self._proc = None
-            raise ClassifierError(self._redact(str(exc))) from None
+                raise ClassifierError(self._redact(
+                    f"{exc} (stdout must carry protocol lines only: log to stderr)")) from None
+            raise RefusedBatch(self._redact(str(exc))) from None  # an error answer: maybe one image's fault
         self._learn(labels, probs.shape[1])
         return probs
 
