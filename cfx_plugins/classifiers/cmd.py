@@ -6,8 +6,8 @@ per batch, writes one JSON line ``{"images": [<base64 PNG>, ...]}`` to its stdin
 the program prints to stderr is kept (last lines) and quoted in error messages.
 
 At start cfx sends an empty request (``{"images": []}``), ideally answered with the ``labels``. A program
-that exits or answers garbage instead is restarted (not counted) and labels come with the first answer; only
-a program that cannot start at all (it exits again before being asked anything) or does not answer within
+that exits on it or answers garbage is restarted (not counted) and labels come with the first answer; only
+a program that cannot start at all (it exits before reading the request) or does not answer within
 ``start_timeout`` stops cfx. A program that crashes is restarted, at most ``restarts`` times in all; one that
 does not answer within ``timeout`` seconds is killed (and restarted for the next batch). A batch answered
 with ``{"error": ...}`` or a malformed answer is retried by halves (:class:`~cfx_cli.protocol.RemoteClassifier`).
@@ -21,7 +21,9 @@ import json
 import os
 import queue
 import shlex
+import struct
 import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -31,6 +33,12 @@ from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import ClassifierError, UsageError
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.protocol import RefusedBatch, RemoteClassifier, outcome
+
+try:  # POSIX: how many bytes of a request still wait, unread, in the program's stdin
+    import fcntl
+    import termios
+except ImportError:  # Windows
+    fcntl = termios = None
 
 STDERR_LINES = 20  # kept for error messages
 
@@ -80,6 +88,8 @@ class _Process:
             raise UsageError(f"classifier {spec}: cannot start {argv[0]}: {exc.strerror or exc}") from None
         self.started = time.monotonic()
         self.lines: queue.Queue[bytes | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._write_failed: list[BaseException] = []
         self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
         self._threads = [
             threading.Thread(target=self._read_stdout, daemon=True, name="cfx-cmd-stdout"),
@@ -109,6 +119,7 @@ class _Process:
                 failed.append(exc)
 
         writer = threading.Thread(target=write, daemon=True, name="cfx-cmd-stdin")
+        self._writer, self._write_failed = writer, failed
         writer.start()
         try:
             answer = self.lines.get(timeout=timeout)
@@ -117,6 +128,21 @@ class _Process:
         if answer is None:
             raise _Dead
         return answer
+
+    def read_request(self) -> bool | None:
+        """After the program exited: did it read the last request? None when this system cannot tell (Linux
+        counts the bytes waiting in a pipe from its writing end; the BSDs and macOS do not)."""
+        if self._writer is not None:
+            self._writer.join(timeout=1.0)
+        if self._write_failed:
+            return False  # it was gone before the request could be written
+        if fcntl is None or not sys.platform.startswith("linux"):
+            return None
+        try:
+            waiting = struct.unpack("i", fcntl.ioctl(self.popen.stdin.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        except (OSError, ValueError):
+            return None
+        return waiting == 0
 
     def exit_code(self, wait: float = 2.0) -> int | None:
         try:
@@ -265,16 +291,24 @@ class CmdClassifier(RemoteClassifier):
 
         A program that exits on it or answers something that is not a protocol answer does not answer empty
         batches: it is restarted (not counted) and labels come with the first answer. Only a program that
-        cannot start (it exits again before being asked anything) or answers nothing in time stops cfx.
+        cannot start (it exits before reading the request) or answers nothing in time stops cfx.
         """
         from cfx_cli.protocol import parse_answer
 
-        started = self._proc.started
+        proc = self._proc
         try:
             with self._lock:
                 answer = self._exchange(b'{"images": []}\n', self.start_timeout)
         except _Dead as exc:
-            self._start_again(time.monotonic() - started, str(exc))
+            read = proc.read_request()
+            if read is False:
+                self.close()
+                raise UsageError(self._redact(
+                    f"classifier {self.spec}: {exc} at start-up, before reading any request")) from None
+            if read is None:
+                self._start_again(time.monotonic() - proc.started, str(exc))
+            else:
+                self._start()  # it read the empty request and exited: it does not answer empty batches
             return
         except ClassifierError as exc:
             raise UsageError(self._redact(f"classifier {exc} (start-up request {{\"images\": []}})")) \
@@ -293,9 +327,9 @@ class CmdClassifier(RemoteClassifier):
             self.input_size = size
 
     def _start_again(self, lived: float, why: str) -> None:
-        """Restart after the program exited on the start-up request. One that exits again without being asked
-        anything within 1.5× the time the first one lived (+1 s) cannot start at all: a usage error quoting its
-        stderr. (A crash at import and a crash on an empty batch look alike until then.)"""
+        """Restart after the program exited on the start-up request where the system cannot tell whether it read
+        it. One that exits again without being asked anything within 1.5× the time the first one lived (+1 s)
+        cannot start at all: a usage error quoting its stderr."""
         self._start()
         grace = 1.5 * lived + 1.0
         code = self._proc.exit_code(wait=min(grace, self.start_timeout or grace))
