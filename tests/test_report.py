@@ -14,16 +14,10 @@ import pytest
 from report_helpers import record, save, synthetic_run, write_run
 
 from cfx_cli.errors import UsageError
+from cfx_cli.evaluate import read_eval, write_eval_json
 from cfx_cli.images import load_png
-from cfx_cli.report import (
-    build_report,
-    change_overlay,
-    diff_heatmap,
-    file_stem,
-    mask_overlay,
-    read_eval,
-    write_eval_json,
-)
+from cfx_cli.report import build_report
+from cfx_cli.report.pictures import change_overlay, diff_heatmap, file_stem, mask_overlay
 
 HOSTILE_ID = '<script>alert("id")</script>'
 HOSTILE_LABEL = "<img src=x onerror=alert(1)>"
@@ -336,13 +330,13 @@ def test_cfx_explain_ends_with_a_report(tmp_path, cfx, demo_images):
 
 
 def test_a_failing_report_is_a_warning_not_a_failed_run(tmp_path, monkeypatch, capsys):
-    import cfx_cli.report
+    import cfx_cli.report.build
     from cfx_cli.pipeline import ExplainRequest, _write_report
 
     def broken(*_a, **_k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(cfx_cli.report, "build_report", broken)
+    monkeypatch.setattr(cfx_cli.report.build, "build_report", broken)
     _write_report(tmp_path, ExplainRequest(inputs=[], method="pgd"))  # no exception
     err = capsys.readouterr().err
     assert "report.html not written: OSError: disk full" in err and f"cfx report {tmp_path}" in err
