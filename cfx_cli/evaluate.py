@@ -92,7 +92,7 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
                 if col not in columns:
                     columns.append(col)
                 row[col] = value
-                directions[col] = cls.lower_is_better
+                directions[col] = None if col in cls.unranked else cls.lower_is_better
         if "classifier" in cache:
             cache["classifier"].close()
         rows[name] = row
@@ -157,9 +157,10 @@ def write_eval_json(run_path: Path, row: dict, skipped: dict, directions: dict, 
     return path
 
 
-def save_eval_json(result: EvalResult, metric_names: str | None) -> list[str]:
-    """Write each run's row to ``RUN_DIR/eval.json`` (read by ``cfx report``); returns warnings
-    for runs whose directory cannot be written (the metrics are still printed)."""
+def save_eval_json(result: EvalResult, metric_names: str | None) -> tuple[list[Path], list[str]]:
+    """Write each run's row to ``RUN_DIR/eval.json`` (read by ``cfx report``); returns the run
+    directories written and warnings for those that cannot be written (the metrics are still printed)."""
+    saved: list[Path] = []
     problems = []
     for name in result.runs:
         if name not in result.paths:
@@ -170,7 +171,9 @@ def save_eval_json(result: EvalResult, metric_names: str | None) -> list[str]:
                             metric_names)
         except OSError as exc:
             problems.append(f"{path}/{EVAL_JSON} not written: {exc.strerror or exc}")
-    return problems
+        else:
+            saved.append(path)
+    return saved, problems
 
 
 def unique_names(paths: list[str]) -> list[str]:

@@ -42,7 +42,8 @@ def _eval_table(evals: list[dict | None], names: list[str]) -> str:
     if not any(evals):
         dirs = " ".join(e(n) for n in names)
         return (f'<p class="muted">No metrics yet. <code>cfx eval {dirs}</code> saves them to '
-                f"<code>RUN_DIR/{EVAL_JSON}</code>; run <code>cfx report</code> again to show them here.</p>")
+                f"<code>RUN_DIR/{EVAL_JSON}</code> and rewrites <code>RUN_DIR/report.html</code> with them; "
+                "a page written elsewhere (<code>--output</code>) shows them after <code>cfx report</code> again.</p>")
     columns: list[str] = []
     directions: dict[str, Any] = {}
     for ev in evals:
@@ -54,11 +55,11 @@ def _eval_table(evals: list[dict | None], names: list[str]) -> str:
     head = "".join(f"<th>{e(n)}</th>" for n in names)
     body = []
     for c in columns:
-        # a direction (arrow, best value when comparing runs) for metrics that have one, but not for
-        # *_before columns: they describe the inputs, not how well a method did
-        ranked = c in directions and not c.endswith("_before")
         vals = [ev["values"].get(c) if ev else None for ev in evals]
         nums = [v for v in vals if finite_number(v) is not None]
+        # a direction (arrow; the best value when comparing runs) only for numeric quality columns: the
+        # metric gives it (None for the columns it declares unranked), and text such as "hardware" has none
+        ranked = c in directions and bool(nums) and all(v is None or finite_number(v) is not None for v in vals)
         arrow = (" ↓" if directions[c] else " ↑") if ranked else ""
         best = (min if directions[c] else max)(nums) if len(nums) > 1 and ranked else None
         cells = "".join(
