@@ -29,6 +29,13 @@ the patch grid, without the head bias, as theirs); the per-layer map of ``forwar
 - the no-pool ``forward_cam``/``forward_cam_layer`` start from the class token without its positional embedding
   (which ``forward`` adds), so they are exact only when that embedding is zero (``no-pool``); cfx includes it.
 
+Insertion/deletion: the authors' CausalMetrics.py (``InsertionMetric``/``DeletionMetric.evaluate_batch``, zero
+("black") and blur ("gauss") corruption) is run on ``pool-wide`` with its HiT maps and ``CAUSAL_STEPS`` steps;
+its curves go into the fixture, compared with :func:`cfx_plugins.metrics.insertion_deletion.causal_curves`
+(inputs already normalised, so the fill colour is 0). Its imports that are unused by ``evaluate_batch`` are
+stubbed when absent: pandas, matplotlib, pytorch_grad_cam, and the checkout's core.model/core.datasets/
+core.config_base (which would import timm).
+
 Rollout: the authors' spatial ``forward_rollout`` sums the head-averaged attention over layers, the no-pool one
 averages it; cfx averages (the thesis: "averaging attention across all layers"), so the spatial reference is
 compared after dividing by L.
@@ -53,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 from cfx_plugins.classifiers.hit.model import HiT, HiTConfig  # noqa: E402
 
 TOL = 1e-5
+CAUSAL_STEPS = 10  # 6.4 map cells per step on an 8×8 grid: the fractional counts of linspace are exercised
 FIXTURE = ROOT / "tests" / "fixtures" / "hit-ref"
 CONFIGS = {
     "pool-wide": ("hit", dict(image_size=32, patch_size=4, blocks=[2, 2, 2], block_dims=[16, 24, 32], num_heads=4,
@@ -126,6 +134,65 @@ def load_reference(checkout: Path):
     return loaded
 
 
+def load_causal_metrics(checkout: Path):
+    """The checkout's CausalMetrics.py, with the imports ``evaluate_batch`` never uses stubbed when absent."""
+    def stub(name: str, **attrs) -> None:
+        if name in sys.modules:
+            return
+        try:
+            importlib.import_module(name)
+            return
+        except ImportError:
+            mod = types.ModuleType(name)
+            mod.__dict__.update(attrs)
+            sys.modules[name] = mod
+
+    stub("pandas")
+    stub("matplotlib")
+    stub("matplotlib.pyplot")
+    stub("pytorch_grad_cam", GradCAM=None)
+    for name, attrs in (("core.model", {"get_model": None}), ("core.datasets", {"build_dataset": None}),
+                        ("core.config_base", {"merge_config": None})):
+        mod = sys.modules.get(name) or types.ModuleType(name)
+        mod.__dict__.update(attrs)
+        sys.modules[name] = mod
+    import scipy.ndimage
+
+    sys.modules.setdefault("scipy.ndimage.filters", scipy.ndimage)  # removed from recent SciPy
+    path = checkout / "CausalMetrics.py"
+    spec = importlib.util.spec_from_file_location("CausalMetrics", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def causal_reference(cm, ref: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Their insertion/deletion curves (B, steps + 1) of the predicted class for their HiT maps."""
+    with torch.no_grad():
+        pred = ref(x).argmax(1)
+        _, cam = ref.forward_cam(x, interpolation_mode=None)
+        cam = cam[torch.arange(len(x)), pred]
+    out = {"causal_map": cam}
+    for mode, cls in (("ins", cm.InsertionMetric), ("del", cm.DeletionMetric)):
+        for sub, replace in (("zero", "black"), ("blur", "gauss")):
+            metric = cls(model=ref, steps=CAUSAL_STEPS, device="cpu", replace_mode=replace)
+            out[f"causal_{mode}_{sub}"] = metric.evaluate_batch(x, cam, pred, use_probability=True)
+    return out
+
+
+def compare_causal(tag: str, ref: nn.Module, out: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+    from cfx_cli.whitebox import TorchModuleClassifier
+    from cfx_plugins.metrics.insertion_deletion import causal_curves
+
+    clf = TorchModuleClassifier(ref, [str(i) for i in range(out["logits"].shape[1])], None, spec="reference")
+    for mode in ("insertion", "deletion"):
+        for sub in ("zero", "blur"):
+            ours = causal_curves(clf, x, out["causal_map"], mode=mode, substrate=sub, steps=CAUSAL_STEPS,
+                                 fill=(0.0, 0.0, 0.0))
+            theirs = out[f"causal_{mode[:3]}_{sub}"]
+            report(f"{tag}: {mode} curve ({sub}) vs CausalMetrics.py", float((ours - theirs).abs().max()))
+
+
 def build_reference(it, name: str, params: dict) -> nn.Module:
     kwargs = dict(params, block_version="hit")
     cls = it.SpatialInterpretableTransformer if name == "hit" else it.InterpretableVisualTransformer
@@ -180,6 +247,7 @@ def main() -> None:
     torch.set_num_threads(1)
     real_torchvision = install_stubs()
     it = load_reference(args.hit.resolve())
+    causal = load_causal_metrics(args.hit.resolve())
     meta: dict = {"tolerance": TOL, "torch": torch.__version__, "torchvision": "real" if real_torchvision else
                   "stub (MLPBlock layout)", "reference": {"repository": "github guillaumejs2403/HiT",
                                                          "commit": args.commit}, "configs": {}}
@@ -194,6 +262,9 @@ def main() -> None:
                 ref.encoder.pos_embedding[:, 0] = 0.0
         x = torch.randn(3, 3, params["image_size"], params["image_size"], generator=g)
         out = run_reference(ref, name, x)
+        if tag == "pool-wide":
+            out.update(causal_reference(causal, ref, x))
+            compare_causal(tag, ref, out, x)
         ours = HiT(HiTConfig.from_authors(name, params)).eval()
         ours.load_state_dict(ref.state_dict(), strict=True)
         compare(tag, name, ours, out, x, exact_layers=tag != "pool-wide")
@@ -211,7 +282,8 @@ def main() -> None:
         for key, value in out.items():
             tensors[f"{tag}/ref/{key}"] = value.contiguous()
         meta["configs"][tag] = {"model": {"name": name, "params": dict(params, block_version="hit")},
-                                "exact_layer_map": tag != "pool-wide"}
+                                "exact_layer_map": tag != "pool-wide",
+                                **({"causal_steps": CAUSAL_STEPS} if tag == "pool-wide" else {})}
     if args.write_fixture:
         FIXTURE.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(FIXTURE / "hit-ref.safetensors"))
