@@ -253,6 +253,15 @@ def test_hit_adapter_config_files_and_checkpoints(tmp_path, demo_hit):
         load_classifier(f"hit:{DEMO_DIR / DEMO_CONFIG}@{DEMO_DIR / DEMO_WEIGHTS}#classes=5", ClassifierOptions())
 
 
+def test_hit_plugins_are_registered_like_built_ins():
+    from cfx_cli.plugins import get_registry
+
+    reg = get_registry(warn=False)
+    assert reg.classifier_adapters["hit"][1] == "classifier_hit"
+    assert reg.region_sources["hit"][1] == "regions_hit"
+    assert reg.metrics["insertion_deletion"][1] == "metrics_insertion_deletion"
+
+
 # -- --region hit ---------------------------------------------------------------------------------------------------
 def _demo_item(demo_images):
     from cfx_cli.images import decode, discover
