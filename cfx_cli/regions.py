@@ -254,16 +254,16 @@ def split_region_options(set_options: dict[str, Any]) -> tuple[dict[str, Any], d
 
 
 def make_region_source(spec: str, options: dict[str, Any] | None = None) -> RegionSource:
-    """``auto`` → :class:`AutoRegion`; an existing path → :class:`MaskSource`; ``SCHEME:ARG`` → a plugin's."""
+    """``auto`` → :class:`AutoRegion`; an existing path → :class:`MaskSource`; ``SCHEME:ARG`` or a bare ``SCHEME``
+    (empty argument) → a plugin's."""
     if spec == "auto":
         return AutoRegion("", options)
     if Path(spec).exists():
         return MaskSource(spec, options)
-    scheme, sep, arg = spec.partition(":")
-    if sep:
-        sources = plugin_region_sources()
-        if scheme in sources:
-            src = sources[scheme](arg, options)
-            src.spec = spec
-            return src
+    scheme, _, arg = spec.partition(":")
+    sources = plugin_region_sources()
+    if scheme in sources:
+        src = sources[scheme](arg, options)
+        src.spec = spec
+        return src
     return MaskSource(spec, options)  # raises the one-line "no such file or folder"
