@@ -422,7 +422,7 @@ def write_run_report(run_dir: str | Path, debug: bool = False) -> None:
 def _write_text_atomic(path: Path, text: str) -> None:
     from cfx_cli.atomic import atomic_write
 
-    with atomic_write(path, "w", encoding="utf-8", perms=None) as f:  # a report is meant to be shared: the umask's
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
 
 

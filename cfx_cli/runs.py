@@ -21,6 +21,7 @@ from cfx_cli.errors import UsageError
 MANIFEST = "manifest.jsonl"
 RUN_JSON = "run.json"
 IMAGE_DIRS = ("originals", "counterfactuals", "masks")
+SEEDS_DIR = "seeds"  # --seeds N: RUN_DIR/seeds/K (K = 1 … N−1) are complete runs of their own
 STATUSES = ("flipped", "not_flipped", "skipped", "error")
 
 RECORD_FIELDS = (
@@ -35,6 +36,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+
+
+def seed_run_dirs(path: str | Path) -> list[Path]:
+    """The per-seed sub-runs of a run (RUN_DIR/seeds/K that hold a manifest), in K order."""
+    root = Path(path) / SEEDS_DIR
+    if not root.is_dir():
+        return []
+    subs = [p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).exists()]
+    return sorted(subs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -119,7 +129,7 @@ class RunDir:
 
     def append(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
         try:
             written = os.write(fd, line)
             if written != len(line):  # practically never for regular files; keep the line whole

@@ -122,10 +122,64 @@ def test_atomic_write_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "sub" / "file.json"
     with atomic_write(target, "w", encoding="utf-8") as f:
         f.write("old")
-    assert target.read_text() == "old" and stat.S_IMODE(os.stat(target).st_mode) == 0o644
+    assert target.read_text() == "old" and stat.S_IMODE(os.stat(target).st_mode) == 0o666 & ~_umask()
     with pytest.raises(RuntimeError, match="disk gone"):
         with atomic_write(target, "w", encoding="utf-8") as f:
             f.write("half of the new")
             raise RuntimeError("disk gone")
     assert target.read_text() == "old"  # the failed write left the old file and no temporary file
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_run_files_follow_the_umask(tmp_path, demo_images, mask):
+    """Images, masks, run.json, the manifest, eval.json and report.html get the permissions any file the user
+    creates gets: 0644 under umask 022 (a run directory can be shared or served), 0600 under 077."""
+    out = tmp_path / "run"
+    old = os.umask(mask)  # inherited by the cfx subprocesses
+    try:
+        proc = run_cfx("explain", str(demo_images), "--method", "pgd", "--set", "iterations=2", "--limit", "2",
+                       "--region", "auto", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        assert run_cfx("eval", str(out)).returncode == 0
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"run.json", "manifest.jsonl", "eval.json", "report.html"} <= names
+    assert {p.parent.name for p in files} >= {"originals", "counterfactuals", "masks"}
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~mask)}
+
+
+def test_eta_leaves_out_the_start_up_and_follows_recent_batches():
+    """`8/16 … eta 1s` and done at 7 s: the first batch's time held the model loading; the pace comes from the
+    batches after it, and from the recent ones when the pace changes."""
+    from cfx_cli.progress import EtaEstimator
+
+    now = [0.0]
+    eta = EtaEstimator(total=40, initial=8, clock=lambda: now[0])  # 8 done before (a resumed run)
+    assert eta.seconds_left() is None and eta.text() == "?"
+    now[0] = 6.0  # first batch: 6 s, of which 5 s were loading
+    eta.update(12)
+    assert eta.seconds_left() == pytest.approx(28 * 6.0 / 4)  # nothing better yet: the rough rate from the start
+    for k in range(1, 4):  # then one batch of 4 per second
+        now[0] = 6.0 + k
+        eta.update(12 + 4 * k)
+    assert eta.seconds_left() == pytest.approx((40 - 24) / 4)  # 4 s left, not the 8+ s the mean rate says
+    assert eta.text() == "4s"
+    for k in range(1, 13):  # the pace drops to one input per 2 s: after a window of batches the estimate follows
+        now[0] = 9.0 + 2 * k
+        eta.update(24 + k)
+    assert eta.seconds_left() == pytest.approx((40 - 36) * 2.0)
+    eta2 = EtaEstimator(total=100, clock=lambda: now[0])
+    eta2.update(10)
+    now[0] += 2
+    eta2.update(20)
+    assert eta2.seconds_left() == pytest.approx(80 * 2 / 10)
+    assert EtaEstimator(10).text() == "?"

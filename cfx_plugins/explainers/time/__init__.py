@@ -29,12 +29,13 @@ class Time(Explainer):
     requires = frozenset()
     params = (
         Param("schedule", "str", SMILE, "(τ, w) attempts as TAU:W,...; an image stops at its first flip"),
-        Param("steps", "int", 50, "DDIM steps T of the full chain (τ of them are inverted)"),
-        Param("p", "float", 0.93, "EDICT mixing coefficient"),
+        Param("steps", "int", 50, "DDIM steps T of the full chain (τ of them are inverted)", min=1),
+        Param("p", "float", 0.93, "EDICT mixing coefficient", min=0.0, max=1.0),
         Param("edict", "str", "exact", "exact: invertible level pairing; legacy: the published code's",
               choices=("exact", "legacy")),
-        Param("fit_preset", "str", "", "with --fit-data: the `cfx fit time` preset (default: auto/thesis)"),
-        Param("fit_iterations", "int", 0, "with --fit-data: iterations per token set (0 = the preset's)"),
+        Param("fit_preset", "str", "", "with --fit-data: the `cfx fit time` preset (default: auto/thesis)",
+              choices=("", *FIT_PRESETS)),
+        Param("fit_iterations", "int", 0, "with --fit-data: iterations per token set (0 = the preset's)", min=0),
     )
     presets = {
         "smile": {"schedule": SMILE},
