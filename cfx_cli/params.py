@@ -9,14 +9,14 @@ from typing import Any
 
 from cfx_cli.errors import UsageError
 
-#: the kinds a :class:`Param` may have → what ``--set KEY=VALUE`` accepts for it (the plugin guide's table is
-#: generated from this, scripts/gen_plugin_docs.py)
-KINDS: dict[str, str] = {
-    "int": "a whole number (`5`)",
-    "float": "a number, or a fraction `A/B` (`8/255`); not NaN",
-    "bool": "`true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`)",
-    "str": "any text",
-    "floats": "a comma list of numbers (`8,10,15`); a TOML config may give a list; the value is a tuple",
+#: the kinds a :class:`Param` may have → (the Python value ``self.params[name]`` holds, what ``--set KEY=VALUE``
+#: accepts); the plugin guide's table is generated from this (scripts/gen_plugin_docs.py)
+KINDS: dict[str, tuple[str, str]] = {
+    "int": ("int", "a whole number (`5`); in a TOML config an integer"),
+    "float": ("float", "a number, or a fraction `A/B` (`8/255`); not NaN"),
+    "bool": ("bool", "`true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`"),
+    "str": ("str", "any text"),
+    "floats": ("tuple[float, ...]", "a comma list of numbers (`8,10,15`); in a TOML config a list"),
 }
 
 
@@ -26,13 +26,13 @@ class Param:
     ``min``/``max``: inclusive bounds for ``int``, ``float`` and each number of ``floats``. Every value — default,
     preset, ``--set`` — is checked before any work starts; a bad one is a one-line usage error."""
 
-    name: str
-    kind: str
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None = None
-    min: float | None = None
-    max: float | None = None
+    name: str  # the key of --set KEY=VALUE and of self.params
+    kind: str  # "int", "float", "bool", "str" or "floats" (KINDS)
+    default: Any  # a value of the kind's Python type, within the bounds
+    help: str  # one line for `cfx methods NAME`
+    choices: tuple[Any, ...] | None = None  # the allowed values, e.g. ("l1", "l2"); None = any
+    min: float | None = None  # inclusive lower bound (numbers); None = unbounded
+    max: float | None = None  # inclusive upper bound (numbers); None = unbounded
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:  # a plugin author's mistake: say so at registration, not at use
@@ -116,7 +116,9 @@ def resolve_params(
 ) -> dict[str, Any]:
     """Defaults, then the chosen ``preset``, then explicit overrides; unknown keys are usage errors."""
     by_name = {p.name: p for p in params}
-    values = {p.name: p.default for p in params}
+    # the declared defaults are checked too: a plugin's out-of-range default fails here, before any work
+    values = {p.name: p.default if p.default is None else p.parse(p.default, where=f"{method}: default")
+              for p in params}
     overrides = dict(overrides)
     preset = overrides.pop("preset", None)
     if preset is not None:

@@ -13,10 +13,13 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cfx_cli.atomic import atomic_write
 from cfx_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MANIFEST = "manifest.jsonl"
 RUN_JSON = "run.json"
@@ -154,9 +157,9 @@ class RunDir:
 class RunData:
     """A finished (or partial) run, read-only: what ``cfx eval`` and metrics see."""
 
-    path: Path
-    info: dict
-    records: list[dict]
+    path: Path  # the run directory
+    info: dict  # run.json (method, parameters, classifier, ...); {} when absent
+    records: list[dict]  # the manifest: one dict per input with the fields of RECORD_FIELDS
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -179,8 +182,8 @@ class RunData:
         return self.path.name
 
     def explained(self, required: bool = False) -> list[dict]:
-        """Records that have a counterfactual (flipped or not). ``required``: raise
-        :class:`~cfx_cli.errors.MetricUnavailable` when there are none (what a metric wants)."""
+        """The manifest records (dicts) that have a counterfactual: status ``flipped`` or ``not_flipped``.
+        ``required``: raise :class:`~cfx_cli.errors.MetricUnavailable` when there are none (what a metric wants)."""
         recs = [r for r in self.records if r.get("status") in ("flipped", "not_flipped")]
         if required and not recs:
             from cfx_cli.errors import MetricUnavailable
@@ -188,8 +191,9 @@ class RunData:
             raise MetricUnavailable("no explained inputs in the run")
         return recs
 
-    def image(self, relpath: str):
-        """Decoded image of a record path (cached), float32 (H, W, C) in [0, 1]."""
+    def image(self, relpath: str) -> np.ndarray:
+        """The image at a record's path (``rec["counterfactual"]``, ``rec["original"]``, ``rec["mask"]``), decoded
+        once and cached: a numpy float32 array (H, W, 3) in [0, 1]; masks (H, W, 1)."""
         from cfx_cli.images import load_png, safe_child
 
         if relpath not in self._cache:

@@ -104,6 +104,9 @@ def test_param_bounds_choices_and_kinds():
     with pytest.raises(ValueError, match="min/max apply"):
         Param("x", "str", "", "bounds on text", min=1)
     assert set(KINDS) == {"int", "float", "bool", "str", "floats"}
+    for kind, (python_type, _) in KINDS.items():  # the documented Python type is what parse returns
+        assert type(Param("x", kind, None, "").parse({"int": "3", "float": "0.5", "bool": "yes", "str": "s",
+                                                       "floats": "1,2"}[kind])).__name__ == python_type.split("[")[0]
 
 
 def test_builtin_defaults_and_presets_are_within_their_bounds():
