@@ -279,17 +279,10 @@ def classify(
         typer.echo(json.dumps(results, indent=2))
     else:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table()
-        for col in ("source", "label", "p"):
-            table.add_column(col)
-        for r in results:
-            if r.get("error"):
-                table.add_row(r["source"], "error", r["error"])
-            else:
-                table.add_row(r["source"], r["label"], f"{r['probabilities'][r['label']]:.3f}")
-        Console().print(table)
+        from cfx_cli.classify import render_table
+
+        render_table(results, Console())
     raise typer.Exit(1 if failed else 0)
 
 

@@ -308,19 +308,17 @@ def test_cfx_report_usage_errors_are_one_line(tmp_path, cfx):
 @pytest.mark.slow
 def test_a_run_of_3000_inputs_stays_usable(tmp_path):
     run = synthetic_run(tmp_path / "big", 3000)
-    t0 = time.monotonic()
     out = build_report([run])
-    cold = time.monotonic() - t0
-    t0 = time.monotonic()
-    build_report([run])
-    warm = time.monotonic() - t0
     text = out.read_text(encoding="utf-8")
     data = page_data(text)
     assert len(data["rows"]) == 3000
     assert len(text) < 4_000_000  # one page of data, the pictures stay files
-    assert sum(1 for _ in (run / "report" / "diff").iterdir()) == 1500
-    # generous bounds for a shared 2-core machine; measured ≈8 s cold, ≈2 s warm
-    assert cold < 90 and warm < 30, (cold, warm)
+    derived = sorted((run / "report" / "diff").iterdir())
+    assert len(derived) == 1500
+    stamps = {p.name: p.stat().st_mtime_ns for p in derived}
+    # a second build reuses every derived picture (what keeps it fast; timings live in bench/report_scale.py)
+    build_report([run])
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "report" / "diff").iterdir()} == stamps
 
 
 def test_cfx_explain_ends_with_a_report(tmp_path, cfx, demo_images):

@@ -306,18 +306,13 @@ def test_hostile_manifest_text_stays_text_in_the_browser(browser, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_3000_input_report_opens_quickly_and_pages(browser, tmp_path):
-    import time
-
+def test_a_3000_input_report_renders_one_page_and_pages(browser, tmp_path):
     from cfx_cli.report import build_report
 
     run = synthetic_run(tmp_path / "big", 3000)
     html = build_report([run])
     w = Watched(browser)
-    t0 = time.monotonic()
-    page = w.open(html)
-    opened = time.monotonic() - t0
-    assert opened < 15, opened  # measured ≈0.8 s
+    page = w.open(html)  # opening time is measured by bench/report_scale.py, not asserted here
     assert len(shown_ids(page)) == 50
     assert page.inner_text("#page") == "page 1 / 60"
     assert page.evaluate("document.images.length") <= 50 * 4
