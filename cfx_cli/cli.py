@@ -137,9 +137,10 @@ def explain(
         c = summary.counts
         for err in summary.errors:
             typer.echo(f"error: {err}", err=True)
+        resized = f", {summary.resized} resized >4× or reshaped" if summary.resized else ""
         typer.echo(
             f"{sum(c.values())} inputs: {c['flipped']} flipped, {c['not_flipped']} not flipped, "
-            f"{c['skipped']} skipped, {c['error']} errors ({summary.seconds:.1f}s) → {summary.run_dir}"
+            f"{c['skipped']} skipped, {c['error']} errors{resized} ({summary.seconds:.1f}s) → {summary.run_dir}"
         )
     raise typer.Exit(max(s.exit_code for s in summaries))
 
@@ -196,6 +197,8 @@ def eval_(
             raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         options[key.strip()] = value.strip()
     result = evaluate(run_dirs, metrics, device=resolve_device(device), options=options, layout=layout)
+    for line in result.unfinished.values():  # metrics of a partial run describe only its finished part
+        typer.echo(f"warning: {line}", err=True)
     for problem in save_eval_json(result, metrics):
         typer.echo(f"warning: {problem}", err=True)
     text = render(result, fmt)

@@ -79,6 +79,19 @@ class Explainer:
         self.context = context
         self.params: dict[str, Any] = context.params
 
+    @classmethod
+    def auto_preset(cls, classifier_spec: str, model: str | None, options: dict[str, Any]) -> tuple[str, str] | None:
+        """The preset to apply when the user chose none, and why (cfx prints ``note: using M preset P WHY``); None
+        = none. Called before any work, so read only light things (a JSON sidecar, never a model). The default
+        looks the classifier spec up in ``auto_presets``."""
+        preset = cls.auto_presets.get(classifier_spec)
+        return (preset, f"for classifier {classifier_spec}") if preset else None
+
+    def run_info(self) -> dict[str, Any]:
+        """Facts about this run for ``run.json`` (its ``method_info``): e.g. the artifact files the method read and
+        their hashes. Called once after ``__init__``; {} = nothing to add."""
+        return {}
+
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         """One :class:`ExplainOutput` per image of ``batch``, in order. Raise ``InputError``/``ClassifierError``
         for a problem with the inputs or the classifier: the batch gets ``error`` records and the run goes on."""

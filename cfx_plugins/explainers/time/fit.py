@@ -216,6 +216,8 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
         "classifier": classifier.describe(),
         "base_model": model.model_id,
         "embedding_dim": model.embedding_dim,
+        # `cfx explain --tokens` applies the explain preset of the same name (digits) unless the user sets one
+        "fit_preset": params.get("preset"),
         "prompts": {"context": params["context_prompt"], "class": params["class_prompt"]},
         "training": {
             "settings": {k: params[k] for k in params},
