@@ -38,11 +38,13 @@ class Classifier:
     calls: int = 0  # forward passes (images) served, for NFE accounting
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] → (N, K) probabilities on the CPU, rows summing to 1."""
+        """(N, 3, H, W) float in [0, 1] on any device (cfx passes ``context.device``; an adapter moves the images
+        where its model runs) → (N, K) float32 probabilities on the CPU, rows summing to 1; not differentiable."""
         raise NotImplementedError
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Differentiable logits (white-box classifiers only)."""
+        """Differentiable (N, K) logits on the classifier's device, which is ``context.device`` (white-box
+        classifiers only, capability ``gradients``)."""
         raise ClassifierError(f"classifier {self.spec} is a black box: it gives no gradients")
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import typer
 
 from cfx_cli import __version__
 from cfx_cli.errors import CfxError, UsageError
+from cfx_cli.quiet import configure_cli_output, debug_enabled
 
 app = typer.Typer(
     name="cfx",
@@ -136,9 +137,10 @@ def explain(
         c = summary.counts
         for err in summary.errors:
             typer.echo(f"error: {err}", err=True)
+        resized = f", {summary.resized} resized >4× or reshaped" if summary.resized else ""
         typer.echo(
             f"{sum(c.values())} inputs: {c['flipped']} flipped, {c['not_flipped']} not flipped, "
-            f"{c['skipped']} skipped, {c['error']} errors ({summary.seconds:.1f}s) → {summary.run_dir}"
+            f"{c['skipped']} skipped, {c['error']} errors{resized} ({summary.seconds:.1f}s) → {summary.run_dir}"
         )
     raise typer.Exit(max(s.exit_code for s in summaries))
 
@@ -196,6 +198,8 @@ def eval_(
             raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         options[key.strip()] = value.strip()
     result = evaluate(run_dirs, metrics, device=resolve_device(device), options=options, layout=layout)
+    for line in result.unfinished.values():  # metrics of a partial run describe only its finished part
+        typer.echo(f"warning: {line}", err=True)
     saved, problems = save_eval_json(result, metrics)
     for problem in problems:
         typer.echo(f"warning: {problem}", err=True)
@@ -363,8 +367,10 @@ def methods(
     typer.echo(f"requires: {', '.join(sorted(cls.requires)) or 'probabilities only (works black-box)'}")
     typer.echo("parameters (--set KEY=VALUE):")
     for p in cls.params:
-        choices = f" (one of {', '.join(map(str, p.choices))})" if p.choices else ""
-        typer.echo(f"  {p.name:16s} {p.kind:7s} default {_show(p.default):10}  {p.help}{choices}")
+        allowed = [f"one of {', '.join(_show(c) for c in p.choices)}"] if p.choices else []
+        allowed += [p.bounds()] if p.bounds() else []
+        allowed_s = f" ({'; '.join(allowed)})" if allowed else ""
+        typer.echo(f"  {p.name:16s} {p.kind:7s} default {_show(p.default):10}  {p.help}{allowed_s}")
     if cls.presets:
         typer.echo("presets (--set preset=NAME):")
         for pname, values in cls.presets.items():
@@ -477,7 +483,8 @@ def accelerate(
 
 def main() -> None:
     """Entry point: one clear line for known errors (CFX_DEBUG=1 shows tracebacks)."""
-    debug = os.environ.get("CFX_DEBUG") == "1"
+    debug = debug_enabled()
+    configure_cli_output()  # library chatter off (CFX_DEBUG=1 shows it), before anything imports a library
     try:
         app()  # standalone mode: usage errors exit 2 with click's message, --help exits 0
     except CfxError as exc:

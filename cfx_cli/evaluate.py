@@ -18,7 +18,7 @@ from cfx_cli.errors import CfxError, MetricUnavailable, UsageError
 from cfx_cli.export import load_ace
 from cfx_cli.metrics import MetricContext
 from cfx_cli.plugins import get_registry
-from cfx_cli.runs import MANIFEST, RunData, write_json_atomic
+from cfx_cli.runs import MANIFEST, RunData, state_line, write_json_atomic
 
 EVAL_JSON = "eval.json"
 
@@ -31,6 +31,7 @@ class EvalResult:
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)  # run → metric → reason
     lower_is_better: dict[str, bool | None] = field(default_factory=dict)  # column → the metric's direction
     paths: dict[str, str] = field(default_factory=dict)  # run name → run directory
+    unfinished: dict[str, str] = field(default_factory=dict)  # run name → why it is partial (interrupted, running)
 
 
 def select_metrics(names: str | None) -> list[tuple[str, type]]:
@@ -64,6 +65,7 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
     columns: list[str] = ["n", "flipped"]
     rows: dict[str, dict[str, Any]] = {}
     skipped: dict[str, dict[str, str]] = {}
+    unfinished: dict[str, str] = {}
     directions: dict[str, bool | None] = {}
     for run, name in zip(runs, names, strict=True):
         row: dict[str, Any] = {"n": len(run.records), "flipped": sum(r["status"] == "flipped" for r in run.records)}
@@ -96,9 +98,12 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
         if "classifier" in cache:
             cache["classifier"].close()
         rows[name] = row
+        line = state_line(run.path, run.info, len(run.records))
+        if line:
+            unfinished[name] = line
     # folders in the ACE layout are not run directories: no RUN_DIR/eval.json for them
     return EvalResult(names, columns, rows, skipped, directions,
-                      {n: str(r.path) for n, r in zip(names, runs, strict=True) if layout == "cfx"})
+                      {n: str(r.path) for n, r in zip(names, runs, strict=True) if layout == "cfx"}, unfinished)
 
 
 def manifest_digest(run_path: Path) -> str | None:

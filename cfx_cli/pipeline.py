@@ -57,6 +57,7 @@ class ExplainSummary:
     counts: dict[str, int]
     errors: list[str]
     seconds: float
+    resized: int = 0  # inputs resized by more than 4× or with their aspect ratio changed by more than 10 %
 
     @property
     def exit_code(self) -> int:
@@ -115,16 +116,17 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     from cfx_cli.images import discover
     from cfx_cli.params import resolve_params
     from cfx_cli.regions import make_region_source, split_region_options
-    from cfx_cli.runs import RunDir
+    from cfx_cli.runs import RunDir, process_info, read_run_json, resume_line
 
     t_start = time.monotonic()
     explainer_cls = get_explainer_class(req.method)
     spec = req.classifier or DEFAULT_SPEC
     set_options, region_options = split_region_options(dict(req.set_options))
     notes: list[str] = []
-    if "preset" not in set_options and spec in explainer_cls.auto_presets:
-        set_options["preset"] = explainer_cls.auto_presets[spec]
-        notes.append(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
+    auto = None if "preset" in set_options else explainer_cls.auto_preset(spec, req.model, dict(req.options))
+    if auto is not None:
+        set_options["preset"] = auto[0]
+        notes.append(f"note: using {req.method} preset {auto[0]!r} {auto[1]} "
                      "(override with --set preset=NAME or individual --set values)")
     params = resolve_params(req.method, explainer_cls.params, explainer_cls.presets, set_options)
     # a method may default to a region source (rcsb: auto) and its presets may carry region options (a, c)
@@ -194,6 +196,7 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     run = RunDir(out)
     try:
         run.check(resume=req.resume, overwrite=req.overwrite)
+        old_info = read_run_json(out)  # before this run rewrites it: what --resume continues
         if req.resume:
             _check_resume_matches(out, req.method, params, classifier.spec)
         # build the explainer (loads its models) before touching the run directory: a method that
@@ -210,6 +213,9 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     for note in notes:  # only once the request is known to be valid
         print(note, file=sys.stderr)
     pending = [it for it in items if it.id not in done]
+    if req.resume:
+        print(resume_line(old_info, len(items) - len(pending), len(items)), file=sys.stderr)
+    resized = _warn_resized(items, {it.id for it in pending}, classifier.input_size)
 
     info = {
         "cfx_run_version": 1,
@@ -233,8 +239,12 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
             mask_source.spec == "auto" or mask_source.option_defaults) else None,
         "shard": req.shard,
         "command": _redacted_argv(),
+        "method_info": explainer.run_info() or None,  # e.g. TIME's token files and their SHA-256
+        "inputs_total": len(items),
+        "resized_inputs": resized,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "running",
+        "process": process_info(),  # with status running: --resume and cfx eval tell a killed run from a live one
     }
     run.write_run_json(info)
 
@@ -251,7 +261,7 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
         classifier.close()  # the workers load their own copies
         results = run_batches_on_ray(batches, req, params, str(out), progress_stream=progress_stream)
     else:
-        results = _run_batches_locally(batches, worker, req.method, progress_stream)
+        results = _run_batches_locally(batches, worker, req.method, progress_stream, initial=len(items) - len(pending))
     for records in results:
         for rec in records:
             counts[rec["status"]] += 1
@@ -273,7 +283,33 @@ def run_explain(req: ExplainRequest, progress_stream=None) -> ExplainSummary:
     if req.executor != "ray":
         classifier.close()
     _write_report(out, req)
-    return ExplainSummary(out, counts, errors, time.monotonic() - t_start)
+    return ExplainSummary(out, counts, errors, time.monotonic() - t_start, resized)
+
+
+#: warn about at most this many inputs one by one; the rest are counted
+RESIZE_WARNINGS = 10
+
+
+def _warn_resized(items: list[InputImage], pending: set[str], size: tuple[int, int] | None) -> int:
+    """One warning line per input (of those about to be explained) that the resize to the classifier's size
+    changes by more than 4× or in aspect ratio by more than 10 %; returns how many of the job's inputs are so."""
+    from cfx_cli.images import image_size, resize_problem
+
+    if size is None:
+        return 0
+    count, shown = 0, 0
+    for item in items:
+        problem = resize_problem(image_size(item.path), size)
+        if problem is None:
+            continue
+        count += 1
+        if item.id in pending:
+            shown += 1
+            if shown <= RESIZE_WARNINGS:
+                print(f"warning: {item.path}: {problem}", file=sys.stderr)
+    if shown > RESIZE_WARNINGS:
+        print(f"warning: {shown - RESIZE_WARNINGS} more inputs are resized like that", file=sys.stderr)
+    return count
 
 
 def _write_report(out: Path, req: ExplainRequest) -> None:
@@ -328,10 +364,11 @@ class BatchWorker:
         self.classifier.close()
 
 
-def _run_batches_locally(batches, worker: BatchWorker, method: str, progress_stream):
+def _run_batches_locally(batches, worker: BatchWorker, method: str, progress_stream, initial: int = 0):
     from cfx_cli.progress import Progress
 
-    with Progress(f"explain ({method})", sum(map(len, batches)), stream=progress_stream) as bar:
+    total = initial + sum(map(len, batches))  # a resumed run's bar counts from the inputs already done
+    with Progress(f"explain ({method})", total, stream=progress_stream, initial=initial) as bar:
         for chunk in batches:
             yield worker.process(chunk)
             bar.advance(len(chunk))

@@ -181,5 +181,5 @@ def write_run_report(run_dir: str | Path, debug: bool = False) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    with atomic_write(path, "w", encoding="utf-8", perms=None) as f:  # a report is meant to be shared: the umask's
+    with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(text)
