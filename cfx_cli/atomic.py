@@ -5,27 +5,33 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 
+def _create_temp(folder: Path, suffix: str) -> tuple[int, Path]:
+    """A new, exclusively created ``.tmp-*`` file in ``folder``. Unlike ``mkstemp`` (always 0600) it is created
+    with mode 0666 so that the kernel applies the process's umask: under umask 022 the finished file is 0644,
+    like any file the user creates, and a run directory can be shared or served."""
+    for _ in range(100):
+        tmp = folder / f".tmp-{secrets.token_hex(8)}{suffix}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: could not create a temporary file")
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "wb", *, encoding: str | None = None,
-                 perms: int | None = 0o644) -> Iterator[IO[Any]]:
+def atomic_write(path: str | Path, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` for writing; on a clean exit it replaces ``path``, on an error it is
-    removed. ``perms``: the file's permission bits (mkstemp makes 0600; run directories are meant to be shared
-    and served); None = what the umask gives a new file."""
+    removed. The file's permissions follow the umask."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    fd, tmp = _create_temp(path.parent, path.suffix)
     try:
-        if perms is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            perms = 0o666 & ~umask
-        os.fchmod(fd, perms)
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()

@@ -38,11 +38,13 @@ class Classifier:
     calls: int = 0  # forward passes (images) served, for NFE accounting
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] → (N, K) probabilities on the CPU, rows summing to 1."""
+        """(N, 3, H, W) float in [0, 1] on any device (cfx passes ``context.device``; an adapter moves the images
+        where its model runs) → (N, K) float32 probabilities on the CPU, rows summing to 1; not differentiable."""
         raise NotImplementedError
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Differentiable logits (white-box classifiers only)."""
+        """Differentiable (N, K) logits on the classifier's device, which is ``context.device`` (white-box
+        classifiers only, capability ``gradients``)."""
         raise ClassifierError(f"classifier {self.spec} is a black box: it gives no gradients")
 
     def close(self) -> None:
@@ -59,6 +61,30 @@ class Classifier:
     def label_index(self, label: str) -> int:
         """A class name or an index → index; unknown labels are usage errors listing the known ones."""
         return resolve_label(label, self.labels, self.spec)
+
+
+class PartialClassifierError(ClassifierError):
+    """Some images of a batch could not be classified, the others were: ``probabilities`` has one row per
+    image (NaN rows for the failed ones), ``errors`` maps each failed row's index to its message. Remote
+    adapters raise it after retrying a refused batch by halves, so that a caller can fail only those inputs."""
+
+    def __init__(self, probabilities: torch.Tensor, errors: dict[int, str]) -> None:
+        first = errors[min(errors)]
+        if len(errors) == len(probabilities) and len(set(errors.values())) == 1:
+            message = first
+        else:
+            message = f"{first} ({len(errors)} of {len(probabilities)} images failed)"
+        super().__init__(message)
+        self.probabilities = probabilities
+        self.errors = errors
+
+
+def predict_partly(classifier: Classifier, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+    """(probabilities, {row: message} for the rows that failed): a batch that fails as a whole still raises."""
+    try:
+        return classifier.predict_proba(images), {}
+    except PartialClassifierError as exc:
+        return exc.probabilities, exc.errors
 
 
 class ClassifierAdapter:

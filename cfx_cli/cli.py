@@ -4,7 +4,6 @@ is imported at module level so that ``cfx --help`` never loads torch."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +22,7 @@ from cfx_cli.cli_support import (
     show,
 )
 from cfx_cli.errors import CfxError, UsageError
+from cfx_cli.quiet import configure_cli_output, debug_enabled
 
 app = typer.Typer(
     name="cfx",
@@ -128,7 +128,7 @@ def explain(
         shard=shard, executor=executor, ray_address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker,
         options=RunOptions(backend=check_backend(backend), backend_precision=check_precision(precision),
                            channels_last=channels_last, compile=check_compile(compile_, compile_mode),
-                           debug=os.environ.get("CFX_DEBUG") == "1"),
+                           debug=debug_enabled()),
         seeds=int(pick(seeds, "seeds", 1)),
     )
     summaries = run_explain_seeds(req) if req.seeds != 1 else [run_explain(req)]
@@ -136,9 +136,10 @@ def explain(
         c = summary.counts
         for err in summary.errors:
             typer.echo(f"error: {err}", err=True)
+        resized = f", {summary.resized} resized >4× or reshaped" if summary.resized else ""
         typer.echo(
             f"{sum(c.values())} inputs: {c['flipped']} flipped, {c['not_flipped']} not flipped, "
-            f"{c['skipped']} skipped, {c['error']} errors ({summary.seconds:.1f}s) → {summary.run_dir}"
+            f"{c['skipped']} skipped, {c['error']} errors{resized} ({summary.seconds:.1f}s) → {summary.run_dir}"
         )
     raise typer.Exit(max(s.exit_code for s in summaries))
 
@@ -154,10 +155,11 @@ def eval_(
         "--set", "-s", help="Metric option KEY=VALUE, e.g. inception_weights=PATH (see docs/metrics.md).")] = None,
     layout: Annotated[str, typer.Option("--layout", help="cfx (run directories) or ace (ACE/DiME folders).")] = "cfx",
 ) -> None:
-    """Compute metrics for one or more runs, side by side; also saves each run's RUN_DIR/eval.json,
-    which `cfx report` shows."""
+    """Compute metrics for one or more runs, side by side; also saves each run's RUN_DIR/eval.json
+    and rewrites its RUN_DIR/report.html to show them."""
     from cfx_cli.devices import resolve_device
     from cfx_cli.evaluate import evaluate, render, save_eval_json
+    from cfx_cli.report import REPORT_NAME, write_run_report
 
     if fmt not in ("table", "json", "csv"):
         raise UsageError(f"--format {fmt!r}: expected table, json or csv")
@@ -168,8 +170,14 @@ def eval_(
             raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         options[key.strip()] = value.strip()
     result = evaluate(run_dirs, metrics, device=resolve_device(device), options=options, layout=layout)
-    for problem in save_eval_json(result, metrics):
+    for line in result.unfinished.values():  # metrics of a partial run describe only its finished part
+        typer.echo(f"warning: {line}", err=True)
+    saved, problems = save_eval_json(result, metrics)
+    for problem in problems:
         typer.echo(f"warning: {problem}", err=True)
+    for run_dir in saved:  # the run's own page shows the metrics just saved
+        if (run_dir / REPORT_NAME).is_file():
+            write_run_report(run_dir, debug=debug_enabled())
     text = render(result, fmt)
     for run, reasons in result.skipped.items():
         for metric, reason in reasons.items():
@@ -193,7 +201,7 @@ def merge(
     counts = merge_runs(run_dirs, out, overwrite=overwrite)
     from cfx_cli.report import write_run_report
 
-    write_run_report(out, debug=os.environ.get("CFX_DEBUG") == "1")
+    write_run_report(out, debug=debug_enabled())
     typer.echo(f"merged {len(run_dirs)} runs: {sum(counts.values())} records "
                f"({', '.join(f'{v} {k}' for k, v in sorted(counts.items()))}) → {out}")
 
@@ -334,8 +342,10 @@ def methods(
     typer.echo(f"requires: {', '.join(sorted(cls.requires)) or 'probabilities only (works black-box)'}")
     typer.echo("parameters (--set KEY=VALUE):")
     for p in cls.params:
-        choices = f" (one of {', '.join(map(str, p.choices))})" if p.choices else ""
-        typer.echo(f"  {p.name:16s} {p.kind:7s} default {show(p.default):10}  {p.help}{choices}")
+        allowed = [f"one of {', '.join(show(c) for c in p.choices)}"] if p.choices else []
+        allowed += [p.bounds()] if p.bounds() else []
+        allowed_s = f" ({'; '.join(allowed)})" if allowed else ""
+        typer.echo(f"  {p.name:16s} {p.kind:7s} default {show(p.default):10}  {p.help}{allowed_s}")
     if cls.presets:
         typer.echo("presets (--set preset=NAME):")
         for pname, values in cls.presets.items():
@@ -421,7 +431,8 @@ app.add_typer(fit_app, name="fit")
 
 def main() -> None:
     """Entry point: one clear line for known errors (CFX_DEBUG=1 shows tracebacks)."""
-    debug = os.environ.get("CFX_DEBUG") == "1"
+    debug = debug_enabled()
+    configure_cli_output()  # library chatter off (CFX_DEBUG=1 shows it), before anything imports a library
     try:
         app()  # standalone mode: usage errors exit 2 with click's message, --help exits 0
     except CfxError as exc:

@@ -18,7 +18,7 @@ class RunOptions:
     """Run-wide options of ``cfx explain`` besides the method's own ``--set`` parameters."""
 
     #: forward-only generative-network calls (``--backend``, ``--precision``, ``--channels-last``, ``--compile``);
-    #: only methods with ``uses_backend = True`` honour them (see :func:`cfx_cli.backends.base.forward_backend`)
+    #: only methods with ``uses_backend = True`` honour them (see :func:`cfx_cli.backends.forward_backend`)
     backend: str = "auto"
     backend_precision: str = "fp32"
     channels_last: bool = False
@@ -53,10 +53,10 @@ class ExplainContext:
 class ExplainBatch:
     """Images as the classifier sees them: float32 (N, 3, H, W) in [0, 1] on ``context.device``."""
 
-    ids: list[str]
-    images: torch.Tensor
-    targets: torch.Tensor  # (N,) int64 class indices
-    sources: torch.Tensor  # (N,) int64 predicted class of each input
+    ids: list[str]  # the inputs' run ids (file names in the run directory)
+    images: torch.Tensor  # float32 (N, 3, H, W) in [0, 1] on context.device
+    targets: torch.Tensor  # (N,) int64 class indices on context.device (index into classifier.labels)
+    sources: torch.Tensor  # (N,) int64 predicted class of each input, on context.device
     seeds: list[int]  # one per image, derived from --seed and the input id (batching-independent)
     masks: torch.Tensor | None = None  # (N, 1, H, W) in {0, 1}: where changes are allowed
 
@@ -65,8 +65,10 @@ class ExplainBatch:
 class ExplainOutput:
     """One counterfactual. ``extras`` maps a folder name (e.g. ``pre_explanations``) to an image."""
 
-    counterfactual: torch.Tensor  # (3, H, W) in [0, 1]
-    mask: torch.Tensor | None = None  # (1, H, W) region that was allowed to change
+    #: (3, H, W) in [0, 1] at the batch's H, W; any float dtype, any device (cfx detaches it, moves it to the CPU,
+    #: clamps it to [0, 1] and saves it as an 8-bit PNG; the re-classification sees exactly that PNG)
+    counterfactual: torch.Tensor
+    mask: torch.Tensor | None = None  # (1, H, W) region that was allowed to change; any device
     params: dict[str, Any] = field(default_factory=dict)  # the attempt that produced it
     nfe: int = 0  # network evaluations (generative model + classifier) spent on this image
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -110,8 +112,27 @@ class Explainer:
     context: ExplainContext
 
     def __init__(self, context: ExplainContext) -> None:
+        """Load models here (once per run), not at import. On the instance, ``self.params`` is the dict of resolved
+        values by name (defaults < preset < ``--set``), while the class attribute ``params`` stays the tuple of
+        :class:`Param` declarations (``type(self).params``)."""
         self.context = context
-        self.params = context.params
+        self.params: dict[str, Any] = context.params
+
+    @classmethod
+    def auto_preset(cls, classifier_spec: str, model: str | None, settings: dict[str, Any]) -> tuple[str, str] | None:
+        """The preset to apply when the user chose none, and why (cfx prints ``note: using M preset P WHY``); None
+        = none. ``settings`` are the ``--set`` values the user gave this method (unparsed; e.g. TIME's
+        ``tokens``). Called before any work, so read only light things (a JSON sidecar, never a model). The
+        default looks the classifier spec up in ``auto_presets``."""
+        preset = cls.auto_presets.get(classifier_spec)
+        return (preset, f"for classifier {classifier_spec}") if preset else None
+
+    def run_info(self) -> dict[str, Any]:
+        """Facts about this run for ``run.json`` (its ``method_info``): e.g. the artifact files the method read and
+        their hashes. Called once after ``__init__``; {} = nothing to add."""
+        return {}
 
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
+        """One :class:`ExplainOutput` per image of ``batch``, in order. Raise ``InputError``/``ClassifierError``
+        for a problem with the inputs or the classifier: the batch gets ``error`` records and the run goes on."""
         raise NotImplementedError

@@ -177,6 +177,45 @@ def resize(array: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
     return np.clip(np.stack(channels, axis=2), 0, 1).astype(np.float32)
 
 
+#: a resize beyond these is worth a warning (issue 18): the explanation is then of a very different picture
+RESIZE_FACTOR_WARN = 4.0
+ASPECT_CHANGE_WARN = 0.10
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """(H, W) of an image as :func:`decode` will return it (EXIF orientation applied), from its header only;
+    None when it cannot be read (decoding reports that input's error later)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap width and height
+                w, h = h, w
+            return h, w
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def resize_problem(source: tuple[int, int] | None, target: tuple[int, int] | None) -> str | None:
+    """Why resizing ``source`` (H, W) to ``target`` deserves a warning — scaled by more than 4× (up or down) or
+    aspect ratio changed by more than 10 % — or None."""
+    if source is None or target is None or min(source) < 1 or min(target) < 1:
+        return None
+    (sh, sw), (th, tw) = source, target
+    factor = max(th / sh, tw / sw, sh / th, sw / tw)
+    aspect = (tw / th) / (sw / sh)
+    reasons = []
+    if factor > RESIZE_FACTOR_WARN:
+        reasons.append(f"{factor:.3g}× {'larger' if th * tw > sh * sw else 'smaller'}")
+    if max(aspect, 1 / aspect) - 1 > ASPECT_CHANGE_WARN:
+        reasons.append(f"aspect ratio {sw / sh:.2f} → {tw / th:.2f}")
+    if not reasons:
+        return None
+    return (f"resized from {sw}×{sh} to the classifier's {tw}×{th} ({', '.join(reasons)}); the explanation is "
+            "of the resized image")
+
+
 def to_uint8(array: np.ndarray) -> np.ndarray:
     return (np.clip(array, 0, 1) * 255.0 + 0.5).astype(np.uint8)
 

@@ -2,27 +2,48 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from cfx_cli.errors import UsageError
 
+#: the kinds a :class:`Param` may have → (the Python value ``self.params[name]`` holds, what ``--set KEY=VALUE``
+#: accepts); the plugin guide's table is generated from this (scripts/gen_plugin_docs.py)
+KINDS: dict[str, tuple[str, str]] = {
+    "int": ("int", "a whole number (`5`); in a TOML config an integer"),
+    "float": ("float", "a number, or a fraction `A/B` (`8/255`); not NaN"),
+    "bool": ("bool", "`true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`"),
+    "str": ("str", "any text"),
+    "floats": ("tuple[float, ...]", "a comma list of numbers (`8,10,15`); in a TOML config a list"),
+}
+
 
 @dataclass(frozen=True)
 class Param:
-    """One hyperparameter: ``kind`` is ``int``, ``float``, ``str``, ``bool`` or ``floats`` (comma list)."""
+    """One hyperparameter. ``kind``: a key of :data:`KINDS`. ``choices``: the allowed values (after conversion).
+    ``min``/``max``: inclusive bounds for ``int``, ``float`` and each number of ``floats``. Every value — default,
+    preset, ``--set`` — is checked before any work starts; a bad one is a one-line usage error."""
 
-    name: str
-    kind: str
-    default: Any
-    help: str
-    choices: tuple[Any, ...] | None = None
+    name: str  # the key of --set KEY=VALUE and of self.params
+    kind: str  # "int", "float", "bool", "str" or "floats" (KINDS)
+    default: Any  # a value of the kind's Python type, within the bounds
+    help: str  # one line for `cfx methods NAME`
+    choices: tuple[Any, ...] | None = None  # the allowed values, e.g. ("l1", "l2"); None = any
+    min: float | None = None  # inclusive lower bound (numbers); None = unbounded
+    max: float | None = None  # inclusive upper bound (numbers); None = unbounded
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:  # a plugin author's mistake: say so at registration, not at use
+            raise ValueError(f"Param {self.name!r}: unknown kind {self.kind!r} (kinds: {', '.join(KINDS)})")
+        if (self.min is not None or self.max is not None) and self.kind not in ("int", "float", "floats"):
+            raise ValueError(f"Param {self.name!r}: min/max apply to int, float and floats, not {self.kind}")
 
     def parse(self, raw: Any, *, where: str = "--set") -> Any:
         try:
             value = _convert(self.kind, raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, ZeroDivisionError):
             raise UsageError(
                 f"{where} {self.name}={raw!r}: expected {self.kind}"
                 + (f" (one of {', '.join(map(str, self.choices))})" if self.choices else "")
@@ -31,7 +52,25 @@ class Param:
             raise UsageError(
                 f"{where} {self.name}={raw!r}: must be one of {', '.join(map(str, self.choices))}"
             )
+        for number in (value if self.kind == "floats" else (value,) if self.kind in ("int", "float") else ()):
+            if (self.min is not None and number < self.min) or (self.max is not None and number > self.max):
+                raise UsageError(f"{where} {self.name}={raw!r}: must be {self.bounds()}")
         return value
+
+    def bounds(self) -> str:
+        """The allowed range in words (``>= 1``, ``in [0, 1]``), or '' when unbounded."""
+        lo, hi = (_num(x) for x in (self.min, self.max))
+        if self.min is not None and self.max is not None:
+            return f"in [{lo}, {hi}]"
+        if self.min is not None:
+            return f">= {lo}"
+        if self.max is not None:
+            return f"<= {hi}"
+        return ""
+
+
+def _num(x: float | None) -> str:
+    return "" if x is None else (str(int(x)) if float(x).is_integer() else f"{x:g}")
 
 
 def _convert(kind: str, raw: Any) -> Any:
@@ -46,8 +85,12 @@ def _convert(kind: str, raw: Any) -> Any:
             raise TypeError
         if isinstance(raw, str) and "/" in raw:  # e.g. eps=8/255
             num, den = raw.split("/", 1)
-            return float(num) / float(den)
-        return float(raw)
+            value = float(num) / float(den)
+        else:
+            value = float(raw)
+        if math.isnan(value):
+            raise ValueError
+        return value
     if kind == "bool":
         if isinstance(raw, bool):
             return raw
@@ -73,7 +116,9 @@ def resolve_params(
 ) -> dict[str, Any]:
     """Defaults, then the chosen ``preset``, then explicit overrides; unknown keys are usage errors."""
     by_name = {p.name: p for p in params}
-    values = {p.name: p.default for p in params}
+    # the declared defaults are checked too: a plugin's out-of-range default fails here, before any work
+    values = {p.name: p.default if p.default is None else p.parse(p.default, where=f"{method}: default")
+              for p in params}
     overrides = dict(overrides)
     preset = overrides.pop("preset", None)
     if preset is not None:

@@ -63,8 +63,9 @@ def region_sources() -> dict[str, type[RegionSource]]:
 
 
 def region_source_class(spec: str) -> tuple[type[RegionSource], str]:
-    """The source of a ``--region`` spec and its ARG: a scheme alone (``auto``), then an existing path, then
-    ``SCHEME:ARG``; anything else goes to the path source, which says the file does not exist."""
+    """The source of a ``--region`` spec and its ARG: a scheme that takes no argument (``auto``), then an existing
+    path, then ``SCHEME:ARG`` or a bare ``SCHEME`` (empty ARG); anything else goes to the path source, which says
+    the file does not exist."""
     sources = region_sources()
     if spec in sources and not sources[spec].takes_arg:
         return sources[spec], ""
@@ -72,8 +73,9 @@ def region_source_class(spec: str) -> tuple[type[RegionSource], str]:
     if paths is not None and Path(spec).exists():
         return paths, spec
     scheme, sep, arg = spec.partition(":")
-    if sep and scheme in sources and sources[scheme].takes_arg:
-        return sources[scheme], arg
+    cls = sources.get(scheme)
+    if cls is not None and cls.takes_arg and (sep or not cls.handles_paths):
+        return cls, arg
     if paths is None:
         raise UsageError(f"--region {spec}: no installed region source handles it "
                          f"(installed: {', '.join(sorted(sources)) or 'none'})")

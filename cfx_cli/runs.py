@@ -11,22 +11,24 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cfx_cli.atomic import atomic_write
 from cfx_cli.errors import MetricUnavailable, UsageError
 from cfx_cli.images import load_png, safe_child
 
+if TYPE_CHECKING:
+    import numpy as np
+
 MANIFEST = "manifest.jsonl"
 RUN_JSON = "run.json"
 IMAGE_DIRS = ("originals", "counterfactuals", "masks")
+SEEDS_DIR = "seeds"  # --seeds N: RUN_DIR/seeds/K (K = 1 … N−1) are complete runs of their own
 STATUSES = ("flipped", "not_flipped", "skipped", "error")
-#: ``--seeds N``: the runs of the extra seeds live in RUN_DIR/seeds/K
-SEEDS_DIR = "seeds"
-
 
 
 @dataclass
@@ -63,6 +65,91 @@ def write_json_atomic(path: Path, data: Any) -> None:
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+
+
+def seed_run_dirs(path: str | Path) -> list[Path]:
+    """The per-seed sub-runs of a run (RUN_DIR/seeds/K that hold a manifest), in K order."""
+    root = Path(path) / SEEDS_DIR
+    if not root.is_dir():
+        return []
+    subs = [p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).exists()]
+    return sorted(subs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def process_info() -> dict[str, Any]:
+    """Who is writing a run: recorded in run.json while its status is ``running``, so that a later ``--resume`` or
+    ``cfx eval`` can tell a run still in progress from one whose process was killed."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "pid_started": _pid_start(os.getpid())}
+
+
+def _pid_start(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), which tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the command name may hold spaces
+    except (IndexError, ValueError):
+        return None
+
+
+def run_state(info: dict) -> str:
+    """``finished``; ``running`` (its process on this host is alive); ``running_elsewhere`` (on another host, or
+    no process recorded: cannot be checked from here); ``interrupted`` (status ``running`` but its process on
+    this host is gone: killed, crashed, power lost); ``unknown`` (no status: a run.json from before cfx
+    recorded one)."""
+    status = info.get("status")
+    if status != "running":
+        return status or "unknown"
+    proc = info.get("process") or {}
+    pid, host = proc.get("pid"), proc.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return "running_elsewhere"  # another machine (or no record): cannot be checked from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "interrupted"
+    except PermissionError:
+        pass  # alive, another user's
+    started = proc.get("pid_started")
+    if started is not None and _pid_start(pid) not in (None, started):
+        return "interrupted"  # the pid now belongs to another process
+    return "running"
+
+
+def state_line(path: str | Path, info: dict, records: int) -> str | None:
+    """A one-line description of a run that did not finish (for ``cfx eval`` and ``--resume``), else None."""
+    state = run_state(info)
+    total = info.get("inputs_total")
+    count = f"{records} of {total} inputs have records" if total is not None else f"{records} inputs have records"
+    proc = info.get("process") or {}
+    if state == "interrupted":
+        return (f"{path}: interrupted (run.json says running, but process {proc.get('pid')} on "
+                f"{proc.get('host')} is gone); {count} — `cfx explain ... --resume` continues it")
+    if state in ("running", "running_elsewhere"):
+        where = f"process {proc.get('pid')} on {proc.get('host')}" if proc else "a process cfx cannot identify"
+        unsure = "" if state == "running" else ", or interrupted there"
+        return f"{path}: still running ({where}{unsure}); {count} so far"
+    return None
+
+
+def read_run_json(path: str | Path) -> dict:
+    """RUN_DIR/run.json as a dict; {} when absent or unreadable (callers that need it say so themselves)."""
+    try:
+        data = json.loads((Path(path) / RUN_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def resume_line(old_info: dict, done: int, total: int) -> str:
+    """What ``--resume`` says before it starts: how much is done and, for a killed run, that it was."""
+    line = f"resuming: {done} of {total} inputs done, {total - done} to go"
+    if run_state(old_info) == "interrupted":
+        proc = old_info.get("process") or {}
+        line += f" (the run was interrupted: process {proc.get('pid')} on {proc.get('host')} is gone)"
+    return line
 
 
 def read_manifest(path: Path) -> list[dict]:
@@ -103,6 +190,10 @@ class RunDir:
                 f"run directory {self.path} already exists and is not empty; "
                 "pass --resume to continue it or --overwrite to replace it"
             )
+        if nonempty and run_state(read_run_json(self.path)) == "running":  # two writers would mix their records
+            pid = (read_run_json(self.path).get("process") or {}).get("pid")
+            raise UsageError(f"{'--resume' if resume else '--overwrite'}: {self.path} is still being written by "
+                             f"process {pid} on this host; wait for it to finish or stop it first")
         if nonempty and overwrite and not (self.path / RUN_JSON).exists() and not self.manifest_path.exists():
             raise UsageError(
                 f"--overwrite: {self.path} does not look like a cfx run directory "
@@ -146,7 +237,7 @@ class RunDir:
     def append(self, record: Record | dict) -> None:
         data = record.to_dict() if isinstance(record, Record) else record
         line = (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
-        fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # the umask decides
         try:
             written = os.write(fd, line)
             if written != len(line):  # practically never for regular files; keep the line whole
@@ -169,9 +260,9 @@ class RunDir:
 class RunData:
     """A finished (or partial) run, read-only: what ``cfx eval`` and metrics see."""
 
-    path: Path
-    info: dict
-    records: list[dict]
+    path: Path  # the run directory
+    info: dict  # run.json (method, parameters, classifier, ...); {} when absent
+    records: list[dict]  # the manifest: one dict per input with the fields of RECORD_FIELDS
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -194,15 +285,16 @@ class RunData:
         return self.path.name
 
     def explained(self, required: bool = False) -> list[dict]:
-        """Records that have a counterfactual (flipped or not). ``required``: raise
-        :class:`~cfx_cli.errors.MetricUnavailable` when there are none (what a metric wants)."""
+        """The manifest records (dicts) that have a counterfactual: status ``flipped`` or ``not_flipped``.
+        ``required``: raise :class:`~cfx_cli.errors.MetricUnavailable` when there are none (what a metric wants)."""
         recs = [r for r in self.records if r.get("status") in ("flipped", "not_flipped")]
         if required and not recs:
             raise MetricUnavailable("no explained inputs in the run")
         return recs
 
-    def image(self, relpath: str):
-        """Decoded image of a record path (cached), float32 (H, W, C) in [0, 1]."""
+    def image(self, relpath: str) -> np.ndarray:
+        """The image at a record's path (``rec["counterfactual"]``, ``rec["original"]``, ``rec["mask"]``), decoded
+        once and cached: a numpy float32 array (H, W, 3) in [0, 1]; masks (H, W, 1)."""
         if relpath not in self._cache:
             self._cache[relpath] = load_png(safe_child(self.path, relpath))
         return self._cache[relpath]

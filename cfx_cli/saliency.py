@@ -128,17 +128,29 @@ def _check_images(images: torch.Tensor) -> torch.Tensor:
 
 
 def _feature_maps(out: Any, layer: str) -> torch.Tensor:
+    """A layer's output as (N, C, h, w) maps: convolutional feature maps as they are; a transformer's tokens
+    (N, L, C) on a square grid, L = h·w or 1 + h·w with the class token first (dropped), rearranged as the ViT
+    ``reshape_transform`` of pytorch-grad-cam does (a grid of at least 2×2)."""
+    import math
+
     import torch
 
+    if isinstance(out, torch.Tensor) and out.ndim == 3:
+        n, length, c = out.shape
+        for skip in (0, 1):
+            side = math.isqrt(max(length - skip, 0))
+            if side > 1 and side * side == length - skip:
+                return out[:, skip:].transpose(1, 2).reshape(n, c, side, side)
     if not isinstance(out, torch.Tensor) or out.ndim != 4:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UsageError(f"CAM layer {layer!r} outputs {shape}, not (N, C, h, w) feature maps: name a "
-                         "convolutional layer")
+        raise UsageError(f"CAM layer {layer!r} outputs {shape}, not (N, C, h, w) feature maps nor (N, [1 +] h·w, C) "
+                         "tokens on a square grid: name a convolutional or token layer")
     return out
 
 
 def _capture(forward: Callable, target: Any, layer: str, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores of ``forward(images)``, the output of ``target`` during that pass; the last call if reused)."""
+    """(scores of ``forward(images)``, the output of ``target`` during that pass, as the layer returned it (see
+    :func:`_feature_maps`); the last call if reused)."""
     store: dict[str, Any] = {}
 
     def hook(_mod, _inp, out):
@@ -152,7 +164,8 @@ def _capture(forward: Callable, target: Any, layer: str, images: torch.Tensor) -
     if "a" not in store:
         raise UsageError(f"CAM layer {layer!r} is a module of the classifier that its forward pass never calls: "
                          "name another layer")
-    return scores, _feature_maps(store["a"], layer)
+    _feature_maps(store["a"], layer)  # a layer without maps fails here, before any use
+    return scores, store["a"]
 
 
 def probe_layer(module: Any, layer: str | None, size: Sequence[int]) -> tuple[str, tuple[int, ...]]:
@@ -165,7 +178,7 @@ def probe_layer(module: Any, layer: str | None, size: Sequence[int]) -> tuple[st
     device = getattr(module, "device", None) or next((p.device for p in root.parameters()), "cpu")
     with torch.no_grad():
         _, acts = _capture(forward, target, name, torch.zeros(1, 3, int(size[0]), int(size[1]), device=device))
-    return name, tuple(acts.shape)
+    return name, tuple(_feature_maps(acts, name).shape)
 
 
 def _normalise(maps: torch.Tensor) -> torch.Tensor:
@@ -217,7 +230,7 @@ def score_cam(module: Any, layer: str | None, images: torch.Tensor, classes: Any
     rows = torch.arange(n, device=images.device)
     with torch.no_grad():
         _, acts = _capture(forward, target, name, images)
-        acts = acts.float()
+        acts = _feature_maps(acts, name).float()
         if subtract_baseline:
             base = torch.softmax(forward(torch.zeros_like(images)).float(), dim=1)[rows, cls]
         else:
@@ -257,11 +270,12 @@ def grad_cam(module: Any, layer: str | None, images: torch.Tensor, classes: Any)
     with torch.enable_grad():
         # the classifier's weights are frozen, so the graph to the layer must start from the input
         x = images.detach().clone().requires_grad_(True)
-        scores, acts = _capture(forward, target, name, x)
+        scores, out = _capture(forward, target, name, x)
         picked = scores[torch.arange(n, device=scores.device), cls.to(scores.device)].sum()
-        (grads,) = torch.autograd.grad(picked, acts)
+        (grads,) = torch.autograd.grad(picked, out)
+    acts, grads = _feature_maps(out.detach(), name), _feature_maps(grads, name)
     weights = grads.float().mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * acts.detach().float()).sum(dim=1, keepdim=True))
+    cam = torch.relu((weights * acts.float()).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
     return _normalise(cam)
 

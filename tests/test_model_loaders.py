@@ -31,14 +31,19 @@ def _save_pixel_pipeline(folder, unet, scheduler):
     )
 
 
-def test_spec_parsing():
+def test_spec_parsing(tmp_path):
     assert parse_model_spec("adm:/x/model.pt") == ("adm", "/x/model.pt")
     assert parse_model_spec("diffusers:org/name") == ("diffusers", "org/name")
     for bad in ("model.pt", "foo:bar", "adm:"):
         with pytest.raises(UsageError, match="expected demo:NAME"):
             parse_model_spec(bad)
+    # a missing checkpoint is the first thing said, before its missing flags
+    for scheme in ("adm", "i2sb"):
+        with pytest.raises(UsageError, match=r"^--model \w+:/nonexistent.pt: /nonexistent.pt: no such file$"):
+            load_model(f"{scheme}:/nonexistent.pt")
+    (tmp_path / "model.pt").write_bytes(b"")
     with pytest.raises(UsageError, match="need --model-flags"):
-        load_model("adm:/nonexistent.pt")
+        load_model(f"adm:{tmp_path / 'model.pt'}")
 
 
 @pytest.mark.slow  # importing diffusers alone takes ~10 s on a busy 2-core machine

@@ -53,3 +53,32 @@ def test_bad_shard_and_mismatched_merge(tmp_path, demo_images):
                    "--set", "iterations=3").returncode == 0
     proc = run_cfx("merge", str(a), str(b), "--out", str(tmp_path / "m"))
     assert proc.returncode == 2 and "different" in proc.stderr
+
+
+def test_merge_carries_seeds_subruns(tmp_path, demo_images):
+    """Shards of a `--seeds 2` job: the merged run has seeds/1 with every input, as the shards' sub-runs had it."""
+    common = ["--method", "pgd", "--set", "iterations=2", "--limit", "4", "--seeds", "2"]
+    shards = []
+    for i in range(2):
+        out = tmp_path / f"shard{i}"
+        proc = run_cfx("explain", str(demo_images), *common, "--shard", f"{i}/2", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        shards.append(out)
+    merged = tmp_path / "merged"
+    proc = run_cfx("merge", *map(str, shards), "--out", str(merged))
+    assert proc.returncode == 0, proc.stderr
+    sub = _by_id(merged / "seeds" / "1")
+    expected = {**_by_id(shards[0] / "seeds" / "1"), **_by_id(shards[1] / "seeds" / "1")}
+    assert sub.keys() == expected.keys() and len(sub) == 4
+    for ident, rec in sub.items():
+        assert rec["seed"] == expected[ident]["seed"] != _by_id(merged)[ident]["seed"]  # the sub-run's own seed
+        assert (merged / "seeds" / "1" / rec["original"]).read_bytes() == \
+            (tmp_path / ("shard0" if ident in _by_id(shards[0] / "seeds" / "1") else "shard1") / "seeds" / "1"
+             / expected[ident]["original"]).read_bytes()
+    assert json.loads((merged / "seeds" / "1" / "run.json").read_text())["seed"] == 1
+    # a shard without the seeds/ sub-runs cannot be merged with ones that have them, and nothing is written
+    plain = tmp_path / "plain"
+    assert run_cfx("explain", str(demo_images), "--method", "pgd", "--set", "iterations=2", "--limit", "4",
+                   "--shard", "1/2", "--out", str(plain)).returncode == 0
+    proc = run_cfx("merge", str(shards[0]), str(plain), "--out", str(tmp_path / "bad"))
+    assert proc.returncode == 2 and "seeds/" in proc.stderr and not (tmp_path / "bad").exists()

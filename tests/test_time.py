@@ -81,6 +81,27 @@ def test_presets_follow_the_thesis_and_the_feasibility_note():
     assert Time.requires == frozenset()
 
 
+def test_explain_preset_follows_the_fit_preset_of_the_tokens(tmp_path):
+    """`cfx fit time` picks `digits` for the demo model; explain with those tokens runs the digits schedule for
+    any classifier (e.g. the same model behind http://), unless the user sets a preset."""
+    from cfx_cli.demo import DEMO_DIR
+    from cfx_plugins.explainers.time import Time
+
+    shipped = DEMO_DIR / "models" / "latent" / "time-tokens-digits"  # fitted before `fit_preset` was recorded
+    url = "http://127.0.0.1:9/predict"
+    preset, why = Time.auto_preset(url, None, {"tokens": str(shipped)})
+    assert preset == "digits" and str(shipped) in why
+    meta = json.loads(shipped.with_suffix(".json").read_text())
+    for fit, expected in (("digits", "digits"), ("thesis", None)):  # thesis: no explain preset of that name
+        meta["fit_preset"] = fit
+        (tmp_path / "tok.json").write_text(json.dumps(meta))
+        got = Time.auto_preset(url, None, {"tokens": str(tmp_path / "tok")})
+        assert (got[0] if got else None) == expected
+    assert Time.auto_preset(url, None, {"fit_data": "DIR"})[0] == "digits"  # fitted now on demo:latent
+    assert Time.auto_preset(url, "diffusers:org/sd", {"fit_data": "DIR"}) is None
+    assert Time.auto_preset("demo:digits", None, {})[0] == "digits"  # the classifier's auto preset otherwise
+
+
 def test_artifact_roundtrip_and_checks(tmp_path):
     from cfx_cli.errors import UsageError
     from cfx_plugins.explainers.time import tokens as T
@@ -263,6 +284,7 @@ def test_cli_fit_then_explain(tiny_sd, tmp_path, demo_images):
     meta = json.loads((tmp_path / "tokens.json").read_text())
     assert meta["base_model"] == f"diffusers:{tiny_sd}" and meta["classifier"]["spec"] == "demo:digits"
     assert meta["training"]["settings"]["iterations"] == 2
+    assert meta["fit_preset"] == "thesis"  # what fit chose for this model; explain reads it
     r = run_cfx("fit", "time", "--data", str(demo_images), "--out", str(tok), "--model", model,
                 env=ONE_THREAD)
     assert r.returncode == 2 and "exists" in r.stderr
@@ -278,6 +300,13 @@ def test_cli_fit_then_explain(tiny_sd, tmp_path, demo_images):
         assert rec["status"] in ("flipped", "not_flipped")
         assert rec["params"]["edict"] == "legacy" and rec["params"]["attempt"] in (1, 2)
         assert load_png(run / rec["counterfactual"]).shape == (16, 16, 3)
+    # run.json names the token files and their hashes (not only inside `command`)
+    import hashlib
+
+    used = json.loads((run / "run.json").read_text())["method_info"]["tokens"]
+    assert used["file"] == str(tmp_path / "tokens.safetensors") and used["fit_preset"] == "thesis"
+    assert used["sha256"] == hashlib.sha256((tmp_path / "tokens.safetensors").read_bytes()).hexdigest()
+    assert used["meta_sha256"] == hashlib.sha256((tmp_path / "tokens.json").read_bytes()).hexdigest()
 
     bad = tmp_path / "bad.json"
     meta["labels"] = ["x"] * 10

@@ -19,13 +19,16 @@ from typing import Any, TextIO
 
 from cfx_cli.devices import describe_device
 from cfx_cli.errors import UsageError
-from cfx_cli.explain.batch import build_worker
+from cfx_cli.explain.batch import BatchWorker, build_worker
 from cfx_cli.explain.request import ExplainPlan, ExplainRequest, resolve
+from cfx_cli.images import InputImage, image_size, resize_problem
 from cfx_cli.report import write_run_report
-from cfx_cli.runs import RUN_JSON, SEEDS_DIR, STATUSES, RunDir
+from cfx_cli.runs import RUN_JSON, SEEDS_DIR, STATUSES, RunDir, process_info, read_run_json, resume_line
 
 #: the distributions whose versions run.json records
 VERSIONED = ("cfx", "torch", "numpy", "pillow", "diffusers", "onnxruntime")
+#: warn about at most this many resized inputs one by one; the rest are counted
+RESIZE_WARNINGS = 10
 
 
 @dataclass
@@ -34,6 +37,7 @@ class ExplainSummary:
     counts: dict[str, int]
     errors: list[str]
     seconds: float
+    resized: int = 0  # inputs resized by more than 4× or with their aspect ratio changed by more than 10 %
 
     @property
     def exit_code(self) -> int:
@@ -45,9 +49,11 @@ def run_explain(req: ExplainRequest, progress_stream: TextIO | None = None) -> E
     t_start = time.monotonic()
     plan = resolve(req)
     run = RunDir(plan.out)
+    old_info: dict[str, Any] = {}
 
     def check_run_dir(classifier) -> None:
         run.check(resume=req.resume, overwrite=req.overwrite)
+        old_info.update(read_run_json(plan.out))  # before this run rewrites it: what --resume continues
         if req.resume:
             _check_resume_matches(plan, classifier.spec)
 
@@ -58,8 +64,12 @@ def run_explain(req: ExplainRequest, progress_stream: TextIO | None = None) -> E
         done = run.prepare(resume=req.resume, overwrite=req.overwrite)
         for note in plan.notes:  # only once the request is known to be valid
             print(note, file=sys.stderr)
-        pending = [it for it in plan.items if it.id not in done]
-        info = _run_info(plan, worker.explainer.context.device, worker.classifier.describe())
+        items = plan.items
+        pending = [it for it in items if it.id not in done]
+        if req.resume:
+            print(resume_line(old_info, len(items) - len(pending), len(items)), file=sys.stderr)
+        resized = _warn_resized(items, {it.id for it in pending}, worker.classifier.input_size)
+        info = _run_info(plan, worker, resized)
         run.write_run_json(info)
 
         counts = {s: 0 for s in STATUSES}
@@ -68,7 +78,7 @@ def run_explain(req: ExplainRequest, progress_stream: TextIO | None = None) -> E
         errors: list[str] = []
         t_work = time.monotonic()
         batches = [pending[i : i + req.batch_size] for i in range(0, len(pending), req.batch_size)]
-        for records in plan.executor.run(batches, worker, plan, progress_stream):
+        for records in plan.executor.run(batches, worker, plan, progress_stream, initial=len(items) - len(pending)):
             for rec in records:
                 counts[rec.status] += 1
                 if rec.status == "error":
@@ -88,18 +98,39 @@ def run_explain(req: ExplainRequest, progress_stream: TextIO | None = None) -> E
     finally:
         worker.close()
     write_run_report(plan.out, debug=req.options.debug)
-    return ExplainSummary(plan.out, counts, errors, time.monotonic() - t_start)
+    return ExplainSummary(plan.out, counts, errors, time.monotonic() - t_start, resized)
 
 
-def _run_info(plan: ExplainPlan, device: str, classifier: dict[str, Any]) -> dict[str, Any]:
+def _warn_resized(items: list[InputImage], pending: set[str], size: tuple[int, int] | None) -> int:
+    """One warning line per input (of those about to be explained) that the resize to the classifier's size
+    changes by more than 4× or in aspect ratio by more than 10 %; returns how many of the job's inputs are so."""
+    if size is None:
+        return 0
+    count, shown = 0, 0
+    for item in items:
+        problem = resize_problem(image_size(item.path), size)
+        if problem is None:
+            continue
+        count += 1
+        if item.id in pending:
+            shown += 1
+            if shown <= RESIZE_WARNINGS:
+                print(f"warning: {item.path}: {problem}", file=sys.stderr)
+    if shown > RESIZE_WARNINGS:
+        print(f"warning: {shown - RESIZE_WARNINGS} more inputs are resized like that", file=sys.stderr)
+    return count
+
+
+def _run_info(plan: ExplainPlan, worker: BatchWorker, resized: int) -> dict[str, Any]:
     """run.json as it is written when the work starts (``status: running``)."""
     req, region = plan.req, plan.region
+    device = worker.explainer.context.device
     return {
         "cfx_run_version": 1,
         "method": req.method,
         "parameters": plan.params,
         "target": req.target,
-        "classifier": classifier,
+        "classifier": worker.classifier.describe(),
         "model": req.model,
         "seed": req.seed,
         "seeds": req.seeds,
@@ -115,8 +146,12 @@ def _run_info(plan: ExplainPlan, device: str, classifier: dict[str, Any]) -> dic
         "region_options": (region.options or None) if region is not None and region.option_defaults else None,
         "shard": req.shard,
         "command": _redacted_argv(),
+        "method_info": worker.explainer.run_info() or None,  # e.g. TIME's token files and their SHA-256
+        "inputs_total": len(plan.items),
+        "resized_inputs": resized,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "running",
+        "process": process_info(),  # with status running: --resume and cfx eval tell a killed run from a live one
     }
 
 

@@ -90,9 +90,10 @@ def resolve(req: ExplainRequest) -> ExplainPlan:
     get_adapter(spec)  # an unknown scheme is a usage error now, not after the inputs are found
     set_options, region_options = split_region_options(dict(req.set_options))
     notes: list[str] = []
-    if "preset" not in set_options and spec in explainer_cls.auto_presets:
-        set_options["preset"] = explainer_cls.auto_presets[spec]
-        notes.append(f"note: using {req.method} preset {set_options['preset']!r} for classifier {spec} "
+    auto = None if "preset" in set_options else explainer_cls.auto_preset(spec, req.model, dict(set_options))
+    if auto is not None:
+        set_options["preset"] = auto[0]
+        notes.append(f"note: using {req.method} preset {auto[0]!r} {auto[1]} "
                      "(override with --set preset=NAME or individual --set values)")
     params = resolve_params(req.method, explainer_cls.params, explainer_cls.presets, set_options)
     region_spec, default_region = req.mask, explainer_cls.default_region

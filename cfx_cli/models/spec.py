@@ -11,6 +11,7 @@ Loaded models: ``ADMModel`` / ``PixelDiffusersModel`` (kind "pixel"), ``LatentDi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from cfx_cli.errors import UsageError
@@ -37,6 +38,9 @@ def load_model(
 ) -> Any:
     """Load ``spec``. ``expect`` (e.g. ``"pixel"``) makes a model of another kind a usage error."""
     scheme, rest = parse_model_spec(spec)
+    if scheme in ("adm", "i2sb") and not Path(rest).expanduser().is_file():  # before anything about its flags
+        what = "no such file" if not Path(rest).expanduser().exists() else "not a file"
+        raise UsageError(f"--model {spec}: {Path(rest).expanduser()}: {what}")
     if scheme == "adm":
         if not model_flags:
             raise UsageError(

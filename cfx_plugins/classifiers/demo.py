@@ -1,24 +1,29 @@
-"""``demo:digits``: the embedded digits classifier (white-box, 3×16×16 inputs)."""
+"""``demo:digits``: the embedded digits classifier (white-box, 3×16×16 inputs); ``demo:hit-digits``: a HiT on the same
+digits (:mod:`cfx_plugins.classifiers.hit`)."""
 
 from __future__ import annotations
 
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import UsageError
 from cfx_cli.hookspecs import hookimpl
+from cfx_plugins.classifiers.hit import load_demo as load_hit_demo
 
-MODELS = ("digits",)
+MODELS = ("digits", "hit-digits")
 
 
 class DemoAdapter(ClassifierAdapter):
     name = "demo"
     schemes = ("demo",)
-    summary = "embedded demo classifiers: demo:digits (CNN on scikit-learn digits, 16×16)"
+    summary = ("embedded demo classifiers: demo:digits (CNN on scikit-learn digits, 16×16), demo:hit-digits (HiT, "
+               "the Hindered Transformer, on the same digits)")
     capabilities = frozenset({"probabilities", "gradients"})
 
     def load(self, spec: str, options: ClassifierOptions) -> Classifier:
         name = spec.split(":", 1)[1]
         if name not in MODELS:
             raise UsageError(f"unknown demo classifier {spec!r} (available: {', '.join('demo:' + m for m in MODELS)})")
+        if name == "hit-digits":
+            return load_hit_demo(spec, options)
         from cfx_cli.demo import LABELS, RESOLUTION
         from cfx_cli.demo.classifier import load_pretrained
         from cfx_cli.whitebox import TorchModuleClassifier

@@ -34,17 +34,18 @@ class ACE(Explainer):
         Param("attack", "str", "pgd", "optimiser of the pre-explanation: 'pgd' (sign steps), 'gd' (plain "
               "gradient steps), 'cw' (Carlini–Wagner tanh parametrisation and margin loss)",
               choices=("pgd", "gd", "cw")),
-        Param("iterations", "int", 50, "attack iterations (thesis: 50; ImageNet 100)"),
-        Param("step", "float", 1 / 255, "attack step size (accepts fractions like 1/255)"),
-        Param("epsilon", "float", 1.0, "ℓ∞ bound around the input for pgd/gd (1 = unbounded, as published)"),
-        Param("tau", "int", 5, "τ: steps of the respaced schedule the filter F_τ noises and denoises"),
+        Param("iterations", "int", 50, "attack iterations (thesis: 50; ImageNet 100)", min=1),
+        Param("step", "float", 1 / 255, "attack step size (accepts fractions like 1/255)", min=0.0),
+        Param("epsilon", "float", 1.0, "ℓ∞ bound around the input for pgd/gd (1 = unbounded, as published)",
+              min=0.0, max=1.0),
+        Param("tau", "int", 5, "τ: steps of the respaced schedule the filter F_τ noises and denoises", min=1),
         Param("respacing", "str", "50", "steps kept from the model's training schedule (guided-diffusion "
               "timestep_respacing; '' = as loaded)"),
         Param("distance", "str", "l1", "d(x', x): 'l1' (Σ|x − x'|) or 'l2' (‖x − x'‖₂)", choices=("l1", "l2")),
-        Param("lambda_d", "float", 0.001, "λ_d: distance weight (thesis: 0.001 for ℓ1, 0.1 for ℓ2)"),
+        Param("lambda_d", "float", 0.001, "λ_d: distance weight (thesis: 0.001 for ℓ1, 0.1 for ℓ2)", min=0.0),
         Param("threshold", "float", 0.15, "binarisation threshold of the dilated, max-normalised difference "
-              "(0 = change everywhere: no refinement mask)"),
-        Param("dilation", "int", 15, "side of the square max filter dilating the difference (odd)"),
+              "(0 = change everywhere: no refinement mask)", min=0.0, max=1.0),
+        Param("dilation", "int", 15, "side of the square max filter dilating the difference (odd)", min=1),
         Param("stochastic", "bool", True, "sample noise in the filter and the refinement (False: means only)"),
         Param("checkpoint", "bool", False, "gradient checkpointing over the filter's DDPM steps (recomputes "
               "each step in the backward pass: less memory, ~1 more forward per step)"),

@@ -34,13 +34,13 @@ class DiME(Explainer):
     uses_backend = True  # the diffusion UNet's forward-only calls (cfx_cli.backends.pixel)
     params = (
         Param("tau", "int", 60, "τ: the input is noised to step τ of the respaced schedule; the guided chain "
-              "runs τ steps"),
+              "runs τ steps", min=1),
         Param("respacing", "str", "200", "steps kept from the model's training schedule (guided-diffusion "
               "timestep_respacing: '200', 'ddim50'; '' = the schedule as loaded)"),
         Param("scales", "floats", (8.0, 10.0, 15.0), "λ_c schedule: classifier-loss weights tried in turn; a "
-              "retry only re-runs the images that have not flipped"),
-        Param("lambda_p", "float", 30.0, "λ_p: perceptual-loss weight"),
-        Param("lambda_1", "float", 0.05, "λ_1: weight of ‖z_t − x‖₁ on the noisy image"),
+              "retry only re-runs the images that have not flipped", min=0.0),
+        Param("lambda_p", "float", 30.0, "λ_p: perceptual-loss weight", min=0.0),
+        Param("lambda_1", "float", 0.05, "λ_1: weight of ‖z_t − x‖₁ on the noisy image", min=0.0),
         Param("loss", "str", "logits", "L_class: 'logits' (−target logit; the authors' use_logits) or 'ce' "
               "(−log softmax of the target)", choices=("logits", "ce")),
         Param("perceptual", "str", "l2", "L_perc network: 'vgg19' (VGG19 features, needs perc_weights; the "
@@ -48,7 +48,7 @@ class DiME(Explainer):
               choices=("vgg19", "l2", "none")),
         Param("perc_weights", "str", "", "VGG19 weights for perceptual=vgg19: a torchvision vgg19 state dict "
               "(.pth/.pt, read weights-only, or .safetensors)"),
-        Param("perc_layer", "int", 18, "VGG19 feature modules used (features[:N]; the authors use 18)"),
+        Param("perc_layer", "int", 18, "VGG19 feature modules used (features[:N]; the authors use 18)", min=1, max=37),
         Param("stochastic_x", "bool", True, "sample (rather than take the mean) in the unguided chain that "
               "produces x_t (the authors' use_sampling_on_x_t)"),
         Param("clip_denoised", "bool", True, "clip x̂_0 to [-1, 1] in the DDPM steps (the authors' default)"),

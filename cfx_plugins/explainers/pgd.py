@@ -18,9 +18,10 @@ class MaskedPGD(Explainer):
     requires = frozenset({"gradients"})
     uses_region = True
     params = (
-        Param("eps", "float", 8 / 255, "ℓ∞ radius ε of the attack (accepts fractions like 8/255)"),
-        Param("step", "float", 1 / 255, "step size γ per iteration"),
-        Param("iterations", "int", 50, "number of PGD iterations"),
+        Param("eps", "float", 8 / 255, "ℓ∞ radius ε of the attack (accepts fractions like 8/255)",
+              min=0.0, max=1.0),
+        Param("step", "float", 1 / 255, "step size γ per iteration", min=0.0),
+        Param("iterations", "int", 50, "number of PGD iterations", min=1),
         Param("early_stop", "bool", False, "stop updating an image once the classifier predicts the target"),
     )
     presets = {

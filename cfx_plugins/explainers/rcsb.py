@@ -27,16 +27,16 @@ class RCSB(Explainer):
     default_region = "auto"
     params = (
         Param("tau", "float", 0.6, "τ: trajectory truncation; sampling starts at step τ·(interval−1) of the "
-              "bridge (1.0 = from x_1, the full inpainting trajectory)"),
-        Param("nfe", "int", 100, "OT-ODE steps from τ·T down to 0 (one bridge evaluation each)"),
-        Param("scale", "float", 1.5, "s: guidance scale"),
+              "bridge (1.0 = from x_1, the full inpainting trajectory)", min=0.0, max=1.0),
+        Param("nfe", "int", 100, "OT-ODE steps from τ·T down to 0 (one bridge evaluation each)", min=1),
+        Param("scale", "float", 1.5, "s: guidance scale", min=0.0),
         Param("tweedie", "bool", True, "take the classifier gradient at the Tweedie estimate x̂_0(x_t) through "
               "the network (false: at x_t itself, the 'naive' guidance)"),
         Param("adam", "bool", True, "Adam stabilization of the gradient (β 0.9/0.999, ε 1e-8, reset per image)"),
         Param("adaptive_norm", "bool", True, "divide every update by the norm of the first one (per image)"),
-        Param("beta1", "float", 0.9, "Adam β1"),
-        Param("beta2", "float", 0.999, "Adam β2"),
-        Param("eps", "float", 1e-8, "Adam ε"),
+        Param("beta1", "float", 0.9, "Adam β1", min=0.0, max=1.0),
+        Param("beta2", "float", 0.999, "Adam β2", min=0.0, max=1.0),
+        Param("eps", "float", 1e-8, "Adam ε", min=0.0),
         Param("clip_denoise", "bool", False, "clip x̂_0 to [-1, 1] (I2SB's sampler default is off)"),
     )
     # Table 1 configurations (ImageNet, I2SB freeform 20–30% checkpoint); a and c are region options

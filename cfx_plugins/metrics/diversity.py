@@ -13,25 +13,19 @@ local files: the trunk (``--set lpips_backbone=PATH`` / ``CFX_LPIPS_BACKBONE``: 
 from __future__ import annotations
 
 from itertools import combinations
-from pathlib import Path
 
 import numpy as np
 
 from cfx_cli.errors import MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
-from cfx_cli.runs import MANIFEST, SEEDS_DIR, RunData
 
 
 def seed_runs(run) -> list:
     """The run itself and its per-seed sub-runs (RUN_DIR/seeds/K with a manifest), in K order."""
-    runs = [run]
-    root = Path(run.path) / SEEDS_DIR
-    if root.is_dir():
-        subs = [p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).exists()]
-        subs.sort(key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
-        runs += [RunData.load(p) for p in subs]
-    return runs
+    from cfx_cli.runs import RunData, seed_run_dirs
+
+    return [run] + [RunData.load(p) for p in seed_run_dirs(run.path)]
 
 
 def grouped_counterfactuals(runs) -> dict[str, list[tuple]]:
@@ -59,6 +53,7 @@ class SigmaL(Metric):
     needs = frozenset({"seeds", "lpips weights"})
     default = False
     lower_is_better = False
+    unranked = frozenset({"sigma_l_inputs", "sigma_l_seeds"})
 
     def compute(self, run, context):
         import torch

@@ -29,9 +29,9 @@ class Executor(Protocol):
         """Usage errors for this executor's options (``--workers``...) or a missing dependency."""
 
     def run(self, batches: list[list[InputImage]], worker: BatchWorker, plan: ExplainPlan,
-            progress_stream: TextIO | None = None) -> Iterator[list[Record]]:
+            progress_stream: TextIO | None = None, initial: int = 0) -> Iterator[list[Record]]:
         """Explain ``batches`` (``worker`` is the driver's, already built and checked); yield each batch's
-        records as it finishes."""
+        records as it finishes. ``initial``: inputs a resumed run had done already (for the progress bar)."""
 
 
 #: ``--executor NAME`` → executor

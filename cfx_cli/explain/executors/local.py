@@ -21,8 +21,9 @@ class LocalExecutor:
         """Nothing to check: the local executor has no options."""
 
     def run(self, batches: list[list[InputImage]], worker: BatchWorker, plan: ExplainPlan,
-            progress_stream: TextIO | None = None) -> Iterator[list[Record]]:
-        with Progress(f"explain ({plan.method})", sum(map(len, batches)), stream=progress_stream) as bar:
+            progress_stream: TextIO | None = None, initial: int = 0) -> Iterator[list[Record]]:
+        total = initial + sum(map(len, batches))  # a resumed run's bar counts from the inputs already done
+        with Progress(f"explain ({plan.method})", total, stream=progress_stream, initial=initial) as bar:
             for chunk in batches:
                 yield worker.process(chunk)
                 bar.advance(len(chunk))

@@ -55,7 +55,7 @@ class RayExecutor:
             raise UsageError(f"--workers {req.workers}: must be at least 1")
 
     def run(self, batches: list[list[InputImage]], worker: BatchWorker, plan: ExplainPlan,
-            progress_stream: TextIO | None = None) -> Iterator[list[Record]]:
+            progress_stream: TextIO | None = None, initial: int = 0) -> Iterator[list[Record]]:
         import ray
 
         req = plan.req
@@ -73,8 +73,8 @@ class RayExecutor:
             actors = [worker_cls.remote(plan) for _ in range(n_workers)]
             queue = list(enumerate(batches))
             in_flight: dict = {}
-            with Progress(f"explain ({req.method}, ray × {n_workers})", sum(map(len, batches)),
-                          stream=progress_stream) as bar:
+            with Progress(f"explain ({req.method}, ray × {n_workers})", initial + sum(map(len, batches)),
+                          stream=progress_stream, initial=initial) as bar:
                 idle = list(actors)
                 while queue or in_flight:
                     while queue and idle:

@@ -27,7 +27,7 @@ class ECED(Explainer):
     uses_region = True
     params = (
         Param("xi", "float", 0.5, "ξ: threshold of the normalised CAM map; the key region is CAM > ξ "
-              "(larger ξ, smaller region; vary it for diverse counterfactuals)"),
+              "(larger ξ, smaller region; vary it for diverse counterfactuals)", min=0.0, max=1.0),
         Param("cam", "str", "scorecam", "visual explanation of Alg. 1", choices=("scorecam", "gradcam")),
         Param("layer", "str", "", "classifier layer for the CAM (module name; '' = the saliency module's "
               "default, the last convolution)"),
@@ -37,20 +37,21 @@ class ECED(Explainer):
               "name, a/an becomes the fitting article"),
         Param("class_names", "str", "", "comma list of the words used for the classes in the prompt "
               "('' = the classifier's labels)"),
-        Param("steps", "int", 50, "DDIM steps of the full chain over the model's training schedule"),
-        Param("tau", "int", 25, "τ: the chain starts at its τ-th level and runs τ blended steps"),
-        Param("guidance", "float", 7.5, "classifier-free guidance scale of the target prompt (1 = off)"),
-        Param("eta", "float", 1.0, "η of the DDIM step: 1 = the σ_t of the supplement's eq. 10, 0 = deterministic"),
-        Param("iterations", "int", 20, "T₂: attack iterations (Adam updates of z_init)"),
-        Param("lr", "float", 0.05, "Adam learning rate of z_init"),
+        Param("steps", "int", 50, "DDIM steps of the full chain over the model's training schedule", min=1),
+        Param("tau", "int", 25, "τ: the chain starts at its τ-th level and runs τ blended steps", min=1),
+        Param("guidance", "float", 7.5, "classifier-free guidance scale of the target prompt (1 = off)", min=0.0),
+        Param("eta", "float", 1.0, "η of the DDIM step: 1 = the σ_t of the supplement's eq. 10, 0 = deterministic",
+              min=0.0),
+        Param("iterations", "int", 20, "T₂: attack iterations (Adam updates of z_init)", min=1),
+        Param("lr", "float", 0.05, "Adam learning rate of z_init", min=0.0),
         Param("noise", "str", "fresh", "fresh: new noise in every attack iteration (Alg. 3's z_τ ~ noise); "
               "fixed: the same draws every iteration (a deterministic objective)", choices=("fresh", "fixed")),
         Param("early_stop", "bool", True, "stop an image at its first flip (false: all T₂ iterations; the "
               "output is then the last image, flipped or not)"),
         Param("preserve_background", "bool", True, "run Alg. 2 (false: z^bg* = E(x) and the loaded decoder)"),
-        Param("bg_iterations", "int", 100, "N: Alg. 2 iterations"),
-        Param("bg_lr_latent", "float", 0.01, "Alg. 2 Adam learning rate of z^bg"),
-        Param("bg_lr_decoder", "float", 1e-4, "Alg. 2 Adam learning rate of the decoder copy's weights"),
+        Param("bg_iterations", "int", 100, "N: Alg. 2 iterations", min=0),
+        Param("bg_lr_latent", "float", 0.01, "Alg. 2 Adam learning rate of z^bg", min=0.0),
+        Param("bg_lr_decoder", "float", 1e-4, "Alg. 2 Adam learning rate of the decoder copy's weights", min=0.0),
         Param("checkpoint", "bool", False, "gradient checkpointing per denoising step (less memory, one more "
               "UNet pass per step in the backward)"),
     )

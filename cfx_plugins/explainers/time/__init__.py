@@ -16,6 +16,7 @@ from cfx_cli.hookspecs import hookimpl
 from cfx_cli.params import Param
 
 from .cli import fit_time
+from .components import DEFAULT_MODEL
 from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS
 
 SMILE = "25:3,30:4,35:4,35:6"
@@ -33,12 +34,13 @@ class Time(Explainer):
         Param("tokens", "str", "", "token file written by `cfx fit time` (alias: --tokens FILE)"),
         Param("fit_data", "str", "", "fit the tokens now on this folder of training images (alias: --fit-data DIR)"),
         Param("schedule", "str", SMILE, "(τ, w) attempts as TAU:W,...; an image stops at its first flip"),
-        Param("steps", "int", 50, "DDIM steps T of the full chain (τ of them are inverted)"),
-        Param("p", "float", 0.93, "EDICT mixing coefficient"),
+        Param("steps", "int", 50, "DDIM steps T of the full chain (τ of them are inverted)", min=1),
+        Param("p", "float", 0.93, "EDICT mixing coefficient", min=0.0, max=1.0),
         Param("edict", "str", "exact", "exact: invertible level pairing; legacy: the published code's",
               choices=("exact", "legacy")),
-        Param("fit_preset", "str", "", "with --fit-data: the `cfx fit time` preset (default: auto/thesis)"),
-        Param("fit_iterations", "int", 0, "with --fit-data: iterations per token set (0 = the preset's)"),
+        Param("fit_preset", "str", "", "with --fit-data: the `cfx fit time` preset (default: auto/thesis)",
+              choices=("", *FIT_PRESETS)),
+        Param("fit_iterations", "int", 0, "with --fit-data: iterations per token set (0 = the preset's)", min=0),
     )
     presets = {
         "smile": {"schedule": SMILE},
@@ -65,12 +67,30 @@ Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:latent (the default; t
 
         parse_schedule(self.params["schedule"])  # a bad schedule is a usage error before any work
         # model, tokens and their checks (or the on-the-fly fit) before the first image
-        self._gen = build_generator(context)
+        self._gen, self._tokens_info = build_generator(context)
         # forward-only UNet/VAE calls on --backend (after any token fitting, whose gradients stay in torch)
         self._backend = self._gen.model.use_backend(context)
 
     def _generator(self):
         return self._gen
+
+    @classmethod
+    def auto_preset(cls, classifier_spec: str, model: str | None, settings: dict[str, Any]) -> tuple[str, str] | None:
+        """The explain preset that goes with the fit preset of the tokens (`cfx fit time` picks `digits` for the
+        demo model, whichever classifier — e.g. the same model served over http — is used later)."""
+        from . import tokens as T
+
+        tokens, fit_data = settings.get("tokens"), settings.get("fit_data")
+        fitted = T.fit_preset_of(tokens) if tokens else None
+        if fit_data and not tokens:
+            fitted = FIT_AUTO_PRESETS.get(model or DEFAULT_MODEL)
+        if fitted in cls.presets:
+            how = f"the tokens {tokens} were" if tokens else "--fit-data is"
+            return fitted, f"(the fit preset {how} fitted with)"
+        return super().auto_preset(classifier_spec, model, settings)
+
+    def run_info(self) -> dict[str, Any]:
+        return {"tokens": self._tokens_info}
 
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
@@ -119,7 +139,8 @@ def gen_nfe_encode() -> int:
 
 
 def build_generator(context: ExplainContext):
-    """Load the model, then the tokens (--tokens FILE) or fit them on the fly (--fit-data DIR)."""
+    """Load the model, then the tokens (--tokens FILE) or fit them on the fly (--fit-data DIR). → (generator,
+    what run.json records about the tokens: their files and hashes, or the on-the-fly fit)."""
     import sys
 
     from cfx_cli.errors import UsageError
@@ -148,6 +169,7 @@ def build_generator(context: ExplainContext):
         raise UsageError("give either --tokens or --fit-data, not both")
     if tokens_file:
         vectors, meta = T.load_artifact(tokens_file)
+        info = T.artifact_record(tokens_file, meta)
         model_spec = context.model or meta.get("base_model")
         model = load_latent_t2i(model_spec, context.device)
         for note in T.check_artifact(meta, str(tokens_file), clf.labels, clf.spec, model.model_id,
@@ -166,8 +188,9 @@ def build_generator(context: ExplainContext):
         for note in result.notes:
             print(f"note: {note}", file=sys.stderr)
         vectors, meta = result.vectors, result.meta
+        info = {"fitted_on": str(fit_data), "fit_preset": preset}
     install_artifact(model, vectors, meta)
-    return TimeGenerator(model, meta)
+    return TimeGenerator(model, meta), info
 
 
 @hookimpl

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cfx_cli.errors import UsageError
+from cfx_cli.quiet import quiet_loaded_libraries
 
 DEFAULT_MODEL = "demo:latent"  # the embedded latent text-to-image model trained on the demo digits
 
@@ -122,13 +123,10 @@ def load_latent_t2i(spec: str | None, device: str = "cpu") -> LatentT2I:
 
 def _quiet_libraries() -> None:
     # diffusers/transformers print loading bars and accelerate hints; cfx reports its own progress
-    import diffusers
-    import transformers
+    import diffusers  # noqa: F401
+    import transformers  # noqa: F401
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_loaded_libraries()
 
 
 def assemble(vae, unet, text_encoder, tokenizer, scheduler, model_id: str, device: str) -> LatentT2I:

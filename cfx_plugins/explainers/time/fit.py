@@ -23,17 +23,17 @@ from cfx_cli.errors import InputError, UsageError
 from cfx_cli.params import Param
 
 FIT_PARAMS = (
-    Param("iterations", "int", 800, "optimisation steps per token set (context, then the classes)"),
-    Param("lr", "float", 0.01, "AdamW learning rate"),
-    Param("weight_decay", "float", 1e-4, "AdamW weight decay"),
-    Param("batch_size", "int", 64, "images per iteration (per class in the class stage)"),
-    Param("micro_batch", "int", 8, "images per forward/backward pass (gradient accumulation above this)"),
-    Param("num_tokens", "int", 3, "tokens for the context and for each class"),
+    Param("iterations", "int", 800, "optimisation steps per token set (context, then the classes)", min=1),
+    Param("lr", "float", 0.01, "AdamW learning rate", min=0.0),
+    Param("weight_decay", "float", 1e-4, "AdamW weight decay", min=0.0),
+    Param("batch_size", "int", 64, "images per iteration (per class in the class stage)", min=1),
+    Param("micro_batch", "int", 8, "images per forward/backward pass (gradient accumulation above this)", min=1),
+    Param("num_tokens", "int", 3, "tokens for the context and for each class", min=1),
     Param("context_init", "str", "picture", "word initialising the context tokens ('' = noise)"),
     Param("class_init", "str", "picture", "word initialising the class tokens ('' = noise)"),
     Param("context_prompt", "str", "a {context} picture", "prompt of the context stage"),
     Param("class_prompt", "str", "a {context} picture with a {class}", "prompt of the class stage"),
-    Param("classify_batch", "int", 32, "images per classifier query (and per VAE encoding pass)"),
+    Param("classify_batch", "int", 32, "images per classifier query (and per VAE encoding pass)", min=1),
 )
 FIT_PRESETS: dict[str, dict[str, Any]] = {
     # thesis §5.4: 800 iterations, lr 0.01, weight decay 1e-4, batch 64
@@ -120,8 +120,6 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
     t_start = time.monotonic()
     stream = progress_stream or sys.stderr
     notes: list[str] = []
-    if params["num_tokens"] < 1 or params["iterations"] < 1 or params["batch_size"] < 1:
-        raise UsageError("cfx fit time: num_tokens, iterations and batch_size must be at least 1")
     for key, needed in (("context_prompt", ("{context}",)), ("class_prompt", ("{context}", "{class}"))):
         if not all(n in params[key] for n in needed):
             raise UsageError(f"--set {key}={params[key]!r}: must contain {' and '.join(needed)}")
@@ -218,6 +216,8 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
         "classifier": classifier.describe(),
         "base_model": model.model_id,
         "embedding_dim": model.embedding_dim,
+        # `cfx explain --tokens` applies the explain preset of the same name (digits) unless the user sets one
+        "fit_preset": params.get("preset"),
         "prompts": {"context": params["context_prompt"], "class": params["class_prompt"]},
         "training": {
             "settings": {k: params[k] for k in params},

@@ -69,6 +69,28 @@ def save_artifact(path: str | Path, vectors: dict[str, Any], meta: dict[str, Any
     return st, js
 
 
+def fit_preset_of(path: str | Path) -> str | None:
+    """The `cfx fit time` preset a token file was fitted with (read from its JSON only; None if unknown or
+    unreadable — loading it properly reports those problems later)."""
+    try:
+        meta = json.loads(artifact_paths(path)[1].read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict):
+        return None
+    # artifacts before `fit_preset` existed have it among the training settings
+    return meta.get("fit_preset") or ((meta.get("training") or {}).get("settings") or {}).get("preset")
+
+
+def artifact_record(path: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """What run.json records about the token files a run used: paths, SHA-256 of both, the fit preset."""
+    import hashlib
+
+    st, js = artifact_paths(path)
+    return {"file": str(st), "sha256": hashlib.sha256(st.read_bytes()).hexdigest(), "meta": str(js),
+            "meta_sha256": hashlib.sha256(js.read_bytes()).hexdigest(), "fit_preset": fit_preset_of(path)}
+
+
 def load_artifact(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """→ (vectors by token name, metadata); one clear error naming the file for anything malformed."""
     from safetensors import SafetensorError
