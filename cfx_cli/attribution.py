@@ -11,8 +11,11 @@ import numpy as np
 
 from cfx_cli.errors import UsageError
 
+#: Integrated Gradients defaults: Riemann steps, noise-tunnel σ and samples (RCSB's code: σ 0.05)
+IG_STEPS, IG_NOISE, IG_SAMPLES = 32, 0.05, 4
 
-def integrated_gradients(classifier: Any, x, steps: int = 32, noise: float = 0.05, samples: int = 4,
+
+def integrated_gradients(classifier: Any, x, steps: int = IG_STEPS, noise: float = IG_NOISE, samples: int = IG_SAMPLES,
                          seed: int = 0, target=None, use_captum: bool | None = None):
     """IG of the predicted class (black baseline) averaged over a noise tunnel (SmoothGrad-style, σ = ``noise``).
 

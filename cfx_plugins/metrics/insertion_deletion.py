@@ -167,7 +167,7 @@ def saliency_maps(classifier: Any, images, source: str):
     import torch
 
     from cfx_cli import saliency
-    from cfx_cli.regions import AUTO_OPTIONS, integrated_gradients
+    from cfx_cli.attribution import integrated_gradients
 
     name, _, arg = source.partition(":")
     if name not in MAP_SOURCES:
@@ -181,9 +181,8 @@ def saliency_maps(classifier: Any, images, source: str):
     if name in ("gradcam", "scorecam"):
         fn = saliency.grad_cam if name == "gradcam" else saliency.score_cam
         return fn(classifier, arg or None, images, pred)
-    o = AUTO_OPTIONS
-    maps = [integrated_gradients(classifier, images[i:i + 1], steps=o["region_steps"], noise=o["region_noise"],
-                                 samples=o["region_samples"], seed=i, target=pred[i:i + 1]).abs().sum(dim=1)
+    # the defaults of --region auto (cfx_cli.attribution.IG_STEPS, IG_NOISE, IG_SAMPLES)
+    maps = [integrated_gradients(classifier, images[i:i + 1], seed=i, target=pred[i:i + 1]).abs().sum(dim=1)
             for i in range(images.shape[0])]
     return torch.cat(maps)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cfx_cli.attribution import cells_covering, integrated_gradients
+from cfx_cli.attribution import IG_NOISE, IG_SAMPLES, IG_STEPS, cells_covering, integrated_gradients
 from cfx_cli.errors import UsageError
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.images import InputImage
@@ -23,9 +23,9 @@ from cfx_cli.regions import RegionSource
 AUTO_OPTIONS: dict[str, Any] = {
     "region_area": 0.3,  # a: fraction of the image area to cover (RCSB code README: 0.3)
     "region_cell": 4,  # c: grid cell size in pixels (paper table: 4; code README: 16 at 256×256)
-    "region_steps": 32,  # IG Riemann steps
-    "region_noise": 0.05,  # noise tunnel σ (code: 0.05)
-    "region_samples": 4,  # noise tunnel samples
+    "region_steps": IG_STEPS,  # IG Riemann steps
+    "region_noise": IG_NOISE,  # noise tunnel σ (code: 0.05)
+    "region_samples": IG_SAMPLES,  # noise tunnel samples
     "region_clip": 98.0,  # percentile clipping of |attr| (code: 98)
 }
 
