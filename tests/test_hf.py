@@ -212,3 +212,42 @@ def test_cli_pgd_with_a_clipseg_region_keeps_pixels_outside_it(tmp_path, demo_im
         assert 0 < mask.mean() < 1
         assert (orig[~mask] == cf[~mask]).all()  # bit-identical outside the region
         assert (orig[mask] != cf[mask]).any()
+
+
+# -- cfx models: cached transformers image classifiers ---------------------------------------------------------------
+def _cache_repo(hub, repo_id: str, files: dict[str, str] | None = None, copy_from=None):
+    """A Hugging Face cache entry (models--ORG--NAME/snapshots/COMMIT, refs/main) holding ``files`` or a folder."""
+    import shutil
+
+    commit = "0" * 40
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    if copy_from is not None:
+        shutil.copytree(copy_from, snap)
+    snap.mkdir(parents=True, exist_ok=True)
+    for name, text in (files or {}).items():
+        (snap / name).write_text(text)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+
+
+@pytest.mark.slow  # three CLI subprocesses
+def test_cfx_models_lists_cached_image_classifiers_which_load_offline(models, tmp_path, demo_images):
+    hub = tmp_path / "hub"
+    _cache_repo(hub, "someorg/tiny-vit", copy_from=models["vit"])
+    _cache_repo(hub, "someorg/text-model", {"config.json": json.dumps({"architectures": ["BertModel"]})})
+    _cache_repo(hub, "someorg/resnet-cls", {"config.json": json.dumps(
+        {"architectures": ["ResNetForImageClassification"], "id2label": {"0": "cat", "1": "dog"}})})
+    env = {"HF_HUB_CACHE": str(hub), "HF_HOME": str(tmp_path)}
+    r = run_cfx("models", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    found = {c["spec"]: c for c in json.loads(r.stdout)["classifiers"]}
+    assert sorted(found) == ["hf:someorg/resnet-cls", "hf:someorg/tiny-vit"]
+    assert found["hf:someorg/tiny-vit"]["architecture"] == "ViTForImageClassification"
+    assert found["hf:someorg/tiny-vit"]["num_labels"] == 10 and found["hf:someorg/tiny-vit"]["size_bytes"] > 0
+    assert found["hf:someorg/resnet-cls"]["num_labels"] == 2
+    text = run_cfx("models", env=env).stdout
+    assert "cached transformers image classifiers" in text and "hf:someorg/tiny-vit" in text
+    r = run_cfx("classify", str(demo_images / "digit-03-label3.png"), "-c", "hf:someorg/tiny-vit", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "digit" in r.stdout

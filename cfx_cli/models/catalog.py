@@ -1,8 +1,9 @@
 """What ``cfx models`` lists: the demo generators, the checkpoints the papers use (and whether they are in the
-local Hugging Face cache), and every cached diffusers model."""
+local Hugging Face cache), every cached diffusers model, and every cached transformers image classifier (``hf:``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,6 +107,23 @@ def _diffusers_kind(repo) -> str:
     return ""
 
 
+def _image_classifier(repo) -> dict | None:
+    """The newest cached revision's config.json, if it names an ``*ForImageClassification`` architecture."""
+    revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
+    for rev in revisions[:1]:
+        try:
+            config = json.loads((Path(rev.snapshot_path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        archs = [a for a in (config.get("architectures") or []) if str(a).endswith("ForImageClassification")]
+        if archs:
+            labels = config.get("id2label") or {}
+            return {"architecture": archs[0], "num_labels": len(labels) or config.get("num_labels")}
+    return None
+
+
 def _demo_dirs(name: str) -> list[Path]:
     """Where a demo generator's weights live: ``generators.model_dir(name)`` if the module says, else a guess."""
     from cfx_cli.models.spec import _demo_module
@@ -145,11 +163,15 @@ def collect() -> dict:
             }
         )
     cache, cache_error = _scan_cache()
-    cached = {}
+    cached, classifiers = {}, []
     if cache is not None:
         for repo in cache.repos:
             if repo.repo_type != "model":
                 continue
+            found = _image_classifier(repo)
+            if found:
+                classifiers.append({"spec": f"hf:{repo.repo_id}", "hub_id": repo.repo_id, **found,
+                                    "size_bytes": repo.size_on_disk, "path": str(repo.repo_path)})
             cached[repo.repo_id] = {
                 "spec": f"diffusers:{repo.repo_id}",
                 "hub_id": repo.repo_id,
@@ -167,6 +189,7 @@ def collect() -> dict:
         "demo": demo,
         "known": known,
         "cached": sorted((c for c in cached.values() if c["kind"]), key=lambda c: c["hub_id"]),
+        "classifiers": sorted(classifiers, key=lambda c: c["hub_id"]),
         "cache_error": cache_error,
     }
 
