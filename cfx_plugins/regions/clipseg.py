@@ -49,9 +49,12 @@ class ClipSegRegion(RegionSource):
         self.model_ref = str(opts["region_model"])
         self.options = {"region_threshold": self.threshold, "region_model": self.model_ref}
         self._loaded: tuple | None = None
+        self.device = "cpu"
 
     def check(self, classifier: Any) -> None:
-        """Load the segmenter before any work, so absent weights are one line, not one error per input."""
+        """Load the segmenter before any work (on the classifier's device), so absent weights are one line, not
+        one error per input."""
+        self.device = getattr(classifier, "device", None) or "cpu"
         self._load()
 
     def _load(self):
@@ -71,15 +74,16 @@ class ClipSegRegion(RegionSource):
         quiet_loaded_libraries()
         try:
             processor = CLIPSegProcessor.from_pretrained(folder, local_files_only=True)
-            model = CLIPSegForImageSegmentation.from_pretrained(folder, local_files_only=True).eval()
+            model = CLIPSegForImageSegmentation.from_pretrained(folder, local_files_only=True).eval().to(self.device)
         except Exception as exc:
             first = " ".join(str(exc).split())[:300]
             raise UsageError(f"{label}: cannot load the CLIPSeg model in {folder} ({type(exc).__name__}: {first})") \
                 from None
         text = processor(text=[self.prompt], padding=True, truncation=True, return_tensors="pt")
         with torch.no_grad():  # the prompt's embedding, once per run
-            cond = model.get_conditional_embeddings(batch_size=1, input_ids=text["input_ids"],
-                                                    attention_mask=text.get("attention_mask"))
+            mask = text.get("attention_mask")
+            cond = model.get_conditional_embeddings(batch_size=1, input_ids=text["input_ids"].to(self.device),
+                                                    attention_mask=None if mask is None else mask.to(self.device))
         self._loaded = (processor, model, cond)
         return self._loaded
 
@@ -95,16 +99,18 @@ class ClipSegRegion(RegionSource):
         processor, model, cond = self._load()
         pixels = processor.image_processor(images=[Image.fromarray(to_uint8(image))], return_tensors="pt")
         with torch.no_grad():
-            logits = model(pixel_values=pixels["pixel_values"], conditional_embeddings=cond).logits
+            logits = model(pixel_values=pixels["pixel_values"].to(self.device), conditional_embeddings=cond).logits
         logits = logits.reshape(1, 1, *logits.shape[-2:]).float()
         probs = F.interpolate(torch.sigmoid(logits), size=tuple(size), mode="bilinear", align_corners=False)
-        return probs[0, 0].numpy().astype(np.float64)
+        return probs[0, 0].cpu().numpy().astype(np.float64)
 
     def mask_for(self, item, size, image=None, classifier=None):
         import numpy as np
 
         if image is None:
             raise UsageError(f"--region {self.spec} needs the image")
+        if self._loaded is None and classifier is not None:  # a worker that built its own copy (Ray)
+            self.device = getattr(classifier, "device", None) or "cpu"
         mask = (self.probabilities(image, size) > self.threshold).astype(np.float32)
         if not mask.any():
             raise InputError(f"{item.path}: CLIPSeg finds no pixel of {self.prompt!r} above region_threshold "
