@@ -114,10 +114,10 @@ def test_artifact_roundtrip_and_checks(tmp_path):
 def test_training_scan_skips_bad_files_and_rejects_empty_folders(tiny_sd, tmp_path):
     from cfx_cli.errors import UsageError
     from cfx_cli.images import save_png
-    from cfx_plugins.explainers.time.components import load_latent_t2i
+    from cfx_cli.models import load_model
     from cfx_plugins.explainers.time.fit import scan_training_images
 
-    model = load_latent_t2i(f"diffusers:{tiny_sd}")
+    model = load_model(f"diffusers:{tiny_sd}", expect="latent")
     data = tmp_path / "data"
     data.mkdir()
     for i, img in enumerate(_images(3)):
@@ -138,14 +138,14 @@ def test_training_scan_skips_bad_files_and_rejects_empty_folders(tiny_sd, tmp_pa
 def fitted(tiny_sd, tmp_path_factory):
     """Tokens fitted for the stub classifier on 12 images (2 iterations: plumbing, not quality)."""
     from cfx_cli.images import save_png
+    from cfx_cli.models import load_model
     from cfx_cli.params import resolve_params
-    from cfx_plugins.explainers.time.components import load_latent_t2i
     from cfx_plugins.explainers.time.fit import FIT_PARAMS, FIT_PRESETS, fit_time_tokens
 
     data = tmp_path_factory.mktemp("data")
     for i, img in enumerate(_images(12, seed=1)):
         save_png(img.permute(1, 2, 0).numpy(), data / f"img{i:02d}.png")
-    model = load_latent_t2i(f"diffusers:{tiny_sd}")
+    model = load_model(f"diffusers:{tiny_sd}", expect="latent")
     table = model.text_encoder.get_input_embeddings().weight.detach().clone()
     others = {k: v.detach().clone() for k, v in model.text_encoder.named_parameters()
               if "token_embedding" not in k}

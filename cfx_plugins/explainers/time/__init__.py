@@ -13,6 +13,7 @@ from typing import Any
 
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.models import model_for
 from cfx_cli.params import Param
 
 from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS
@@ -122,7 +123,6 @@ def build_generator(context: ExplainContext):
     from cfx_cli.params import resolve_params
 
     from . import tokens as T
-    from .components import load_latent_t2i
     from .fit import fit_time_tokens, install_artifact
     from .generate import TimeGenerator
 
@@ -145,14 +145,13 @@ def build_generator(context: ExplainContext):
         raise UsageError("give either --tokens or --fit-data, not both")
     if tokens_file:
         vectors, meta = T.load_artifact(tokens_file)
-        model_spec = context.model or meta.get("base_model")
-        model = load_latent_t2i(model_spec, context.device)
-        for note in T.check_artifact(meta, str(tokens_file), clf.labels, clf.spec, model.model_id,
+        model = _latent_model(context, context.model or meta.get("base_model"))
+        for note in T.check_artifact(meta, str(tokens_file), clf.labels, clf.spec, model.spec,
                                      model.embedding_dim):
             print(f"note: {note}", file=sys.stderr)
     else:
-        model = load_latent_t2i(context.model, context.device)
-        preset = context.params.get("fit_preset") or FIT_AUTO_PRESETS.get(model.model_id, "thesis")
+        model = _latent_model(context, context.model)
+        preset = context.params.get("fit_preset") or FIT_AUTO_PRESETS.get(model.spec, "thesis")
         overrides = {"preset": preset}
         if context.params.get("fit_iterations"):
             overrides["iterations"] = context.params["fit_iterations"]
@@ -165,6 +164,11 @@ def build_generator(context: ExplainContext):
         vectors, meta = result.vectors, result.meta
     install_artifact(model, vectors, meta)
     return TimeGenerator(model, meta)
+
+
+def _latent_model(context: ExplainContext, spec: str | None):
+    # a private copy: TIME installs its tokens into the text encoder and routes calls to its --backend
+    return model_for(context, "latent", "time", spec=spec, fresh=True)
 
 
 @hookimpl

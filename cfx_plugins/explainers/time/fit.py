@@ -216,7 +216,7 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
         "tokens": {"context": ctx_names, "classes": class_tokens},
         "labels": labels,
         "classifier": classifier.describe(),
-        "base_model": model.model_id,
+        "base_model": model.spec,
         "embedding_dim": model.embedding_dim,
         "prompts": {"context": params["context_prompt"], "class": params["class_prompt"]},
         "training": {
