@@ -54,11 +54,12 @@ def test_model_cards_carry_figures_and_measured_numbers(name):
 
 
 def test_demo_dispatch_returns_models_of_the_right_kind():
-    from cfx_cli.models.spec import demo_models, load_model
+    from cfx_cli.models import BridgeModel, LatentModel, PixelModel, demo_models, load_model
 
     assert set(demo_models()) == {"pixel", "latent", "bridge"}
-    for name in ("pixel", "latent", "bridge"):
-        assert load_model(f"demo:{name}", expect=name).kind == name
+    for name, cls in (("pixel", PixelModel), ("latent", LatentModel), ("bridge", BridgeModel)):
+        model = load_model(f"demo:{name}", expect=name)
+        assert model.kind == name and type(model) is cls and model.spec == f"demo:{name}"
 
 
 def test_unknown_demo_generator_names_the_available_ones():

@@ -300,6 +300,26 @@ def test_cli_fit_then_explain(tiny_sd, tmp_path, demo_images):
     assert len((tmp_path / "r4" / "manifest.jsonl").read_text().splitlines()) == 2
 
 
+def test_cli_fit_and_explain_on_a_v_prediction_sd_folder(tmp_path_factory, tmp_path, demo_images):
+    """SD 2.x layout (scheduler prediction_type v_prediction): the latent model converts the UNet's v to ε, so
+    fitting and explaining run through the same EDICT code; records written, counterfactuals decode."""
+    from cfx_cli.images import load_png
+    from tests.tiny_sd import build_tiny_sd
+
+    v_sd = build_tiny_sd(fixture_dir("time-edict"), tmp_path_factory.mktemp("tiny-v") / "sd",
+                         prediction_type="v_prediction")
+    run = tmp_path / "run"
+    r = run_cfx("explain", str(demo_images), "--method", "time", "--fit-data", str(demo_images), "--limit", "2",
+                "--model", f"diffusers:{v_sd}", "--set", "fit_iterations=1", "--set", "steps=10",
+                "--set", "schedule=2:1", "--out", str(run), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(rec["status"] in ("flipped", "not_flipped") for rec in recs)
+    for rec in recs:
+        img = load_png(run / rec["counterfactual"])
+        assert img.shape == (16, 16, 3) and img.std() > 0
+
+
 def _has_http_adapter() -> bool:
     from cfx_cli.plugins import get_registry
 

@@ -75,9 +75,9 @@ decoder's weights against the background MSE (eq. 12); the loaded model is never
 (--set prompt="A photo of a/an {target}", class words from --set class_names); T₂ iterations: z_τ =
 noise(z_init, τ), τ DDIM steps (eq. 10, η) with classifier-free guidance, each blended z_t = z^fg⊙M' +
 noise(z^bg*, t)⊙(1−M'); image = D*(z_0); gradient of CE(f(image), y') w.r.t. z_init through the chain and the
-decoder, pruned by M', Adam. An image stops at its first flip. Model: --model diffusers:SD_FOLDER (SD 1.x
-layout) or demo:latent (default). Presets: imagenet, celebahq (prompts of the supplement), digits (the demo;
-automatic with demo:digits). Details and every open choice: docs/methods/eced.md.
+decoder, pruned by M', Adam. An image stops at its first flip. Model: --model diffusers:SD_FOLDER (SD 1.x/2.x
+layout; v-prediction is converted to ε) or demo:latent (default). Presets: imagenet, celebahq (prompts of the
+supplement), digits (the demo; automatic with demo:digits). Details and every open choice: docs/methods/eced.md.
 """
 
     def __init__(self, context: ExplainContext) -> None:

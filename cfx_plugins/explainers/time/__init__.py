@@ -53,7 +53,8 @@ FILE.json), `--tokens FILE` uses them, `--fit-data DIR` fits on the fly. Generat
 decode; resize to the classifier. Images that do not flip go on to the next (τ, w) of the schedule
 (smile: (25,3)(30,4)(35,4)(35,6); age: (30,4)(30,6)(35,4)(35,6)); params record the attempt used. Exact
 EDICT by default; edict=legacy reproduces the published code's level pairing (not exactly invertible).
-Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:latent (the default; the embedded demo).
+Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x/2.x; v-prediction is converted to ε) or demo:latent (the
+default; the embedded demo).
 """
 
     def __init__(self, context: ExplainContext) -> None:
