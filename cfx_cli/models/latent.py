@@ -127,9 +127,14 @@ class LatentModel:
 
         if self.forward is not None and not sample and not torch.is_grad_enabled():
             return self.forward.encode((images * 2 - 1).to(self.device).float()).float() * self.scaling_factor
-        dist = self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist
+        dist = self.latent_dist(images)
         z = dist.sample(generator=generator) if sample else dist.mean
         return z.float() * self.scaling_factor
+
+    def latent_dist(self, images):
+        """The VAE posterior (diffusers ``DiagonalGaussianDistribution``: ``mean``, ``std``, unscaled) of images
+        (N, 3, R, R) in [0, 1]."""
+        return self.vae.encode((images * 2 - 1).to(self.device, self.vae.dtype)).latent_dist
 
     def decode_latents(self, z):
         """Latents × scaling → images in [0, 1], float32."""
