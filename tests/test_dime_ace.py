@@ -327,12 +327,12 @@ def test_demo_flip_rate_and_closeness(tmp_path, method):
 
     from cfx_cli.demo.data import load_split
     from cfx_cli.errors import UsageError
-    from cfx_plugins.explainers.pixel_prior import DEFAULT_MODEL
+    from cfx_cli.models import DEFAULT_MODELS
 
     try:
         from cfx_cli.models import load_model
 
-        load_model(DEFAULT_MODEL)
+        load_model(DEFAULT_MODELS["pixel"])
     except UsageError as exc:
         pytest.skip(f"the demo pixel DDPM is not in this build: {exc}")
     spec = importlib.util.spec_from_file_location("bench_dime_ace", Path(__file__).parents[1] / "bench" /

@@ -268,6 +268,27 @@ def test_runs_on_a_stable_diffusion_folder_without_modifying_it(tiny_sd):
     assert all(o.nfe > 0 for o in outs)
 
 
+def test_runs_on_a_v_prediction_sd_folder_end_to_end(tmp_path_factory, tmp_path, demo_images):
+    """SD 2.x layout (v-prediction): ECED's DDIM chain gets ε from the one latent model; records written,
+    counterfactuals and masks decode."""
+    from cfx_cli.images import load_png
+    from tests.tiny_sd import build_tiny_sd
+
+    v_sd = build_tiny_sd(fixture_dir("time-edict"), tmp_path_factory.mktemp("tiny-v") / "sd",
+                         prediction_type="v_prediction")
+    out = tmp_path / "run"
+    res = run_cfx("explain", str(demo_images), "--method", "eced", "--model", f"diffusers:{v_sd}", "--set",
+                  "preset=imagenet", "--set", "iterations=1", "--set", "bg_iterations=2", "--set", "steps=10", "--set",
+                  "tau=3", "--limit", "2", "--out", str(out), env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["status"] in ("flipped", "not_flipped") for r in recs)
+    for r in recs:
+        assert r["params"]["model"] == f"diffusers:{v_sd}"
+        assert load_png(out / r["counterfactual"]).shape == (16, 16, 3)
+        assert load_png(out / r["mask"]).shape[:2] == (16, 16)
+
+
 # -- end to end on the demo ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_demo_flips_at_least_80_percent(tmp_path, demo_images):

@@ -13,6 +13,7 @@ from __future__ import annotations
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.models import pixel_prior
 from cfx_cli.params import Param
 
 _CW_C = 1e-5  # the authors' constant keeping tanh away from ±1 (C&W parametrisation)
@@ -84,14 +85,12 @@ docs/methods/ace.md.
 
     def __init__(self, context) -> None:
         super().__init__(context)
-        from cfx_plugins.explainers.pixel_prior import load_prior
-
         p = self.params
         if p["tau"] < 1 or p["iterations"] < 0:
             raise UsageError("ace: tau must be ≥ 1 and iterations ≥ 0")
         if p["dilation"] < 1 or p["dilation"] % 2 == 0:
             raise UsageError(f"ace: --set dilation={p['dilation']}: must be an odd number ≥ 1")
-        self.model, self.model_spec = load_prior(context, p["respacing"], "ace")
+        self.model, self.model_spec = pixel_prior(context, p["respacing"], "ace")
         if p["tau"] > self.model.diffusion.num_steps:
             raise UsageError(f"ace: --set tau={p['tau']} exceeds the {self.model.diffusion.num_steps} steps of "
                              f"the respaced schedule (respacing={p['respacing']!r})")
@@ -212,7 +211,7 @@ docs/methods/ace.md.
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
 
-        from cfx_plugins.explainers.pixel_prior import ImageNoise, model_size, schedule_summary, to_size
+        from cfx_plugins.explainers.pixel_prior import ImageNoise, model_size, to_size
 
         p = self.params
         n = len(batch.ids)
@@ -233,7 +232,7 @@ docs/methods/ace.md.
         cf = torch.where(mask_b > 0.5, to_size(refined, size_b).clamp(0, 1), batch.images)
         nfe_model, nfe_clf = nfe_per_image(p["iterations"], p["tau"])
         params = {"attack": p["attack"], "iterations": p["iterations"], "tau": p["tau"],
-                  "respacing": p["respacing"], "schedule": schedule_summary(self.model), "distance": p["distance"],
+                  "respacing": p["respacing"], "schedule": self.model.schedule_summary(), "distance": p["distance"],
                   "lambda_d": p["lambda_d"], "threshold": p["threshold"], "dilation": p["dilation"],
                   "model": self.model_spec, "nfe_model": nfe_model, "nfe_classifier": nfe_clf,
                   "backend": self.prior.backend.name}

@@ -14,6 +14,7 @@ from typing import Any
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.models import pixel_prior
 from cfx_cli.params import Param
 
 # VGG19 "E" configuration (torchvision's layer numbering of ``features``): channels, "M" = max pool
@@ -87,14 +88,12 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
 
     def __init__(self, context) -> None:
         super().__init__(context)
-        from cfx_plugins.explainers.pixel_prior import load_prior
-
         p = self.params
         if p["tau"] < 1:
             raise UsageError(f"dime: --set tau={p['tau']}: must be at least 1")
         if not p["scales"]:
             raise UsageError("dime: --set scales: give at least one λ_c value")
-        self.model, self.model_spec = load_prior(context, p["respacing"], "dime")
+        self.model, self.model_spec = pixel_prior(context, p["respacing"], "dime")
         if p["tau"] > self.model.diffusion.num_steps:
             raise UsageError(f"dime: --set tau={p['tau']} exceeds the {self.model.diffusion.num_steps} steps of "
                              f"the respaced schedule (respacing={p['respacing']!r})")
@@ -165,7 +164,7 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
                 prev_nfe = results[i][1] if results[i] else 0
                 results[i] = (cf[j].detach(), prev_nfe + nfe_model + nfe_clf, {
                     "attempt": attempt, "scale": scale, "tau": tau, "respacing": p["respacing"],
-                    "schedule": _schedule(self.model), "loss": p["loss"], "lambda_p": p["lambda_p"],
+                    "schedule": self.model.schedule_summary(), "loss": p["loss"], "lambda_p": p["lambda_p"],
                     "lambda_1": p["lambda_1"], "perceptual": self.perceptual_name, "model": self.model_spec,
                     "nfe_model": attempt * nfe_model, "nfe_classifier": attempt * nfe_clf,
                     "backend": self.prior.backend.name})
@@ -234,12 +233,6 @@ def _at(values, i: int, like):
     from cfx_cli.diffusion import broadcast
 
     return broadcast(values, i, like)
-
-
-def _schedule(model) -> str:
-    from cfx_plugins.explainers.pixel_prior import schedule_summary
-
-    return schedule_summary(model)
 
 
 # -- VGG19 features (perceptual loss), built here because torchvision is not a dependency -------------------

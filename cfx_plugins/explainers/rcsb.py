@@ -14,9 +14,6 @@ from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.params import Param
 
-#: the embedded I2SB-style inpainting bridge trained on the demo digits
-DEFAULT_MODEL = "demo:bridge"
-
 
 class RCSB(Explainer):
     name = "rcsb"
@@ -73,13 +70,13 @@ ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe brid
 
     def __init__(self, context) -> None:
         super().__init__(context)
-        from cfx_cli.models import model_for
+        from cfx_cli.models import DEFAULT_MODELS, model_for
 
         p = self.params
         if not 0 < p["tau"] <= 1:
             raise UsageError(f"rcsb: --set tau={p['tau']}: must be in (0, 1]")
-        self.model_spec = context.model or DEFAULT_MODEL
-        self.model = model_for(context, DEFAULT_MODEL, expect="bridge")
+        self.model_spec = context.model or DEFAULT_MODELS["bridge"]
+        self.model = model_for(context, "bridge", "rcsb")
         self.start_step = max(1, round(p["tau"] * (self.model.bridge.interval - 1)))
         if not 1 <= p["nfe"] <= self.start_step:
             raise UsageError(f"rcsb: --set nfe={p['nfe']}: must be in 1…{self.start_step} for tau={p['tau']}")

@@ -15,6 +15,7 @@ from typing import Any
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.models import model_for
 from cfx_cli.params import Param
 
 DIGIT_NAMES = "zero,one,two,three,four,five,six,seven,eight,nine"
@@ -75,15 +76,13 @@ decoder's weights against the background MSE (eq. 12); the loaded model is never
 (--set prompt="A photo of a/an {target}", class words from --set class_names); T₂ iterations: z_τ =
 noise(z_init, τ), τ DDIM steps (eq. 10, η) with classifier-free guidance, each blended z_t = z^fg⊙M' +
 noise(z^bg*, t)⊙(1−M'); image = D*(z_0); gradient of CE(f(image), y') w.r.t. z_init through the chain and the
-decoder, pruned by M', Adam. An image stops at its first flip. Model: --model diffusers:SD_FOLDER (SD 1.x
-layout) or demo:latent (default). Presets: imagenet, celebahq (prompts of the supplement), digits (the demo;
-automatic with demo:digits). Details and every open choice: docs/methods/eced.md.
+decoder, pruned by M', Adam. An image stops at its first flip. Model: --model diffusers:SD_FOLDER (SD 1.x/2.x
+layout; v-prediction is converted to ε) or demo:latent (default). Presets: imagenet, celebahq (prompts of the
+supplement), digits (the demo; automatic with demo:digits). Details and every open choice: docs/methods/eced.md.
 """
 
     def __init__(self, context: ExplainContext) -> None:
         super().__init__(context)
-        from cfx_plugins.explainers.time.components import load_latent_t2i
-
         from .core import chain_levels, class_names
 
         p = self.params
@@ -103,7 +102,7 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
 
             size = context.classifier.input_size or (64, 64)
             probe_layer(context.classifier, p["layer"], size)
-        self.model = load_latent_t2i(context.model, context.device)
+        self.model = model_for(context, "latent", "eced")
         m = self.model
         if not 1 <= p["steps"] <= m.num_train_timesteps:
             raise UsageError(f"eced: --set steps={p['steps']}: must be in 1…{m.num_train_timesteps}")
@@ -264,7 +263,7 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
                 "region": "--region" if batch.masks is not None else f"{p['cam']}:{layer}",
                 "region_area": round(float(pix[i].mean()), 4), "latent_area": round(float(lat[i].mean()), 4),
                 "prompt": self._prompt(int(batch.targets[i])), "preserve_background": p["preserve_background"],
-                "bg_mse": round(float(bg_after[i]), 6), "model": m.model_id,
+                "bg_mse": round(float(bg_after[i]), 6), "model": m.spec,
             }
             if bgs is not None:
                 info.update({"bg_loss_first": round(bgs.loss_first[i], 6), "bg_loss_last": round(bgs.loss_last[i], 6),

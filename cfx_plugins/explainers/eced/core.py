@@ -1,5 +1,4 @@
-"""ECED's algorithms 2 and 3 on a latent text-to-image model
-(:class:`cfx_plugins.explainers.time.components.LatentT2I`).
+"""ECED's algorithms 2 and 3 on a latent text-to-image model (:class:`cfx_cli.models.LatentModel`).
 
 - :func:`preserve_background` (Alg. 2): Adam on the background latent z^bg and on a *copy* of the VAE decoder's
   weights, minimising the background MSE (eq. 12) of D(√α_0·z_init + √(1−α_0)·ε) against the input.

@@ -100,9 +100,9 @@ def scan_training_images(data: str, classifier, model, chunk: int, stream) -> tu
                 else:
                     preds.append(classifier.predict_proba(torch.stack(clf_in).to(model.device)).argmax(1).cpu())
                 with torch.no_grad():
-                    dist = model.vae.encode((torch.stack(model_in) * 2 - 1).to(model.device, model.vae.dtype))
-                means.append(dist.latent_dist.mean.float().cpu())
-                stds.append(dist.latent_dist.std.float().cpu())
+                    dist = model.latent_dist(torch.stack(model_in))
+                means.append(dist.mean.float().cpu())
+                stds.append(dist.std.float().cpu())
             bar.advance(len(items[start: start + chunk]))
     if not ids:
         raise UsageError(f"--data {data}: none of the {len(items)} images could be decoded ({skipped[0]})")
@@ -214,7 +214,7 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
         "tokens": {"context": ctx_names, "classes": class_tokens},
         "labels": labels,
         "classifier": classifier.describe(),
-        "base_model": model.model_id,
+        "base_model": model.spec,
         "embedding_dim": model.embedding_dim,
         # `cfx explain --tokens` applies the explain preset of the same name (digits) unless the user sets one
         "fit_preset": params.get("preset"),
