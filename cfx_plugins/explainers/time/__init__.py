@@ -14,9 +14,9 @@ from typing import Any
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.models import model_for
+from cfx_cli.models.catalog import DEFAULT_MODELS
 from cfx_cli.params import Param
 
-from .components import DEFAULT_MODEL
 from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS
 
 SMILE = "25:3,30:4,35:4,35:6"
@@ -80,7 +80,7 @@ default; the embedded demo).
 
         fitted = T.fit_preset_of(options["tokens"]) if options.get("tokens") else None
         if options.get("fit_data") and not options.get("tokens"):
-            fitted = FIT_AUTO_PRESETS.get(model or DEFAULT_MODEL)
+            fitted = FIT_AUTO_PRESETS.get(model or DEFAULT_MODELS["latent"])
         if fitted in cls.presets:
             how = f"the tokens {options['tokens']} were" if options.get("tokens") else "--fit-data is"
             return fitted, f"(the fit preset {how} fitted with)"
