@@ -28,14 +28,6 @@ SMALL = {  # the demo presets, cut down so that each method runs in seconds
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def classifier():
     from cfx_cli.classifiers import ClassifierOptions, load_classifier
