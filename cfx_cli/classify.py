@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from cfx_cli.errors import CfxError, InputError
 
 
@@ -30,8 +33,8 @@ def classify_inputs(inputs, spec, labels_file, device, batch_size, trust_pickle)
                     ok.append(it)
                 except InputError as exc:
                     failed = True
-                    results.append({"source": str(it.path), "label": None, "probabilities": None,
-                                    "error": str(exc)})
+                    results.append({"id": it.id, "source": str(it.path), "label": None,
+                                    "probabilities": None, "error": str(exc)})
             groups: dict = {}
             for it, arr in zip(ok, arrays, strict=True):
                 groups.setdefault(arr.shape, []).append((it, arr))
@@ -41,11 +44,12 @@ def classify_inputs(inputs, spec, labels_file, device, batch_size, trust_pickle)
                     probs = clf.predict_proba(x).cpu()
                 except CfxError as exc:  # a failed (remote) batch fails its inputs, not the command
                     failed = True
-                    results.extend({"source": str(it.path), "label": None, "probabilities": None,
+                    results.extend({"id": it.id, "source": str(it.path), "label": None, "probabilities": None,
                                     "error": f"classifier failed: {exc}"} for it, _ in group)
                     continue
                 for (it, _), row in zip(group, probs, strict=True):
                     results.append({
+                        "id": it.id,
                         "source": str(it.path),
                         "label": clf.labels[int(row.argmax())],
                         "probabilities": {lab: round(float(p), 6) for lab, p in zip(clf.labels, row, strict=True)},
@@ -55,3 +59,37 @@ def classify_inputs(inputs, spec, labels_file, device, batch_size, trust_pickle)
     order = {str(it.path): i for i, it in enumerate(items)}
     results.sort(key=lambda r: order[r["source"]])
     return results, failed
+
+
+def common_folder(results: list[dict]) -> Path | None:
+    """The deepest folder holding every input (None when there are none)."""
+    if not results:
+        return None
+    parents = [Path(r["source"]).resolve().parent for r in results]
+    return Path(os.path.commonpath([str(p) for p in parents]))
+
+
+def shorten_left(text: str, width: int) -> str:
+    """``text`` cut from the left to ``width`` characters, so its end (the part a reader needs) stays."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1 :]
+
+
+def render_table(results: list[dict], console) -> None:
+    """The classify table: each input's path below the common folder in full (wrapped, never cut), the folder
+    once above the table, shortened from the left when the terminal is narrow."""
+    from rich.table import Table
+
+    folder = common_folder(results)
+    table = Table()
+    table.add_column("input", overflow="fold")
+    table.add_column("label", no_wrap=True)
+    table.add_column("p", overflow="fold")
+    for r in results:
+        name = Path(r["source"]).resolve().relative_to(folder).as_posix() if folder else r["source"]
+        if r.get("error"):
+            table.add_row(name, "error", r["error"])
+        else:
+            table.add_row(name, r["label"], f"{r['probabilities'][r['label']]:.3f}")
+    if folder is not None:
+        console.print(f"in {shorten_left(str(folder), max(20, console.width - 3))}", soft_wrap=True, highlight=False)
+    console.print(table)

@@ -181,10 +181,11 @@ def eval_(
         "--set", "-s", help="Metric option KEY=VALUE, e.g. inception_weights=PATH (see docs/metrics.md).")] = None,
     layout: Annotated[str, typer.Option("--layout", help="cfx (run directories) or ace (ACE/DiME folders).")] = "cfx",
 ) -> None:
-    """Compute metrics for one or more runs, side by side; also saves each run's RUN_DIR/eval.json,
-    which `cfx report` shows."""
+    """Compute metrics for one or more runs, side by side; also saves each run's RUN_DIR/eval.json
+    and rewrites its RUN_DIR/report.html to show them."""
     from cfx_cli.devices import resolve_device
     from cfx_cli.evaluate import evaluate, render, save_eval_json
+    from cfx_cli.report import REPORT_NAME, write_run_report
 
     if fmt not in ("table", "json", "csv"):
         raise UsageError(f"--format {fmt!r}: expected table, json or csv")
@@ -195,8 +196,12 @@ def eval_(
             raise UsageError(f"--set {item!r}: expected KEY=VALUE")
         options[key.strip()] = value.strip()
     result = evaluate(run_dirs, metrics, device=resolve_device(device), options=options, layout=layout)
-    for problem in save_eval_json(result, metrics):
+    saved, problems = save_eval_json(result, metrics)
+    for problem in problems:
         typer.echo(f"warning: {problem}", err=True)
+    for run_dir in saved:  # the run's own page shows the metrics just saved
+        if (run_dir / REPORT_NAME).is_file():
+            write_run_report(run_dir, debug=os.environ.get("CFX_DEBUG") == "1")
     text = render(result, fmt)
     for run, reasons in result.skipped.items():
         for metric, reason in reasons.items():
@@ -278,17 +283,10 @@ def classify(
         typer.echo(json.dumps(results, indent=2))
     else:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table()
-        for col in ("source", "label", "p"):
-            table.add_column(col)
-        for r in results:
-            if r.get("error"):
-                table.add_row(r["source"], "error", r["error"])
-            else:
-                table.add_row(r["source"], r["label"], f"{r['probabilities'][r['label']]:.3f}")
-        Console().print(table)
+        from cfx_cli.classify import render_table
+
+        render_table(results, Console())
     raise typer.Exit(1 if failed else 0)
 
 

@@ -1,12 +1,26 @@
-"""``cfx eval``: compute metrics over one or more run directories."""
+"""``cfx eval``: compute metrics over one or more run directories, and keep each run's result in
+``RUN_DIR/eval.json`` (what ``cfx report`` shows)."""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
+import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from cfx_cli.classifiers import ClassifierOptions, load_classifier
 from cfx_cli.errors import CfxError, MetricUnavailable, UsageError
+from cfx_cli.export import load_ace
+from cfx_cli.metrics import MetricContext
+from cfx_cli.plugins import get_registry
+from cfx_cli.runs import MANIFEST, RunData, write_json_atomic
+
+EVAL_JSON = "eval.json"
 
 
 @dataclass
@@ -20,8 +34,6 @@ class EvalResult:
 
 
 def select_metrics(names: str | None) -> list[tuple[str, type]]:
-    from cfx_cli.plugins import get_registry
-
     metrics = get_registry().metrics
     if not names:
         return [(n, cls) for n, (cls, _) in metrics.items() if cls.default]
@@ -37,24 +49,18 @@ def select_metrics(names: str | None) -> list[tuple[str, type]]:
 
 def load_runs(run_dirs: list[str], layout: str = "cfx") -> list:
     """Run directories (``cfx``) or ACE-layout folders (``ace``: one run per Results/EXP)."""
-    from cfx_cli.runs import RunData
-
     if layout == "cfx":
         return [RunData.load(p) for p in run_dirs]
     if layout == "ace":
-        from cfx_cli.export import load_ace
-
         return [run for p in run_dirs for run in load_ace(p)]
     raise UsageError(f"--layout {layout!r}: expected cfx or ace")
 
 
 def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
              options: dict | None = None, layout: str = "cfx") -> EvalResult:
-    from cfx_cli.metrics import MetricContext
-
     chosen = select_metrics(metric_names)
     runs = load_runs(run_dirs, layout)
-    names = _unique_names([str(r.path / getattr(r, "display_name", "")) for r in runs])
+    names = unique_names([str(r.path / getattr(r, "display_name", "")) for r in runs])
     columns: list[str] = ["n", "flipped"]
     rows: dict[str, dict[str, Any]] = {}
     skipped: dict[str, dict[str, str]] = {}
@@ -63,10 +69,8 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
         row: dict[str, Any] = {"n": len(run.records), "flipped": sum(r["status"] == "flipped" for r in run.records)}
         cache: dict[str, Any] = {}
 
-        def load_classifier(_run=run, _cache=cache):
+        def classifier_loader(_run=run, _cache=cache):
             if "classifier" not in _cache:
-                from cfx_cli.classifiers import ClassifierOptions, load_classifier
-
                 # --set classifier=SPEC overrides the run's own (e.g. for folders in the ACE layout)
                 spec = (options or {}).get("classifier") or (_run.info.get("classifier") or {}).get("spec")
                 if not spec:
@@ -77,7 +81,7 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
                     raise MetricUnavailable(f"cannot load classifier {spec}: {exc}") from None
             return _cache["classifier"]
 
-        ctx = MetricContext(device=device, options=dict(options or {}), _classifier_loader=load_classifier)
+        ctx = MetricContext(device=device, options=dict(options or {}), _classifier_loader=classifier_loader)
         for metric_name, cls in chosen:
             try:
                 values = cls().compute(run, ctx)
@@ -88,7 +92,7 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
                 if col not in columns:
                     columns.append(col)
                 row[col] = value
-                directions[col] = cls.lower_is_better
+                directions[col] = None if col in cls.unranked else cls.lower_is_better
         if "classifier" in cache:
             cache["classifier"].close()
         rows[name] = row
@@ -97,13 +101,66 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
                       {n: str(r.path) for n, r in zip(names, runs, strict=True) if layout == "cfx"})
 
 
-def save_eval_json(result: EvalResult, metric_names: str | None) -> list[str]:
-    """Write each run's row to ``RUN_DIR/eval.json`` (read by ``cfx report``); returns warnings
-    for runs whose directory cannot be written (the metrics are still printed)."""
-    from pathlib import Path
+def manifest_digest(run_path: Path) -> str | None:
+    """SHA-256 of the run's manifest: an eval.json computed on another manifest is stale."""
+    try:
+        return hashlib.sha256((run_path / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
-    from cfx_cli.report import write_eval_json
 
+def read_eval(run_path: Path) -> dict | None:
+    """``RUN_DIR/eval.json`` as written by ``cfx eval``, with ``stale`` set when the manifest changed."""
+    p = run_path / EVAL_JSON
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"warning: {p}: unreadable ({exc}); no metrics shown for this run", file=sys.stderr)
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("values"), dict):
+        print(f"warning: {p}: not a cfx eval.json; no metrics shown for this run", file=sys.stderr)
+        return None
+    recorded = data.get("manifest_sha256")
+    data["stale"] = bool(recorded) and recorded != manifest_digest(run_path)
+    return data
+
+
+def write_eval_json(run_path: Path, row: dict, skipped: dict, directions: dict, metrics: str | None) -> Path:
+    """Save one run's ``cfx eval`` result beside its manifest. Columns computed earlier on the same
+    manifest (e.g. by another ``--metrics`` selection) are kept; a changed manifest starts afresh."""
+    digest = manifest_digest(run_path)
+    old = read_eval(run_path)
+    values: dict = {}
+    old_skipped: dict = {}
+    old_dirs: dict = {}
+    if old is not None and not old.get("stale") and old.get("manifest_sha256") == digest:
+        values = dict(old.get("values") or {})
+        old_skipped = dict(old.get("skipped") or {})
+        old_dirs = dict(old.get("lower_is_better") or {})
+    values.update(row)
+    for name in list(old_skipped):
+        if any(col.startswith(name) for col in row):
+            old_skipped.pop(name)
+    data = {
+        "cfx_eval_version": 1,
+        "computed": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "metrics": metrics or "default",
+        "manifest_sha256": digest,
+        "values": values,
+        "lower_is_better": old_dirs | {k: v for k, v in directions.items() if k in row},
+        "skipped": old_skipped | dict(skipped),
+    }
+    path = run_path / EVAL_JSON
+    write_json_atomic(path, data)
+    return path
+
+
+def save_eval_json(result: EvalResult, metric_names: str | None) -> tuple[list[Path], list[str]]:
+    """Write each run's row to ``RUN_DIR/eval.json`` (read by ``cfx report``); returns the run
+    directories written and warnings for those that cannot be written (the metrics are still printed)."""
+    saved: list[Path] = []
     problems = []
     for name in result.runs:
         if name not in result.paths:
@@ -113,22 +170,26 @@ def save_eval_json(result: EvalResult, metric_names: str | None) -> list[str]:
             write_eval_json(path, result.rows[name], result.skipped.get(name, {}), result.lower_is_better,
                             metric_names)
         except OSError as exc:
-            problems.append(f"{path}/eval.json not written: {exc.strerror or exc}")
-    return problems
+            problems.append(f"{path}/{EVAL_JSON} not written: {exc.strerror or exc}")
+        else:
+            saved.append(path)
+    return saved, problems
 
 
-def _unique_names(paths: list[str]) -> list[str]:
-    from pathlib import Path
-
-    names = [Path(p).name for p in paths]  # e.g. "ace-out/pgd" → "pgd"
+def unique_names(paths: list[str]) -> list[str]:
+    """Short names for runs: the folder names (e.g. "ace-out/pgd" → "pgd"), or the paths when those clash."""
+    names = [Path(p).name or p for p in paths]
     if len(set(names)) == len(names):
         return names
     return paths
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
+    """A metric value as the eval table and the report print it."""
     if value is None:
         return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, float):
         if value != value:
             return "nan"
@@ -143,9 +204,6 @@ def render(result: EvalResult, fmt: str) -> str:
             indent=2,
         )
     if fmt == "csv":
-        import csv
-        import io
-
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(["run", *result.columns])
@@ -162,7 +220,7 @@ def render(result: EvalResult, fmt: str) -> str:
         for r in result.runs:
             table.add_column(r, justify="right")
         for c in result.columns:
-            table.add_row(c, *(_fmt(result.rows[r].get(c)) for r in result.runs))
+            table.add_row(c, *(format_value(result.rows[r].get(c)) for r in result.runs))
         console = Console(width=max(80, 24 + 18 * len(result.runs)), record=True, force_terminal=False)
         with console.capture() as cap:
             console.print(table)

@@ -34,8 +34,11 @@ class Metric:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: included when ``--metrics`` is not given
     default: ClassVar[bool] = True
-    #: smaller is better (shown in ``cfx metrics``)
+    #: smaller is better (shown in ``cfx metrics``; the report's arrow and best value)
     lower_is_better: ClassVar[bool | None] = None
+    #: columns of ``compute``'s result that ``lower_is_better`` does not apply to: counts, spreads and
+    #: descriptions of the inputs or the machine (e.g. ``{"fid_n"}``); they get no direction
+    unranked: ClassVar[frozenset[str]] = frozenset()
 
     def compute(self, run: RunData, context: MetricContext) -> dict[str, float | int | None]:
         raise NotImplementedError

@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,8 @@ def run_method(python: str, method: str, out: Path, images: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", CFX_DEBUG="1")
     cmd = [python, "-m", "cfx_cli", "explain", str(images), "--method", method, "--target", "auto",
            "--seed", "0", "--out", str(out), "--overwrite"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    # cwd outside any checkout: `python -m cfx_cli` must import the interpreter's own cfx, not one in the cwd
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if proc.returncode not in (0, 1):
         sys.exit(f"{method}: cfx explain failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
 
@@ -71,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs (one sub-folder per method)")
     parser.add_argument("--compare", type=Path, help="reference runs written earlier by this script")
     parser.add_argument("--methods", default=",".join(METHODS))
+    # the same images for both checkouts: this checkout's demo folder
     parser.add_argument("--images", type=Path, default=REPO / "cfx_cli" / "demo" / "images")
     args = parser.parse_args(argv)
     failed = False
     for method in args.methods.split(","):
-        run = args.out / method
-        run_method(args.python, method, run, args.images)
+        run = args.out.resolve() / method
+        run_method(args.python, method, run, args.images.resolve())
         snap = snapshot(run)
         if args.compare is None:
             print(f"{method}: {len(snap['records'])} records, {len(snap['files'])} images written")

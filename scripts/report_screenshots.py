@@ -75,7 +75,7 @@ def main() -> None:
                 str(work / "profile"), executable_path=args.chromium, headless=True, args=FLAGS)
             shoot(context, work / "pgd" / "report.html", out / "report-gallery.png", 1280, 900, "#metrics",
                   None)
-            shoot(context, work / "compare.html", out / "report-compare.png", 1440, 820, "#toolbar", "96")
+            shoot(context, work / "compare.html", out / "report-compare.png", 1280, 820, "#toolbar", None)
             context.close()
 
 

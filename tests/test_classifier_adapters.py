@@ -258,7 +258,7 @@ def test_cmd_hang_times_out_then_restarts(stub):
     t0 = time.monotonic()
     with pytest.raises(ClassifierError) as err:
         clf.predict_proba(_x())
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 30  # returns after the 1.5 s timeout instead of hanging (bound: loaded machines)
     assert "no answer within 1.5s" in str(err.value) and "stuck" in str(err.value)
     mark.write_text("")
     assert clf.predict_proba(_x()).shape == (2, 2) and clf.restarts == 1
@@ -293,8 +293,19 @@ def test_cli_classify_json_and_table_with_torchscript(tmp_path, cfx, demo_images
     assert res.returncode == 0, res.stderr
     got = _probs(json.loads(res.stdout))
     assert np.abs(got - reference[1]).max() < 1e-4
-    res = cfx("classify", str(demo_images / "digit-07-label7.png"), "-c", f"torchscript:{ts}", env=ONE)
-    assert res.returncode == 0 and "digit-07-label7.png" in res.stdout and " 7 " in res.stdout
+    # the table shows each input's name in full however long the folder and however narrow the terminal
+    deep = tmp_path.joinpath(*["a-rather-long-folder-name"] * 6)
+    deep.mkdir(parents=True)
+    (deep / "digit-07-label7.png").write_bytes((demo_images / "digit-07-label7.png").read_bytes())
+    assert len(str(deep)) > 120
+    for columns in ("40", "80", "200"):
+        res = cfx("classify", str(deep / "digit-07-label7.png"), "-c", f"torchscript:{ts}",
+                  env={**ONE, "COLUMNS": columns})
+        assert res.returncode == 0, res.stderr
+        row = next(line for line in res.stdout.splitlines() if "digit-07-label7.png" in line)
+        assert row.split("│")[2].strip() == "7", res.stdout
+        folder_line = res.stdout.splitlines()[0]
+        assert folder_line.startswith("in ") and folder_line.endswith(str(deep)[-20:]), res.stdout
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ import pytest
 from conftest import REPO, run_cfx
 from report_helpers import record, save, synthetic_run, write_run
 
+from cfx_cli.report import build_report
+
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -197,8 +199,6 @@ def test_demo_report_renders_filters_and_is_screenshotted(browser, demo_run):
 
 
 def test_filters_and_pages_on_a_mixed_run(browser, tmp_path):
-    from cfx_cli.report import build_report
-
     run = synthetic_run(tmp_path / "mixed", 130)
     w = Watched(browser)
     page = w.open(build_report([run]))
@@ -233,8 +233,6 @@ def test_filters_and_pages_on_a_mixed_run(browser, tmp_path):
 
 
 def test_the_view_survives_a_reload_through_the_url(browser, tmp_path):
-    from cfx_cli.report import build_report
-
     html = build_report([synthetic_run(tmp_path / "mixed", 130)])
     w = Watched(browser)
     page = w.open(html)
@@ -258,15 +256,16 @@ def test_the_view_survives_a_reload_through_the_url(browser, tmp_path):
 
 
 def test_side_by_side_runs_in_the_browser(browser, tmp_path):
-    from cfx_cli.report import build_report
-
     a = synthetic_run(tmp_path / "method-a", 8)
     b = synthetic_run(tmp_path / "method b #1?%", 8, seed=3)  # links must be percent-encoded
     w = Watched(browser)
     page = w.open(build_report([a, b], tmp_path / "out" / "compare.html"))
-    heads = page.eval_on_selector_all("th.group[colspan]", "ths => ths.map(t => t.textContent)")
+    heads = page.eval_on_selector_all("#ghead tr:first-child th.group", "ths => ths.map(t => t.textContent)")
     assert heads == ["method-a · synthetic", "method b #1?% · synthetic"]
-    assert page.eval_on_selector_all("#gbody tr", "rs => rs.map(r => r.children.length)") == [10] * 8
+    # input, original, then one cell per run: result + counterfactual, difference, overlay
+    assert page.eval_on_selector_all("#gbody tr", "rs => rs.map(r => r.children.length)") == [4] * 8
+    assert page.eval_on_selector_all("#gbody tr:first-child td.run", "ts => ts.map(t => t.querySelectorAll("
+                                     "'figure img').length)") == [3, 3]
     assert not load_all_images(page)["broken"]
     # the status filter applies to the chosen run
     page.select_option("#f-run", "1")
@@ -276,10 +275,59 @@ def test_side_by_side_runs_in_the_browser(browser, tmp_path):
     w.close()
 
 
+FIT = """() => {
+    const wrap = document.getElementById('tablewrap'), doc = document.documentElement;
+    const overlays = [...document.querySelectorAll('#gbody tr td.run:last-child figure:last-child img')];
+    return {
+        layout: document.body.dataset.layout, thumb: Number(document.body.dataset.thumb),
+        wrap: [wrap.scrollWidth, wrap.clientWidth], doc: [doc.scrollWidth, doc.clientWidth],
+        overlay_right: Math.max(...overlays.map(i => i.getBoundingClientRect().right)),
+        rows: [...document.querySelectorAll('#gbody tr')].map(r => r.getBoundingClientRect().height),
+        params_shown: [...document.querySelectorAll('details.params div')].filter(d => d.checkVisibility()).length,
+    };
+}"""
+
+
+def test_a_comparison_fits_a_1280_px_window(browser, tmp_path):
+    """The issue's complaint: at 1400 px the second run's difference and overlay were cut off and every
+    cell listed all parameters (≈230 px rows). Now the runs fit with 2 and with 3 of them."""
+    params = {f"param_{i:02d}": 0.125 * i for i in range(15)}  # as many as DiME's cells list
+    runs = []
+    for k in range(3):
+        run = synthetic_run(tmp_path / f"method-{k}", 6, seed=k)
+        lines = (run / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+        recs = [json.loads(line) for line in lines]
+        for rec in recs:
+            if rec["params"]:
+                rec["params"] = params
+        write_run(run, recs)
+        runs.append(run)
+    w = Watched(browser)
+    w.page.set_viewport_size({"width": 1280, "height": 800})
+    for n in (2, 3):
+        page = w.open(build_report(runs[:n], tmp_path / f"compare{n}.html"))
+        fit = page.evaluate(FIT)
+        assert fit["wrap"][0] <= fit["wrap"][1] and fit["doc"][0] <= fit["doc"][1], (n, fit)
+        assert fit["overlay_right"] <= 1280 - 24, (n, fit)  # the last run's last column is on screen
+        assert fit["layout"] == "stacked" and fit["thumb"] == (128 if n == 2 else 90), (n, fit)
+        # a row adds a caption and a few lines of result to its pictures, not a list of 15 parameters
+        assert fit["params_shown"] == 0 and max(fit["rows"]) - fit["thumb"] <= 100, (n, fit)
+        page.click("#gbody tr:first-child details.params summary")  # the toggle opens them
+        assert "param_14=1.75" in page.inner_text("#gbody tr:first-child td.run details[open]")
+        assert page.evaluate(FIT)["params_shown"] == 1
+        assert not load_all_images(page)["broken"]
+    # widening the window puts each run's result back beside its pictures once they fit that way
+    page = w.open(tmp_path / "compare2.html")
+    assert page.evaluate(FIT)["layout"] == "stacked"
+    w.page.set_viewport_size({"width": 1800, "height": 800})
+    w.page.wait_for_selector("body[data-layout='side']")
+    assert w.page.evaluate(FIT)["thumb"] == 128
+    w.assert_clean()
+    w.close()
+
+
 def test_hostile_manifest_text_stays_text_in_the_browser(browser, tmp_path):
     import numpy as np
-
-    from cfx_cli.report import build_report
 
     hostile_id = "<script>alert('id')</script>"
     hostile_label = "<img src=x onerror=alert('label')>"
@@ -296,7 +344,7 @@ def test_hostile_manifest_text_stays_text_in_the_browser(browser, tmp_path):
     w = Watched(browser)
     page = w.open(build_report([root]))
     assert page.inner_text("#gbody tr:first-child .id") == hostile_id
-    assert hostile_label in page.inner_text("#gbody tr:first-child td.result")
+    assert hostile_label in page.inner_text("#gbody tr:first-child td.run .result")
     assert page.inner_text("#gbody tr:nth-child(2) .err") == hostile_error
     assert page.locator("img[src='x']").count() == 0
     assert page.locator("select#f-target option", has_text=hostile_label).count() == 1
@@ -306,18 +354,12 @@ def test_hostile_manifest_text_stays_text_in_the_browser(browser, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_3000_input_report_opens_quickly_and_pages(browser, tmp_path):
-    import time
-
-    from cfx_cli.report import build_report
+def test_a_3000_input_report_renders_one_page_and_pages(browser, tmp_path):
 
     run = synthetic_run(tmp_path / "big", 3000)
     html = build_report([run])
     w = Watched(browser)
-    t0 = time.monotonic()
-    page = w.open(html)
-    opened = time.monotonic() - t0
-    assert opened < 15, opened  # measured ≈0.8 s
+    page = w.open(html)  # opening time is measured by bench/report_scale.py, not asserted here
     assert len(shown_ids(page)) == 50
     assert page.inner_text("#page") == "page 1 / 60"
     assert page.evaluate("document.images.length") <= 50 * 4

@@ -31,8 +31,12 @@ def test_three_shards_merged_equal_the_whole_run(tmp_path, demo_images):
     a, b = _by_id(whole), _by_id(merged)
     assert a.keys() == b.keys() and len(b) == 16
     for ident in a:
-        for key in ("status", "source_label", "target_label", "cf_label", "seed", "nfe", "target_prob_after"):
+        for key in ("status", "source_label", "target_label", "cf_label", "seed", "nfe"):
             assert a[ident][key] == b[ident][key], (ident, key)
+        # the same image's probability, computed in a batch of another composition, may differ in the last
+        # float bits (the kernels block batches differently); the record rounds to 6 decimals
+        for key in ("source_prob", "target_prob_before", "target_prob_after"):
+            assert a[ident][key] == pytest.approx(b[ident][key], abs=1e-5), (ident, key)
         for field in ("original", "counterfactual"):
             assert (whole / a[ident][field]).read_bytes() == (merged / b[ident][field]).read_bytes()
     row = json.loads(run_cfx("eval", str(merged), "--format", "json").stdout)["runs"][0]

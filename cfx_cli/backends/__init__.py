@@ -7,15 +7,8 @@ a build that fails the gate, or a backend whose library/hardware is missing, is 
 and the caller gets the torch backend instead. Importing this package does not import torch.
 """
 
-from cfx_cli.backends.base import (
-    BACKENDS,
-    BackendError,
-    ForwardBackend,
-    ParityError,
-    TorchBackend,
-    build_backend,
-    forward_backend,
-)
+from cfx_cli.backends.base import BACKENDS, BackendError, ForwardBackend, ParityError, TorchBackend
+from cfx_cli.backends.select import build_backend, forward_backend
 
 __all__ = ["BACKENDS", "BackendError", "ForwardBackend", "ParityError", "TorchBackend", "build_backend",
            "forward_backend"]

@@ -7,7 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cfx_cli.backends.base import ForwardBackend, forward_backend
+from cfx_cli.backends.base import ForwardBackend
+from cfx_cli.backends.select import forward_backend
 
 
 def unet_module(unet: Any):

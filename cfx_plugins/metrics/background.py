@@ -20,6 +20,7 @@ class BackgroundMSE(Metric):
     needs = frozenset({"masks"})
     default = False
     lower_is_better = True
+    unranked = frozenset({"bg_mse_n"})
 
     def compute(self, run, context):
         recs = [r for r in run.explained() if r.get("mask")]

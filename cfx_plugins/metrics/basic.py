@@ -27,6 +27,7 @@ class TargetProb(Metric):
     name = "target_prob"
     summary = "mean target-class probability of the counterfactuals (before → after)"
     lower_is_better = False
+    unranked = frozenset({"target_prob_before"})  # describes the inputs, not the method
 
     def compute(self, run, context):
         recs = run.explained(required=True)
@@ -57,6 +58,7 @@ class Efficiency(Metric):
     name = "efficiency"
     summary = "seconds and network evaluations per explanation (hardware: run.json device_name)"
     lower_is_better = True
+    unranked = frozenset({"hardware"})
 
     def compute(self, run, context):
         recs = [r for r in run.explained() if r.get("seconds") is not None]

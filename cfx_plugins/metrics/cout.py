@@ -77,6 +77,7 @@ class COUT(Metric):
     needs = frozenset({"classifier"})
     default = False
     lower_is_better = False
+    unranked = frozenset({"cout_unchanged"})  # how many counterfactuals equal their original
 
     def compute(self, run, context):
         import torch

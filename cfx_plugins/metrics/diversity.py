@@ -62,6 +62,7 @@ class SigmaL(Metric):
     needs = frozenset({"seeds", "lpips weights"})
     default = False
     lower_is_better = False
+    unranked = frozenset({"sigma_l_inputs", "sigma_l_seeds"})
 
     def compute(self, run, context):
         import torch

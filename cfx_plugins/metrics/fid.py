@@ -129,6 +129,7 @@ class FID(Metric):
     needs = frozenset({"inception weights"})
     default = False
     lower_is_better = True
+    unranked = frozenset({"fid_n"})
 
     def compute(self, run, context):
         real, fake, flipped = _InceptionFeatures(run, context).get()
@@ -144,6 +145,7 @@ class SFID(Metric):
     needs = frozenset({"inception weights"})
     default = False
     lower_is_better = True
+    unranked = frozenset({"sfid_std", "sfid_splits"})
 
     def compute(self, run, context):
         from cfx_plugins.nets.weights import int_option

@@ -142,6 +142,7 @@ class MNAC(Metric):
     needs = frozenset({"attribute oracle"})
     default = False
     lower_is_better = True
+    unranked = frozenset({"mnac_std"})
 
     def compute(self, run, context):
         oracle = _Oracle(run, context)
