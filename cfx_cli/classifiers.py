@@ -61,6 +61,30 @@ class Classifier:
         return resolve_label(label, self.labels, self.spec)
 
 
+class PartialClassifierError(ClassifierError):
+    """Some images of a batch could not be classified, the others were: ``probabilities`` has one row per
+    image (NaN rows for the failed ones), ``errors`` maps each failed row's index to its message. Remote
+    adapters raise it after retrying a refused batch by halves, so that a caller can fail only those inputs."""
+
+    def __init__(self, probabilities: torch.Tensor, errors: dict[int, str]) -> None:
+        first = errors[min(errors)]
+        if len(errors) == len(probabilities) and len(set(errors.values())) == 1:
+            message = first
+        else:
+            message = f"{first} ({len(errors)} of {len(probabilities)} images failed)"
+        super().__init__(message)
+        self.probabilities = probabilities
+        self.errors = errors
+
+
+def predict_partly(classifier: Classifier, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, str]]:
+    """(probabilities, {row: message} for the rows that failed): a batch that fails as a whole still raises."""
+    try:
+        return classifier.predict_proba(images), {}
+    except PartialClassifierError as exc:
+        return exc.probabilities, exc.errors
+
+
 class ClassifierAdapter:
     """Base class of adapters: turns a spec such as ``onnx:model.onnx`` into a :class:`Classifier`."""
 

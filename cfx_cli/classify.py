@@ -12,7 +12,13 @@ def classify_inputs(inputs, spec, labels_file, device, batch_size, trust_pickle)
     import numpy as np
     import torch
 
-    from cfx_cli.classifiers import DEFAULT_SPEC, ClassifierOptions, load_classifier, read_labels_file
+    from cfx_cli.classifiers import (
+        DEFAULT_SPEC,
+        ClassifierOptions,
+        load_classifier,
+        predict_partly,
+        read_labels_file,
+    )
     from cfx_cli.devices import resolve_device
     from cfx_cli.images import decode, discover, resize
 
@@ -40,14 +46,18 @@ def classify_inputs(inputs, spec, labels_file, device, batch_size, trust_pickle)
                 groups.setdefault(arr.shape, []).append((it, arr))
             for group in groups.values():
                 x = torch.from_numpy(np.stack([a for _, a in group])).permute(0, 3, 1, 2).to(dev)
-                try:
-                    probs = clf.predict_proba(x).cpu()
-                except CfxError as exc:  # a failed (remote) batch fails its inputs, not the command
-                    failed = True
-                    results.extend({"id": it.id, "source": str(it.path), "label": None, "probabilities": None,
-                                    "error": f"classifier failed: {exc}"} for it, _ in group)
-                    continue
-                for (it, _), row in zip(group, probs, strict=True):
+                try:  # a failed (remote) batch fails its inputs, not the command; a partly failed one, some
+                    probs, refused = predict_partly(clf, x)
+                    probs = probs.cpu()
+                except CfxError as exc:
+                    probs, refused = None, dict.fromkeys(range(len(group)), str(exc))
+                for j, (it, _) in enumerate(group):
+                    if j in refused:
+                        failed = True
+                        results.append({"id": it.id, "source": str(it.path), "label": None,
+                                        "probabilities": None, "error": f"classifier failed: {refused[j]}"})
+                        continue
+                    row = probs[j]
                     results.append({
                         "id": it.id,
                         "source": str(it.path),

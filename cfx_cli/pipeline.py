@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cfx_cli.classifiers import predict_partly
 from cfx_cli.errors import CfxError, InputError, UsageError
 from cfx_cli.images import InputImage
 
@@ -438,11 +439,21 @@ def _explain_group(entries, run, explainer, classifier, fixed_target, req, devic
     seeds = [image_seed(req.seed, item.id) for item, _, _ in entries]
     images = torch.from_numpy(np.stack([a for _, a, _ in entries])).permute(0, 3, 1, 2).contiguous()
     try:
-        probs = classifier.predict_proba(images.to(device)).cpu()
+        probs, refused = predict_partly(classifier, images.to(device))
     except CfxError as exc:
         return _fail_all(entries, run, seeds, f"classifier failed: {exc}")
     except Exception as exc:
         return _fail_all(entries, run, seeds, f"classifier failed: {type(exc).__name__}: {exc}")
+    records: list[dict] = []
+    if refused:  # a remote classifier isolated the inputs its server refuses: only those fail
+        for i, message in refused.items():
+            records += _fail_all([entries[i]], run, [seeds[i]], f"classifier failed: {message}")
+        keep = [i for i in range(len(entries)) if i not in refused]
+        if not keep:
+            return records
+        entries, seeds = [entries[i] for i in keep], [seeds[i] for i in keep]
+        images, probs = images[keep], probs[keep]
+    probs = probs.cpu()
     labels = classifier.labels
     src = probs.argmax(dim=1)
     if fixed_target is None:  # auto: the most probable class other than the predicted one
@@ -452,7 +463,6 @@ def _explain_group(entries, run, explainer, classifier, fixed_target, req, devic
     else:
         targets = torch.full_like(src, fixed_target)
 
-    records: list[dict] = []
     todo = [i for i in range(len(entries)) if int(src[i]) != int(targets[i])]
     base = []
     for i, (item, arr, _mask) in enumerate(entries):
@@ -489,7 +499,8 @@ def _explain_group(entries, run, explainer, classifier, fixed_target, req, devic
             raise RuntimeError(f"explainer returned {len(outputs)} outputs for {len(todo)} images")
         cfs = torch.stack([o.counterfactual.detach().float().cpu().clamp(0, 1) for o in outputs])
         cfs = torch.round(cfs * 255.0) / 255.0  # classify exactly what the saved PNG holds
-        after = classifier.predict_proba(cfs.to(device)).cpu()
+        after, refused = predict_partly(classifier, cfs.to(device))
+        after = after.cpu()
     except CfxError as exc:
         return records + _fail_all([entries[i] for i in todo], run, [seeds[i] for i in todo], str(exc))
     except Exception as exc:
@@ -501,6 +512,9 @@ def _explain_group(entries, run, explainer, classifier, fixed_target, req, devic
     for j, i in enumerate(todo):
         item = entries[i][0]
         out = outputs[j]
+        if j in refused:  # its counterfactual could not be classified
+            records += _fail_all([entries[i]], run, [seeds[i]], f"classifier failed: {refused[j]}")
+            continue
         cf_path = run.image_path("counterfactuals", item.id)
         save_png(cfs[j].permute(1, 2, 0).numpy(), cf_path)
         mask_rel = None

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cfx_cli.classifiers import Classifier
+from cfx_cli.classifiers import Classifier, PartialClassifierError
 from cfx_cli.errors import ClassifierError, UsageError
 
 if TYPE_CHECKING:  # numpy and torch are imported where used: plugins import this module at registration
@@ -271,9 +271,21 @@ def unknown_labels_error(spec: str) -> UsageError:
                       "or use an index or auto as the target")
 
 
+class RefusedBatch(ClassifierError):
+    """The server or program answered a batch with a refusal (an error status or ``error`` answer, a malformed
+    answer). One of its images may be the cause, so :class:`RemoteClassifier` retries the batch by halves.
+    Failures to answer at all (timeouts, lost connections, crashes) are plain :class:`ClassifierError`: halving
+    would only multiply the waiting (and, for ``cmd:``, the restarts)."""
+
+
 class RemoteClassifier(Classifier):
     """Shared behaviour of the black-box protocol adapters (``http``, ``cmd``): resize, encode as PNG, send in
-    chunks of ``batch_size``, concatenate; labels may only become known from the first answer."""
+    chunks of ``batch_size``, concatenate; labels may only become known from the first answer.
+
+    A chunk that is refused (:class:`RefusedBatch`) is sent again as two halves, down to single images, so
+    that only the images the server really refuses fail (:class:`PartialClassifierError`). A chunk of m
+    images costs at most 2m - 1 requests (each with the adapter's own retries), a batch of n at most 2n - 1.
+    """
 
     batch_size: int = 64
     labels_known: bool = False
@@ -293,8 +305,9 @@ class RemoteClassifier(Classifier):
                 return
             self.labels_known = True
 
-    def _send_chunks(self, chunks: list[list[str]]) -> list[torch.Tensor]:
-        """One (n, K) probability tensor per chunk of base64 PNGs; subclasses decide how chunks travel."""
+    def _send_chunks(self, chunks: list[list[str]]) -> list[torch.Tensor | ClassifierError]:
+        """Per chunk of base64 PNGs, its (n, K) probabilities or the :class:`ClassifierError` it failed with;
+        subclasses decide how chunks travel."""
         raise NotImplementedError
 
     def predict_proba(self, images):
@@ -304,12 +317,40 @@ class RemoteClassifier(Classifier):
         if len(x) == 0:
             return torch.zeros(0, len(self.labels))
         encoded = encode_images(x)
-        chunks = [encoded[i : i + self.batch_size] for i in range(0, len(encoded), self.batch_size)]
-        parts = self._send_chunks(chunks)
-        self.calls += len(x)
-        return torch.cat(parts)
+        n = len(encoded)
+        rows: dict[int, torch.Tensor] = {}
+        errors: dict[int, str] = {}
+        pending = [list(range(i, min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
+        while pending:  # one round per level of halving: a round's chunks may travel concurrently
+            halves: list[list[int]] = []
+            outcomes = self._send_chunks([[encoded[i] for i in idx] for idx in pending])
+            for idx, out in zip(pending, outcomes, strict=True):
+                if isinstance(out, RefusedBatch) and len(idx) > 1:
+                    h = len(idx) // 2
+                    halves += [idx[:h], idx[h:]]
+                elif isinstance(out, ClassifierError):
+                    errors.update(dict.fromkeys(idx, str(out)))
+                else:
+                    rows.update(zip(idx, out, strict=True))
+            pending = halves
+        self.calls += len(rows)
+        width = next(iter(rows.values())).shape[0] if rows else len(self.labels)
+        probs = torch.full((n, width), float("nan"))
+        for i, row in rows.items():
+            probs[i] = row
+        if errors:
+            raise PartialClassifierError(probs, errors)
+        return probs
 
     def label_index(self, label: str) -> int:
         if not self.labels_known:
             raise unknown_labels_error(self.spec)
         return super().label_index(label)
+
+
+def outcome(send: Callable[[list[str]], torch.Tensor], chunk: list[str]) -> torch.Tensor | ClassifierError:
+    """``send(chunk)``, or the :class:`ClassifierError` it raised (other errors propagate)."""
+    try:
+        return send(chunk)
+    except ClassifierError as exc:
+        return exc

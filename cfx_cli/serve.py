@@ -75,6 +75,9 @@ class _Handler(BaseHTTPRequestHandler):
     server: ClassifierServer
     protocol_version = "HTTP/1.1"
     server_version = "cfx-serve"
+    # Headers and body leave in two writes: with Nagle's algorithm the body would wait for the client's
+    # (delayed, up to 40 ms) ACK of the headers on every request of a kept-alive connection.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's name
         # One line per request, never headers (they carry the bearer token).

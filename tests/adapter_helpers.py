@@ -92,16 +92,27 @@ def write_cmd_program(folder: Path) -> Path:
 class DemoServer(ThreadingHTTPServer):
     """A minimal stdlib server for demo:digits, written independently of cfx serve.
 
-    ``fault_seed`` enables seeded faults per request: 10% HTTP 500 (its body echoes the request's
-    Authorization header, as a careless server might), 5% answered only after ``delay`` seconds,
-    2% malformed JSON. ``log`` records (pixel-hash tuple, outcome) per request.
+    ``fault_seed`` enables seeded faults per request: by default (``rates``) 10% HTTP 500 (its body echoes
+    the request's Authorization header, as a careless server might), 5% answered only after ``delay``
+    seconds, 2% malformed JSON. ``log`` records (pixel-hash tuple, outcome) per request, ``connections`` the
+    client port of each request (one port per TCP connection).
+
+    ``empty`` is what the server does with the empty start-up request: ``"labels"`` answers the labels (as
+    documented); ``"stack"`` runs the model code without a special case, whose ``np.stack`` of no arrays
+    raises, so the standard library's server closes the connection without an answer; a number answers
+    that HTTP status. ``poison`` (an RGB triple) makes any request holding an image whose top-left pixel is
+    that colour answer 500, as a server whose model fails on one input would. ``keep_alive`` speaks
+    HTTP/1.1 with persistent connections (the standard library's default is HTTP/1.0, a connection each).
     """
 
     daemon_threads = True
 
     def __init__(self, token: str | None = None, fault_seed: int | None = None, delay: float = 1.0,
-                 send_labels: bool = True) -> None:
-        super().__init__((LOOPBACK, 0), _DemoHandler)
+                 send_labels: bool = True, rates: tuple[float, float, float] = (0.10, 0.05, 0.02),
+                 empty: str | int = "labels", poison: tuple[int, int, int] | None = None,
+                 keep_alive: bool = False) -> None:
+        handler = _KeepAliveHandler if keep_alive else _DemoHandler
+        super().__init__((LOOPBACK, 0), handler)
         import torch
 
         from cfx_cli.demo.classifier import load_pretrained
@@ -112,7 +123,11 @@ class DemoServer(ThreadingHTTPServer):
         self.rng = random.Random(fault_seed) if fault_seed is not None else None
         self.delay = delay
         self.send_labels = send_labels
+        self.rates = rates
+        self.empty = empty
+        self.poison = poison
         self.log: list[tuple[tuple[str, ...], str]] = []
+        self.connections: list[int] = []
         self.lock = threading.Lock()
         self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
@@ -136,7 +151,9 @@ class DemoServer(ThreadingHTTPServer):
             if self.rng is None:
                 return "ok"
             r = self.rng.random()
-        return "500" if r < 0.10 else "delay" if r < 0.15 else "malformed" if r < 0.17 else "ok"
+        p500, pdelay, pmalformed = self.rates
+        return ("500" if r < p500 else "delay" if r < p500 + pdelay
+                else "malformed" if r < p500 + pdelay + pmalformed else "ok")
 
 
 def pixel_hash(arr_uint8: np.ndarray) -> str:
@@ -169,15 +186,24 @@ class _DemoHandler(BaseHTTPRequestHandler):
         arrays = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in images]
         key = tuple(pixel_hash(a) for a in arrays)
         outcome = srv.fault()
+        if srv.poison is not None and any(tuple(a[0, 0]) == srv.poison for a in arrays):
+            outcome = "poison"
+        if not arrays and isinstance(srv.empty, int):
+            outcome = str(srv.empty)
         with srv.lock:
             srv.log.append((key, outcome))
+            srv.connections.append(self.client_address[1])
+        if outcome == "poison":
+            return self._reply(500, json.dumps({"error": "model failed on this input"}).encode())
+        if not arrays and isinstance(srv.empty, int):
+            return self._reply(srv.empty, json.dumps({"error": "expected at least one image"}).encode())
         if outcome == "500":
             return self._reply(500, json.dumps({"error": f"injected fault (request had {auth})"}).encode())
         if outcome == "delay":
             time.sleep(srv.delay)
         if outcome == "malformed":
             return self._reply(200, b'{"probabilities": [[0.1, 0.2,')
-        if arrays:
+        if arrays or srv.empty == "stack":  # "stack": np.stack([]) raises; the server closes the connection
             x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
             with torch.no_grad():
                 probs = torch.softmax(srv.model(x), dim=1).double().tolist()
@@ -187,6 +213,10 @@ class _DemoHandler(BaseHTTPRequestHandler):
         if srv.send_labels:
             answer["labels"] = [str(i) for i in range(10)]
         self._reply(200, json.dumps(answer).encode())
+
+
+class _KeepAliveHandler(_DemoHandler):
+    protocol_version = "HTTP/1.1"
 
 
 BLACKBOX_PLUGIN = '''

@@ -14,7 +14,8 @@ def test_help_does_not_import_torch():
         "sys.argv = ['cfx', '--help']\n"
         "from cfx_cli import cli\n"
         "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
-        "heavy = [m for m in ('torch', 'numpy', 'diffusers', 'transformers', 'PIL') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'numpy', 'diffusers', 'transformers', 'PIL', 'httpx')\n"
+        "         if m in sys.modules]\n"
         "print('HEAVY:' + ','.join(heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

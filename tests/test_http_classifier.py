@@ -114,7 +114,8 @@ def test_malformed_answers_quote_what_was_wrong():
             clf.predict_proba(torch.rand(2, 3, 16, 16))
         assert "malformed response (not JSON)" in str(err.value)
         assert '{"probabilities": [[0.1, 0.2,' in str(err.value)
-        assert [o for _, o in srv.log].count("malformed") == 1  # not retried
+        # not retried, but sent again by halves (one image may be the cause): 2 images, 3 requests
+        assert [len(k) for k, o in srv.log if o == "malformed"] == [2, 1, 1]
 
 
 def _serve(args: list[str], env: dict) -> tuple[subprocess.Popen, str]:
@@ -162,17 +163,62 @@ def test_cfx_serve_subprocess_classify_and_blackbox_guard(tmp_path, cfx, demo_im
     assert all(TOKEN not in t for t in texts)
 
 
-FAULT_SEED = 3  # chosen so that each kind of fault exhausts the retries of some request
+# Refused batches are retried by halves, so a fault costs an input its record only when it hits a request for
+# that image alone: twice the server's default fault rates, and a seed chosen so that each kind of fault
+# (500, timeout, malformed) still ends some input in `error`.
+FAULT_RATES = (0.20, 0.10, 0.05)
+FAULT_SEED = 19
+
+
+def _requests(log: list[tuple[tuple, str]], retries: int) -> list[tuple[tuple, list[str]]]:
+    """The server's log → (key, outcomes of its attempts) per request. Requests go one at a time: attempts of
+    one request are consecutive (an answer, a malformed body, or 1 + retries attempts end one)."""
+    requests: list[tuple[tuple, list[str]]] = []
+    for key, outcome in log:
+        last = requests[-1] if requests else None
+        if last and last[0] == key and last[1][-1] in ("500", "delay") and len(last[1]) < 1 + retries:
+            last[1].append(outcome)
+        else:
+            requests.append((key, [outcome]))
+    return requests
+
+
+def _calls(requests: list[tuple[tuple, list[str]]]) -> list[tuple[set[str], list[str]]]:
+    """Requests → one entry per ``predict_proba`` call: (the images that failed, its first request's key). A
+    refused request (its last attempt a 500 or a malformed body) of more than one image is followed by its two
+    halves, breadth-first, within the same call."""
+    from collections import deque
+
+    calls: list[tuple[set[str], list[str]]] = []
+    halves: deque[tuple] = deque()
+    for key, outcomes in requests:
+        if not key:
+            continue  # the start-up probe
+        if halves and key == halves[0]:
+            halves.popleft()
+        else:
+            assert not halves, (key, halves)
+            calls.append((set(), list(key)))
+        refused = outcomes[-1] in ("500", "malformed")
+        if refused and len(key) > 1:
+            halves.extend([key[: len(key) // 2], key[len(key) // 2 :]])
+        elif outcomes[-1] != "ok":
+            calls[-1][0].update(key)
+    assert not halves
+    return calls
 
 
 @pytest.mark.slow
 def test_fault_injection_run_finishes_then_resume_completes(tmp_path, cfx):
+    from cfx_cli.images import decode, to_uint8
+
     inputs = tmp_path / "digits"
     paths = digit_pngs(inputs, 64)
     env = {"CFX_HTTP_TOKEN": TOKEN, "PYTHONPATH": str(blackbox_plugin_path(tmp_path))}
     out = tmp_path / "run"
-    with DemoServer(token=TOKEN, fault_seed=FAULT_SEED, delay=1.2) as srv:
-        spec = f"{srv.url}#timeout=0.5&retries=1&backoff=0.02"
+    with DemoServer(token=TOKEN, fault_seed=FAULT_SEED, rates=FAULT_RATES, delay=1.2) as srv:
+        # one request at a time (halves too), so that faults are drawn in a deterministic order
+        spec = f"{srv.url}#timeout=0.5&retries=1&backoff=0.02&concurrency=1"
         res = cfx("explain", str(inputs), "-m", "bbtest", "-c", spec, "-b", "4", "-o", str(out), env=env,
                   timeout=240)
         log = list(srv.log)
@@ -180,32 +226,34 @@ def test_fault_injection_run_finishes_then_resume_completes(tmp_path, cfx):
 
         # every input has exactly one record
         assert sorted(r["source"] for r in records) == sorted(str(p) for p in paths)
-        # Requests go one at a time: group the server's log into requests (an answer, a malformed body,
-        # or 1 + retries attempts end one). The explainer's query and the re-classification of a batch
-        # carry the same images, so a key may start several requests.
-        requests: list[tuple[tuple, list[str]]] = []
-        for key, outcome in log:
-            last = requests[-1] if requests else None
-            if last and last[0] == key and last[1][-1] in ("500", "delay") and len(last[1]) < 2:
-                last[1].append(outcome)
-            else:
-                requests.append((key, [outcome]))
         kinds = {o for _, o in log}
         assert {"500", "delay", "malformed", "ok"} <= kinds, kinds
         # retried requests succeed
+        requests = _requests(log, retries=1)
         assert any(o[0] in ("500", "delay") and o[-1] == "ok" for _, o in requests)
-        failed_keys = {k for k, o in requests if o[-1] != "ok" and k}
-        from cfx_cli.images import decode, to_uint8
-
-        expect_error = set()
+        # Each input is classified (its original), then the explainer queries its counterfactual (the image
+        # brightened by 1/255) together with the rest of its batch, then the counterfactual is classified
+        # again. An input fails when its original fails, when any image of its batch's query fails (the
+        # explainer's query fails as a whole), or when its counterfactual fails; an image fails only when a
+        # request for it alone (or a timeout, which is not halved) fails.
+        calls = _calls(requests)
+        hashes = {}
         for p in paths:
             u8 = to_uint8(decode(p))
-            brighter = to_uint8(np.clip(u8.astype(np.float32) / 255 + 1 / 255, 0, 1))
-            h = (pixel_hash(u8), pixel_hash(brighter))
-            if any(h[0] in k or h[1] in k for k in failed_keys):
-                expect_error.add(str(p))
+            hashes[str(p)] = (pixel_hash(u8), pixel_hash(to_uint8(np.clip(u8.astype(np.float32) / 255 + 1 / 255,
+                                                                          0, 1))))
+        expect_error = set()
+        for src, (h0, h1) in hashes.items():
+            original = [c for c in calls if h0 in c[1]]
+            queries = [c for c in calls if h1 in c[1]]
+            assert len(original) == 1 and len(queries) <= 2
+            if h0 in original[0][0] or (queries and queries[0][0]) or (len(queries) == 2 and h1 in queries[1][0]):
+                expect_error.add(src)
         errors = {r["source"]: r["error"] for r in records if r["status"] == "error"}
         assert expect_error and set(errors) == expect_error
+        # a refused batch of 4 whose halves were answered costs no input its record
+        assert any(len(k) == 4 and o in ("500", "malformed") for k, o in log)
+        assert len(errors) < 4 * sum(1 for c in calls if c[0])
         assert res.returncode == 1, res.stderr
         for msg in errors.values():
             assert srv.url in msg

@@ -5,10 +5,14 @@ per batch, writes one JSON line ``{"images": [<base64 PNG>, ...]}`` to its stdin
 ``{"probabilities": [[...], ...], "labels": [...]?}`` or ``{"error": "..."}`` from its stdout. Anything
 the program prints to stderr is kept (last lines) and quoted in error messages.
 
-At start cfx sends an empty request (``{"images": []}``): the program must answer it (ideally with its
-``labels``). A program that crashes is restarted, at most ``restarts`` times in all; one that does not
-answer within ``timeout`` seconds is killed (and restarted for the next batch). Options after ``#`` or
-from the environment: ``#timeout=60&start_timeout=120&restarts=3&batch_size=64&logits=0&size=HxW``.
+At start cfx sends an empty request (``{"images": []}``), ideally answered with the ``labels``. A program
+that exits on it or answers garbage is restarted (not counted) and labels come with the first answer; only
+a program that cannot start at all (it exits before reading the request) or does not answer within
+``start_timeout`` stops cfx. A program that crashes is restarted, at most ``restarts`` times in all; one that
+does not answer within ``timeout`` seconds is killed (and restarted for the next batch). A batch answered
+with ``{"error": ...}`` or a malformed answer is retried by halves (:class:`~cfx_cli.protocol.RemoteClassifier`).
+Options after ``#`` or from the environment:
+``#timeout=60&start_timeout=120&restarts=3&batch_size=64&logits=0&size=HxW``.
 """
 
 from __future__ import annotations
@@ -17,15 +21,24 @@ import json
 import os
 import queue
 import shlex
+import struct
 import subprocess
+import sys
 import threading
+import time
 import weakref
 from collections import deque
 
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import ClassifierError, UsageError
 from cfx_cli.hookspecs import hookimpl
-from cfx_cli.protocol import RemoteClassifier
+from cfx_cli.protocol import RefusedBatch, RemoteClassifier, outcome
+
+try:  # POSIX: how many bytes of a request still wait, unread, in the program's stdin
+    import fcntl
+    import termios
+except ImportError:  # Windows
+    fcntl = termios = None
 
 STDERR_LINES = 20  # kept for error messages
 
@@ -73,7 +86,10 @@ class _Process:
             raise UsageError(f"classifier {spec}: {argv[0]}: permission denied (not executable?)") from None
         except OSError as exc:
             raise UsageError(f"classifier {spec}: cannot start {argv[0]}: {exc.strerror or exc}") from None
+        self.started = time.monotonic()
         self.lines: queue.Queue[bytes | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+        self._write_failed: list[BaseException] = []
         self.stderr: deque[str] = deque(maxlen=STDERR_LINES)
         self._threads = [
             threading.Thread(target=self._read_stdout, daemon=True, name="cfx-cmd-stdout"),
@@ -103,6 +119,7 @@ class _Process:
                 failed.append(exc)
 
         writer = threading.Thread(target=write, daemon=True, name="cfx-cmd-stdin")
+        self._writer, self._write_failed = writer, failed
         writer.start()
         try:
             answer = self.lines.get(timeout=timeout)
@@ -111,6 +128,21 @@ class _Process:
         if answer is None:
             raise _Dead
         return answer
+
+    def read_request(self) -> bool | None:
+        """After the program exited: did it read the last request? None when this system cannot tell (Linux
+        counts the bytes waiting in a pipe from its writing end; the BSDs and macOS do not)."""
+        if self._writer is not None:
+            self._writer.join(timeout=1.0)
+        if self._write_failed:
+            return False  # it was gone before the request could be written
+        if fcntl is None or not sys.platform.startswith("linux"):
+            return None
+        try:
+            waiting = struct.unpack("i", fcntl.ioctl(self.popen.stdin.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+        except (OSError, ValueError):
+            return None
+        return waiting == 0
 
     def exit_code(self, wait: float = 2.0) -> int | None:
         try:
@@ -192,7 +224,7 @@ class CmdClassifier(RemoteClassifier):
 
     # ----------------------------------------------------------------------- Classifier API
     def _send_chunks(self, chunks):
-        return [self._classify(chunk) for chunk in chunks]
+        return [outcome(self._classify, chunk) for chunk in chunks]
 
     def close(self) -> None:
         with self._lock:
@@ -255,35 +287,59 @@ class CmdClassifier(RemoteClassifier):
                     raise ClassifierError(self._redact(f"{self.spec}: {second}")) from None
 
     def _probe(self) -> None:
-        from cfx_cli.protocol import parse_answer, quote
+        """The empty start-up request: learns labels (and input size) when the program answers it.
 
+        A program that exits on it or answers something that is not a protocol answer does not answer empty
+        batches: it is restarted (not counted) and labels come with the first answer. Only a program that
+        cannot start (it exits before reading the request) or answers nothing in time stops cfx.
+        """
+        from cfx_cli.protocol import parse_answer
+
+        proc = self._proc
         try:
             with self._lock:
                 answer = self._exchange(b'{"images": []}\n', self.start_timeout)
         except _Dead as exc:
-            raise UsageError(self._redact(
-                f"classifier {self.spec}: {exc} when sent the start-up request {{\"images\": []}}")) from None
+            read = proc.read_request()
+            if read is False:
+                self.close()
+                raise UsageError(self._redact(
+                    f"classifier {self.spec}: {exc} at start-up, before reading any request")) from None
+            if read is None:
+                self._start_again(time.monotonic() - proc.started, str(exc))
+            else:
+                self._start()  # it read the empty request and exited: it does not answer empty batches
+            return
         except ClassifierError as exc:
             raise UsageError(self._redact(f"classifier {exc} (start-up request {{\"images\": []}})")) \
                 from None
-        try:
-            obj = json.loads(answer)
-        except ValueError:
-            self.close()
-            raise UsageError(self._redact(
-                f"classifier {self.spec}: answered {quote(answer)} to the start-up request, which is not a "
-                "JSON line of the protocol (the program must log to stderr, never to stdout)")) from None
-        if isinstance(obj, dict) and obj.get("error") is not None:
-            return  # it does not like empty batches: labels will come with the first answer
+        if not _is_json(answer):  # stdout is out of step with the requests: start afresh
+            self._proc.kill()
+            self._start()
+            return
         try:
             _, labels, size = parse_answer(answer, 0, len(self.labels) if self.labels_known else None,
                                            self.spec, self.returns_logits)
-        except ClassifierError as exc:
-            self.close()
-            raise UsageError(self._redact(f"classifier {exc} (start-up request)")) from None
+        except ClassifierError:
+            return  # an error or a malformed answer to the empty batch: labels come with the first answer
         self._learn(labels)
         if self.input_size is None and size is not None:
             self.input_size = size
+
+    def _start_again(self, lived: float, why: str) -> None:
+        """Restart after the program exited on the start-up request where the system cannot tell whether it read
+        it. One that exits again without being asked anything within 1.5× the time the first one lived (+1 s)
+        cannot start at all: a usage error quoting its stderr."""
+        self._start()
+        grace = 1.5 * lived + 1.0
+        code = self._proc.exit_code(wait=min(grace, self.start_timeout or grace))
+        if code is None:
+            return
+        tail = self._proc.stderr_tail()
+        self.close()
+        raise UsageError(self._redact(
+            f"classifier {self.spec}: the program exited with code {code} at start-up, before any request"
+            + (f" (stderr: {tail})" if tail else f"; before that, {why}")))
 
     def _classify(self, images: list[str]):
         from cfx_cli.protocol import parse_answer
@@ -299,7 +355,9 @@ class CmdClassifier(RemoteClassifier):
                     if self._proc is not None:
                         self._proc.kill()
                         self._proc = None
-            raise ClassifierError(self._redact(str(exc))) from None
+                raise ClassifierError(self._redact(
+                    f"{exc} (stdout must carry protocol lines only: log to stderr)")) from None
+            raise RefusedBatch(self._redact(str(exc))) from None  # an error answer: maybe one image's fault
         self._learn(labels, probs.shape[1])
         return probs
 
