@@ -188,13 +188,14 @@ def test_ace_mask_is_dilated_normalised_difference(tiny_prior, classifier):
 
 
 def test_ace_checkpointing_gives_the_same_gradient(tiny_prior, classifier):
-    from cfx_plugins.explainers.pixel_prior import ImageNoise
+    from cfx_cli.diffusion.noise import SeededNoise
 
     batch = demo_batch(2)
     grads = []
     for ckpt in (False, True):
         exp = make_explainer("ace", tiny_prior, classifier, respacing="20", tau=3, checkpoint=ckpt)
-        draws = exp._draw(ImageNoise([1, 2], "cpu"), [0, 1], (3, 16, 16))
+        noise = SeededNoise().for_batch(["a", "b"], [1, 2], "cpu")
+        draws = exp._draw(noise, [0, 1], (3, 16, 16), exp._filter_keys(0))
         x_in = batch.images.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(exp._loss(x_in, batch.images, batch.targets, draws), x_in)
         grads.append(g)

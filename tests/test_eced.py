@@ -71,12 +71,13 @@ def test_proposition_1_on_random_gradients_and_masks():
 
 def _demo_chain_gradient(exp, batch, pixel_mask):
     """∇_{z_init} CE(f(D(blended chain(z_init))), y') for one image through the real demo UNet and decoder."""
+    from cfx_cli.diffusion.noise import SeededNoise
+    from cfx_cli.images import resize_images as to_size
     from cfx_plugins.explainers.eced.core import (
         LatentDecoder,
         blended_chain,
         draw_noise,
         straight_through_unit,
-        to_size,
     )
 
     m = exp.model
@@ -85,7 +86,7 @@ def _demo_chain_gradient(exp, batch, pixel_mask):
         z_f = m.encode_images(x_r)
     lat = exp.latent_mask(to_size(pixel_mask, (m.resolution,) * 2, nearest=True), z_f.shape[-2:])
     cond, uncond = exp.embeds([int(batch.targets[0])])
-    noise = draw_noise([torch.Generator().manual_seed(7)], tuple(z_f.shape[1:]), len(exp.levels), "cpu")
+    noise = draw_noise(SeededNoise().for_batch(["x"], [7], "cpu"), [0], tuple(z_f.shape[1:]), len(exp.levels))
     dec = LatentDecoder(m.vae, m.scaling_factor, tuned=False)
     z_init = z_f.clone().requires_grad_(True)
     z0 = blended_chain(m.unet_eps, z_init, z_f, lat, cond, uncond, exp.params["guidance"], exp.start_ab,
@@ -168,6 +169,7 @@ def test_background_mse_is_eq_12():
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
+    from cfx_cli.diffusion.noise import SeededNoise
     from cfx_plugins.explainers.eced.core import blended_chain, draw_noise
 
     exp = _explainer({"tau": 2})
@@ -177,7 +179,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
     cond, uncond = exp.embeds([3, 8])
     grads = []
     for ck in (False, True):
-        noise = draw_noise([torch.Generator().manual_seed(s) for s in (1, 2)], (4, 8, 8), len(exp.levels), "cpu")
+        noise = draw_noise(SeededNoise().for_batch(["a", "b"], [1, 2], "cpu"), [0, 1], (4, 8, 8), len(exp.levels))
         zi = z.clone().requires_grad_(True)
         out = blended_chain(m.unet_eps, zi, z, lat, cond, uncond.expand(2, -1, -1), 3.0, exp.start_ab,
                             exp.levels, 1.0, noise, checkpoint=ck)

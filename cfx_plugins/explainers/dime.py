@@ -123,21 +123,22 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
 
-        from cfx_plugins.explainers.pixel_prior import ImageNoise, model_size, to_size
+        from cfx_cli.images import resize_images
+        from cfx_plugins.explainers.pixel_prior import model_size
 
         p = self.params
         clf = self.context.classifier
         n = len(batch.ids)
         size_b = tuple(batch.images.shape[-2:])
         size_m = model_size(self.model, size_b)
-        x = to_size(batch.images, size_m).clamp(0, 1) * 2 - 1  # the prior's space, [-1, 1]
-        region = to_size(batch.masks, size_m, nearest=True) if batch.masks is not None else None
-        noise = ImageNoise(batch.seeds, self.context.device)
+        x = resize_images(batch.images, size_m).clamp(0, 1) * 2 - 1  # the prior's space, [-1, 1]
+        region = resize_images(batch.masks, size_m, nearest=True) if batch.masks is not None else None
+        noise = self.context.noise.for_batch(batch.ids, batch.seeds, self.context.device)
         tau = p["tau"]
         d = self.model.diffusion
         rows = list(range(n))
         # z_τ is drawn once per image; every retry restarts from it (as the authors' main.py)
-        z_tau = d.q_sample(x, tau - 1, noise.randn(rows, tuple(x.shape[1:])))
+        z_tau = d.q_sample(x, tau - 1, noise.randn(rows, tuple(x.shape[1:]), "z_tau"))
         x_feats = None
         if self.perceptual is not None:
             with torch.no_grad():
@@ -153,8 +154,8 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
         for attempt, scale in enumerate(p["scales"], start=1):
             sel = torch.tensor(pending, device=x.device)
             z0 = self._attempt(x[sel], z_tau[sel], batch.targets[sel], None if region is None else region[sel],
-                               None if x_feats is None else x_feats[sel], scale, noise, pending)
-            cf = to_size(((z0 + 1) / 2).clamp(0, 1), size_b)
+                               None if x_feats is None else x_feats[sel], scale, noise, pending, attempt)
+            cf = resize_images(((z0 + 1) / 2).clamp(0, 1), size_b)
             if batch.masks is not None:  # eq. 3.21 guides inside M; outside M the input is kept exactly
                 cf = torch.where(batch.masks[sel] > 0.5, cf, batch.images[sel])
             with torch.no_grad():
@@ -177,7 +178,7 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
                               params=params, nfe=nfe)
                 for i, (cf, nfe, params) in enumerate(results)]
 
-    def _attempt(self, x, z, targets, region, x_feats, scale: float, noise, rows: list[int]):
+    def _attempt(self, x, z, targets, region, x_feats, scale: float, noise, rows: list[int], attempt: int):
         """One guided DDPM run from z_τ for the images ``rows`` with λ_c = ``scale``; returns z_0."""
         import torch
 
@@ -193,20 +194,21 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
             if p["lambda_1"]:
                 g = g + p["lambda_1"] * torch.sign(z - x)  # ∇_z λ_1‖z − x‖₁
             with torch.no_grad():
-                z, _ = d.ddpm_step(out, z, i, noise=noise.randn(rows, shape), clip_denoised=p["clip_denoised"],
-                                   mean_shift=-var * g)
+                z, _ = d.ddpm_step(out, z, i, noise=noise.randn(rows, shape, "guided_step", (attempt, i)),
+                                   clip_denoised=p["clip_denoised"], mean_shift=-var * g)
                 if i > 0:
-                    x_t = self._unguided(z, i, noise, rows)
+                    x_t = self._unguided(z, i, noise, rows, attempt)
         return z
 
-    def _unguided(self, z, steps: int, noise, rows: list[int]):
+    def _unguided(self, z, steps: int, noise, rows: list[int], attempt: int):
         """x_t: the unguided DDPM chain from z (at schedule index ``steps``) down to 0 (``steps`` evaluations)."""
         import torch
 
         d = self.model.diffusion
         shape = tuple(z.shape[1:])
         for j in range(steps - 1, -1, -1):
-            eps = noise.randn(rows, shape) if self.params["stochastic_x"] else torch.zeros_like(z)
+            eps = (noise.randn(rows, shape, "x_t_chain", (attempt, steps, j)) if self.params["stochastic_x"]
+                   else torch.zeros_like(z))
             z, _ = d.ddpm_step(self.prior(z, j), z, j, noise=eps, clip_denoised=True)
         return z
 

@@ -158,8 +158,10 @@ supplement), digits (the demo; automatic with demo:digits). Details and every op
         import torch
         import torch.nn.functional as F
 
+        from cfx_cli.images import resize_images
+        from cfx_cli.optim import AdamRows
+
         from .core import (
-            AdamRows,
             SharedDecoder,
             background_mse,
             blended_chain,
@@ -167,7 +169,6 @@ supplement), digits (the demo; automatic with demo:digits). Details and every op
             preserve_background,
             prune,
             straight_through_unit,
-            to_size,
         )
 
         p = self.params
@@ -184,18 +185,18 @@ supplement), digits (the demo; automatic with demo:digits). Details and every op
             pix = (batch.masks > 0.5).float()
         else:
             pix, layer = self.key_region(x, batch.sources)
-        x_r = to_size(x, r).clamp(0, 1).to(dev)
-        pix_r = (to_size(pix, r, nearest=True) > 0.5).float().to(dev)
+        x_r = resize_images(x, r).clamp(0, 1).to(dev)
+        pix_r = (resize_images(pix, r, nearest=True) > 0.5).float().to(dev)
         with torch.no_grad():
             z_f = m.encode_images(x_r)
         lat = self.latent_mask(pix_r, z_f.shape[-2:])
-        gens = [torch.Generator().manual_seed(int(s)) for s in batch.seeds]
+        draws = self.context.noise.for_batch(batch.ids, batch.seeds, dev)
 
         # Alg. 2 (each image has its own decoder copy)
         t0 = time.monotonic()
         if p["preserve_background"]:
             bgs = preserve_background(m.vae, m.scaling_factor, x_r, z_f, lat, pix_r, self.alpha0,
-                                      p["bg_iterations"], p["bg_lr_latent"], p["bg_lr_decoder"], gens)
+                                      p["bg_iterations"], p["bg_lr_latent"], p["bg_lr_decoder"], draws)
             z_bg, decoders = bgs.z_bg, bgs.decoders
         else:
             bgs = None
@@ -210,14 +211,14 @@ supplement), digits (the demo; automatic with demo:digits). Details and every op
         unet_per_step = 2 if use_cfg else 1
         fixed = None
         if p["noise"] == "fixed":
-            fixed = draw_noise(gens, tuple(z_f.shape[1:]), len(self.levels), dev)
+            fixed = draw_noise(draws, list(range(n)), tuple(z_f.shape[1:]), len(self.levels))
         results: list[Any] = [None] * n
         generations = [0] * n
         active = list(range(n))
         for it in range(p["iterations"] + 1):
             rows = torch.tensor(active, device=dev)
             if fixed is None:
-                noise = draw_noise([gens[i] for i in active], tuple(z_f.shape[1:]), len(self.levels), dev)
+                noise = draw_noise(draws, active, tuple(z_f.shape[1:]), len(self.levels), iteration=it)
             else:
                 noise = type(fixed)(fixed.start[rows], [s[rows] for s in fixed.step],
                                     [b[rows] for b in fixed.background])
@@ -228,7 +229,7 @@ supplement), digits (the demo; automatic with demo:digits). Details and every op
                                    uncond.expand(len(active), -1, -1), p["guidance"], self.start_ab, self.levels,
                                    p["eta"], noise, checkpoint=p["checkpoint"])
                 dec = decoders(z0, rows)
-                img = to_size(straight_through_unit(dec), size_b)
+                img = resize_images(straight_through_unit(dec), size_b)
                 logits = clf.logits(img) if not last else None
             with torch.no_grad():
                 shown = img.detach().clamp(0, 1)
@@ -250,7 +251,7 @@ supplement), digits (the demo; automatic with demo:digits). Details and every op
             active = [active[j] for j in still]
 
         cf_all = torch.stack([res[0] for res in results])
-        bg_after = background_mse(to_size(cf_all, r).to(dev), x_r, pix_r).cpu()
+        bg_after = background_mse(resize_images(cf_all, r).to(dev), x_r, pix_r).cpu()
         outputs = []
         n_chain = len(self.levels) * unet_per_step
         for i in range(n):
