@@ -7,6 +7,17 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cfx_cli.models.demo import demo_models, demo_module
+
+#: the model each kind of method uses when ``--model`` is absent: the embedded demo generators
+DEFAULT_MODELS = {"pixel": "demo:pixel", "latent": "demo:latent", "bridge": "demo:bridge"}
+#: what each kind of model is, for errors that name what a method needs
+KIND_HINTS = {
+    "pixel": "an ADM checkpoint, a diffusers UNet2DModel folder or demo:pixel",
+    "latent": "Stable Diffusion 1.x/2.x components (diffusers:FOLDER_OR_HUB_ID) or demo:latent",
+    "bridge": "an I2SB checkpoint (i2sb:PATH.pt) or demo:bridge",
+}
+
 
 @dataclass
 class KnownModel:
@@ -126,9 +137,7 @@ def _image_classifier(repo) -> dict | None:
 
 def _demo_dirs(name: str) -> list[Path]:
     """Where a demo generator's weights live: ``generators.model_dir(name)`` if the module says, else a guess."""
-    from cfx_cli.models.spec import _demo_module
-
-    mod = _demo_module()
+    mod = demo_module()
     finder = getattr(mod, "model_dir", None)
     if callable(finder):
         try:
@@ -149,8 +158,6 @@ def human_size(n: int | float) -> str:
 
 def collect() -> dict:
     """Everything ``cfx models`` shows, as plain data (also its ``--json`` output)."""
-    from cfx_cli.models.spec import demo_models
-
     demo = []
     for name, summary in demo_models().items():
         files = [f for d in _demo_dirs(name) for f in d.glob("**/*.safetensors")]
@@ -206,7 +213,7 @@ def describe(model, spec: str) -> dict:
         info["image_size"] = model.image_size
     for key, value in (getattr(model, "info", None) or {}).items():
         info[key] = value
-    if getattr(model, "diffusion", None) is not None and not callable(model.diffusion):
+    if getattr(model, "diffusion", None) is not None:
         d = model.diffusion
         info["schedule"] = f"{d.num_steps} steps (of {d.original_num_steps}), variance {d.variance_type}"
     if getattr(model, "bridge", None) is not None:
