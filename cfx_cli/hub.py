@@ -1,8 +1,8 @@
 """Local folders for Hugging Face hub ids: the folder itself, or the cached snapshot (no network when cached, none
 at all with ``HF_HUB_OFFLINE=1``); anything missing is one line naming it and where it is published.
 
-Used by the transformers-based plugins (``hf:`` classifiers, ``--region clipseg:``); light: huggingface_hub is
-imported only to resolve a hub id.
+Used by ``diffusers:`` models and the transformers-based plugins (``hf:`` classifiers, ``--region clipseg:``);
+light: huggingface_hub is imported only to resolve a hub id.
 """
 
 from __future__ import annotations
@@ -71,8 +71,9 @@ def resolve_hub_folder(label: str, ref: str, what: str, allow_patterns: list[str
         cached_error = exc
     if offline():
         raise UsageError(
-            f"{label}: {what} {ref} is not in the Hugging Face cache ({cache_dir()}) and HF_HUB_OFFLINE is set; it "
-            f"is published at {published}: download it once online (`hf download {ref}`) or {how_else}"
+            f"{label}: no such local folder, and as a hub id not found in the Hugging Face cache ({cache_dir()}) "
+            f"while HF_HUB_OFFLINE is set; {what} {ref} is published at {published}: download it once online "
+            f"(`hf download {ref}`) or {how_else}"
         ) from None
     try:
         return Path(snapshot_download(ref, revision=revision, allow_patterns=allow_patterns))
@@ -85,5 +86,5 @@ def resolve_hub_folder(label: str, ref: str, what: str, allow_patterns: list[str
 
 
 def missing_in(folder: Path, groups: list[tuple[str, ...]]) -> list[str]:
-    """One entry per group of alternatives (file names in ``folder``) of which none exists."""
-    return [" or ".join(g) for g in groups if not any((folder / f).is_file() for f in g)]
+    """One entry per group of alternatives (file names in ``folder``) of which none exists, naming its first two."""
+    return [" or ".join(g[:2]) for g in groups if not any((folder / f).is_file() for f in g)]

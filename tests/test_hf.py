@@ -112,7 +112,7 @@ def test_missing_weights_and_files_are_one_line(models, tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert r.returncode != 0 and len(lines) == 1, r.stderr
     assert "https://huggingface.co/nobody/no-such-classifier" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
-    assert "not in the Hugging Face cache" in lines[0]
+    assert "not found in the Hugging Face cache" in lines[0]
     import shutil
 
     folder = tmp_path / "noweights"

@@ -8,10 +8,11 @@ missing one fails in one line naming it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from cfx_cli.errors import UsageError
+from cfx_cli.hub import TRANSFORMERS_WEIGHTS as HUB_TRANSFORMERS_WEIGHTS
+from cfx_cli.hub import looks_like_hub_id, missing_in, resolve_hub_folder  # noqa: F401 - re-exported
 
 # weight file names, in the order they are preferred
 DIFFUSERS_WEIGHTS = (
@@ -21,13 +22,7 @@ DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.bin.index.json",
     "diffusion_pytorch_model.fp16.safetensors",
 )
-TRANSFORMERS_WEIGHTS = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "model.fp16.safetensors",
-)
+TRANSFORMERS_WEIGHTS = (*HUB_TRANSFORMERS_WEIGHTS, "model.fp16.safetensors")  # SD folders may hold fp16 only
 SD_COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -58,68 +53,9 @@ def missing_files(folder: Path, components: tuple[str, ...]) -> list[str]:
     return missing
 
 
-def _offline() -> bool:
-    truthy = ("1", "on", "yes", "true")
-    if (
-        os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy
-        or os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in truthy
-    ):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except ImportError:
-        return False
-
-
-def _cache_dir() -> str:
-    try:
-        from huggingface_hub import constants
-
-        return str(constants.HF_HUB_CACHE)
-    except ImportError:
-        return os.path.expanduser("~/.cache/huggingface/hub")
-
-
-def looks_like_hub_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~")) and not Path(text).exists()
-
-
 def resolve_folder(spec: str, allow_patterns: list[str] | None = None) -> Path:
     """A local folder for a ``diffusers:`` spec: the folder itself, or the cached snapshot of a hub id."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise UsageError(f"diffusers:{spec}: expected a folder (a diffusers model or pipeline), found a file")
-    if not looks_like_hub_id(spec):
-        raise UsageError(f"diffusers:{spec}: no such folder (and not a hub id of the form org/name)")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise UsageError(
-            f"diffusers:{spec}: not a local folder, and huggingface_hub is not installed to resolve hub ids"
-        ) from None
-    try:
-        return Path(snapshot_download(spec, local_files_only=True, allow_patterns=allow_patterns))
-    except Exception as exc:  # LocalEntryNotFoundError & co: not (fully) cached
-        cached_error = exc
-    if _offline():
-        raise UsageError(
-            f"diffusers:{spec}: no such local folder, and as a hub id not found in the Hugging Face cache "
-            f"({_cache_dir()}) while HF_HUB_OFFLINE is set; download it once online (`hf download {spec}`) "
-            "or pass a local folder"
-        ) from None
-    try:
-        return Path(snapshot_download(spec, allow_patterns=allow_patterns))
-    except Exception as exc:
-        raise UsageError(
-            f"diffusers:{spec}: not cached and the download failed "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-            f"cache lookup said: {type(cached_error).__name__}"
-        ) from None
+    return resolve_hub_folder(f"diffusers:{spec}", spec, "a diffusers model or pipeline", allow_patterns)
 
 
 def read_json(path: Path) -> dict:
@@ -152,10 +88,6 @@ def folder_kind(folder: Path) -> str:
             return "pixel"
         return "latent"
     raise UsageError(f"diffusers:{folder}: not a diffusers folder (no model_index.json, config.json or unet/)")
-
-
-def missing_in(folder: Path, groups: list[tuple[str, ...]]) -> list[str]:
-    return [" or ".join(g[:2]) for g in groups if not any((folder / f).is_file() for f in g)]
 
 
 # what a hub download fetches: only what cfx loads (no fp16/ckpt duplicates, no safety checker)
