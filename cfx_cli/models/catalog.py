@@ -119,20 +119,21 @@ def _diffusers_kind(repo) -> str:
 
 
 def _image_classifier(repo) -> dict | None:
-    """The newest cached revision's config.json, if it names an ``*ForImageClassification`` architecture."""
-    revisions = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
-    for rev in revisions[:1]:
-        try:
-            config = json.loads((Path(rev.snapshot_path) / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if not isinstance(config, dict):
-            return None
-        archs = [a for a in (config.get("architectures") or []) if str(a).endswith("ForImageClassification")]
-        if archs:
-            labels = config.get("id2label") or {}
-            return {"architecture": archs[0], "num_labels": len(labels) or config.get("num_labels")}
-    return None
+    """Architecture and class count from the newest cached revision's config.json, if it is an
+    ``*ForImageClassification`` (what ``hf:`` loads); None otherwise."""
+    if not repo.revisions:
+        return None
+    newest = max(repo.revisions, key=lambda r: r.last_modified)
+    try:
+        config = json.loads((Path(newest.snapshot_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    archs = [a for a in (config.get("architectures") or []) if str(a).endswith("ForImageClassification")]
+    if not archs:
+        return None
+    return {"architecture": archs[0], "num_labels": len(config.get("id2label") or {}) or config.get("num_labels")}
 
 
 def _demo_dirs(name: str) -> list[Path]:

@@ -97,20 +97,25 @@ def preprocessing(processor: Any, label: str) -> dict:
     kind = type(processor).__name__.removesuffix("Pil").removesuffix("Fast")
     if kind == "ConvNextImageProcessor" and crop is not None:
         raise UsageError(f"classifier {label}: ConvNextImageProcessor with do_center_crop is not reproduced by cfx")
-    mean, std = processor.image_mean, processor.image_std
+    normalize = bool(getattr(processor, "do_normalize", False))
+    resample = getattr(processor, "resample", None)
     return {
         "processor": kind,
         "size": size,
-        "resample": int(getattr(processor, "resample", 2) if processor.resample is not None else 2),
+        "resample": int(resample) if resample is not None else 2,  # transformers' default: bilinear
         # ConvNeXT (also ResNet, RegNet... checkpoints): resize the short edge to size/crop_pct, crop size × size
-        "crop_pct": float(processor.crop_pct) if kind == "ConvNextImageProcessor" and size else None,
+        "crop_pct": float(getattr(processor, "crop_pct", None) or 224 / 256)
+        if kind == "ConvNextImageProcessor" and size else None,
         "crop": crop,
         "scale": float(processor.rescale_factor) * 255.0 if getattr(processor, "do_rescale", False) else 255.0,
-        "mean": [float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)]
-        if getattr(processor, "do_normalize", False) else None,
-        "std": [float(s) for s in (std if isinstance(std, (list, tuple)) else [std] * 3)]
-        if getattr(processor, "do_normalize", False) else None,
+        "mean": _three(processor.image_mean) if normalize else None,
+        "std": _three(processor.image_std) if normalize else None,
     }
+
+
+def _three(value: Any) -> list[float]:
+    """Per-channel statistics: a list of three, or one number for every channel."""
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * 3
 
 
 def _as_dict(value: Any) -> dict:
@@ -180,7 +185,7 @@ def _module_class():
         """transformers' ``center_crop``: top-left at ((H − h) // 2, (W − w) // 2), zero padding if smaller."""
         h, w = int(x.shape[-2]), int(x.shape[-1])
         ch, cw = crop
-        if ch > h or cw > w:  # pad (transformers pads with zeros, the larger margin after: ceil before)
+        if ch > h or cw > w:  # zero padding, ⌈margin / 2⌉ before, as transformers
             ph, pw = max(ch - h, 0), max(cw - w, 0)
             top, left = -(-ph // 2), -(-pw // 2)
             x = F.pad(x, (left, pw - left, top, ph - top))
@@ -237,7 +242,11 @@ def check_against_processor(module, processor, label: str, device: str) -> float
     nominal = prep["crop"] or (tuple(prep["size"].values())[:2] if prep["size"] else (64, 64))
     h, w = int(nominal[0] * 1.25) + 3, int(nominal[-1] * 1.5) + 5
     img = check_image(h, w)
-    ref = processor(images=[Image.fromarray(img)], return_tensors="pt")["pixel_values"].float()
+    try:
+        ref = processor(images=[Image.fromarray(img)], return_tensors="pt")["pixel_values"].float()
+    except Exception as exc:  # a processor that needs more than images
+        raise UsageError(f"classifier {label}: its image processor ({prep['processor']}) failed on a test image "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     x = torch.from_numpy(img.transpose(2, 0, 1).copy())[None].float().div(255.0).to(device)
     with torch.no_grad():
         ours = module.pixel_values(x).cpu()
