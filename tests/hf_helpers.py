@@ -15,8 +15,10 @@ def _labels() -> dict:
     return {"num_labels": 10, "id2label": LABELS, "label2id": {v: k for k, v in LABELS.items()}}
 
 
-def make_vit(folder: Path, image_size: int = 16, processor_size: int = 16, seed: int = 0, **config) -> Path:
-    """A 2-layer ViT (hidden 32, 2 heads, patch 4) with a ViTImageProcessor resizing to ``processor_size``."""
+def make_vit(folder: Path, image_size: int = 16, processor_size: int = 16, seed: int = 0, processor=None,
+             **config) -> Path:
+    """A 2-layer ViT (hidden 32, 2 heads, patch 4) with a ViTImageProcessor resizing to ``processor_size``, or
+    ``processor`` (another image processor, e.g. one that centre-crops)."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -24,7 +26,7 @@ def make_vit(folder: Path, image_size: int = 16, processor_size: int = 16, seed:
     cfg = ViTConfig(image_size=image_size, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=64, **_labels(), **config)
     ViTForImageClassification(cfg).save_pretrained(folder)
-    ViTImageProcessor(size={"height": processor_size, "width": processor_size}).save_pretrained(folder)
+    (processor or ViTImageProcessor(size={"height": processor_size, "width": processor_size})).save_pretrained(folder)
     return folder
 
 

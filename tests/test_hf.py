@@ -24,8 +24,14 @@ RESIZE_BOUND = 2e-3
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    from transformers import BitImageProcessor, DeiTImageProcessor
+
     root = tmp_path_factory.mktemp("hf")
+    deit = DeiTImageProcessor(size={"height": 20, "width": 20}, crop_size={"height": 16, "width": 16})
+    bit = BitImageProcessor(size={"shortest_edge": 18}, crop_size={"height": 16, "width": 16})
     return {
+        "vit-deit": make_vit(root / "deit", processor=deit),  # bicubic 16 → 20, centre crop 16
+        "vit-bit": make_vit(root / "bit", processor=bit),  # short edge bicubic 16 → 18, centre crop 16
         "vit": make_vit(root / "vit"),  # 16×16 in, processor at 16×16: no resize on the demo digits
         "vit-resize": make_vit(root / "vit32", image_size=32, processor_size=32),  # bilinear 16 → 32
         "resnet": make_resnet(root / "resnet", crop_pct=1.0),  # ConvNeXT rule, short edge 16/1.0 = 16: no resize
@@ -64,7 +70,7 @@ def test_probabilities_equal_the_librarys_processor_and_model_without_resize(mod
     assert _delta(models[name], digits) <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["vit-resize", "resnet-resize"])
+@pytest.mark.parametrize("name", ["vit-resize", "resnet-resize", "vit-deit", "vit-bit"])
 def test_probabilities_with_a_resize_stay_within_the_stated_bound(models, digits, name):
     delta = _delta(models[name], digits)
     assert delta <= RESIZE_BOUND
