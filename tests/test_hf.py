@@ -92,6 +92,13 @@ def test_labels_gradients_and_description(models, digits):
     # an input of another size and aspect goes through the same steps as the library's (short edge, crop)
     big = torch.rand(1, 3, 20, 28)
     assert clf.predict_proba(big).shape == (1, 10)
+    # the saliency regions (--region gradcam:/scorecam:) read the model's layers through the processor's steps
+    from cfx_cli.saliency import find_layer, grad_cam
+
+    layer, _ = find_layer(clf, None)
+    assert layer.startswith("model.resnet.")
+    cam = grad_cam(clf, layer, x.detach(), torch.tensor([3, 3]))
+    assert cam.shape == (2, 16, 16) and float(cam.max()) <= 1.0
 
 
 def test_multi_label_models_report_the_softmax_with_a_note(tmp_path, capsys):
