@@ -371,7 +371,7 @@ def models(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled checkpoints.")] = False,
 ) -> None:
-    """List generative models: embedded demo ones, the papers' checkpoints, and cached hub models."""
+    """List generative models (embedded demo ones, the papers' checkpoints, cached hub models) and cached hf: classifiers."""
     from cfx_cli.models.catalog import collect, describe, human_size
 
     if spec:
@@ -401,6 +401,12 @@ def models(
         typer.echo("  (none)")
     for c in data["cached"]:
         typer.echo(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['kind']}  {c['path']}")
+    typer.echo("cached transformers image classifiers (--classifier hf:ORG/NAME):")
+    if data["cache_error"] or not data["classifiers"]:
+        typer.echo("  (none)")
+    for c in data["classifiers"]:
+        typer.echo(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['architecture']}, {c['num_labels']} classes"
+                   f"  {c['path']}")
 
 
 @app.command()
