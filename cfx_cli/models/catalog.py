@@ -224,3 +224,33 @@ def describe(model, spec: str) -> dict:
     info["device"] = getattr(model, "device", "cpu")
     info["dtype"] = str(getattr(model, "dtype", "")).replace("torch.", "")
     return info
+
+
+def render_text(data: dict) -> str:
+    """`cfx models` as text: the demo models, the known checkpoints, the cached hub models and classifiers."""
+    lines: list[str] = []
+
+    def size(n: int | None) -> str:
+        return human_size(n) if n else "–"
+
+    lines.append("demo models (embedded, offline):")
+    for d in data["demo"] or [{"spec": "(none in this build)", "size_bytes": None, "summary": ""}]:
+        lines.append(f"  {d['spec']:28s} {size(d['size_bytes']):>9s}  {d['summary']}")
+    lines.append("known checkpoints (--model SPEC):")
+    for k in data["known"]:
+        state = f"cached, {size(k['size_bytes'])}" if k["cached"] else ("not cached" if k["hub_id"] else "local file")
+        lines.append(f"  {k['name']} [{k['used_by']}] ({state})\n      {k['spec']}\n      source: {k['source']}")
+    lines.append("cached diffusers models (Hugging Face cache):")
+    if data["cache_error"]:
+        lines.append(f"  (none: {data['cache_error']})")
+    elif not data["cached"]:
+        lines.append("  (none)")
+    for c in data["cached"]:
+        lines.append(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['kind']}  {c['path']}")
+    lines.append("cached transformers image classifiers (--classifier hf:ORG/NAME):")
+    if data["cache_error"] or not data["classifiers"]:
+        lines.append("  (none)")
+    for c in data["classifiers"]:
+        lines.append(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['architecture']}, {c['num_labels']} classes"
+                     f"  {c['path']}")
+    return "\n".join(lines)
