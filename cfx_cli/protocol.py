@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cfx_cli.classifiers import Classifier, PartialClassifierError
+from cfx_cli.classifiers import Classifier, PartialClassifierError, check_probabilities
 from cfx_cli.errors import ClassifierError, UsageError
 
 if TYPE_CHECKING:  # numpy and torch are imported where used: plugins import this module at registration
@@ -185,8 +185,6 @@ def parse_answer(body: bytes | str, n_images: int, n_labels: int | None, source:
     ``{"error": ...}`` and anything malformed raise :class:`ClassifierError` quoting what was wrong.
     """
     import torch
-
-    from cfx_cli.classifiers import check_probabilities
 
     try:
         obj = json.loads(body)

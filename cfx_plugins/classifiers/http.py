@@ -31,15 +31,25 @@ from urllib.parse import urlsplit, urlunsplit
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import ClassifierError, UsageError
 from cfx_cli.hookspecs import hookimpl
-from cfx_cli.protocol import RefusedBatch, RemoteClassifier, outcome
+from cfx_cli.protocol import (
+    TOKEN_ENV,
+    Option,
+    RefusedBatch,
+    RemoteClassifier,
+    error_text,
+    outcome,
+    parse_answer,
+    redact_url,
+    redactor,
+    resolve_options,
+    split_options,
+)
 
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 MAX_BACKOFF_SECONDS = 60.0
 
 
 def http_options():
-    from cfx_cli.protocol import Option
-
     return (
         Option("timeout", "float", 30.0, "seconds to wait for connecting and for each answer",
                env="CFX_HTTP_TIMEOUT"),
@@ -84,8 +94,6 @@ class _Failure(Exception):
 
 class HttpClassifier(RemoteClassifier):
     def __init__(self, spec: str, options: ClassifierOptions) -> None:
-        from cfx_cli.protocol import TOKEN_ENV, redact_url, redactor, resolve_options, split_options
-
         base, raw = split_options(spec)
         self.spec = redact_url(spec)
         opts = resolve_options(self.spec, raw, http_options())
@@ -181,8 +189,6 @@ class HttpClassifier(RemoteClassifier):
         other outcome (an error status, a closed connection, no answer, a body that is not an answer) means
         the server does not answer empty batches: labels then come with the first answer.
         """
-        from cfx_cli.protocol import parse_answer
-
         try:
             body = self._send({"images": []}, probe=True)
         except _Failure as exc:
@@ -199,8 +205,6 @@ class HttpClassifier(RemoteClassifier):
             self.input_size = size
 
     def _post_batch(self, images: list[str]):
-        from cfx_cli.protocol import parse_answer
-
         try:
             body = self._send({"images": images})
         except _Failure as exc:
@@ -238,8 +242,6 @@ class HttpClassifier(RemoteClassifier):
 
     def _attempt(self, data: bytes) -> bytes:
         import httpx
-
-        from cfx_cli.protocol import error_text
 
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         try:
