@@ -45,6 +45,15 @@ class Option:
     env: str | None = None
 
 
+def answer_options(who: str) -> tuple[Option, Option]:
+    """The options of every remote adapter about ``who``'s answers (``who``: "program", "server")."""
+    return (
+        Option("logits", "bool", None, f"the {who} answers logits: softmax them (default false)"),
+        Option("size", "size", None, f"resize inputs to N or HxW before sending (default: the {who}'s "
+                                     "input_size field, else unchanged)"),
+    )
+
+
 def split_options(spec: str) -> tuple[str, dict[str, str]]:
     """``onnx:m.onnx#logits=1&size=32`` → (``onnx:m.onnx``, {"logits": "1", "size": "32"})."""
     m = _OPTIONS_RE.search(spec)

@@ -37,6 +37,7 @@ from cfx_cli.protocol import (
     Option,
     RefusedBatch,
     RemoteClassifier,
+    answer_options,
     outcome,
     parse_answer,
     redactor,
@@ -62,9 +63,7 @@ def cmd_options():
         Option("restarts", "int", 3, "how many times in all a crashed or hung program is restarted",
                env="CFX_CMD_RESTARTS"),
         Option("batch_size", "int", 64, "most images in one request", env="CFX_CMD_BATCH_SIZE"),
-        Option("logits", "bool", None, "the program answers logits: softmax them (default false)"),
-        Option("size", "size", None, "resize inputs to N or HxW before sending (default: the program's "
-                                     "input_size field, else unchanged)"),
+        *answer_options("program"),
     )
 
 

@@ -36,6 +36,7 @@ from cfx_cli.protocol import (
     Option,
     RefusedBatch,
     RemoteClassifier,
+    answer_options,
     error_text,
     outcome,
     parse_answer,
@@ -59,9 +60,7 @@ def http_options():
                                         "times a random factor in [0.5, 1.5)", env="CFX_HTTP_BACKOFF"),
         Option("batch_size", "int", 16, "most images in one request", env="CFX_HTTP_BATCH_SIZE"),
         Option("concurrency", "int", 4, "most requests in flight at once", env="CFX_HTTP_CONCURRENCY"),
-        Option("logits", "bool", None, "the server answers logits: softmax them (default false)"),
-        Option("size", "size", None, "resize inputs to N or HxW before sending (default: the server's "
-                                     "input_size field, else unchanged)"),
+        *answer_options("server"),
     )
 
 
