@@ -17,7 +17,7 @@ docs/python-api.md.
 from __future__ import annotations
 
 from cfx._inputs import TorchClassifier
-from cfx.api import MethodInfo, ParamInfo, classify, evaluate, explain, load, method, methods
+from cfx.api import MethodInfo, ParamInfo, classify, demo_images, evaluate, explain, load, method, methods
 from cfx.results import Result, Results
 from cfx_cli import __version__
 from cfx_cli.errors import CfxError, UsageError
@@ -32,6 +32,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "classify",
+    "demo_images",
     "evaluate",
     "explain",
     "load",

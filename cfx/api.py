@@ -16,6 +16,7 @@ from typing import Any, TextIO
 
 from cfx._inputs import TorchClassifier, borrowed, classifier_spec, input_paths
 from cfx.results import Results
+from cfx_cli.demo import IMAGES_DIR
 from cfx_cli.explainers import RunOptions
 from cfx_cli.plugins import get_explainer_class, get_registry
 
@@ -142,6 +143,16 @@ def _labels_file(labels: Sequence[str] | str | Path | None, tmp: Path) -> str | 
     path = tmp / "labels.txt"
     path.write_text("".join(f"{label}\n" for label in labels), encoding="utf-8")
     return str(path)
+
+
+def demo_images(n: int | None = None) -> list[Path]:
+    """The bundled demo digits (16×16 PNGs, one or two per class; what ``demo:digits`` classifies), sorted.
+
+    Args:
+        n: return only the first ``n``.
+    """
+    files = sorted(p for p in IMAGES_DIR.iterdir() if p.suffix == ".png")
+    return files if n is None else files[:n]
 
 
 def load(run_dir: str | Path) -> Results:
