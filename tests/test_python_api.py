@@ -180,3 +180,28 @@ def test_notebook_example_runs_and_equals_the_cli(tmp_path):
         assert counterfactual_bytes(tmp_path / "nb" / method) == counterfactual_bytes(cli_run(tmp_path, method))
         assert (tmp_path / "nb" / f"{method}-grid.png").is_file()
         assert json.loads((tmp_path / "nb" / method / "eval.json").read_text())
+
+
+def test_region_resume_and_labels_go_through_the_cli_options(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:12, 4:12] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "run"
+    res = cfx.explain(IMAGES[:2], method="pgd", region=str(tmp_path / "mask.png"), out=out,
+                      labels=[f"d{i}" for i in range(10)], target="d8")
+    r = res[0]
+    assert r.mask.shape == (16, 16) and float(r.mask[0, 0]) == 0 and float(r.mask[8, 8]) == 1
+    outside = (r.counterfactual - r.original).abs()[:, r.mask == 0]
+    assert float(outside.max()) == 0  # the region is honoured: nothing outside it changes
+    assert r.target_label == "d8" and res.info["mask"] == str(tmp_path / "mask.png")
+    capsys.readouterr()
+    again = cfx.explain(IMAGES, method="pgd", region=str(tmp_path / "mask.png"), out=out,
+                        labels=[f"d{i}" for i in range(10)], target="d8", resume=True)
+    assert "resuming: 2 of 3 inputs done, 1 to go" in capsys.readouterr().err  # as the CLI says it
+    assert [x.id for x in again] == [p.stem for p in IMAGES]
+    assert counterfactual_bytes(out)["digit-00-label0.png"] == (out / r.record["counterfactual"]).read_bytes()
+    with pytest.raises(cfx.UsageError, match="exists"):
+        cfx.explain(IMAGES, method="pgd", out=out)  # like the CLI: neither --resume nor --overwrite
