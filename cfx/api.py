@@ -230,8 +230,9 @@ def classify(
         trust_pickle: allow loading pickled checkpoints.
 
     Returns:
-        One dict per input, in input order: ``id``, ``source``, ``label`` and ``probabilities`` (label → p), or
-        ``error`` (with ``label`` None) for an input that could not be read or classified.
+        One dict per input, in input order: ``id``, ``source`` (for an in-memory image, the temporary file it was
+        written to), ``label`` and ``probabilities`` (label → p), or ``error`` (with ``label`` None) for an input
+        that could not be read or classified.
     """
     from cfx_cli.classify import classify_inputs
 

@@ -175,7 +175,7 @@ def test_notebook_example_runs_and_equals_the_cli(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "notebook.py")], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "flip_rate" in proc.stdout or "dime {" in proc.stdout
+    assert "dime {'flip_rate': " in proc.stdout and "time {'flip_rate': " in proc.stdout  # the metric table
     for method in ("dime", "time"):
         assert counterfactual_bytes(tmp_path / "nb" / method) == counterfactual_bytes(cli_run(tmp_path, method))
         assert (tmp_path / "nb" / f"{method}-grid.png").is_file()
