@@ -21,17 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from cfx_cli.models import load_model
     from cfx_plugins.explainers.eced.core import StackedDecoders
-    from cfx_plugins.explainers.time.components import load_latent_t2i
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="demo:latent")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=2)
     args = ap.parse_args(argv)
-    m = load_latent_t2i(args.model, args.device)
+    m = load_model(args.model, device=args.device, expect="latent")
     dev, n = args.device, args.batch
-    side = m.resolution // 2 ** (len(m.vae.config.block_out_channels) - 1)
+    side = m.latent_side
     c = int(m.unet.config.in_channels)
     seq = int(m.tokenizer.model_max_length)
     g = torch.Generator().manual_seed(0)

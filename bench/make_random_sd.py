@@ -1,12 +1,13 @@
 """Write a diffusers folder with Stable Diffusion 1.x's shapes and random weights, for timing and plumbing runs
 where no real checkpoint can be downloaded (`--model diffusers:OUT` then loads it like a real SD 1.x folder).
 
-    python bench/make_random_sd.py OUT [--seed 0]
+    python bench/make_random_sd.py OUT [--seed 0] [--prediction-type v_prediction]
 
 UNet: bench/unet_backends.py's SD-1.x UNet (860M parameters, cross-attention 768). VAE: bench/time_sd_backends.py's
 AutoencoderKL 128/256/512/512. Text encoder: CLIP ViT-L/14's text tower shape (12 layers, width 768, 77
 positions) with random weights over a character-level vocabulary (every word spelled letter by letter, which is
-enough for timing). Scheduler: SD 1.x's DDIM configuration (scaled-linear β 0.00085–0.012, steps_offset 1).
+enough for timing). Scheduler: SD 1.x's DDIM configuration (scaled-linear β 0.00085–0.012, steps_offset 1), ε- or
+(``--prediction-type v_prediction``, SD 2.x's layout) v-prediction.
 Nothing it generates means anything: use it for speed and memory, never for quality.
 """
 
@@ -19,7 +20,7 @@ import sys
 from pathlib import Path
 
 
-def build(out: Path, seed: int = 0) -> Path:
+def build(out: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     import torch
     from diffusers import DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -32,7 +33,8 @@ def build(out: Path, seed: int = 0) -> Path:
     sd1_unet(seed).save_pretrained(out / "unet")
     sd1_vae(seed).save_pretrained(out / "vae")
     DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                  set_alpha_to_one=False, steps_offset=1).save_pretrained(out / "scheduler")
+                  set_alpha_to_one=False, steps_offset=1,
+                  prediction_type=prediction_type).save_pretrained(out / "scheduler")
     tok_dir = out / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
     chars = string.ascii_lowercase + string.digits
@@ -53,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prediction-type", default="epsilon", choices=("epsilon", "v_prediction"),
+                    help="v_prediction: the SD 2.x (768-v) scheduler layout")
     args = ap.parse_args(argv)
-    print(build(Path(args.out), args.seed))
+    print(build(Path(args.out), args.seed, args.prediction_type))
     return 0
 
 

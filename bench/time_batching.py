@@ -7,7 +7,7 @@ Runs one (τ, w) attempt (no classifier, no retries) on the demo images so that 
 timed: encode + EDICT inversion + EDICT denoising + decode. --tokens defaults to the demo's shipped tokens for
 demo:latent. Prints a table.
 
-Backends (``--backend`` of ``cfx explain --method time``, via ``LatentT2I.use_backend``): ``torch`` (eager fp32,
+Backends (``--backend`` of ``cfx explain --method time``, via ``LatentModel.use_backend``): ``torch`` (eager fp32,
 the modules' own calls: the reference) and ``onnx`` (the forward-only UNet and VAE calls on ONNX Runtime; export
 and parity gate go to a temporary cache and happen before timing). In each round every (backend, batch) pair
 runs in turn, so they share the machine's conditions. × torch = torch's median ÷ this row's at the same batch;
@@ -52,8 +52,8 @@ def main() -> None:
 
     from cfx_cli.demo import DEMO_DIR, IMAGES_DIR
     from cfx_cli.images import decode, discover
+    from cfx_cli.models import load_model
     from cfx_plugins.explainers.time import tokens as T
-    from cfx_plugins.explainers.time.components import load_latent_t2i
     from cfx_plugins.explainers.time.fit import install_artifact
     from cfx_plugins.explainers.time.generate import TimeGenerator
 
@@ -65,7 +65,7 @@ def main() -> None:
             raise SystemExit("--tokens FILE is needed for models other than demo:latent")
         tokens = str(DEMO_DIR / "models" / "latent" / "time-tokens-digits")
     vectors, meta = T.load_artifact(tokens)
-    model = load_latent_t2i(args.model)
+    model = load_model(args.model, expect="latent")
     install_artifact(model, vectors, meta)
     gen = TimeGenerator(model, meta)
     items = discover([str(IMAGES_DIR)])
@@ -83,7 +83,7 @@ def main() -> None:
     os.environ["CFX_CACHE_DIR"] = tmp.name  # fresh exports, not the user's ~/.cache/cfx
     for b in names[1:]:
         if not hasattr(model, "use_backend"):
-            raise SystemExit(f"--backends {b}: this cfx has no TIME backend (LatentT2I.use_backend)")
+            raise SystemExit(f"--backends {b}: this cfx has no TIME backend (LatentModel.use_backend)")
         t0 = time.perf_counter()
         described[b] = model.use_backend(SimpleNamespace(options=RunOptions(backend=b), device="cpu"))
         forwards[b] = model.forward

@@ -73,7 +73,7 @@ def build_model(resolution: int, device: str, small: bool):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     from unet_backends import sd1_unet
 
-    from cfx_plugins.explainers.time.components import LatentT2I
+    from cfx_cli.models import LatentModel
 
     vae = sd1_vae().to(device).eval().requires_grad_(False)
     if not small:
@@ -91,10 +91,8 @@ def build_model(resolution: int, device: str, small: bool):
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                           clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     text = SimpleNamespace(get_input_embeddings=lambda: SimpleNamespace(weight=torch.zeros(1, 768)))
-    return LatentT2I(vae=vae, unet=unet, text_encoder=text, tokenizer=SimpleNamespace(model_max_length=77),
-                     alphas_cumprod=sched.alphas_cumprod.float(), final_alpha_cumprod=float(sched.final_alpha_cumprod),
-                     num_train_timesteps=1000, steps_offset=1, model_id="random SD-1.x", resolution=resolution,
-                     device=device)
+    return LatentModel(vae=vae, unet=unet, text_encoder=text, tokenizer=SimpleNamespace(model_max_length=77),
+                       scheduler=sched, device=device, dtype=unet.dtype, spec="random SD-1.x")
 
 
 def generator(model, device: str):

@@ -122,13 +122,12 @@ def main(argv: list[str] | None = None) -> int:
     from cfx_cli.backends.latent import unet_module
     from cfx_cli.backends.pixel import net_module
     from cfx_cli.models import load_model
-    from cfx_plugins.explainers.pixel_prior import as_pixel_model
 
     rows: list = []
     notes: list[str] = []
     peak = measure_sgemm_peak()
     g = torch.Generator().manual_seed(0)
-    demo = as_pixel_model(load_model("demo:pixel"), "demo:pixel", "bench")
+    demo = load_model("demo:pixel", expect="pixel")
     net = net_module(demo).eval()
     n = args.demo_batch
     run_config(f"demo 3×16×16 b{n}", net, (torch.zeros(1, 3, 16, 16), torch.zeros(1)),

@@ -371,8 +371,8 @@ def models(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "cpu",
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled checkpoints.")] = False,
 ) -> None:
-    """List generative models: embedded demo ones, the papers' checkpoints, and cached hub models."""
-    from cfx_cli.models.catalog import collect, describe, human_size
+    """List generative models (embedded demo ones, the papers' checkpoints, cached hub models) and cached hf: classifiers."""
+    from cfx_cli.models.catalog import collect, describe, render_text
 
     if spec:
         from cfx_cli.devices import resolve_device
@@ -386,21 +386,7 @@ def models(
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
-    size = lambda n: human_size(n) if n else "–"  # noqa: E731
-    typer.echo("demo models (embedded, offline):")
-    for d in data["demo"] or [{"spec": "(none in this build)", "size_bytes": None, "summary": ""}]:
-        typer.echo(f"  {d['spec']:28s} {size(d['size_bytes']):>9s}  {d['summary']}")
-    typer.echo("known checkpoints (--model SPEC):")
-    for k in data["known"]:
-        state = f"cached, {size(k['size_bytes'])}" if k["cached"] else ("not cached" if k["hub_id"] else "local file")
-        typer.echo(f"  {k['name']} [{k['used_by']}] ({state})\n      {k['spec']}\n      source: {k['source']}")
-    typer.echo("cached diffusers models (Hugging Face cache):")
-    if data["cache_error"]:
-        typer.echo(f"  (none: {data['cache_error']})")
-    elif not data["cached"]:
-        typer.echo("  (none)")
-    for c in data["cached"]:
-        typer.echo(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['kind']}  {c['path']}")
+    typer.echo(render_text(data))
 
 
 @app.command()

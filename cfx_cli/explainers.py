@@ -11,6 +11,15 @@ if TYPE_CHECKING:
     import torch
 
     from cfx_cli.classifiers import Classifier
+    from cfx_cli.diffusion.noise import NoiseSource
+
+
+def default_noise() -> NoiseSource:
+    """The seeded per-image source (``cfx_cli.diffusion.noise.SeededNoise``); imported here, not at the top,
+    because ``cfx_cli.diffusion`` imports torch and this module is read by ``cfx --help``."""
+    from cfx_cli.diffusion.noise import SeededNoise
+
+    return SeededNoise()
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,8 @@ class ExplainContext:
     model_flags: str | None = None
     trust_pickle: bool = False
     options: RunOptions = field(default_factory=RunOptions)
+    #: every random draw of the explainer goes through it (docs/plugins.md "Noise"); tests substitute one
+    noise: NoiseSource = field(default_factory=default_noise)
 
 
 @dataclass

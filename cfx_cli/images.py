@@ -8,11 +8,15 @@ import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cfx_cli.atomic import atomic_write
 from cfx_cli.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 #: refuse images above this many pixels before decoding them (decompression bombs)
@@ -214,6 +218,21 @@ def resize_problem(source: tuple[int, int] | None, target: tuple[int, int] | Non
         return None
     return (f"resized from {sw}×{sh} to the classifier's {tw}×{th} ({', '.join(reasons)}); the explanation is "
             "of the resized image")
+
+
+def resize_images(images: torch.Tensor, size: tuple[int, int] | None, nearest: bool = False,
+                  antialias: bool = True) -> torch.Tensor:
+    """Resize an (N, C, H, W) tensor batch between the sizes of the models and the classifier (a no-op at the same
+    size or ``size`` None): bilinear (``align_corners=False``), antialiased unless ``antialias=False``, or nearest
+    for masks. Inputs read from disk are resized once, with :func:`resize` (PIL bicubic), before any model sees
+    them; every later change of resolution goes through this function."""
+    import torch.nn.functional as F
+
+    if size is None or tuple(images.shape[-2:]) == tuple(size):
+        return images
+    if nearest:
+        return F.interpolate(images, size=tuple(size), mode="nearest")
+    return F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ import functools
 from typing import TYPE_CHECKING
 
 from cfx_cli.classifiers import Classifier, check_probabilities
+from cfx_cli.images import resize_images
 
 if TYPE_CHECKING:
     import torch
@@ -32,13 +33,7 @@ class TorchModuleClassifier(Classifier):
         self.calls = 0
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        images = images.to(self.device, dtype=torch_float())
-        if self.input_size and tuple(images.shape[-2:]) != self.input_size:
-            images = F.interpolate(images, size=self.input_size, mode="bilinear", align_corners=False,
-                                   antialias=True)
-        return images
+        return resize_images(images.to(self.device, dtype=torch_float()), self.input_size)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         self.calls += int(images.shape[0])

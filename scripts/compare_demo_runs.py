@@ -5,11 +5,12 @@
     # at the new commit, run again and compare with them:
     python scripts/compare_demo_runs.py --out /tmp/runs-new --compare /tmp/runs-old
 
-Each method runs as ``cfx explain cfx_cli/demo/images --method M --target auto --seed 0`` (default presets,
-one process per method, 1 thread) with the interpreter given by ``--python`` (default: this one), so the same
-script drives an old and a new checkout. The comparison covers the bytes of every PNG under ``originals/``,
-``counterfactuals/`` and ``masks/`` and every manifest field except the timing (``seconds``). It prints one line
-per method and exits 1 when anything differs.
+Each method runs as ``cfx explain cfx_cli/demo/images --method M --target auto --seed 0`` (default presets, one
+process per method, 1 thread) with the interpreter given by ``--python`` (default: this one), so the same script
+drives an old and a new checkout. The comparison covers the bytes of every PNG under ``originals/``,
+``counterfactuals/`` and ``masks/`` and every manifest field except wall-clock times (``seconds``,
+``params.*seconds*``), with ``source`` compared by file name. It prints one line per method and exits 1 when
+anything differs.
 """
 
 from __future__ import annotations
@@ -46,7 +47,11 @@ def snapshot(run: Path) -> dict:
     records = {}
     for line in (run / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
-        records[rec["id"]] = {k: v for k, v in rec.items() if k not in VOLATILE}
+        rec = {k: v for k, v in rec.items() if k not in VOLATILE}
+        rec["source"] = Path(rec["source"]).name  # checkouts live in different folders
+        if isinstance(rec.get("params"), dict):  # wall-clock times some methods report among their params
+            rec["params"] = {k: v for k, v in rec["params"].items() if "seconds" not in k}
+        records[rec["id"]] = rec
     return {"files": files, "records": records}
 
 

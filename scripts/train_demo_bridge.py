@@ -31,13 +31,13 @@ from cfx_cli.demo.data import load_split
 from cfx_cli.demo.generators import (
     BRIDGE_DIR,
     BRIDGE_OPTIONS,
-    DemoBridge,
     classify,
     corrupt_for_inpainting,
     freeform_masks,
     inpaint,
     make_bridge_schedule,
 )
+from cfx_cli.models.bridge import BridgeModel
 
 SEED = 0
 STEPS = 1200
@@ -75,7 +75,7 @@ def main() -> None:
     net = build_net()
     ema = EMA(net, EMA_DECAY)
     opt = torch.optim.AdamW(net.parameters(), lr=LR)
-    model = DemoBridge(net, sched, dict(BRIDGE_OPTIONS))
+    model = BridgeModel(net, sched, dict(BRIDGE_OPTIONS), source="demo:bridge")
 
     def step_fn(step: int) -> float:
         g = step_generator(SEED, step)

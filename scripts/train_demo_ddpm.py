@@ -25,7 +25,8 @@ from _demo_training import (
 )
 
 from cfx_cli.demo.data import load_split
-from cfx_cli.demo.generators import PIXEL_DDPM_DIR, PixelDDPM, classify, sample_pixel_ddpm
+from cfx_cli.demo.generators import PIXEL_DDPM_DIR, classify, sample_pixel_ddpm
+from cfx_cli.models.pixel import PixelModel, diffusion_from_scheduler
 
 SEED = 0
 STEPS = 3000
@@ -91,7 +92,7 @@ def main() -> None:
         shutil.rmtree(PIXEL_DDPM_DIR)
     DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(PIXEL_DDPM_DIR, safe_serialization=True)
 
-    model = PixelDDPM(unet, sched)
+    model = PixelModel(unet, diffusion_from_scheduler(sched), 16, scheduler=sched)
     results = {}
     for k in EVAL_DDIM_STEPS:
         imgs = sample_pixel_ddpm(model, N_EVAL, steps=k, seed=SEED)

@@ -31,12 +31,11 @@ from cfx_cli.demo.data import load_split
 from cfx_cli.demo.generators import (
     DIGIT_WORDS,
     LATENT_T2I_DIR,
-    LatentT2I,
     caption,
     classify,
     sample_latent_t2i,
-    tokenize,
 )
+from cfx_cli.models.latent import LatentModel
 
 SEED = 0
 VAE_STEPS = 300
@@ -188,8 +187,9 @@ def main() -> None:
     tokenizer, vocab, merges = build_tokenizer()
     text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     with torch.no_grad():
-        ctx_digit = text_encoder(tokenize(tokenizer, [caption(d) for d in range(10)])).last_hidden_state
-        ctx_empty = text_encoder(tokenize(tokenizer, [""])).last_hidden_state
+        text = LatentModel(text_encoder=text_encoder, tokenizer=tokenizer)
+        ctx_digit = text.encode_prompts([caption(d) for d in range(10)])
+        ctx_empty = text.encode_prompts([""])
 
     torch.manual_seed(SEED + 2)
     unet = build_unet()
@@ -232,7 +232,7 @@ def main() -> None:
     (LATENT_T2I_DIR / "tokenizer" / "merges.txt").write_text(
         "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
 
-    model = LatentT2I(vae, unet, text_encoder, tokenizer, sched)
+    model = LatentModel(vae, unet, text_encoder, tokenizer, sched)
     prompts = [caption(d) for d in range(10) for _ in range(EVAL_PER_DIGIT)]
     imgs = sample_latent_t2i(model, prompts, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, seed=SEED)
     pred, _ = classify(imgs)

@@ -54,11 +54,12 @@ def test_model_cards_carry_figures_and_measured_numbers(name):
 
 
 def test_demo_dispatch_returns_models_of_the_right_kind():
-    from cfx_cli.models.spec import demo_models, load_model
+    from cfx_cli.models import BridgeModel, LatentModel, PixelModel, demo_models, load_model
 
     assert set(demo_models()) == {"pixel", "latent", "bridge"}
-    for name in ("pixel", "latent", "bridge"):
-        assert load_model(f"demo:{name}", expect=name).kind == name
+    for name, cls in (("pixel", PixelModel), ("latent", LatentModel), ("bridge", BridgeModel)):
+        model = load_model(f"demo:{name}", expect=name)
+        assert model.kind == name and type(model) is cls and model.spec == f"demo:{name}"
 
 
 def test_unknown_demo_generator_names_the_available_ones():
@@ -70,11 +71,11 @@ def test_unknown_demo_generator_names_the_available_ones():
 
 
 def test_tokenizer_is_word_level_and_accepts_new_tokens():
-    model = gen.load_latent_t2i()
+    model = gen.load("latent")
     tok = model.tokenizer
     for word in ("a", "handwritten", "digit", *gen.DIGIT_WORDS):
         assert len(tok(word).input_ids) == 3, word  # <start> word <end>
-    ids = gen.tokenize(tok, [gen.caption(3)])
+    ids = model.tokenize([gen.caption(3)])
     assert ids.shape == (1, tok.model_max_length) == (1, model.text_encoder.config.max_position_embeddings)
     before = len(tok)
     assert tok.add_tokens(["<digit-3>"]) == 1
@@ -86,13 +87,13 @@ def test_tokenizer_is_word_level_and_accepts_new_tokens():
 def test_vae_reconstructs_held_out_digits():
     from cfx_cli.demo.data import load_split
 
-    model = gen.load_latent_t2i()
+    model = gen.load("latent")
     _, _, x_te, y_te = load_split()
     x = torch.from_numpy(x_te[:100])
     with torch.no_grad():
         z = model.vae.encode(x * 2 - 1).latent_dist.mean * model.vae.config.scaling_factor
         assert z.shape == (100, 4, 8, 8)
-        rec = gen.decode_latents(model, z)
+        rec = model.decode_latents(z)
     assert (rec - x).pow(2).mean().item() < 0.01
     assert (gen.classify(rec)[0] == torch.from_numpy(y_te[:100])).float().mean().item() >= 0.95
 
@@ -149,7 +150,7 @@ def test_training_resumes_exactly_after_a_kill(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the quality bars
 @pytest.mark.slow
 def test_pixel_ddpm_samples_are_confident_digits():
-    model = gen.load_pixel_ddpm()
+    model = gen.load("pixel")
     imgs = gen.sample_pixel_ddpm(model, 200, steps=20, seed=0)
     assert imgs.shape == (200, 3, 16, 16)
     label, conf = gen.classify(imgs)
@@ -159,7 +160,7 @@ def test_pixel_ddpm_samples_are_confident_digits():
 
 @pytest.mark.slow
 def test_latent_t2i_draws_the_prompted_digit():
-    model = gen.load_latent_t2i()
+    model = gen.load("latent")
     per = 10
     prompts = [gen.caption(d) for d in range(10) for _ in range(per)]
     imgs = gen.sample_latent_t2i(model, prompts, steps=20, guidance=3.0, seed=0)

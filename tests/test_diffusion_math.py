@@ -243,3 +243,158 @@ def test_v_prediction_matches_diffusers_ddim():
         ab_prev = d.alphas_cumprod[prev] if prev >= 0 else d.alphas_cumprod[0]
         ours = ddim_step_from_alphas(x0, eps, d.alphas_cumprod[t].float(), ab_prev.float())
         assert torch.allclose(ours, sched.step(v, t, x).prev_sample, atol=1e-4, rtol=1e-4), t
+
+
+# -- the shared small math: Adam, guidance, resizing, the per-image noise source ------------------------------
+def _quadratic_problem():
+    """A per-row quadratic with minima of different scales (so the rows' Adam trajectories differ)."""
+    g = torch.Generator().manual_seed(5)
+    target = torch.randn(4, 3, 5, 5, generator=g) * torch.tensor([0.1, 1.0, 10.0, 3.0]).view(-1, 1, 1, 1)
+    start = torch.randn(4, 3, 5, 5, generator=g)
+    return target, start
+
+
+def _torch_adam(start, target, steps: int, lr: float, rows=None):
+    p = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    for _ in range(steps):
+        opt.zero_grad()
+        ((p - target) ** 2).sum().backward()
+        opt.step()
+    return p.detach()
+
+
+def test_adam_update_equals_torch_optim_adam():
+    from cfx_cli.optim import adam_update
+
+    target, start = _quadratic_problem()
+    x, m, v = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
+    for k in range(1, 31):
+        m, v, update = adam_update(m, v, 2 * (x - target), k, (0.9, 0.999), 1e-8, lr=0.05)
+        x = x - update
+    ref = _torch_adam(start, target, 30, 0.05)
+    assert (x - ref).abs().max().item() <= 1e-6
+    assert (x - start).abs().max().item() > 0.5  # it moved: the comparison is not between two no-ops
+    # lr = 1 (RCSB's stabilised direction): at the first step m̂ / (√v̂ + ε) = g / (|g| + ε) ≈ sign(g)
+    g = torch.tensor([3.0, -0.5, 0.0])
+    _, _, d = adam_update(torch.zeros(3), torch.zeros(3), g, 1)
+    assert torch.allclose(d, g / (g.abs() + 1e-8))
+
+
+def test_adam_rows_keeps_each_rows_own_trajectory():
+    from cfx_cli.optim import AdamRows
+
+    target, start = _quadratic_problem()
+    x = start.clone()
+    adam = AdamRows(x, lr=0.05)
+    for k in range(20):
+        rows = torch.tensor([0, 1, 2, 3] if k < 10 else [1, 3])  # rows 0 and 2 stop after 10 steps
+        adam.step(x, 2 * (x[rows] - target[rows]), rows)
+    for i, steps in ((0, 10), (1, 20), (2, 10), (3, 20)):
+        alone = start[i:i + 1].clone()
+        one = AdamRows(alone, lr=0.05)
+        for _ in range(steps):
+            one.step(alone, 2 * (alone - target[i:i + 1]), torch.tensor([0]))
+        assert torch.equal(x[i:i + 1], alone), i  # a row's trajectory is its own, bit for bit
+        # the per-row step counts are float32 tensors, so 1 − β2^k is computed in float32 (relative error ~1e-5
+        # at k = 1, ECED's arithmetic since it was written): within 1e-5 of torch's Adam, not 1e-6
+        ref = _torch_adam(start[i:i + 1], target[i:i + 1], steps, 0.05)
+        assert (x[i:i + 1] - ref).abs().max().item() <= 1e-5, i
+
+
+def test_guidance_closed_form_and_one_batched_call():
+    from cfx_cli.diffusion.guidance import guided_eps, guided_eps_fn
+
+    g = torch.Generator().manual_seed(2)
+    pos, neg = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    w = 3.0
+    assert torch.allclose(guided_eps(pos, neg, 1 + w), (1 + w) * pos - w * neg, atol=1e-6)  # eq. 5.11
+    assert torch.allclose(guided_eps(pos, neg, 1.0), pos, atol=1e-6)  # g = 1: guidance off
+    per_image = guided_eps(pos, neg, torch.tensor([1.0, 2.0, 4.0]))
+    assert torch.allclose(per_image[0], pos[0], atol=1e-6)
+    assert torch.allclose(per_image[2], 4 * pos[2] - 3 * neg[2], atol=1e-5)
+
+    calls = []
+
+    def unet_eps(z, t, embeds):  # ε depends on the conditioning: z·(embedding sum) + t
+        calls.append((z.shape[0], embeds.shape[0]))
+        return z * embeds.sum(dim=(1, 2)).view(-1, 1, 1, 1) + t
+
+    z = torch.randn(3, 4, 2, 2, generator=g)
+    cond, uncond = torch.randn(3, 5, 6, generator=g), torch.zeros(3, 5, 6)
+    out = guided_eps_fn(unet_eps, cond, uncond, 7.5)(z, 10)
+    assert calls == [(6, 6)]  # one network call of batch 2N
+    e_c, e_u = unet_eps(z, 10, cond), unet_eps(z, 10, uncond)
+    assert torch.allclose(out, e_u + 7.5 * (e_c - e_u), atol=1e-5)  # classifier-free guidance (Ho & Salimans)
+
+
+def test_resize_images_identity_and_modes():
+    import torch.nn.functional as F
+
+    from cfx_cli.images import resize_images
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 16, 16, generator=g)
+    assert resize_images(x, (16, 16)) is x and resize_images(x, None) is x  # same size: untouched
+    # plain bilinear at the same size is the identity too (the FID Inception always "resizes" to 299)
+    assert torch.equal(F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False), x)
+    small = resize_images(x, (8, 12))
+    assert small.shape == (2, 3, 8, 12)
+    assert torch.equal(small, F.interpolate(x, size=(8, 12), mode="bilinear", align_corners=False, antialias=True))
+    assert not torch.equal(small, resize_images(x, (8, 12), antialias=False))  # antialiasing matters downwards
+    mask = (torch.rand(2, 1, 16, 16, generator=g) > 0.5).float()
+    up = resize_images(mask, (32, 32), nearest=True)
+    assert set(up.unique().tolist()) <= {0.0, 1.0} and torch.equal(up[..., ::2, ::2], mask)
+    const = torch.full((1, 3, 16, 16), 0.25)
+    assert torch.allclose(resize_images(const, (7, 9)), torch.full((1, 3, 7, 9), 0.25))
+
+
+def test_seeded_noise_is_the_image_generator_stream_whatever_the_batch():
+    from cfx_cli.diffusion.noise import SeededNoise
+
+    shape = (3, 4, 4)
+    together = SeededNoise().for_batch(["a", "b", "c"], [11, 22, 33], "cpu")
+    alone = SeededNoise().for_batch(["c"], [33], "cpu")
+    first = together.randn([0, 1, 2], shape, "z_tau")
+    second = together.randn([2, 0], shape, "step", (0,))  # a subset, reordered
+    block = together.randn_block([2], shape, [("a", ()), ("b", ())])
+    assert first.shape == (3, *shape) and second.shape == (2, *shape) and block.shape == (1, 2, *shape)
+    ref = torch.Generator().manual_seed(33)  # today's bytes: image c's own generator, in call order
+    expected = [torch.randn(shape, generator=ref) for _ in range(2)]
+    expected_block = torch.randn((2, *shape), generator=ref)
+    assert torch.equal(first[2], expected[0]) and torch.equal(second[0], expected[1])
+    assert torch.equal(block[0], expected_block)
+    # the same image drawn alone gets the same numbers
+    assert torch.equal(alone.randn([0], shape, "z_tau")[0], first[2])
+    assert torch.equal(alone.randn([0], shape, "step", (0,))[0], second[0])
+    assert not torch.equal(first[0], first[1])  # other seeds, other noise
+
+
+def test_function_noise_is_order_free_and_sees_names_and_indices():
+    from cfx_cli.diffusion.noise import Draw, FunctionNoise, constant_noise
+
+    seen = []
+
+    def fn(draw: Draw, shape):
+        seen.append(draw)
+        key = hash((draw.image, draw.name, draw.index)) % (2 ** 31)
+        return torch.randn(shape, generator=torch.Generator().manual_seed(key))
+
+    src = FunctionNoise(fn)
+    a = src.for_batch(["x", "y"], [1, 2], "cpu")
+    b = src.for_batch(["y"], [2], "cpu")
+    s1 = a.randn([0, 1], (2, 3), "step", (4, 1))
+    s0 = a.randn([0, 1], (2, 3), "step", (4, 0))
+    assert torch.equal(b.randn([0], (2, 3), "step", (4, 0))[0], s0[1])  # another batch, another order
+    assert torch.equal(b.randn([0], (2, 3), "step", (4, 1))[0], s1[1])
+    assert not torch.equal(s0, s1)
+    blk = a.randn_block([1], (2, 3), [("step", (4, 0)), ("step", (4, 1))])
+    assert torch.equal(blk[0, 0], s0[1]) and torch.equal(blk[0, 1], s1[1])
+    assert Draw("x", 1, "step", (4, 1)) in seen
+    with pytest.raises(ValueError, match="shape"):
+        FunctionNoise(lambda d, s: torch.zeros(1)).for_batch(["x"], [0], "cpu").randn([0], (2, 3), "z")
+    # the fixtures' noise: every draw returns the same tensor
+    c = constant_noise(1234).for_batch(["x", "y"], [0, 1], "cpu")
+    eps = torch.randn((3, 4), generator=torch.Generator().manual_seed(1234))
+    assert torch.equal(c.randn([0, 1], (3, 4), "z_tau")[1], eps)
+    assert torch.equal(c.randn_block([0], (3, 4), [("a", ()), ("b", (3,))])[0, 1], eps)

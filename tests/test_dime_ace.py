@@ -188,13 +188,14 @@ def test_ace_mask_is_dilated_normalised_difference(tiny_prior, classifier):
 
 
 def test_ace_checkpointing_gives_the_same_gradient(tiny_prior, classifier):
-    from cfx_plugins.explainers.pixel_prior import ImageNoise
+    from cfx_cli.diffusion.noise import SeededNoise
 
     batch = demo_batch(2)
     grads = []
     for ckpt in (False, True):
         exp = make_explainer("ace", tiny_prior, classifier, respacing="20", tau=3, checkpoint=ckpt)
-        draws = exp._draw(ImageNoise([1, 2], "cpu"), [0, 1], (3, 16, 16))
+        noise = SeededNoise().for_batch(["a", "b"], [1, 2], "cpu")
+        draws = exp._draw(noise, [0, 1], (3, 16, 16), exp._filter_keys(0))
         x_in = batch.images.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(exp._loss(x_in, batch.images, batch.targets, draws), x_in)
         grads.append(g)
@@ -327,12 +328,12 @@ def test_demo_flip_rate_and_closeness(tmp_path, method):
 
     from cfx_cli.demo.data import load_split
     from cfx_cli.errors import UsageError
-    from cfx_plugins.explainers.pixel_prior import DEFAULT_MODEL
+    from cfx_cli.models import DEFAULT_MODELS
 
     try:
         from cfx_cli.models import load_model
 
-        load_model(DEFAULT_MODEL)
+        load_model(DEFAULT_MODELS["pixel"])
     except UsageError as exc:
         pytest.skip(f"the demo pixel DDPM is not in this build: {exc}")
     spec = importlib.util.spec_from_file_location("bench_dime_ace", Path(__file__).parents[1] / "bench" /

@@ -71,12 +71,13 @@ def test_proposition_1_on_random_gradients_and_masks():
 
 def _demo_chain_gradient(exp, batch, pixel_mask):
     """∇_{z_init} CE(f(D(blended chain(z_init))), y') for one image through the real demo UNet and decoder."""
+    from cfx_cli.diffusion.noise import SeededNoise
+    from cfx_cli.images import resize_images as to_size
     from cfx_plugins.explainers.eced.core import (
         LatentDecoder,
         blended_chain,
         draw_noise,
         straight_through_unit,
-        to_size,
     )
 
     m = exp.model
@@ -85,7 +86,7 @@ def _demo_chain_gradient(exp, batch, pixel_mask):
         z_f = m.encode_images(x_r)
     lat = exp.latent_mask(to_size(pixel_mask, (m.resolution,) * 2, nearest=True), z_f.shape[-2:])
     cond, uncond = exp.embeds([int(batch.targets[0])])
-    noise = draw_noise([torch.Generator().manual_seed(7)], tuple(z_f.shape[1:]), len(exp.levels), "cpu")
+    noise = draw_noise(SeededNoise().for_batch(["x"], [7], "cpu"), [0], tuple(z_f.shape[1:]), len(exp.levels))
     dec = LatentDecoder(m.vae, m.scaling_factor, tuned=False)
     z_init = z_f.clone().requires_grad_(True)
     z0 = blended_chain(m.unet_eps, z_init, z_f, lat, cond, uncond, exp.params["guidance"], exp.start_ab,
@@ -168,6 +169,7 @@ def test_background_mse_is_eq_12():
 
 
 def test_gradient_checkpointing_gives_the_same_gradient():
+    from cfx_cli.diffusion.noise import SeededNoise
     from cfx_plugins.explainers.eced.core import blended_chain, draw_noise
 
     exp = _explainer({"tau": 2})
@@ -177,7 +179,7 @@ def test_gradient_checkpointing_gives_the_same_gradient():
     cond, uncond = exp.embeds([3, 8])
     grads = []
     for ck in (False, True):
-        noise = draw_noise([torch.Generator().manual_seed(s) for s in (1, 2)], (4, 8, 8), len(exp.levels), "cpu")
+        noise = draw_noise(SeededNoise().for_batch(["a", "b"], [1, 2], "cpu"), [0, 1], (4, 8, 8), len(exp.levels))
         zi = z.clone().requires_grad_(True)
         out = blended_chain(m.unet_eps, zi, z, lat, cond, uncond.expand(2, -1, -1), 3.0, exp.start_ab,
                             exp.levels, 1.0, noise, checkpoint=ck)
@@ -266,6 +268,27 @@ def test_runs_on_a_stable_diffusion_folder_without_modifying_it(tiny_sd):
     assert [o.counterfactual.shape for o in outs] == [(3, 16, 16)] * 2
     assert outs[0].params["prompt"].startswith("A photo of a")
     assert all(o.nfe > 0 for o in outs)
+
+
+def test_runs_on_a_v_prediction_sd_folder_end_to_end(tmp_path_factory, tmp_path, demo_images):
+    """SD 2.x layout (v-prediction): ECED's DDIM chain gets ε from the one latent model; records written,
+    counterfactuals and masks decode."""
+    from cfx_cli.images import load_png
+    from tests.tiny_sd import build_tiny_sd
+
+    v_sd = build_tiny_sd(fixture_dir("time-edict"), tmp_path_factory.mktemp("tiny-v") / "sd",
+                         prediction_type="v_prediction")
+    out = tmp_path / "run"
+    res = run_cfx("explain", str(demo_images), "--method", "eced", "--model", f"diffusers:{v_sd}", "--set",
+                  "preset=imagenet", "--set", "iterations=1", "--set", "bg_iterations=2", "--set", "steps=10", "--set",
+                  "tau=3", "--limit", "2", "--out", str(out), env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["status"] in ("flipped", "not_flipped") for r in recs)
+    for r in recs:
+        assert r["params"]["model"] == f"diffusers:{v_sd}"
+        assert load_png(out / r["counterfactual"]).shape == (16, 16, 3)
+        assert load_png(out / r["mask"]).shape[:2] == (16, 16)
 
 
 # -- end to end on the demo ------------------------------------------------------------------------------------

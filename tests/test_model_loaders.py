@@ -91,14 +91,16 @@ def test_stable_diffusion_folder_loads_all_components(tmp_path):
     assert type(model.scheduler).__name__ == "DDIMScheduler"
     tensors = load_file(str(fixture / "tensors.safetensors"))
     with torch.no_grad():
-        latent = model.encode_images(tensors["image"])
+        latent = model.encode_images((tensors["image"] + 1) / 2)  # the fixture's image is in [-1, 1]
         # the fixture's input_latent = vae.encode(image).latent_dist.mean * scaling_factor
         assert (latent - tensors["input_latent"]).abs().max().item() < 1e-4
-        emb = model.encode_prompt(["a digit three", "a photo"])
+        emb = model.encode_prompts(["three", "a photo"])
         assert emb.shape == (2, 8, 32)
-        eps = model.eps(latent, torch.tensor([101, 501]), emb)
+        with pytest.raises(UsageError, match=r"'a digit three'\) is 13 tokens, longer than the text encoder's 8"):
+            model.encode_prompts(["a", "a digit three"])  # never silently truncated
+        eps = model.unet_eps(latent, torch.tensor([101, 501]), emb)
         assert eps.shape == latent.shape and torch.isfinite(eps).all()
-        assert model.decode(latent).shape == tensors["image"].shape
+        assert model.decode_latents(latent).shape == tensors["image"].shape
 
 
 def test_sd_folder_missing_file_fails_in_one_line(tmp_path):
@@ -215,16 +217,16 @@ def test_i2sb_pickled_options_need_trust(tmp_path):
 
 
 def test_demo_dispatch_is_tolerant(monkeypatch, tmp_path):
-    import cfx_cli.models.spec as spec
+    import cfx_cli.models.demo as demo
 
-    monkeypatch.setattr(spec, "DEMO_MODULE", "cfx_cli.demo.no_such_generators_module")
+    monkeypatch.setattr(demo, "DEMO_MODULE", "cfx_cli.demo.no_such_generators_module")
     with pytest.raises(UsageError, match="demo generators are not installed"):
         load_model("demo:pixel")
     fake = types.ModuleType("cfx_fake_generators")
     fake.GENERATORS = {"pixel": "pixel DDPM on digits"}
     fake.load = lambda name, device="cpu": types.SimpleNamespace(kind="pixel", name=name, device=device)
     monkeypatch.setitem(sys.modules, "cfx_fake_generators", fake)
-    monkeypatch.setattr(spec, "DEMO_MODULE", "cfx_fake_generators")
+    monkeypatch.setattr(demo, "DEMO_MODULE", "cfx_fake_generators")
     assert load_model("demo:pixel", expect="pixel").name == "pixel"
     from safetensors.torch import save_file
 
@@ -300,12 +302,14 @@ def test_model_for_context_caches_and_checks_kind(tmp_path):
 
     _tiny_i2sb_checkpoint(tmp_path)
     (tmp_path / "latest.json").write_text(json.dumps({"interval": 50, "adm_flags": TINY_ADM_FLAGS}))
-    ctx = ExplainContext(classifier=None, params={}, model=None)
+    spec = f"i2sb:{tmp_path / 'latest.pt'}"
+    ctx = ExplainContext(classifier=None, params={}, model=spec)
     clear_model_cache()
-    first = model_for(ctx, f"i2sb:{tmp_path / 'latest.pt'}", expect="bridge")
-    assert model_for(ctx, f"i2sb:{tmp_path / 'latest.pt'}") is first and first.bridge.interval == 50
-    with pytest.raises(UsageError, match="needs a pixel model, got a bridge model"):
-        model_for(ctx, f"i2sb:{tmp_path / 'latest.pt'}", expect="pixel")
+    first = model_for(ctx, "bridge", "rcsb")
+    assert model_for(ctx, "bridge") is first and first.bridge.interval == 50 and first.spec == spec
+    assert model_for(ctx, "bridge", fresh=True) is not first  # a private copy for a method that changes it
+    with pytest.raises(UsageError, match="dime needs a pixel model, got a bridge model .*ADM checkpoint"):
+        model_for(ctx, "pixel", "dime")
     clear_model_cache()
 
 
@@ -337,15 +341,53 @@ def test_pixel_model_respacing_maps_to_original_times(tmp_path):
         assert torch.allclose(model(x, 9), model.net(x, torch.tensor([90])).sample, atol=1e-6)
 
 
-def test_v_prediction_unet_eps_is_converted(tmp_path):
-    folder = make_sd_folder(fixture_dir("time-edict"), tmp_path / "sd")
+def _sd_folder_predicting(tmp_path, prediction: str):
+    folder = make_sd_folder(fixture_dir("time-edict"), tmp_path / prediction)
     cfg_path = folder / "scheduler" / "scheduler_config.json"
-    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), prediction_type="v_prediction")))
-    model = load_model(f"diffusers:{folder}", expect="latent")
-    z, emb = torch.randn(1, 4, 8, 8), model.encode_prompt(["a digit"])
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), prediction_type=prediction)))
+    return folder
+
+
+def test_v_prediction_unet_eps_is_the_closed_form(tmp_path):
+    """SD 2.x 768-v layout: the one latent model gives ε = √ᾱ·v + √(1−ᾱ)·x_t from the UNet's v."""
+    model = load_model(f"diffusers:{_sd_folder_predicting(tmp_path, 'v_prediction')}", expect="latent")
+    assert model.prediction_type == "v_prediction"
+    z, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([301, 17])
     with torch.no_grad():
-        v = model.unet(z, 301, encoder_hidden_states=emb).sample
-        ab = model.scheduler.alphas_cumprod[301].double()
-        expected = ab.sqrt() * v + (1 - ab).sqrt() * z  # ε from v
-        assert torch.allclose(model.eps(z, 301, emb), expected.float(), atol=1e-5)
-        assert model.diffusion().prediction_type == "v_prediction"
+        emb = model.encode_prompts(["a digit", "a photo"])
+        v = model.unet(z, t, encoder_hidden_states=emb).sample.double()
+        got = model.unet_eps(z, t, emb)
+        assert torch.allclose(model.unet_eps(z[:1], 301, emb[:1]), got[:1], atol=1e-6)  # int timesteps too
+    ab = model.scheduler.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+    expected = ab.sqrt() * v + (1 - ab).sqrt() * z.double()
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, atol=1e-6)
+    assert (got.double() - v).abs().max() > 1e-2  # the conversion is not the identity
+
+
+def test_x0_prediction_unet_eps_and_unknown_prediction_types(tmp_path):
+    model = load_model(f"diffusers:{_sd_folder_predicting(tmp_path, 'sample')}", expect="latent")
+    z, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([420])
+    with torch.no_grad():
+        emb = model.encode_prompts(["a digit"])
+        x0 = model.unet(z, t, encoder_hidden_states=emb).sample.double()
+        got = model.unet_eps(z, t, emb).double()
+    ab = model.scheduler.alphas_cumprod[t].double()
+    assert torch.allclose(got, (z.double() - ab.sqrt() * x0) / (1 - ab).sqrt(), atol=1e-5)
+    with pytest.raises(UsageError, match="prediction_type 'flow'.*not supported"):
+        load_model(f"diffusers:{_sd_folder_predicting(tmp_path, 'flow')}")
+
+
+def test_eps_from_output_inverts_each_parametrisation():
+    """x_t = √ᾱ x_0 + √(1−ᾱ) ε with v = √ᾱ ε − √(1−ᾱ) x_0: ε comes back from ε, v and x_0 alike."""
+    from cfx_cli.diffusion import eps_from_output
+
+    g = torch.Generator().manual_seed(2)
+    x0, eps = torch.randn(3, 4, 5, 5, generator=g, dtype=torch.float64), torch.randn(3, 4, 5, 5, generator=g,
+                                                                                    dtype=torch.float64)
+    ab = torch.tensor([0.999, 0.5, 0.01], dtype=torch.float64).view(-1, 1, 1, 1)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    x_t = a * x0 + s * eps
+    for pred, out in (("epsilon", eps), ("v_prediction", a * eps - s * x0), ("sample", x0)):
+        assert torch.allclose(eps_from_output(out, x_t, a, s, pred), eps, atol=1e-9), pred
+    with pytest.raises(ValueError, match="flow"):
+        eps_from_output(eps, x_t, a, s, "flow")

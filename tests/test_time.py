@@ -135,10 +135,10 @@ def test_artifact_roundtrip_and_checks(tmp_path):
 def test_training_scan_skips_bad_files_and_rejects_empty_folders(tiny_sd, tmp_path):
     from cfx_cli.errors import UsageError
     from cfx_cli.images import save_png
-    from cfx_plugins.explainers.time.components import load_latent_t2i
+    from cfx_cli.models import load_model
     from cfx_plugins.explainers.time.fit import scan_training_images
 
-    model = load_latent_t2i(f"diffusers:{tiny_sd}")
+    model = load_model(f"diffusers:{tiny_sd}", expect="latent")
     data = tmp_path / "data"
     data.mkdir()
     for i, img in enumerate(_images(3)):
@@ -159,14 +159,14 @@ def test_training_scan_skips_bad_files_and_rejects_empty_folders(tiny_sd, tmp_pa
 def fitted(tiny_sd, tmp_path_factory):
     """Tokens fitted for the stub classifier on 12 images (2 iterations: plumbing, not quality)."""
     from cfx_cli.images import save_png
+    from cfx_cli.models import load_model
     from cfx_cli.params import resolve_params
-    from cfx_plugins.explainers.time.components import load_latent_t2i
     from cfx_plugins.explainers.time.fit import FIT_PARAMS, FIT_PRESETS, fit_time_tokens
 
     data = tmp_path_factory.mktemp("data")
     for i, img in enumerate(_images(12, seed=1)):
         save_png(img.permute(1, 2, 0).numpy(), data / f"img{i:02d}.png")
-    model = load_latent_t2i(f"diffusers:{tiny_sd}")
+    model = load_model(f"diffusers:{tiny_sd}", expect="latent")
     table = model.text_encoder.get_input_embeddings().weight.detach().clone()
     others = {k: v.detach().clone() for k, v in model.text_encoder.named_parameters()
               if "token_embedding" not in k}
@@ -327,6 +327,26 @@ def test_cli_fit_then_explain(tiny_sd, tmp_path, demo_images):
     assert r.returncode == 0, r.stderr
     assert "fitting TIME tokens" in r.stderr and "fit time: class tokens" in r.stderr
     assert len((tmp_path / "r4" / "manifest.jsonl").read_text().splitlines()) == 2
+
+
+def test_cli_fit_and_explain_on_a_v_prediction_sd_folder(tmp_path_factory, tmp_path, demo_images):
+    """SD 2.x layout (scheduler prediction_type v_prediction): the latent model converts the UNet's v to ε, so
+    fitting and explaining run through the same EDICT code; records written, counterfactuals decode."""
+    from cfx_cli.images import load_png
+    from tests.tiny_sd import build_tiny_sd
+
+    v_sd = build_tiny_sd(fixture_dir("time-edict"), tmp_path_factory.mktemp("tiny-v") / "sd",
+                         prediction_type="v_prediction")
+    run = tmp_path / "run"
+    r = run_cfx("explain", str(demo_images), "--method", "time", "--fit-data", str(demo_images), "--limit", "2",
+                "--model", f"diffusers:{v_sd}", "--set", "fit_iterations=1", "--set", "steps=10",
+                "--set", "schedule=2:1", "--out", str(run), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(rec["status"] in ("flipped", "not_flipped") for rec in recs)
+    for rec in recs:
+        img = load_png(run / rec["counterfactual"])
+        assert img.shape == (16, 16, 3) and img.std() > 0
 
 
 def _has_http_adapter() -> bool:

@@ -1,5 +1,6 @@
 """A tiny random Stable-Diffusion-shaped folder for plumbing tests: the time-edict fixture's UNet, VAE and
-scheduler plus a random 2-layer CLIP text encoder (hidden 32) and a character-level CLIP tokenizer."""
+scheduler (ε- or v-prediction) plus a random 2-layer CLIP text encoder (hidden 32) and a character-level CLIP
+tokenizer."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import string
 from pathlib import Path
 
 
-def build_tiny_sd(fixture: Path, out: Path, max_length: int = 32) -> Path:
+def build_tiny_sd(fixture: Path, out: Path, max_length: int = 32, prediction_type: str = "epsilon") -> Path:
+    """``prediction_type="v_prediction"`` gives the SD 2.x (768-v) layout: the same folders, the scheduler
+    saying its UNet predicts v (random weights, so it predicts nothing in particular either way)."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     for sub in ("unet", "vae", "scheduler"):
         shutil.copytree(fixture / sub, out / sub)
+    sched = out / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": prediction_type}, indent=2))
     tok_dir = out / "tokenizer"
     tok_dir.mkdir(parents=True)
     # no merges: every word is spelled letter by letter (enough for plumbing)

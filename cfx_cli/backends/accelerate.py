@@ -20,14 +20,9 @@ def accelerate_model(spec: str, backend: str, precision: str, device: str, size:
     from cfx_cli.models import load_model
 
     dev = resolve_device(device)
-    model = load_model(spec, model_flags, dev, trust_pickle)
-    parts = model if isinstance(model, dict) else vars(model) if hasattr(model, "__dict__") else {}
-    if all(parts.get(k) is not None for k in ("unet", "vae", "text_encoder")):
-        return _accelerate_latent(spec, parts, backend, precision, dev, size)
-    if getattr(model, "kind", None) != "pixel":  # the demo returns a bare (unet, scheduler) holder
-        from cfx_plugins.explainers.pixel_prior import as_pixel_model
-
-        model = as_pixel_model(model, spec, "accelerate")
+    model = load_model(spec, model_flags, dev, trust_pickle, expect=("pixel", "latent"), method="cfx accelerate")
+    if model.kind == "latent":
+        return _accelerate_latent(spec, vars(model), backend, precision, dev, size)
     side = size or getattr(model, "image_size", None)
     if not isinstance(side, int):
         raise UsageError(f"--model {spec}: cannot tell the image size; pass --size")

@@ -1,4 +1,4 @@
-"""Backends for the pixel diffusion models of the model layer (``ADMModel``, ``PixelDiffusersModel``): the
+"""Backends for the pixel diffusion models of the model layer (``PixelModel``: ADM or diffusers): the
 network as a tensor-in/tensor-out module, and a drop-in ``model(x, t)`` that runs it on a gated backend."""
 
 from __future__ import annotations

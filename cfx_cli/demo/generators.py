@@ -10,18 +10,20 @@ were trained on the demo digits (3×16×16, [-1, 1] inside the models) by ``scri
   "a handwritten digit three" (10% empty for classifier-free guidance); scaled-linear schedule.
 - ``bridge`` (``demo:bridge``): an I2SB-style bridge (``UNet2DModel``) from masked digits to clean ones.
 
+The models are the model layer's ``PixelModel``, ``LatentModel`` and ``BridgeModel`` (``cfx_cli.models``);
 diffusers/transformers are imported inside the functions so importing this module stays cheap.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from cfx_cli.demo import DEMO_DIR
+from cfx_cli.models.bridge import BridgeModel
+from cfx_cli.models.latent import LatentModel, load_latent
+from cfx_cli.models.pixel import PixelModel, load_pixel
 
 MODELS_DIR = DEMO_DIR / "models"
 PIXEL_DDPM_DIR = MODELS_DIR / "pixel"
@@ -43,38 +45,23 @@ def _require(folder: Path, name: str) -> None:
 
 
 # ---------------------------------------------------------------- pixel DDPM
-@dataclass
-class PixelDDPM:
-    unet: Any  # diffusers.UNet2DModel, inputs (N, 3, 16, 16) in [-1, 1]
-    scheduler: Any  # diffusers.DDPMScheduler (linear betas, ε-prediction)
-    device: str = "cpu"
-
-
-def load_pixel_ddpm(device: str = "cpu") -> PixelDDPM:
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    _require(PIXEL_DDPM_DIR, "pixel-ddpm")
-    unet = UNet2DModel.from_pretrained(PIXEL_DDPM_DIR / "unet").eval().to(device)
-    scheduler = DDPMScheduler.from_pretrained(PIXEL_DDPM_DIR / "scheduler")
-    return PixelDDPM(unet, scheduler, device)
-
-
 @torch.no_grad()
-def sample_pixel_ddpm(model: PixelDDPM, n: int, steps: int = 50, seed: int = 0,
+def sample_pixel_ddpm(model: PixelModel, n: int, steps: int = 50, seed: int = 0,
                       batch: int = 200) -> torch.Tensor:
-    """Unconditional DDIM (η = 0) samples, (n, 3, 16, 16) in [0, 1] on CPU."""
+    """Unconditional DDIM (η = 0) samples of the demo's pixel model (diffusers UNet2DModel and its
+    scheduler), (n, 3, 16, 16) in [0, 1] on CPU."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(model.scheduler.config)
     sched.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
-    size = model.unet.config.sample_size
+    size = model.image_size
     out = []
     for start in range(0, n, batch):
         m = min(batch, n - start)
-        x = torch.randn(m, model.unet.config.in_channels, size, size, generator=g).to(model.device)
+        x = torch.randn(m, model.net.config.in_channels, size, size, generator=g).to(model.device)
         for t in sched.timesteps:
-            eps = model.unet(x, t).sample
+            eps = model.net(x, t).sample
             x = sched.step(eps, t, x).prev_sample
         out.append(x.cpu())
     return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
@@ -93,57 +80,16 @@ def classify(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- latent text-to-image
-@dataclass
-class LatentT2I:
-    vae: Any  # diffusers.AutoencoderKL: (N, 3, 16, 16) in [-1, 1] ↔ (N, 4, 8, 8); × config.scaling_factor
-    unet: Any  # diffusers.UNet2DConditionModel on 4×8×8 latents, cross-attention dim = text hidden size
-    text_encoder: Any  # transformers.CLIPTextModel (frozen, random; our vocabulary)
-    tokenizer: Any  # transformers.CLIPTokenizer, our vocabulary (caption words = 1 token), max length 8
-    scheduler: Any  # diffusers.DDPMScheduler, scaled-linear betas, ε-prediction
-    device: str = "cpu"
-
-
-def load_latent_t2i(device: str = "cpu") -> LatentT2I:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    _require(LATENT_T2I_DIR, "latent-t2i")
-    vae = AutoencoderKL.from_pretrained(LATENT_T2I_DIR / "vae").eval().to(device)
-    unet = UNet2DConditionModel.from_pretrained(LATENT_T2I_DIR / "unet").eval().to(device)
-    text_encoder = CLIPTextModel.from_pretrained(LATENT_T2I_DIR / "text_encoder").eval().to(device)
-    tokenizer = CLIPTokenizer.from_pretrained(LATENT_T2I_DIR / "tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(LATENT_T2I_DIR / "scheduler")
-    return LatentT2I(vae, unet, text_encoder, tokenizer, scheduler, device)
-
-
-def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 @torch.no_grad()
-def encode_prompts(model: LatentT2I, prompts: list[str]) -> torch.Tensor:
-    ids = tokenize(model.tokenizer, prompts).to(model.device)
-    return model.text_encoder(ids).last_hidden_state
-
-
-@torch.no_grad()
-def decode_latents(model: LatentT2I, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled latents → images in [0, 1]."""
-    x = model.vae.decode(latents / model.vae.config.scaling_factor).sample
-    return (x / 2 + 0.5).clamp(0, 1)
-
-
-@torch.no_grad()
-def sample_latent_t2i(model: LatentT2I, prompts: list[str], steps: int = 40, guidance: float = 3.0,
+def sample_latent_t2i(model: LatentModel, prompts: list[str], steps: int = 40, guidance: float = 3.0,
                       seed: int = 0) -> torch.Tensor:
     """Text-conditioned DDIM (η = 0) samples with classifier-free guidance → (N, 3, 16, 16) in [0, 1]."""
     from diffusers import DDIMScheduler
 
     sched = DDIMScheduler.from_config(model.scheduler.config)
     sched.set_timesteps(steps)
-    cond = encode_prompts(model, prompts)
-    uncond = encode_prompts(model, [""] * len(prompts))
+    cond = model.encode_prompts(prompts)
+    uncond = model.encode_prompts([""] * len(prompts))
     ctx = torch.cat([uncond, cond])
     c = model.unet.config
     g = torch.Generator().manual_seed(seed)
@@ -151,45 +97,12 @@ def sample_latent_t2i(model: LatentT2I, prompts: list[str], steps: int = 40, gui
     for t in sched.timesteps:
         e_u, e_c = model.unet(torch.cat([z, z]), t, encoder_hidden_states=ctx).sample.chunk(2)
         z = sched.step(e_u + guidance * (e_c - e_u), t, z).prev_sample
-    return decode_latents(model, z).cpu()
+    return model.decode_latents(z).cpu()
 
 
 # ---------------------------------------------------------------- I2SB-style inpainting bridge
 BRIDGE_OPTIONS = {"interval": 1000, "beta_max": 0.3, "t0": 1e-4, "T": 1.0, "cond_x1": False, "ot_ode": True,
                   "corrupt": "inpaint-freeform2030", "image_size": 16}
-
-
-@dataclass
-class DemoBridge:
-    """The demo bridge with the interface of ``cfx_cli.models.i2sb.BridgeModel`` (kind "bridge"): calling it
-    gives the network output (x_t - x_0)/σ_t at bridge step(s) ``step``; ``pred_x0`` the x̂_0 estimate."""
-
-    net: Any  # diffusers.UNet2DModel, time input = the bridge's network time (I2SB convention)
-    bridge: Any  # cfx_cli.diffusion.BridgeSchedule
-    options: dict
-    device: str = "cpu"
-    dtype: Any = None
-    source: str = "demo:bridge"
-    info: dict | None = None
-
-    kind = "bridge"
-
-    @property
-    def image_size(self) -> int:
-        return int(self.options["image_size"])
-
-    @property
-    def cond_x1(self) -> bool:
-        return bool(self.options.get("cond_x1"))
-
-    def __call__(self, x_t: torch.Tensor, step: torch.Tensor | int, cond: torch.Tensor | None = None):
-        t = self.bridge.network_time(step, batch=x_t.shape[0]).to(x_t.device)
-        if t.numel() == 1 and x_t.shape[0] > 1:
-            t = t.expand(x_t.shape[0])
-        return self.net(x_t, t).sample.float()
-
-    def pred_x0(self, x_t, step, cond=None, clip_denoise: bool = False):
-        return self.bridge.pred_x0(step, x_t, self(x_t, step, cond), clip_denoise)
 
 
 def make_bridge_schedule(options: dict = BRIDGE_OPTIONS):
@@ -198,7 +111,7 @@ def make_bridge_schedule(options: dict = BRIDGE_OPTIONS):
     return BridgeSchedule.from_options(options["interval"], options["beta_max"], options["t0"], options["T"])
 
 
-def load_bridge(device: str = "cpu") -> DemoBridge:
+def load_bridge(device: str = "cpu") -> BridgeModel:
     import json
 
     from diffusers import UNet2DModel
@@ -206,8 +119,8 @@ def load_bridge(device: str = "cpu") -> DemoBridge:
     _require(BRIDGE_DIR, "bridge")
     options = {**BRIDGE_OPTIONS, **json.loads((BRIDGE_DIR / "bridge.json").read_text())}
     net = UNet2DModel.from_pretrained(BRIDGE_DIR / "unet").eval().requires_grad_(False).to(device)
-    return DemoBridge(net, make_bridge_schedule(options), options, device, torch.float32,
-                      info={"parameters": sum(p.numel() for p in net.parameters())})
+    return BridgeModel(net, make_bridge_schedule(options), options, None, device, torch.float32, "demo:bridge",
+                       {"parameters": sum(p.numel() for p in net.parameters())})
 
 
 def freeform_masks(n: int, area: tuple[float, float] = (0.2, 0.3), size: int = 16,
@@ -250,7 +163,7 @@ def corrupt_for_inpainting(x0: torch.Tensor, mask: torch.Tensor, generator: torc
 
 
 @torch.no_grad()
-def inpaint(model: DemoBridge, images: torch.Tensor, mask: torch.Tensor, nfe: int = 20, seed: int = 0,
+def inpaint(model: BridgeModel, images: torch.Tensor, mask: torch.Tensor, nfe: int = 20, seed: int = 0,
             ot_ode: bool = True) -> torch.Tensor:
     """Inpaint ``mask`` (1 = unknown) of images in [0, 1] with the bridge from x_1 to step 0 → [0, 1]."""
     g = torch.Generator().manual_seed(seed)
@@ -282,7 +195,5 @@ def load(name: str, device: str = "cpu"):
     _require(DIRS[name], name)
     if name == "bridge":
         return load_bridge(device)
-    from cfx_cli.models.diffusers_models import load_latent, load_pixel
-
     loader = load_pixel if name == "pixel" else load_latent
     return loader(DIRS[name], device, source=f"demo:{name}")

@@ -10,6 +10,7 @@ from cfx_cli.diffusion.gaussian import (
     broadcast,
     ddim_step_from_alphas,
     ddim_transfer,
+    eps_from_output,
     q_sample_at,
     tweedie_x0,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "broadcast",
     "ddim_step_from_alphas",
     "ddim_transfer",
+    "eps_from_output",
     "gaussian_product_coef",
     "get_beta_schedule",
     "i2sb_betas",

@@ -1,5 +1,5 @@
-"""EDICT: exactly invertible coupled DDIM (Wallace et al.; thesis eqs. 5.6–5.8) and TIME's guidance
-(eq. 5.11).
+"""EDICT: exactly invertible coupled DDIM (Wallace et al.; thesis eqs. 5.6–5.8). TIME's guidance (eq. 5.11)
+is :mod:`cfx_cli.diffusion.guidance`.
 
 Two latent streams x, y start equal to the encoded image. Denoising at timestep t (eq. 5.7)::
 
@@ -99,30 +99,3 @@ def edict_denoise(x: torch.Tensor, y: torch.Tensor, eps_fn: EpsFn, timesteps: Se
         y = p * y + (1 - p) * x
     return x, y
 
-
-def negative_guidance(eps_pos: torch.Tensor, eps_neg: torch.Tensor, g: float | torch.Tensor) -> torch.Tensor:
-    """Eq. 5.11: ε = ε(neg) + g·(ε(pos) − ε(neg)) = (1+w)·ε(pos) − w·ε(neg) with g = 1 + w.
-
-    ``g`` is a float or a per-image (N,) tensor.
-    """
-    if not isinstance(g, int | float):
-        g = g.reshape(-1, *([1] * (eps_pos.ndim - 1))).to(eps_pos)
-    return eps_neg + g * (eps_pos - eps_neg)
-
-
-def guided_eps_fn(unet_eps: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor],
-                  positive: torch.Tensor, negative: torch.Tensor, g: float | torch.Tensor) -> EpsFn:
-    """Wrap a conditional noise predictor ``unet_eps(z, t, embeds)`` into eq. 5.11's guided ε.
-
-    Both conditionings go through the network in one call of batch 2N (as classifier-free guidance does).
-    """
-    import torch
-
-    embeds = torch.cat([negative, positive])
-
-    def eps(z: torch.Tensor, t: int) -> torch.Tensor:
-        out = unet_eps(torch.cat([z, z]), t, embeds)
-        eps_neg, eps_pos = out.chunk(2)
-        return negative_guidance(eps_pos, eps_neg, g)
-
-    return eps

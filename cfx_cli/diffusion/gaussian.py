@@ -169,9 +169,9 @@ class GaussianDiffusion:
         self, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int, clip_denoised: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         out, _ = self.split_output(model_output, x_t)
-        if self.prediction_type == "v_prediction":  # v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho; SD 2.x 768-v)
+        if self.prediction_type == "v_prediction":
             a, s = broadcast(self.sqrt_alphas_cumprod, t, x_t), broadcast(self.sqrt_one_minus_alphas_cumprod, t, x_t)
-            out = a * out + s * x_t  # → ε
+            out = eps_from_output(out, x_t, a, s, "v_prediction")
         if self.prediction_type in ("epsilon", "v_prediction"):
             eps, x0 = out, self.predict_x0_from_eps(x_t, t, out)
             if clip_denoised:
@@ -266,6 +266,21 @@ def q_sample_at(x0: torch.Tensor, alpha_bar: torch.Tensor | float, noise: torch.
     """x_t = √ᾱ x_0 + √(1-ᾱ) ε at an explicit level ᾱ (a float or a tensor broadcasting against x_0)."""
     ab = torch.as_tensor(alpha_bar, dtype=x0.dtype, device=x0.device)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def eps_from_output(
+    out: torch.Tensor, x_t: torch.Tensor, sqrt_ab: torch.Tensor, sqrt_one_minus_ab: torch.Tensor, prediction: str
+) -> torch.Tensor:
+    """ε from a network output of any parametrisation, with √ᾱ_t and √(1-ᾱ_t) broadcastable to ``x_t``:
+    ε itself; v = √ᾱ ε - √(1-ᾱ) x_0 (Salimans & Ho; SD 2.x 768-v) → ε = √ᾱ v + √(1-ᾱ) x_t;
+    x̂_0 ("sample") → ε = (x_t - √ᾱ x̂_0) / √(1-ᾱ)."""
+    if prediction == "epsilon":
+        return out
+    if prediction == "v_prediction":
+        return sqrt_ab * out + sqrt_one_minus_ab * x_t
+    if prediction == "sample":
+        return (x_t - sqrt_ab * out) / sqrt_one_minus_ab
+    raise ValueError(f"prediction type {prediction!r} is not epsilon, v_prediction or sample")
 
 
 def tweedie_x0(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,22 @@
 """What ``cfx models`` lists: the demo generators, the checkpoints the papers use (and whether they are in the
-local Hugging Face cache), and every cached diffusers model."""
+local Hugging Face cache), every cached diffusers model, and every cached transformers image classifier (``hf:``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from cfx_cli.models.demo import demo_models, demo_module
+
+#: the model each kind of method uses when ``--model`` is absent: the embedded demo generators
+DEFAULT_MODELS = {"pixel": "demo:pixel", "latent": "demo:latent", "bridge": "demo:bridge"}
+#: what each kind of model is, for errors that name what a method needs
+KIND_HINTS = {
+    "pixel": "an ADM checkpoint, a diffusers UNet2DModel folder or demo:pixel",
+    "latent": "Stable Diffusion 1.x/2.x components (diffusers:FOLDER_OR_HUB_ID) or demo:latent",
+    "bridge": "an I2SB checkpoint (i2sb:PATH.pt) or demo:bridge",
+}
 
 
 @dataclass
@@ -106,11 +118,27 @@ def _diffusers_kind(repo) -> str:
     return ""
 
 
+def _image_classifier(repo) -> dict | None:
+    """Architecture and class count from the newest cached revision's config.json, if it is an
+    ``*ForImageClassification`` (what ``hf:`` loads); None otherwise."""
+    if not repo.revisions:
+        return None
+    newest = max(repo.revisions, key=lambda r: r.last_modified)
+    try:
+        config = json.loads((Path(newest.snapshot_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    archs = [a for a in (config.get("architectures") or []) if str(a).endswith("ForImageClassification")]
+    if not archs:
+        return None
+    return {"architecture": archs[0], "num_labels": len(config.get("id2label") or {}) or config.get("num_labels")}
+
+
 def _demo_dirs(name: str) -> list[Path]:
     """Where a demo generator's weights live: ``generators.model_dir(name)`` if the module says, else a guess."""
-    from cfx_cli.models.spec import _demo_module
-
-    mod = _demo_module()
+    mod = demo_module()
     finder = getattr(mod, "model_dir", None)
     if callable(finder):
         try:
@@ -131,8 +159,6 @@ def human_size(n: int | float) -> str:
 
 def collect() -> dict:
     """Everything ``cfx models`` shows, as plain data (also its ``--json`` output)."""
-    from cfx_cli.models.spec import demo_models
-
     demo = []
     for name, summary in demo_models().items():
         files = [f for d in _demo_dirs(name) for f in d.glob("**/*.safetensors")]
@@ -145,11 +171,15 @@ def collect() -> dict:
             }
         )
     cache, cache_error = _scan_cache()
-    cached = {}
+    cached, classifiers = {}, []
     if cache is not None:
         for repo in cache.repos:
             if repo.repo_type != "model":
                 continue
+            found = _image_classifier(repo)
+            if found:
+                classifiers.append({"spec": f"hf:{repo.repo_id}", "hub_id": repo.repo_id, **found,
+                                    "size_bytes": repo.size_on_disk, "path": str(repo.repo_path)})
             cached[repo.repo_id] = {
                 "spec": f"diffusers:{repo.repo_id}",
                 "hub_id": repo.repo_id,
@@ -167,6 +197,7 @@ def collect() -> dict:
         "demo": demo,
         "known": known,
         "cached": sorted((c for c in cached.values() if c["kind"]), key=lambda c: c["hub_id"]),
+        "classifiers": sorted(classifiers, key=lambda c: c["hub_id"]),
         "cache_error": cache_error,
     }
 
@@ -183,7 +214,7 @@ def describe(model, spec: str) -> dict:
         info["image_size"] = model.image_size
     for key, value in (getattr(model, "info", None) or {}).items():
         info[key] = value
-    if getattr(model, "diffusion", None) is not None and not callable(model.diffusion):
+    if getattr(model, "diffusion", None) is not None:
         d = model.diffusion
         info["schedule"] = f"{d.num_steps} steps (of {d.original_num_steps}), variance {d.variance_type}"
     if getattr(model, "bridge", None) is not None:
@@ -193,3 +224,33 @@ def describe(model, spec: str) -> dict:
     info["device"] = getattr(model, "device", "cpu")
     info["dtype"] = str(getattr(model, "dtype", "")).replace("torch.", "")
     return info
+
+
+def render_text(data: dict) -> str:
+    """`cfx models` as text: the demo models, the known checkpoints, the cached hub models and classifiers."""
+    lines: list[str] = []
+
+    def size(n: int | None) -> str:
+        return human_size(n) if n else "–"
+
+    lines.append("demo models (embedded, offline):")
+    for d in data["demo"] or [{"spec": "(none in this build)", "size_bytes": None, "summary": ""}]:
+        lines.append(f"  {d['spec']:28s} {size(d['size_bytes']):>9s}  {d['summary']}")
+    lines.append("known checkpoints (--model SPEC):")
+    for k in data["known"]:
+        state = f"cached, {size(k['size_bytes'])}" if k["cached"] else ("not cached" if k["hub_id"] else "local file")
+        lines.append(f"  {k['name']} [{k['used_by']}] ({state})\n      {k['spec']}\n      source: {k['source']}")
+    lines.append("cached diffusers models (Hugging Face cache):")
+    if data["cache_error"]:
+        lines.append(f"  (none: {data['cache_error']})")
+    elif not data["cached"]:
+        lines.append("  (none)")
+    for c in data["cached"]:
+        lines.append(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['kind']}  {c['path']}")
+    lines.append("cached transformers image classifiers (--classifier hf:ORG/NAME):")
+    if data["cache_error"] or not data["classifiers"]:
+        lines.append("  (none)")
+    for c in data["classifiers"]:
+        lines.append(f"  {c['spec']:48s} {size(c['size_bytes']):>9s}  {c['architecture']}, {c['num_labels']} classes"
+                     f"  {c['path']}")
+    return "\n".join(lines)

@@ -14,12 +14,12 @@ Options are read, in order, from: ``--model-flags`` given as a JSON/TOML file wi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cfx_cli.errors import UsageError
-from cfx_cli.models.adm.flags import ADMFlags, flags_from_mapping, load_flags
+from cfx_cli.models.adm.flags import flags_from_mapping, load_flags
+from cfx_cli.models.bridge import BridgeModel
 from cfx_cli.models.memory import MemoryOptions
 
 BRIDGE_KEYS = ("interval", "beta_max", "t0", "T", "cond_x1", "ot_ode", "corrupt", "image_size")
@@ -50,46 +50,6 @@ I2SB_ADM_FLAGS = {
     "use_new_attention_order": False,
     "use_scale_shift_norm": True,
 }
-
-
-@dataclass
-class BridgeModel:
-    net: Any  # ADMUNet
-    bridge: Any  # cfx_cli.diffusion.BridgeSchedule
-    options: dict
-    flags: ADMFlags
-    device: str = "cpu"
-    dtype: Any = None
-    source: str = ""
-    info: dict = field(default_factory=dict)
-
-    kind = "bridge"
-
-    @property
-    def image_size(self) -> int:
-        return self.flags.image_size
-
-    @property
-    def cond_x1(self) -> bool:
-        return bool(self.options.get("cond_x1"))
-
-    def __call__(self, x_t, step, cond=None):
-        """Network output at bridge step(s) ``step`` (int or (N,)), i.e. the predicted (x_t - x_0)/σ_t."""
-        import torch
-
-        if self.cond_x1:
-            if cond is None:
-                raise ValueError("this bridge is conditioned on x_1: pass cond")
-            x_in = torch.cat([x_t, cond], dim=1)
-        else:
-            x_in = x_t
-        t = self.bridge.network_time(step, batch=x_t.shape[0]).to(x_t.device)
-        if t.numel() == 1 and x_t.shape[0] > 1:
-            t = t.expand(x_t.shape[0])
-        return self.net(x_in, t).float()
-
-    def pred_x0(self, x_t, step, cond=None, clip_denoise: bool = False):
-        return self.bridge.pred_x0(step, x_t, self(x_t, step, cond), clip_denoise)
 
 
 def _options_from_pickle(path: Path, trust_pickle: bool) -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.models import pixel_prior
 from cfx_cli.params import Param
 
 _CW_C = 1e-5  # the authors' constant keeping tanh away from ±1 (C&W parametrisation)
@@ -85,27 +86,30 @@ docs/methods/ace.md.
 
     def __init__(self, context) -> None:
         super().__init__(context)
-        from cfx_plugins.explainers.pixel_prior import load_prior
-
         p = self.params
         if p["tau"] < 1 or p["iterations"] < 0:
             raise UsageError("ace: tau must be ≥ 1 and iterations ≥ 0")
         if p["dilation"] < 1 or p["dilation"] % 2 == 0:
             raise UsageError(f"ace: --set dilation={p['dilation']}: must be an odd number ≥ 1")
-        self.model, self.model_spec = load_prior(context, p["respacing"], "ace")
+        self.model, self.model_spec = pixel_prior(context, p["respacing"], "ace")
         if p["tau"] > self.model.diffusion.num_steps:
             raise UsageError(f"ace: --set tau={p['tau']} exceeds the {self.model.diffusion.num_steps} steps of "
                              f"the respaced schedule (respacing={p['respacing']!r})")
 
     # -- the diffusion filter F_τ --------------------------------------------------------------------------
-    def _draw(self, noise, rows, shape):
-        """Noise for one pass of F_τ: (N, τ+1, C, H, W): the q_sample draw, then one per DDPM step."""
+    def _draw(self, noise, rows, shape, keys):
+        """(N, len(keys), C, H, W): the draws ``keys`` (name, index) of each image, taken together (zeros when
+        not stochastic)."""
         import torch
 
-        n_draws = self.params["tau"] + 1
         if not self.params["stochastic"]:
-            return torch.zeros((len(rows), n_draws, *shape), device=noise.device)
-        return noise.randn(rows, (n_draws, *shape))
+            return torch.zeros((len(rows), len(keys), *shape), device=noise.device)
+        return noise.randn_block(rows, shape, keys)
+
+    def _filter_keys(self, iteration: int):
+        """The draws of one pass of F_τ: the q_sample draw, then one per DDPM step."""
+        steps = range(self.params["tau"] - 1, -1, -1)
+        return [("filter_q_sample", (iteration,))] + [("filter_step", (iteration, i)) for i in steps]
 
     def _step(self, z, i: int, eps):
         z, _ = self.model.diffusion.ddpm_step(self.model(z, i), z, i, noise=eps, clip_denoised=True)
@@ -155,8 +159,8 @@ docs/methods/ace.md.
         x_adv = x.clone()
         if p["attack"] == "cw":
             w = torch.atanh(2 * x / (1 + _CW_C) - 1)
-        for _ in range(p["iterations"]):
-            draws = self._draw(noise, rows, shape)
+        for it in range(p["iterations"]):
+            draws = self._draw(noise, rows, shape, self._filter_keys(it))
             with torch.enable_grad():
                 if p["attack"] == "cw":
                     w_in = w.detach().requires_grad_(True)
@@ -177,8 +181,6 @@ docs/methods/ace.md.
 
     # -- steps 2–3: mask and refinement --------------------------------------------------------------------
     def _mask(self, x, pe, region):
-        from cfx_plugins.explainers.pixel_prior import dilate
-
         diff = (x - pe).abs().sum(1, keepdim=True)
         peak = diff.reshape(len(x), -1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
         mask = (dilate(diff / peak, self.params["dilation"]) >= self.params["threshold"]).float()
@@ -192,20 +194,16 @@ docs/methods/ace.md.
         d = self.model.diffusion
         shape = tuple(x.shape[1:])
 
-        def draw(*lead):
-            if not p["stochastic"]:
-                return torch.zeros((len(rows), *lead, *shape), device=x.device)
-            return noise.randn(rows, (*lead, *shape))
-
         from cfx_cli.backends.pixel import pixel_forward
 
         # the refinement is forward-only: it runs on --backend (the filter above keeps its gradients in torch)
         self.prior = pixel_forward(self.context, self.model, shape)
         xm = x * 2 - 1
         with torch.no_grad():
-            z = d.q_sample(pe * 2 - 1, p["tau"] - 1, draw())
+            z = d.q_sample(pe * 2 - 1, p["tau"] - 1, self._draw(noise, rows, shape, [("refine_q_sample", ())])[:, 0])
             for i in range(p["tau"] - 1, -1, -1):
-                eps = draw(2)  # the known region's q_sample noise, then the DDPM step's
+                # the known region's q_sample noise, then the DDPM step's
+                eps = self._draw(noise, rows, shape, [("refine_known", (i,)), ("refine_step", (i,))])
                 z = mask * z + (1 - mask) * d.q_sample(xm, i, eps[:, 0])
                 z, _ = d.ddpm_step(self.prior(z, i), z, i, noise=eps[:, 1], clip_denoised=True)
         return ((z + 1) / 2).clamp(0, 1)
@@ -213,35 +211,45 @@ docs/methods/ace.md.
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
 
-        from cfx_plugins.explainers.pixel_prior import ImageNoise, model_size, schedule_summary, to_size
+        from cfx_cli.images import resize_images
+        from cfx_plugins.explainers.pixel_prior import model_size
 
         p = self.params
         n = len(batch.ids)
         size_b = tuple(batch.images.shape[-2:])
         size_m = model_size(self.model, size_b)
-        x = to_size(batch.images, size_m).clamp(0, 1)
-        region = to_size(batch.masks, size_m, nearest=True) if batch.masks is not None else None
-        noise = ImageNoise(batch.seeds, self.context.device)
+        x = resize_images(batch.images, size_m).clamp(0, 1)
+        region = resize_images(batch.masks, size_m, nearest=True) if batch.masks is not None else None
+        noise = self.context.noise.for_batch(batch.ids, batch.seeds, self.context.device)
         rows = list(range(n))
 
         pe = self._pre_explanation(x, batch.targets, region, noise, rows)
         mask = self._mask(x, pe, region)
         refined = self._refine(x, pe, mask, noise, rows)
         # back at the classifier's size; outside the mask the output *is* the input (exact copy, no float trip)
-        mask_b = to_size(mask, size_b, nearest=True)
+        mask_b = resize_images(mask, size_b, nearest=True)
         if batch.masks is not None:
             mask_b = mask_b * batch.masks
-        cf = torch.where(mask_b > 0.5, to_size(refined, size_b).clamp(0, 1), batch.images)
+        cf = torch.where(mask_b > 0.5, resize_images(refined, size_b).clamp(0, 1), batch.images)
         nfe_model, nfe_clf = nfe_per_image(p["iterations"], p["tau"])
         params = {"attack": p["attack"], "iterations": p["iterations"], "tau": p["tau"],
-                  "respacing": p["respacing"], "schedule": schedule_summary(self.model), "distance": p["distance"],
+                  "respacing": p["respacing"], "schedule": self.model.schedule_summary(), "distance": p["distance"],
                   "lambda_d": p["lambda_d"], "threshold": p["threshold"], "dilation": p["dilation"],
                   "model": self.model_spec, "nfe_model": nfe_model, "nfe_classifier": nfe_clf,
                   "backend": self.prior.backend.name}
         return [ExplainOutput(counterfactual=cf[i], mask=mask_b[i], nfe=nfe_model + nfe_clf,
                               params=dict(params, mask_fraction=round(float(mask_b[i].mean()), 4)),
-                              extras={"pre_explanations": to_size(pe[i:i + 1], size_b)[0]})
+                              extras={"pre_explanations": resize_images(pe[i:i + 1], size_b)[0]})
                 for i in range(n)]
+
+
+def dilate(mask, kernel: int):
+    """Max filter of odd width ``kernel`` (ACE's dilation), keeping the size."""
+    import torch.nn.functional as F
+
+    if kernel <= 1:
+        return mask
+    return F.max_pool2d(mask, kernel, stride=1, padding=kernel // 2)
 
 
 @hookimpl

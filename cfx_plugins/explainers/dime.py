@@ -14,6 +14,7 @@ from typing import Any
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.models import pixel_prior
 from cfx_cli.params import Param
 
 # VGG19 "E" configuration (torchvision's layer numbering of ``features``): channels, "M" = max pool
@@ -88,14 +89,12 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
 
     def __init__(self, context) -> None:
         super().__init__(context)
-        from cfx_plugins.explainers.pixel_prior import load_prior
-
         p = self.params
         if p["tau"] < 1:
             raise UsageError(f"dime: --set tau={p['tau']}: must be at least 1")
         if not p["scales"]:
             raise UsageError("dime: --set scales: give at least one λ_c value")
-        self.model, self.model_spec = load_prior(context, p["respacing"], "dime")
+        self.model, self.model_spec = pixel_prior(context, p["respacing"], "dime")
         if p["tau"] > self.model.diffusion.num_steps:
             raise UsageError(f"dime: --set tau={p['tau']} exceeds the {self.model.diffusion.num_steps} steps of "
                              f"the respaced schedule (respacing={p['respacing']!r})")
@@ -125,21 +124,22 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
 
-        from cfx_plugins.explainers.pixel_prior import ImageNoise, model_size, to_size
+        from cfx_cli.images import resize_images
+        from cfx_plugins.explainers.pixel_prior import model_size
 
         p = self.params
         clf = self.context.classifier
         n = len(batch.ids)
         size_b = tuple(batch.images.shape[-2:])
         size_m = model_size(self.model, size_b)
-        x = to_size(batch.images, size_m).clamp(0, 1) * 2 - 1  # the prior's space, [-1, 1]
-        region = to_size(batch.masks, size_m, nearest=True) if batch.masks is not None else None
-        noise = ImageNoise(batch.seeds, self.context.device)
+        x = resize_images(batch.images, size_m).clamp(0, 1) * 2 - 1  # the prior's space, [-1, 1]
+        region = resize_images(batch.masks, size_m, nearest=True) if batch.masks is not None else None
+        noise = self.context.noise.for_batch(batch.ids, batch.seeds, self.context.device)
         tau = p["tau"]
         d = self.model.diffusion
         rows = list(range(n))
         # z_τ is drawn once per image; every retry restarts from it (as the authors' main.py)
-        z_tau = d.q_sample(x, tau - 1, noise.randn(rows, tuple(x.shape[1:])))
+        z_tau = d.q_sample(x, tau - 1, noise.randn(rows, tuple(x.shape[1:]), "z_tau"))
         x_feats = None
         if self.perceptual is not None:
             with torch.no_grad():
@@ -155,8 +155,8 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
         for attempt, scale in enumerate(p["scales"], start=1):
             sel = torch.tensor(pending, device=x.device)
             z0 = self._attempt(x[sel], z_tau[sel], batch.targets[sel], None if region is None else region[sel],
-                               None if x_feats is None else x_feats[sel], scale, noise, pending)
-            cf = to_size(((z0 + 1) / 2).clamp(0, 1), size_b)
+                               None if x_feats is None else x_feats[sel], scale, noise, pending, attempt)
+            cf = resize_images(((z0 + 1) / 2).clamp(0, 1), size_b)
             if batch.masks is not None:  # eq. 3.21 guides inside M; outside M the input is kept exactly
                 cf = torch.where(batch.masks[sel] > 0.5, cf, batch.images[sel])
             with torch.no_grad():
@@ -166,7 +166,7 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
                 prev_nfe = results[i][1] if results[i] else 0
                 results[i] = (cf[j].detach(), prev_nfe + nfe_model + nfe_clf, {
                     "attempt": attempt, "scale": scale, "tau": tau, "respacing": p["respacing"],
-                    "schedule": _schedule(self.model), "loss": p["loss"], "lambda_p": p["lambda_p"],
+                    "schedule": self.model.schedule_summary(), "loss": p["loss"], "lambda_p": p["lambda_p"],
                     "lambda_1": p["lambda_1"], "perceptual": self.perceptual_name, "model": self.model_spec,
                     "nfe_model": attempt * nfe_model, "nfe_classifier": attempt * nfe_clf,
                     "backend": self.prior.backend.name})
@@ -179,7 +179,7 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
                               params=params, nfe=nfe)
                 for i, (cf, nfe, params) in enumerate(results)]
 
-    def _attempt(self, x, z, targets, region, x_feats, scale: float, noise, rows: list[int]):
+    def _attempt(self, x, z, targets, region, x_feats, scale: float, noise, rows: list[int], attempt: int):
         """One guided DDPM run from z_τ for the images ``rows`` with λ_c = ``scale``; returns z_0."""
         import torch
 
@@ -195,20 +195,21 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
             if p["lambda_1"]:
                 g = g + p["lambda_1"] * torch.sign(z - x)  # ∇_z λ_1‖z − x‖₁
             with torch.no_grad():
-                z, _ = d.ddpm_step(out, z, i, noise=noise.randn(rows, shape), clip_denoised=p["clip_denoised"],
-                                   mean_shift=-var * g)
+                z, _ = d.ddpm_step(out, z, i, noise=noise.randn(rows, shape, "guided_step", (attempt, i)),
+                                   clip_denoised=p["clip_denoised"], mean_shift=-var * g)
                 if i > 0:
-                    x_t = self._unguided(z, i, noise, rows)
+                    x_t = self._unguided(z, i, noise, rows, attempt)
         return z
 
-    def _unguided(self, z, steps: int, noise, rows: list[int]):
+    def _unguided(self, z, steps: int, noise, rows: list[int], attempt: int):
         """x_t: the unguided DDPM chain from z (at schedule index ``steps``) down to 0 (``steps`` evaluations)."""
         import torch
 
         d = self.model.diffusion
         shape = tuple(z.shape[1:])
         for j in range(steps - 1, -1, -1):
-            eps = noise.randn(rows, shape) if self.params["stochastic_x"] else torch.zeros_like(z)
+            eps = (noise.randn(rows, shape, "x_t_chain", (attempt, steps, j)) if self.params["stochastic_x"]
+                   else torch.zeros_like(z))
             z, _ = d.ddpm_step(self.prior(z, j), z, j, noise=eps, clip_denoised=True)
         return z
 
@@ -235,12 +236,6 @@ def _at(values, i: int, like):
     from cfx_cli.diffusion import broadcast
 
     return broadcast(values, i, like)
-
-
-def _schedule(model) -> str:
-    from cfx_plugins.explainers.pixel_prior import schedule_summary
-
-    return schedule_summary(model)
 
 
 # -- VGG19 features (perceptual loss), built here because torchvision is not a dependency -------------------

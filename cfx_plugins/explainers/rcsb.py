@@ -14,9 +14,6 @@ from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.params import Param
 
-#: the embedded I2SB-style inpainting bridge trained on the demo digits
-DEFAULT_MODEL = "demo:bridge"
-
 
 class RCSB(Explainer):
     name = "rcsb"
@@ -73,13 +70,13 @@ ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe brid
 
     def __init__(self, context) -> None:
         super().__init__(context)
-        from cfx_cli.models import model_for
+        from cfx_cli.models import DEFAULT_MODELS, model_for
 
         p = self.params
         if not 0 < p["tau"] <= 1:
             raise UsageError(f"rcsb: --set tau={p['tau']}: must be in (0, 1]")
-        self.model_spec = context.model or DEFAULT_MODEL
-        self.model = model_for(context, DEFAULT_MODEL, expect="bridge")
+        self.model_spec = context.model or DEFAULT_MODELS["bridge"]
+        self.model = model_for(context, "bridge", "rcsb")
         self.start_step = max(1, round(p["tau"] * (self.model.bridge.interval - 1)))
         if not 1 <= p["nfe"] <= self.start_step:
             raise UsageError(f"rcsb: --set nfe={p['nfe']}: must be in 1…{self.start_step} for tau={p['tau']}")
@@ -87,7 +84,7 @@ ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe brid
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
 
-        from cfx_plugins.explainers.pixel_prior import to_size
+        from cfx_cli.images import resize_images
 
         if batch.masks is None:
             raise UsageError("rcsb needs a region: --region auto|FILE|DIR")
@@ -95,12 +92,12 @@ ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe brid
         size_b = tuple(batch.images.shape[-2:])
         size_m = (self.model.image_size, self.model.image_size)
         dev = self.model.device
-        x = to_size(batch.images, size_m).clamp(0, 1).to(dev) * 2 - 1  # the bridge's space, [-1, 1]
-        region = (to_size(batch.masks, size_m, nearest=True) > 0.5).float().to(dev)
-        noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(s)))
-                             for s in batch.seeds]).to(dev)
+        x = resize_images(batch.images, size_m).clamp(0, 1).to(dev) * 2 - 1  # the bridge's space, [-1, 1]
+        region = (resize_images(batch.masks, size_m, nearest=True) > 0.5).float().to(dev)
+        draws = self.context.noise.for_batch(batch.ids, batch.seeds, dev)
+        noise = draws.randn(range(len(batch.ids)), tuple(x.shape[1:]), "x1")  # R's content in I2SB's corruption
         out = self.sample(x, region, batch.targets.to(dev), noise)
-        cf = to_size(((out + 1) / 2).clamp(0, 1), size_b).to(batch.images.device)
+        cf = resize_images(((out + 1) / 2).clamp(0, 1), size_b).to(batch.images.device)
         # the hard constraint: outside R the counterfactual is the input, bit for bit
         cf = torch.where(batch.masks > 0.5, cf, batch.images)
         nfe = 2 * p["nfe"]
@@ -114,6 +111,8 @@ ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe brid
         """The guided, truncated, masked OT-ODE sampler on (N, 3, S, S) images in [-1, 1]; returns x_0."""
         import torch
         import torch.nn.functional as F
+
+        from cfx_cli.optim import adam_update
 
         p = self.params
         br = self.model.bridge
@@ -134,10 +133,8 @@ ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe brid
                 logp = F.log_softmax(clf.logits(((seen + 1) / 2).clamp(0, 1)), dim=1)[rows, targets]
                 (g,) = torch.autograd.grad(logp.sum(), xg)
             g = g * region
-            if p["adam"]:
-                m = p["beta1"] * m + (1 - p["beta1"]) * g
-                v = p["beta2"] * v + (1 - p["beta2"]) * g * g
-                g = (m / (1 - p["beta1"] ** k)) / ((v / (1 - p["beta2"] ** k)).sqrt() + p["eps"])
+            if p["adam"]:  # the update direction m̂ / (√v̂ + ε) (lr 1), all images at step k
+                m, v, g = adam_update(m, v, g, k, (p["beta1"], p["beta2"]), p["eps"])
             if p["adaptive_norm"]:
                 if first_norm is None:
                     first_norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)

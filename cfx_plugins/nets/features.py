@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cfx_cli.atomic import atomic_write
+from cfx_cli.images import resize_images
 
 
 def weights_tag(path: Path) -> str:
@@ -38,7 +39,6 @@ def image_batches(run, relpaths: list[str], size: tuple[int, int] | None, batch_
     """Yield (indices, tensor (B, 3, H, W) in [0, 1]); images are resized to ``size`` when given, else
     grouped by their own size."""
     import torch
-    import torch.nn.functional as F
 
     groups: dict[tuple[int, int], list[int]] = {}
     for i, rel in enumerate(relpaths):
@@ -51,9 +51,7 @@ def image_batches(run, relpaths: list[str], size: tuple[int, int] | None, batch_
             for i in chunk:
                 img = rgb(run.image(relpaths[i]))
                 t = torch.from_numpy(img).permute(2, 0, 1)[None].float()
-                if size is not None and tuple(t.shape[-2:]) != tuple(size):
-                    t = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=antialias)
-                tensors.append(t)
+                tensors.append(resize_images(t, size, antialias=antialias))
             yield chunk, torch.cat(tensors)
 
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cfx_cli.images import resize_images
+
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
 
@@ -150,7 +152,7 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False)
+        x = resize_images(images, (299, 299), antialias=False)  # pytorch-fid: plain bilinear, no antialias
         x = 2 * x - 1
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)

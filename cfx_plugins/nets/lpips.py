@@ -8,8 +8,9 @@ linear layers (``lin0.model.1.weight`` … ``lin4.model.1.weight``) from the lpi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from cfx_cli.images import resize_images
 
 # (trunk layout as (kind, args)..., indices after which a feature is taken, channels of those features)
 _VGG16 = [("conv", 3, 64), ("relu",), ("conv", 64, 64), ("relu",), ("pool2",),
@@ -111,5 +112,4 @@ def resize_for(model: LPIPS, x: torch.Tensor) -> torch.Tensor:
     m = model.min_size()
     if min(x.shape[-2:]) >= m:
         return x
-    size = (max(m, x.shape[-2]), max(m, x.shape[-1]))
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return resize_images(x, (max(m, x.shape[-2]), max(m, x.shape[-1])), antialias=False)

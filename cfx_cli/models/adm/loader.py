@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
 from pathlib import Path
-from typing import Any
 
 from cfx_cli.diffusion.gaussian import GaussianDiffusion
 from cfx_cli.models.adm.flags import ADMFlags, load_flags
 from cfx_cli.models.memory import MemoryOptions, apply_to_adm, resolve_dtype
+from cfx_cli.models.pixel import PixelModel
 
 
 def build_unet(flags: ADMFlags):
@@ -47,48 +47,6 @@ def build_diffusion(flags: ADMFlags, respacing: str | None = None) -> GaussianDi
     )
 
 
-@dataclass
-class ADMModel:
-    """A loaded pixel diffusion model: the network, its schedule, and how to call it with schedule indices."""
-
-    net: Any
-    diffusion: GaussianDiffusion
-    flags: ADMFlags
-    device: str = "cpu"
-    dtype: Any = None
-    source: str = ""
-    info: dict = field(default_factory=dict)
-
-    kind = "pixel"
-
-    @property
-    def image_size(self) -> int:
-        return self.flags.image_size
-
-    @property
-    def learn_sigma(self) -> bool:
-        return self.flags.learn_sigma
-
-    def __call__(self, x, t, y=None):
-        """Network output (float32) for images ``x`` in [-1, 1] at schedule indices ``t`` (int or (N,))."""
-        ts = self.diffusion.model_timesteps(t, batch=x.shape[0]).to(x.device)
-        if ts.numel() == 1 and x.shape[0] > 1:
-            ts = ts.expand(x.shape[0])
-        return self.net(x, ts, y).float()
-
-    def with_respacing(self, respacing: str) -> ADMModel:
-        """The same network on a respaced schedule (e.g. DiME's 500 → 200 steps: ``"200"``)."""
-        return ADMModel(
-            self.net,
-            build_diffusion(self.flags, respacing),
-            self.flags,
-            self.device,
-            self.dtype,
-            self.source,
-            dict(self.info),
-        )
-
-
 def load_adm(
     path: str | Path,
     flags: str | dict | ADMFlags | None,
@@ -96,7 +54,7 @@ def load_adm(
     trust_pickle: bool = False,
     memory: MemoryOptions | None = None,
     state_dict: dict | None = None,
-) -> ADMModel:
+) -> PixelModel:
     """Load a guided-diffusion checkpoint (``.pt`` state dict, or ``.safetensors``) built with ``flags``.
 
     ``flags.use_fp16`` (or ``memory.precision``) converts the torso to half precision on GPU; on CPU the model
@@ -123,12 +81,15 @@ def load_adm(
     apply_to_adm(net, memory)
     if flags.use_checkpoint:
         net.set_gradient_checkpointing(True)
-    return ADMModel(
+    return PixelModel(
         net,
         build_diffusion(flags),
-        flags,
+        flags.image_size,
         device,
         dtype,
         str(path),
         {"parameters": sum(p.numel() for p in net.parameters())},
+        flags=flags,
+        # respacing starts from the flags' base schedule (DiME's 500 → 200 steps: "200")
+        respacer=functools.partial(build_diffusion, flags),
     )

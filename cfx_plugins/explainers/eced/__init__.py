@@ -15,6 +15,7 @@ from typing import Any
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.models import model_for
 from cfx_cli.params import Param
 
 DIGIT_NAMES = "zero,one,two,three,four,five,six,seven,eight,nine"
@@ -75,15 +76,13 @@ decoder's weights against the background MSE (eq. 12); the loaded model is never
 (--set prompt="A photo of a/an {target}", class words from --set class_names); T₂ iterations: z_τ =
 noise(z_init, τ), τ DDIM steps (eq. 10, η) with classifier-free guidance, each blended z_t = z^fg⊙M' +
 noise(z^bg*, t)⊙(1−M'); image = D*(z_0); gradient of CE(f(image), y') w.r.t. z_init through the chain and the
-decoder, pruned by M', Adam. An image stops at its first flip. Model: --model diffusers:SD_FOLDER (SD 1.x
-layout) or demo:latent (default). Presets: imagenet, celebahq (prompts of the supplement), digits (the demo;
-automatic with demo:digits). Details and every open choice: docs/methods/eced.md.
+decoder, pruned by M', Adam. An image stops at its first flip. Model: --model diffusers:SD_FOLDER (SD 1.x/2.x
+layout; v-prediction is converted to ε) or demo:latent (default). Presets: imagenet, celebahq (prompts of the
+supplement), digits (the demo; automatic with demo:digits). Details and every open choice: docs/methods/eced.md.
 """
 
     def __init__(self, context: ExplainContext) -> None:
         super().__init__(context)
-        from cfx_plugins.explainers.time.components import load_latent_t2i
-
         from .core import chain_levels, class_names
 
         p = self.params
@@ -103,7 +102,7 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
 
             size = context.classifier.input_size or (64, 64)
             probe_layer(context.classifier, p["layer"], size)
-        self.model = load_latent_t2i(context.model, context.device)
+        self.model = model_for(context, "latent", "eced")
         m = self.model
         if not 1 <= p["steps"] <= m.num_train_timesteps:
             raise UsageError(f"eced: --set steps={p['steps']}: must be in 1…{m.num_train_timesteps}")
@@ -159,8 +158,10 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
         import torch
         import torch.nn.functional as F
 
+        from cfx_cli.images import resize_images
+        from cfx_cli.optim import AdamRows
+
         from .core import (
-            AdamRows,
             SharedDecoder,
             background_mse,
             blended_chain,
@@ -168,7 +169,6 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
             preserve_background,
             prune,
             straight_through_unit,
-            to_size,
         )
 
         p = self.params
@@ -185,18 +185,18 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
             pix = (batch.masks > 0.5).float()
         else:
             pix, layer = self.key_region(x, batch.sources)
-        x_r = to_size(x, r).clamp(0, 1).to(dev)
-        pix_r = (to_size(pix, r, nearest=True) > 0.5).float().to(dev)
+        x_r = resize_images(x, r).clamp(0, 1).to(dev)
+        pix_r = (resize_images(pix, r, nearest=True) > 0.5).float().to(dev)
         with torch.no_grad():
             z_f = m.encode_images(x_r)
         lat = self.latent_mask(pix_r, z_f.shape[-2:])
-        gens = [torch.Generator().manual_seed(int(s)) for s in batch.seeds]
+        draws = self.context.noise.for_batch(batch.ids, batch.seeds, dev)
 
         # Alg. 2 (each image has its own decoder copy)
         t0 = time.monotonic()
         if p["preserve_background"]:
             bgs = preserve_background(m.vae, m.scaling_factor, x_r, z_f, lat, pix_r, self.alpha0,
-                                      p["bg_iterations"], p["bg_lr_latent"], p["bg_lr_decoder"], gens)
+                                      p["bg_iterations"], p["bg_lr_latent"], p["bg_lr_decoder"], draws)
             z_bg, decoders = bgs.z_bg, bgs.decoders
         else:
             bgs = None
@@ -211,14 +211,14 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
         unet_per_step = 2 if use_cfg else 1
         fixed = None
         if p["noise"] == "fixed":
-            fixed = draw_noise(gens, tuple(z_f.shape[1:]), len(self.levels), dev)
+            fixed = draw_noise(draws, list(range(n)), tuple(z_f.shape[1:]), len(self.levels))
         results: list[Any] = [None] * n
         generations = [0] * n
         active = list(range(n))
         for it in range(p["iterations"] + 1):
             rows = torch.tensor(active, device=dev)
             if fixed is None:
-                noise = draw_noise([gens[i] for i in active], tuple(z_f.shape[1:]), len(self.levels), dev)
+                noise = draw_noise(draws, active, tuple(z_f.shape[1:]), len(self.levels), iteration=it)
             else:
                 noise = type(fixed)(fixed.start[rows], [s[rows] for s in fixed.step],
                                     [b[rows] for b in fixed.background])
@@ -229,7 +229,7 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
                                    uncond.expand(len(active), -1, -1), p["guidance"], self.start_ab, self.levels,
                                    p["eta"], noise, checkpoint=p["checkpoint"])
                 dec = decoders(z0, rows)
-                img = to_size(straight_through_unit(dec), size_b)
+                img = resize_images(straight_through_unit(dec), size_b)
                 logits = clf.logits(img) if not last else None
             with torch.no_grad():
                 shown = img.detach().clamp(0, 1)
@@ -251,7 +251,7 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
             active = [active[j] for j in still]
 
         cf_all = torch.stack([res[0] for res in results])
-        bg_after = background_mse(to_size(cf_all, r).to(dev), x_r, pix_r).cpu()
+        bg_after = background_mse(resize_images(cf_all, r).to(dev), x_r, pix_r).cpu()
         outputs = []
         n_chain = len(self.levels) * unet_per_step
         for i in range(n):
@@ -264,7 +264,7 @@ automatic with demo:digits). Details and every open choice: docs/methods/eced.md
                 "region": "--region" if batch.masks is not None else f"{p['cam']}:{layer}",
                 "region_area": round(float(pix[i].mean()), 4), "latent_area": round(float(lat[i].mean()), 4),
                 "prompt": self._prompt(int(batch.targets[i])), "preserve_background": p["preserve_background"],
-                "bg_mse": round(float(bg_after[i]), 6), "model": m.model_id,
+                "bg_mse": round(float(bg_after[i]), 6), "model": m.spec,
             }
             if bgs is not None:
                 info.update({"bg_loss_first": round(bgs.loss_first[i], 6), "bg_loss_last": round(bgs.loss_last[i], 6),

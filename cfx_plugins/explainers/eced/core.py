@@ -1,5 +1,4 @@
-"""ECED's algorithms 2 and 3 on a latent text-to-image model
-(:class:`cfx_plugins.explainers.time.components.LatentT2I`).
+"""ECED's algorithms 2 and 3 on a latent text-to-image model (:class:`cfx_cli.models.LatentModel`).
 
 - :func:`preserve_background` (Alg. 2): Adam on the background latent z^bg and on a *copy* of the VAE decoder's
   weights, minimising the background MSE (eq. 12) of D(√α_0·z_init + √(1−α_0)·ε) against the input.
@@ -7,7 +6,9 @@
   differentiable w.r.t. z_init (optionally with gradient checkpointing per step).
 - :func:`prune` (Alg. 3, line 14; Proposition 1): the latent mask applied to the gradient.
 
-All noise math comes from :mod:`cfx_cli.diffusion`. Imported lazily by the explainer (torch at module level).
+All noise math comes from :mod:`cfx_cli.diffusion` (guidance, the per-image noise source), Adam from
+:mod:`cfx_cli.optim`, resizing from :func:`cfx_cli.images.resize_images`. Imported lazily by the explainer (torch at
+module level).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import re
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from cfx_cli.diffusion import ddim_step_from_alphas, q_sample_at, tweedie_x0
+from cfx_cli.diffusion.edict import edict_timesteps, step_levels
+from cfx_cli.diffusion.guidance import guided_eps_fn
+from cfx_cli.diffusion.noise import BatchNoise
 from cfx_cli.errors import UsageError
 
 
@@ -163,13 +166,14 @@ class Background:
 
 def preserve_background(vae, scaling: float, images: torch.Tensor, z_f: torch.Tensor, latent_mask: torch.Tensor,
                         pixel_mask: torch.Tensor, alpha0: float, iterations: int, lr_latent: float,
-                        lr_decoder: float, generators: list[torch.Generator]) -> Background:
+                        lr_decoder: float, noise: BatchNoise) -> Background:
     """Alg. 2 for a batch, each image with its own decoder copy and its own noise. ``images`` (N, 3, R, R) in
     [0, 1] at the model's resolution, ``z_f`` = E(images) (N, C, h, w), ``latent_mask`` M' (N, 1, h, w),
     ``pixel_mask`` M (N, 1, R, R) (1 = key region).
 
-    Each iteration draws a fresh ε, blends z_init = z^F⊙M' + z^bg⊙(1−M'), noises it to α_0 and decodes with the
-    copied decoder; one Adam (two parameter groups: z^bg and θ_D) minimises the background MSE (eq. 12)."""
+    Each iteration draws a fresh ε from ``noise`` (the batch's draws), blends z_init = z^F⊙M' + z^bg⊙(1−M'),
+    noises it to α_0 and decodes with the copied decoder; one Adam (two parameter groups: z^bg and θ_D) minimises
+    the background MSE (eq. 12)."""
     decoders = StackedDecoders(vae, scaling, len(images))
     z_bg = z_f.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([{"params": [z_bg], "lr": lr_latent},
@@ -178,7 +182,7 @@ def preserve_background(vae, scaling: float, images: torch.Tensor, z_f: torch.Te
     first = last = [float("nan")] * len(images)
     with torch.enable_grad():
         for i in range(iterations):
-            eps = torch.cat([torch.randn((1, *z_f.shape[1:]), generator=g) for g in generators]).to(z_f.device)
+            eps = noise.randn(range(len(images)), tuple(z_f.shape[1:]), "background_q_sample", (i,))
             z_init = z_f * m + z_bg * (1 - m)
             out = (decoders(q_sample_at(z_init, alpha0, eps)) + 1) / 2
             per_image = background_mse(out, images, pixel_mask)
@@ -208,8 +212,6 @@ def chain_levels(alphas_cumprod: torch.Tensor, final_alpha_cumprod: float, num_t
     """(ᾱ of the start level, the τ steps) of a ``steps``-step DDIM chain ("leading" spacing with
     ``offset``, as SD 1.x), entered at its τ-th level. The background is blended at the level the foreground
     reaches, and after the last step at α_0 = ᾱ[0] = 1 − β_0 (the supplement's B.4 / Alg. 2)."""
-    from cfx_cli.diffusion.edict import edict_timesteps, step_levels
-
     if not 1 <= tau <= steps:
         raise UsageError(f"eced: --set tau={tau} must be between 1 and steps={steps}")
     ts = edict_timesteps(steps, num_train, offset)[:tau]
@@ -232,13 +234,16 @@ class ChainNoise:
     background: list[torch.Tensor]  # τ × (N, C, h, w)
 
 
-def draw_noise(generators: list[torch.Generator], shape: tuple[int, ...], n_steps: int, device) -> ChainNoise:
-    """One image's draws come from its own generator only, so results do not depend on the batch."""
-    per = []
-    for g in generators:
-        per.append([torch.randn((1, *shape), generator=g) for _ in range(1 + 2 * n_steps)])
-    cat = [torch.cat([p[k] for p in per]).to(device) for k in range(1 + 2 * n_steps)]
-    return ChainNoise(start=cat[0], step=cat[1:1 + n_steps], background=cat[1 + n_steps:])
+def draw_noise(noise: BatchNoise, rows: list[int], shape: tuple[int, ...], n_steps: int,
+               iteration: int | None = None) -> ChainNoise:
+    """The draws of one pass of the chain for the images ``rows`` (of attack iteration ``iteration``; None: the
+    one set reused by every iteration, noise=fixed): z_τ's, then each step's DDIM noise, then each step's
+    background noise."""
+    at = () if iteration is None else (iteration,)
+    start = noise.randn(rows, shape, "chain_start", at)
+    step = [noise.randn(rows, shape, "chain_step", (*at, k)) for k in range(n_steps)]
+    background = [noise.randn(rows, shape, "chain_background", (*at, k)) for k in range(n_steps)]
+    return ChainNoise(start=start, step=step, background=background)
 
 
 def blended_chain(unet_eps, z_init: torch.Tensor, z_bg: torch.Tensor, latent_mask: torch.Tensor,
@@ -251,12 +256,10 @@ def blended_chain(unet_eps, z_init: torch.Tensor, z_bg: torch.Tensor, latent_mas
     m = latent_mask.to(z_init.dtype)
     z = q_sample_at(z_init, start_ab, noise.start)
 
+    guided = guided_eps_fn(unet_eps, cond, uncond, guidance) if uncond is not None and guidance != 1.0 else None
+
     def step(z_t, step_noise, bg_noise, level: Level):
-        if uncond is not None and guidance != 1.0:
-            eps_u, eps_c = unet_eps(torch.cat([z_t, z_t]), level.t, torch.cat([uncond, cond])).chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        else:
-            eps = unet_eps(z_t, level.t, cond)
+        eps = guided(z_t, level.t) if guided is not None else unet_eps(z_t, level.t, cond)
         ab_t = torch.tensor(level.ab_t, dtype=z_t.dtype, device=z_t.device)
         ab_prev = torch.tensor(level.ab_prev, dtype=z_t.dtype, device=z_t.device)
         x0 = tweedie_x0(z_t, eps, ab_t)
@@ -271,40 +274,11 @@ def blended_chain(unet_eps, z_init: torch.Tensor, z_bg: torch.Tensor, latent_mas
     return z
 
 
-def to_size(images: torch.Tensor, size: tuple[int, int], nearest: bool = False) -> torch.Tensor:
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    if nearest:
-        return F.interpolate(images, size=tuple(size), mode="nearest")
-    return F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-
-
 def straight_through_unit(images: torch.Tensor) -> torch.Tensor:
     """[−1, 1] decoder output → [0, 1], clamped in the forward pass, identity in the backward pass (a
     saturated pixel still receives the classifier's gradient)."""
     x = (images + 1) / 2
     return x + (x.clamp(0, 1) - x).detach()
-
-
-class AdamRows:
-    """Adam (β 0.9/0.999, ε 1e-8, bias-corrected) on rows of a tensor; rows that stop (flipped images) keep
-    their state untouched, so every image's trajectory is independent of the others."""
-
-    def __init__(self, like: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-        self.m = torch.zeros_like(like)
-        self.v = torch.zeros_like(like)
-        self.k = torch.zeros(like.shape[0], dtype=torch.long)
-        self.lr, self.betas, self.eps = lr, betas, eps
-
-    def step(self, param: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> None:
-        b1, b2 = self.betas
-        self.k[rows.cpu()] += 1
-        k = self.k[rows.cpu()].to(param.dtype).to(param.device).view(-1, *([1] * (param.ndim - 1)))
-        self.m[rows] = b1 * self.m[rows] + (1 - b1) * grad
-        self.v[rows] = b2 * self.v[rows] + (1 - b2) * grad * grad
-        m_hat = self.m[rows] / (1 - b1 ** k)
-        v_hat = self.v[rows] / (1 - b2 ** k)
-        param[rows] = param[rows] - self.lr * m_hat / (v_hat.sqrt() + self.eps)
 
 
 def attention_for_gradients(device: object):

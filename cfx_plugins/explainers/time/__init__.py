@@ -13,10 +13,11 @@ from typing import Any
 
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.models import model_for
+from cfx_cli.models.catalog import DEFAULT_MODELS
 from cfx_cli.params import Param
 
 from .cli import fit_time
-from .components import DEFAULT_MODEL
 from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS
 
 SMILE = "25:3,30:4,35:4,35:6"
@@ -58,7 +59,8 @@ FILE.json), `--tokens FILE` uses them, `--fit-data DIR` fits on the fly. Generat
 decode; resize to the classifier. Images that do not flip go on to the next (τ, w) of the schedule
 (smile: (25,3)(30,4)(35,4)(35,6); age: (30,4)(30,6)(35,4)(35,6)); params record the attempt used. Exact
 EDICT by default; edict=legacy reproduces the published code's level pairing (not exactly invertible).
-Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:latent (the default; the embedded demo).
+Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x/2.x; v-prediction is converted to ε) or demo:latent (the
+default; the embedded demo).
 """
 
     def __init__(self, context: ExplainContext) -> None:
@@ -83,7 +85,7 @@ Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x) or demo:latent (the default; t
         tokens, fit_data = settings.get("tokens"), settings.get("fit_data")
         fitted = T.fit_preset_of(tokens) if tokens else None
         if fit_data and not tokens:
-            fitted = FIT_AUTO_PRESETS.get(model or DEFAULT_MODEL)
+            fitted = FIT_AUTO_PRESETS.get(model or DEFAULT_MODELS["latent"])
         if fitted in cls.presets:
             how = f"the tokens {tokens} were" if tokens else "--fit-data is"
             return fitted, f"(the fit preset {how} fitted with)"
@@ -147,7 +149,6 @@ def build_generator(context: ExplainContext):
     from cfx_cli.params import resolve_params
 
     from . import tokens as T
-    from .components import load_latent_t2i
     from .fit import fit_time_tokens, install_artifact
     from .generate import TimeGenerator
 
@@ -170,14 +171,13 @@ def build_generator(context: ExplainContext):
     if tokens_file:
         vectors, meta = T.load_artifact(tokens_file)
         info = T.artifact_record(tokens_file, meta)
-        model_spec = context.model or meta.get("base_model")
-        model = load_latent_t2i(model_spec, context.device)
-        for note in T.check_artifact(meta, str(tokens_file), clf.labels, clf.spec, model.model_id,
+        model = _latent_model(context, context.model or meta.get("base_model"))
+        for note in T.check_artifact(meta, str(tokens_file), clf.labels, clf.spec, model.spec,
                                      model.embedding_dim):
             print(f"note: {note}", file=sys.stderr)
     else:
-        model = load_latent_t2i(context.model, context.device)
-        preset = context.params.get("fit_preset") or FIT_AUTO_PRESETS.get(model.model_id, "thesis")
+        model = _latent_model(context, context.model)
+        preset = context.params.get("fit_preset") or FIT_AUTO_PRESETS.get(model.spec, "thesis")
         overrides = {"preset": preset}
         if context.params.get("fit_iterations"):
             overrides["iterations"] = context.params["fit_iterations"]
@@ -191,6 +191,11 @@ def build_generator(context: ExplainContext):
         info = {"fitted_on": str(fit_data), "fit_preset": preset}
     install_artifact(model, vectors, meta)
     return TimeGenerator(model, meta), info
+
+
+def _latent_model(context: ExplainContext, spec: str | None):
+    # a private copy: TIME installs its tokens into the text encoder and routes calls to its --backend
+    return model_for(context, "latent", "time", spec=spec, fresh=True)
 
 
 @hookimpl

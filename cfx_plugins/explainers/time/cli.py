@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from cfx_cli.errors import UsageError
+from cfx_cli.models import DEFAULT_MODELS, load_model
 
 
 def fit_time(
@@ -37,12 +38,11 @@ def run_fit(*, data: str, out: str, classifier: str | None, model: str | None, s
     from cfx_cli.devices import resolve_device
     from cfx_cli.params import parse_set_options, resolve_params
 
-    from .components import DEFAULT_MODEL, load_latent_t2i
     from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS, fit_time_tokens
     from .tokens import artifact_paths, save_artifact
 
     spec = classifier or DEFAULT_SPEC
-    model = model or DEFAULT_MODEL
+    model = model or DEFAULT_MODELS["latent"]
     overrides = parse_set_options(set_options)
     if "preset" not in overrides:
         overrides["preset"] = FIT_AUTO_PRESETS.get(model, "thesis")
@@ -57,7 +57,7 @@ def run_fit(*, data: str, out: str, classifier: str | None, model: str | None, s
     clf = load_classifier(spec, ClassifierOptions(device=dev, labels=labels, trust_pickle=trust_pickle))
     t0 = time.monotonic()
     try:
-        m = load_latent_t2i(model, dev)
+        m = load_model(model, device=dev, expect="latent", method="cfx fit time")
         result = fit_time_tokens(data, clf, m, params, seed=seed)
     finally:
         clf.close()

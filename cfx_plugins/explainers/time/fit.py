@@ -64,9 +64,8 @@ def scan_training_images(data: str, classifier, model, chunk: int, stream) -> tu
     only predictions and the VAE posterior's mean/std are kept). → (ids, predicted, mean, std, skipped)."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
-    from cfx_cli.images import decode, discover, resize, to_uint8
+    from cfx_cli.images import decode, discover, resize, resize_images, to_uint8
     from cfx_cli.progress import Progress
 
     if not Path(data).is_dir():
@@ -90,9 +89,7 @@ def scan_training_images(data: str, classifier, model, chunk: int, stream) -> tu
                 q = to_uint8(resize(arr, size)).astype(np.float32) / 255.0
                 clf_in.append(torch.from_numpy(q).permute(2, 0, 1))
                 t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
-                if tuple(t.shape[-2:]) != (r, r):
-                    t = F.interpolate(t, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
-                model_in.append(t[0].clamp(0, 1))
+                model_in.append(resize_images(t, (r, r))[0].clamp(0, 1))
             if clf_in:
                 if size is None:  # size-agnostic classifier: each image at its own size
                     p = [int(classifier.predict_proba(x[None].to(model.device)).argmax(1)) for x in clf_in]
@@ -100,9 +97,9 @@ def scan_training_images(data: str, classifier, model, chunk: int, stream) -> tu
                 else:
                     preds.append(classifier.predict_proba(torch.stack(clf_in).to(model.device)).argmax(1).cpu())
                 with torch.no_grad():
-                    dist = model.vae.encode((torch.stack(model_in) * 2 - 1).to(model.device, model.vae.dtype))
-                means.append(dist.latent_dist.mean.float().cpu())
-                stds.append(dist.latent_dist.std.float().cpu())
+                    dist = model.latent_dist(torch.stack(model_in))
+                means.append(dist.mean.float().cpu())
+                stds.append(dist.std.float().cpu())
             bar.advance(len(items[start: start + chunk]))
     if not ids:
         raise UsageError(f"--data {data}: none of the {len(items)} images could be decoded ({skipped[0]})")
@@ -113,6 +110,7 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
                     progress_stream=None) -> FitResult:
     import torch
 
+    from cfx_cli.diffusion import q_sample_at
     from cfx_cli.progress import Progress
 
     from . import tokens as T
@@ -169,8 +167,7 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
                         z = (mean[b_sel] + std[b_sel] * eps0).to(dev) * model.scaling_factor
                         noise = torch.randn(z.shape, generator=gen).to(dev)
                         t = torch.randint(0, model.num_train_timesteps, (len(b_sel),), generator=gen)
-                        ab = model.alphas_cumprod[t].to(dev)[:, None, None, None]
-                        zt = ab.sqrt() * z + (1 - ab).sqrt() * noise
+                        zt = q_sample_at(z, model.alphas_cumprod[t].to(dev)[:, None, None, None], noise)
                         text = te(prompt_ids[b_grp.to(dev)])[0]
                         pred = model.unet_eps(zt, t.to(dev), text)
                         err = (pred - noise).pow(2).flatten(1).mean(1)
@@ -214,7 +211,7 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
         "tokens": {"context": ctx_names, "classes": class_tokens},
         "labels": labels,
         "classifier": classifier.describe(),
-        "base_model": model.model_id,
+        "base_model": model.spec,
         "embedding_dim": model.embedding_dim,
         # `cfx explain --tokens` applies the explain preset of the same name (digits) unless the user sets one
         "fit_preset": params.get("preset"),

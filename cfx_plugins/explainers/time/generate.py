@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from cfx_cli.diffusion.edict import edict_denoise, edict_invert, edict_timesteps, guided_eps_fn
+from cfx_cli.diffusion.edict import edict_denoise, edict_invert, edict_timesteps
+from cfx_cli.diffusion.guidance import guided_eps_fn
 from cfx_cli.errors import CfxError, UsageError
+from cfx_cli.images import resize_images
 
 
 def parse_schedule(text: str) -> list[tuple[int, float]]:
@@ -59,12 +61,9 @@ class TimeGenerator:
     def encode(self, images):
         """(N, 3, H, W) in [0, 1] → latents of the model's resolution."""
         import torch
-        import torch.nn.functional as F
 
         r = self.model.resolution
-        x = images.to(self.model.device, torch.float32)
-        if tuple(x.shape[-2:]) != (r, r):
-            x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
+        x = resize_images(images.to(self.model.device, torch.float32), (r, r))
         with torch.no_grad():
             return self.model.encode_images(x)
 
@@ -72,7 +71,6 @@ class TimeGenerator:
                         mode: str, out_size: tuple[int, int]):
         """One (τ, w) attempt for a batch; returns images (N, 3, *out_size) in [0, 1] on the CPU."""
         import torch
-        import torch.nn.functional as F
 
         m = self.model
         if not 1 <= tau <= steps:
@@ -88,7 +86,4 @@ class TimeGenerator:
             x, _ = edict_denoise(x, y, guided_eps_fn(m.unet_eps, tgt, src, g), ts, ratio, m.alphas_cumprod,
                                  m.final_alpha_cumprod, p)
             img = m.decode_latents(x).float()
-        if tuple(img.shape[-2:]) != tuple(out_size):
-            img = F.interpolate(img, size=tuple(out_size), mode="bilinear", align_corners=False,
-                                antialias=True)
-        return img.clamp(0, 1).cpu()
+        return resize_images(img, out_size).clamp(0, 1).cpu()
