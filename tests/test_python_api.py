@@ -25,11 +25,20 @@ def counterfactual_bytes(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((Path(run_dir) / "counterfactuals").glob("*.png"))}
 
 
-def cli_run(tmp_path: Path, method: str, *extra: str) -> Path:
-    out = tmp_path / f"cli-{method}"
-    proc = run_cfx("explain", *map(str, IMAGES), "--method", method, "--out", str(out), *extra)
-    assert proc.returncode == 0, proc.stderr
-    return out
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """``cfx explain`` of the three demo digits (a subprocess, as a user runs it), once per method per module."""
+    runs: dict[str, Path] = {}
+
+    def run(method: str) -> Path:
+        if method not in runs:
+            out = tmp_path_factory.mktemp("cli") / method
+            proc = run_cfx("explain", *map(str, IMAGES), "--method", method, "--out", str(out))
+            assert proc.returncode == 0, proc.stderr
+            runs[method] = out
+        return runs[method]
+
+    return run
 
 
 def test_import_cfx_imports_no_heavy_library():
@@ -66,8 +75,8 @@ def test_methods_and_params_describe_the_registry():
         cfx.method("nosuch")
 
 
-def test_pgd_equals_the_cli_and_flips_with_the_automatic_preset(tmp_path, capsys):
-    cli = cli_run(tmp_path, "pgd")
+def test_pgd_equals_the_cli_and_flips_with_the_automatic_preset(tmp_path, capsys, cli_run):
+    cli = cli_run("pgd")
     res = cfx.explain(IMAGES, method="pgd", classifier="demo:digits", out=tmp_path / "api")
     assert "preset 'digits'" in capsys.readouterr().err  # the CLI's automatic preset, and its note
     assert [r.status for r in res] == ["flipped"] * 3  # the issue: PGD without the preset did not flip
@@ -109,13 +118,13 @@ def test_results_hold_records_images_grid_and_html(tmp_path):
     assert not run_dir.exists()  # the temporary run directory goes with the results
 
 
-def test_a_torch_module_is_a_classifier_like_its_spec(tmp_path):
+def test_a_torch_module_is_a_classifier_like_its_spec(tmp_path, cli_run):
     from cfx_cli.demo import LABELS
     from cfx_cli.demo.classifier import load_pretrained
 
     module = load_pretrained().train()
     clf = cfx.TorchClassifier(module, labels=LABELS, input_size=16)
-    cli = cli_run(tmp_path, "pgd")
+    cli = cli_run("pgd")
     res = cfx.explain(IMAGES, method="pgd", classifier=clf, params={"preset": "digits"}, out=tmp_path / "m")
     assert counterfactual_bytes(tmp_path / "m") == counterfactual_bytes(cli)
     assert res.info["classifier"]["spec"].startswith("python:cfx._modules:")
@@ -150,34 +159,32 @@ def test_bad_inputs_are_one_line_usage_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_dime_in_memory_inputs_equal_the_cli(tmp_path):
+def test_dime_in_memory_inputs_equal_the_cli(tmp_path, cli_run):
     """DiME's noise depends on each image's seed, hence its id: PIL images opened from the files keep the file
     names, a tensor batch gets them from ``ids``; both give the CLI's PNGs byte for byte."""
     import torch
     from PIL import Image
 
-    cli = cli_run(tmp_path, "dime")
-    expected = counterfactual_bytes(cli)
-    paths = cfx.explain(IMAGES, method="dime", out=tmp_path / "paths")
-    assert counterfactual_bytes(tmp_path / "paths") == expected
+    cli = cli_run("dime")  # paths: test_notebook_example_runs_and_equals_the_cli
+    expected = cfx.load(cli)
     pil = cfx.explain([Image.open(p) for p in IMAGES], method="dime", out=tmp_path / "pil")
-    assert [r.id for r in pil] == [r.id for r in paths]  # the names of the files they were opened from
-    assert counterfactual_bytes(tmp_path / "pil") == expected
-    batch = torch.stack([r.original for r in paths])
+    assert [r.id for r in pil] == [r.id for r in expected]  # the names of the files they were opened from
+    assert counterfactual_bytes(tmp_path / "pil") == counterfactual_bytes(cli)
+    batch = torch.stack([r.original for r in expected])
     tensor = cfx.explain(batch, method="dime", ids=[p.stem for p in IMAGES])
-    for a, b in zip(tensor, paths, strict=True):
+    for a, b in zip(tensor, expected, strict=True):
         assert a.id == b.id and torch.equal(a.counterfactual, b.counterfactual)
 
 
 @pytest.mark.slow
-def test_notebook_example_runs_and_equals_the_cli(tmp_path):
+def test_notebook_example_runs_and_equals_the_cli(tmp_path, cli_run):
     env = {**os.environ, "CFX_EXAMPLE_OUT": str(tmp_path / "nb"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "notebook.py")], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "dime {'flip_rate': " in proc.stdout and "time {'flip_rate': " in proc.stdout  # the metric table
     for method in ("dime", "time"):
-        assert counterfactual_bytes(tmp_path / "nb" / method) == counterfactual_bytes(cli_run(tmp_path, method))
+        assert counterfactual_bytes(tmp_path / "nb" / method) == counterfactual_bytes(cli_run(method))
         assert (tmp_path / "nb" / f"{method}-grid.png").is_file()
         assert json.loads((tmp_path / "nb" / method / "eval.json").read_text())
 
