@@ -7,8 +7,10 @@ The pipeline modules import numpy, PIL and (when run) torch, so they are importe
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,23 +105,23 @@ def explain(
     from cfx_cli.explain.pipeline import run_explain  # numpy, PIL: only when called
 
     spec, module_clf = classifier_spec(classifier)
-    tmp = tempfile.TemporaryDirectory(prefix="cfx-")
+    tmp = Path(tempfile.mkdtemp(prefix="cfx-"))
     try:
-        run_dir = Path(out) if out is not None else Path(tmp.name) / "run"
-        inputs = input_paths(images, Path(tmp.name) / "inputs", ids)
+        run_dir = Path(out) if out is not None else tmp / "run"
+        inputs = input_paths(images, tmp / "inputs", ids)
         req = _request(inputs, method, target, spec, run_dir, batch_size, seed, device, params, limit, resume,
-                       overwrite, model, model_flags, labels, Path(tmp.name), trust_pickle, region,
+                       overwrite, model, model_flags, labels, tmp, trust_pickle, region,
                        RunOptions(backend=check_backend(backend), backend_precision=check_precision(precision)))
         with borrowed(module_clf):
             run_explain(req, progress)
         results = Results.load(run_dir)
     except BaseException:
-        tmp.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out is not None:
-        tmp.cleanup()
-    else:
-        results._keep.append(tmp)  # removed with the results (TemporaryDirectory's finalizer)
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:  # the run lives as long as the results (and is removed at exit at the latest)
+        weakref.finalize(results, shutil.rmtree, tmp, ignore_errors=True)
     if module_clf is not None:
         results._keep.append(module_clf)  # so that cfx.evaluate can load it again from run.json's spec
     return results

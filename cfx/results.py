@@ -88,7 +88,7 @@ class Results(Sequence[Result]):
     items: list[Result]
     run_dir: Path
     info: dict[str, Any] = field(default_factory=dict)
-    _keep: list[Any] = field(default_factory=list)  # the temporary directory and in-memory classifier, if any
+    _keep: list[Any] = field(default_factory=list)  # the in-memory classifier, if any (cfx.evaluate reloads it)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Results:
