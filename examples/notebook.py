@@ -5,7 +5,7 @@
 # and TIME (a text-to-image model with learned class tokens; black-box), compare both runs with the metrics,
 # and look at the results. This file is a notebook in percent format: open it in VS Code / PyCharm, or turn it
 # into a `.ipynb` with `jupytext --to ipynb examples/notebook.py`; `python examples/notebook.py` runs it as a
-# script (tests/test_python_api.py does). On 2 CPU cores it takes about 20 seconds.
+# script (tests/test_python_api.py does). On 2 CPU cores it takes about 15 seconds.
 
 # %%
 import os
