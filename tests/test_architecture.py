@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("cfx_cli", "cfx_plugins")
+PACKAGES = ("cfx", "cfx_cli", "cfx_plugins")
 MAX_CORE_LINES = 450
 
 
