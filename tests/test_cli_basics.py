@@ -134,7 +134,7 @@ def test_every_subpackage_is_packaged():
 
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = set()
-    for root, name in ((REPO / "cfx_cli", "cfx_cli"), (REPO / "cfx_plugins", "cfx_plugins")):
+    for root, name in ((REPO / "cfx", "cfx"), (REPO / "cfx_cli", "cfx_cli"), (REPO / "cfx_plugins", "cfx_plugins")):
         for init in root.rglob("__init__.py"):
             rel = init.parent.relative_to(root).parts
             found.add(".".join((name, *rel)))
