@@ -111,7 +111,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, {"protocol": "cfx-classifier/1", **self.server.classifier.describe()})
 
     def do_POST(self) -> None:  # noqa: N802
-
         if not self._authorized():
             self._discard_body()
             return
