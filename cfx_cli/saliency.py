@@ -220,7 +220,8 @@ def score_cam(module: Any, layer: str | None, images: torch.Tensor, classes: Any
     ``batch_size``: masked copies per forward pass (K per image in all). Returns float32 on ``images.device``.
     """
     import torch
-    import torch.nn.functional as F
+
+    from cfx_cli.images import resize_images  # numpy at its top: lazy like torch
 
     forward, _ = _forward_and_root(module)
     name, target = find_layer(module, layer)
@@ -240,8 +241,7 @@ def score_cam(module: Any, layer: str | None, images: torch.Tensor, classes: Any
         for i in range(n):
             for s in range(0, k, batch_size):
                 # upsample a chunk of channels at a time: K×H×W for every image at once would not fit in memory
-                up = F.interpolate(acts[i:i + 1, s:s + batch_size], size=(h, w), mode="bilinear",
-                                   align_corners=False)[0]  # (b, H, W)
+                up = resize_images(acts[i:i + 1, s:s + batch_size], (h, w), antialias=False)[0]  # (b, H, W)
                 flat = up.reshape(up.shape[0], -1)
                 lo, hi = flat.min(1).values, flat.max(1).values
                 live = hi > lo
@@ -260,7 +260,8 @@ def grad_cam(module: Any, layer: str | None, images: torch.Tensor, classes: Any)
     resolution, bilinearly upsampled to H×W, min–max normalised per image. Same arguments as :func:`score_cam`.
     """
     import torch
-    import torch.nn.functional as F
+
+    from cfx_cli.images import resize_images  # numpy at its top: lazy like torch
 
     forward, _ = _forward_and_root(module)
     name, target = find_layer(module, layer)
@@ -276,7 +277,7 @@ def grad_cam(module: Any, layer: str | None, images: torch.Tensor, classes: Any)
     acts, grads = _feature_maps(out.detach(), name), _feature_maps(grads, name)
     weights = grads.float().mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * acts.float()).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    cam = resize_images(cam, (h, w), antialias=False)[:, 0]
     return _normalise(cam)
 
 

@@ -15,9 +15,10 @@ from cfx_cli.demo import RESOLUTION
 def load_split(resolution: int = RESOLUTION) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_train, y_train, x_test, y_test); x float32 (N, 3, R, R) in [0, 1], y int64."""
     import torch
-    import torch.nn.functional as F
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
+    from cfx_cli.images import resize_images  # numpy at its top: lazy like torch
 
     digits = load_digits()
     x = digits.images.astype(np.float32) / 16.0
@@ -26,7 +27,7 @@ def load_split(resolution: int = RESOLUTION) -> tuple[np.ndarray, np.ndarray, np
 
     def up(a: np.ndarray) -> np.ndarray:
         t = torch.from_numpy(a)[:, None]
-        t = F.interpolate(t, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        t = resize_images(t, (resolution, resolution), antialias=False)
         return t.clamp(0, 1).repeat(1, 3, 1, 1).numpy()
 
     return up(x_tr), y_tr, up(x_te), y_te

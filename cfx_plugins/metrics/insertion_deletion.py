@@ -30,6 +30,7 @@ import numpy as np
 from cfx_cli import saliency
 from cfx_cli.errors import MetricUnavailable, UsageError
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.images import resize_images
 from cfx_cli.metrics import Metric
 
 #: the authors' number of steps (CausalMetrics.py: ``steps=14 * 14``)
@@ -94,7 +95,6 @@ def causal_curves(classifier: Any, images, maps, classes=None, mode: str = "inse
     ``images``: (N, 3, H, W) in [0, 1]; ``maps``: (N, h, w), any resolution (upsampled nearest to H×W for the
     masks); ``classifier``: anything with ``predict_proba`` (black boxes too)."""
     import torch
-    import torch.nn.functional as F
 
     if mode not in MODES:
         raise UsageError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
@@ -114,7 +114,7 @@ def causal_curves(classifier: Any, images, maps, classes=None, mode: str = "inse
     order = torch.sort(flat, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(cells).expand(n, -1).contiguous())
-    rank = F.interpolate(rank.view(n, 1, *maps.shape[1:]).float(), size=(h, w), mode="nearest")  # (N, 1, H, W)
+    rank = resize_images(rank.view(n, 1, *maps.shape[1:]).float(), (h, w), nearest=True)  # (N, 1, H, W)
     counts = torch.linspace(0, cells, steps + 1)
     damaged = corrupted(images, substrate, fill)
     out = torch.empty(n, steps + 1)

@@ -91,17 +91,19 @@ class ClipSegRegion(RegionSource):
         """sigmoid(CLIPSeg logits) for the (H, W, 3) float image, bilinearly resized to ``size`` (H, W)."""
         import numpy as np
         import torch
-        import torch.nn.functional as F
         from PIL import Image
 
-        from cfx_cli.images import to_uint8
+        from cfx_cli.images import (
+            resize_images,  # numpy at its top: lazy like torch
+            to_uint8,
+        )
 
         processor, model, cond = self._load()
         pixels = processor.image_processor(images=[Image.fromarray(to_uint8(image))], return_tensors="pt")
         with torch.no_grad():
             logits = model(pixel_values=pixels["pixel_values"].to(self.device), conditional_embeddings=cond).logits
         logits = logits.reshape(1, 1, *logits.shape[-2:]).float()
-        probs = F.interpolate(torch.sigmoid(logits), size=tuple(size), mode="bilinear", align_corners=False)
+        probs = resize_images(torch.sigmoid(logits), tuple(size), antialias=False)
         return probs[0, 0].cpu().numpy().astype(np.float64)
 
     def mask_for(self, item, size, image=None, classifier=None):

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from cfx_cli.errors import UsageError
+from cfx_cli.images import resize_images
 from cfx_plugins.classifiers.hit.model import HiT
 
 
@@ -71,4 +71,4 @@ def rollout_maps(classifier: Any, images: torch.Tensor) -> torch.Tensor:
 
 def to_image(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, h, w) patch maps → (B, H, W), each patch's value over its pixels (nearest)."""
-    return F.interpolate(maps[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
+    return resize_images(maps[:, None].float(), tuple(size), nearest=True)[:, 0]
