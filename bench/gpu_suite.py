@@ -187,12 +187,12 @@ def write_tokens(work: Path, model_spec: str, classifier_spec: str, labels: list
     ctx = T.context_token_names(n)
     classes = {label: T.class_token_names(k, n) for k, label in enumerate(labels)}
     g = torch.Generator().manual_seed(0)
-    vectors = {n: 0.01 * torch.randn(model.embedding_dim, generator=g)
-               for n in ctx + [n for v in classes.values() for n in v]}
-    st, _ = T.save_artifact(work / f"tokens-{model_spec.split(':')[0]}", vectors, {"tokens": {"context": ctx, "classes": classes}, "labels": labels,
-                                    "classifier": {"spec": classifier_spec}, "base_model": model.spec,
-                                    "embedding_dim": model.embedding_dim, "fit_preset": None,
-                                    "prompts": {"context": fit["context_prompt"], "class": fit["class_prompt"]}})
+    vectors = {name: 0.01 * torch.randn(model.embedding_dim, generator=g)
+               for name in ctx + [name for v in classes.values() for name in v]}
+    meta = {"tokens": {"context": ctx, "classes": classes}, "labels": labels, "classifier": {"spec": classifier_spec},
+            "base_model": model.spec, "embedding_dim": model.embedding_dim, "fit_preset": None,
+            "prompts": {"context": fit["context_prompt"], "class": fit["class_prompt"]}}
+    st, _ = T.save_artifact(work / f"tokens-{model_spec.split(':')[0]}", vectors, meta)
     return st
 
 
@@ -297,8 +297,8 @@ def count_method_flops(method: Method, setup: dict, work: Path) -> int:
 
 def matmul_peak(device: str) -> tuple[float, str]:
     if device.startswith("cuda"):
-        from time_sd_backends import matmul_peak as dense_peak
         import torch
+        from time_sd_backends import matmul_peak as dense_peak
 
         return dense_peak(device, torch.bfloat16), "bf16 dense matmul 8192³ (median)"
     peak = measure_sgemm_peak(sizes=(512, 1024), repeats=3, min_seconds=0.02)
