@@ -5,7 +5,7 @@
 
 Models have random weights with the published shapes, built once into ``--work`` (default: a temporary folder):
 
-  dime  ADM 128² (DiME's CelebA flags, catalog.py), preset celeba (τ = 60 of 200 respaced steps)
+  dime  ADM 128² (DiME's CelebA flags, catalog.py), preset celeba (τ = 60 of 200 respaced steps, VGG19 loss)
   ace   ADM 256² (ACE's CelebA-HQ flags), preset celebahq (respacing 25, τ = 5, 50 iterations)
   rcsb  I2SB 256² bridge (I2SB's ADM flags, JSON sidecar), preset A (τ = 0.6, 100 NFE), region auto
   time  SD-1.x at 512² (bench/make_random_sd.py), τ = 35 of 50 steps, w = 4, random tokens
@@ -142,6 +142,20 @@ def build_adm(work: Path, name: str, flags: str) -> str:
     return f"adm:{path}"
 
 
+def build_vgg(work: Path) -> Path:
+    """DiME's perceptual network (VGG19 ``features[:18]``, the celeba preset's layer) with random weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cfx_plugins.explainers.dime import build_vgg19_features
+
+    path = work / "vgg19.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        save_file({k: v.contiguous() for k, v in build_vgg19_features(18).state_dict().items()}, str(path))
+    return path
+
+
 def build_i2sb(work: Path) -> str:
     """An I2SB checkpoint of the published network (``{"net": state dict}``) with its options as JSON."""
     import torch
@@ -245,6 +259,8 @@ def explain(method: Method, setup: dict, out: Path, limit: int, batch: int, prec
     params = dict(method.params)
     if method.name == "time":
         params["tokens"] = str(setup["tokens"])
+    if method.name == "dime" and "vgg" in setup:
+        params["perc_weights"] = str(setup["vgg"])
     backend = method.backend and (precision != "fp32" or compile_)
     options = RunOptions(backend="torch" if backend else "auto", backend_precision=precision if backend else "fp32",
                          compile=compile_ if backend else False)
@@ -323,6 +339,8 @@ def prepare(args, work: Path, methods: list[Method]) -> dict:
     for m in methods:
         if m.model == "adm128" or m.model == "adm256":
             models[m.model] = build_adm(work, m.model, m.flags or "")
+    if any(m.name == "dime" for m in methods):
+        setup["vgg"] = build_vgg(work)
     if "i2sb256" in wanted:
         models["i2sb256"] = build_i2sb(work)
     if "sd" in wanted:
