@@ -351,6 +351,14 @@ def prepare(args, work: Path, methods: list[Method]) -> dict:
     return setup
 
 
+def memory_per_image(rows: list[dict], big: int) -> dict[str, float]:
+    """GiB per image of each method: the fp32 peak's growth from batch 1 to batch ``big``, ÷ (big − 1)."""
+    peaks = {(r["method"], r["batch"]): r["peak_memory_gib"] for r in rows
+             if r.get("status") == "ok" and r.get("precision") == "fp32" and "peak_memory_gib" in r}
+    return {m: round((peaks[m, big] - peaks[m, 1]) / (big - 1), 3) for m, b in peaks
+            if b == 1 and (m, big) in peaks and big > 1}
+
+
 def table(rows: list[dict]) -> str:
     ref = {r["method"]: r["seconds"] for r in rows if r["variant"] == "fp32" and r.get("status") == "ok"}
     lines = ["| method | variant | s / explanation | vs fp32 b1 | peak GiB | GFLOPs / expl. | share of peak |",
@@ -429,14 +437,19 @@ def main(argv: list[str] | None = None) -> int:
                     row["share_of_peak"] = round(flops / row["seconds"] / peak, 5) if row["seconds"] else None
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+    memory = memory_per_image(rows, big)
     device_name = torch.cuda.get_device_name(args.device) if cuda else "cpu"
     result = {"device": device_name, "tiny": args.tiny, "quick": args.quick, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "matmul_peak_flops": peak, "matmul_peak": peak_what,
               "build_seconds": round(t_built - t_start, 2),
-              "total_seconds": round(time.perf_counter() - t_start, 2), "rows": rows}
+              "total_seconds": round(time.perf_counter() - t_start, 2), "memory_per_image_gib": memory,
+              "rows": rows}
     print(f"device {device_name}; peak {peak / 1e12:.3g} TFLOP/s ({peak_what}); "
           f"total {result['total_seconds']} s (models built in {result['build_seconds']} s)")
     print(table(rows))
+    if memory:
+        print("memory per image (GiB, fp32, peak growth from batch 1 to batch "
+              f"{big}): " + ", ".join(f"{m} {v}" for m, v in memory.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return 0 if all(r.get("status") == "ok" or str(r.get("status")).startswith(("n/a", "skipped")) for r in rows) \

@@ -45,3 +45,14 @@ def test_resnet50_classifier_has_the_published_shape():
     assert sum(p.numel() for p in net.parameters()) == 23_512_130  # ResNet-50's 25.6 M minus its 1000-class head
     with torch.no_grad():
         assert net(torch.rand(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_memory_per_image_is_the_peak_growth_per_added_image():
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_suite import memory_per_image
+
+    rows = [{"method": "ace", "batch": 1, "status": "ok", "precision": "fp32", "peak_memory_gib": 10.0},
+            {"method": "ace", "batch": 4, "status": "ok", "precision": "fp32", "peak_memory_gib": 13.0},
+            {"method": "ace", "batch": 4, "status": "ok", "precision": "fp16", "peak_memory_gib": 11.0},
+            {"method": "rcsb", "batch": 1, "status": "ok", "precision": "fp32", "peak_memory_gib": 1.0}]
+    assert memory_per_image(rows, 4) == {"ace": 1.0}  # rcsb has no batch-4 row: no estimate
