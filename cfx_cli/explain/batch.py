@@ -3,6 +3,7 @@ inputs into manifest records. :func:`build_worker` is the only place they are bu
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
 from collections.abc import Callable
@@ -252,8 +253,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _free_memory() -> None:
-    import gc
-
     import torch
 
     gc.collect()  # the failed attempt's activations are unreachable once its frames are gone
