@@ -19,19 +19,21 @@ ECED ``early_stop=false``), so every variant of a method does the same work.
 
 Every explanation goes through ``cfx_cli.explain`` (the pipeline ``cfx explain`` runs: request resolution, the
 batch worker, PNGs, the manifest). Per method: one fp32 batch-1 run of one image under torch's FlopCounterMode
-(``bench/flops.py``: matmul/conv/attention FLOPs, forward and backward) that also loads the models; then per
-variant ``--images`` batches (the first is a warm-up, excluded; compile runs compile there). Seconds per
-explanation = the median of the manifest's per-image ``seconds`` of the timed batches (classification and the
-explanation, not PNG writing or loading). Peak memory = ``torch.cuda.max_memory_allocated`` over the variant
-(models included); memory per image = the peak's growth from batch 1 to the bigger batch. The share of peak
-divides FLOPs per explanation ÷ seconds by the device's measured dense matmul rate (bf16 on CUDA, 8192³; fp32
-sgemm on a CPU) — one reference for every row, so rows compare.
+(``bench/flops.py``: matmul/conv/attention FLOPs, forward and backward) that also loads the models and warms
+them up; then per variant ``--batches`` batches (default 1; a compile variant runs one more first, where it
+compiles, excluded). Seconds per explanation = the median of the manifest's per-image ``seconds`` of the timed
+batches (classification and the explanation, not PNG writing or loading). Peak memory =
+``torch.cuda.max_memory_allocated`` over the variant (models included); memory per image = the fp32 peak's growth
+from batch 1 to the bigger batch. The share of peak divides FLOPs per explanation ÷ seconds by the device's
+measured dense matmul rate (bf16 on CUDA, 8192³; fp32 sgemm on a CPU): one reference for every row.
 
-Variants: ``fp32`` (eager, the published regime: the reference of every ratio), ``fp32_bB``, ``fp16``, ``bf16``,
-``fp16_bB``, ``fp16_graphs`` (``--compile --compile-mode reduce-overhead``, CUDA only). RCSB and ECED refuse
-``--precision``/``--compile`` (``uses_backend`` is false): those rows say so. ``--budget S`` (default 450 s)
-splits the time between methods; a method's variants that would start past its share are recorded as skipped,
-so the suite ends in time whatever the device. ``--quick`` shortens DiME (τ 20) and ECED (T₂ 5, N 20).
+Variants, in the order they run: ``fp32`` (eager, the published regime: the reference of every ratio),
+``fp16_graphs`` (``--precision fp16 --compile --compile-mode reduce-overhead``, CUDA only), ``fp16``, ``fp32_bB``,
+``fp16_bB``, ``bf16``. RCSB, ECED and PGD refuse ``--precision``/``--compile`` (``uses_backend`` is false): those
+rows say so. ``--budget S`` (default 450 s) splits the time between methods (each gets the time left ÷ the methods
+left, so what a cheap method leaves goes to the next; ECED, the dearest, runs last); a method's variants that
+would start past its share are recorded as skipped, so the suite ends close to its budget whatever the device
+(one variant may overrun). ``--quick`` shortens DiME (τ 20) and ECED (T₂ 5, N 20).
 """
 
 from __future__ import annotations
@@ -78,16 +80,17 @@ class Method:
 
 
 def published_methods() -> list[Method]:
+    """Cheapest first: each method's budget share grows by what the earlier ones left (ECED last)."""
     return [
-        Method("dime", 128, "adm128", {"preset": "celeba", "scales": "8.0"}, True, {"tau": 20},
-               flags=_catalog_flags("DiME CelebA ADM (128, 500 steps)")),
+        Method("pgd", 256, None, {}, False),
+        Method("time", 512, "sd", {"schedule": "35:4", "steps": 50}, True),
         Method("ace", 256, "adm256", {"preset": "celebahq"}, True,
                flags=_catalog_flags("ACE CelebA-HQ ADM (256, 500 steps)")),
         Method("rcsb", 256, "i2sb256", {"preset": "A"}, False),
-        Method("time", 512, "sd", {"schedule": "35:4", "steps": 50}, True),
+        Method("dime", 128, "adm128", {"preset": "celeba", "scales": "8.0"}, True, {"tau": 20},
+               flags=_catalog_flags("DiME CelebA ADM (128, 500 steps)")),
         Method("eced", 512, "sd", {"preset": "celebahq", "early_stop": False}, False,
                {"iterations": 5, "bg_iterations": 20}),
-        Method("pgd", 256, None, {}, False),
     ]
 
 
@@ -236,10 +239,12 @@ class Variant:
 
 
 def variants(big_batch: int, cuda: bool) -> list[Variant]:
-    out = [Variant("fp32", 1), Variant(f"fp32_b{big_batch}", big_batch), Variant("fp16", 1, "fp16"),
-           Variant("bf16", 1, "bf16"), Variant(f"fp16_b{big_batch}", big_batch, "fp16")]
+    """In the order they run: the reference, the fast path, then the rest (the budget may cut the tail)."""
+    out = [Variant("fp32", 1)]
     if cuda:  # CUDA graphs; inductor's CPU compile would take minutes here and measure nothing of interest
         out.append(Variant("fp16_graphs", 1, "fp16", "reduce-overhead"))
+    out += [Variant("fp16", 1, "fp16"), Variant(f"fp32_b{big_batch}", big_batch),
+            Variant(f"fp16_b{big_batch}", big_batch, "fp16"), Variant("bf16", 1, "bf16")]
     return out
 
 
@@ -293,11 +298,12 @@ def run_variant(method: Method, variant: Variant, setup: dict, work: Path, batch
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     t0 = time.perf_counter()
-    records = explain(method, setup, work / "runs" / f"{method.name}-{variant.name}", variant.batch * batches,
-                      variant.batch, variant.precision, variant.compile)
+    warmup = 1 if variant.compile else 0  # the compiling batch
+    records = explain(method, setup, work / "runs" / f"{method.name}-{variant.name}",
+                      variant.batch * (batches + warmup), variant.batch, variant.precision, variant.compile)
     sync(device)
     wall = time.perf_counter() - t0
-    timed = [r for r in records[variant.batch:] if r["status"] != "skipped"] or records  # first batch: warm-up
+    timed = [r for r in records[variant.batch * warmup:] if r["status"] != "skipped"] or records
     row.update(status="ok", images=len(records), wall_seconds=round(wall, 3),
                seconds=round(statistics.median(r["seconds"] for r in timed), 4),
                warmup_seconds=records[0]["seconds"], nfe=records[0].get("nfe"))
@@ -383,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="", help="comma list (default: all)")
     ap.add_argument("--variants", default="", help="comma list of variant names (default: all)")
     ap.add_argument("--batch", type=int, default=None, help="the bigger batch (default 4; 2 with --tiny)")
-    ap.add_argument("--batches", type=int, default=2, help="batches per variant (the first is a warm-up)")
+    ap.add_argument("--batches", type=int, default=1, help="timed batches per variant (compile: +1 to compile)")
     ap.add_argument("--budget", type=float, default=450.0, help="seconds for the whole suite (split per method)")
     ap.add_argument("--work", default=None, help="folder for the built models and runs (reused if present)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -414,10 +420,10 @@ def main(argv: list[str] | None = None) -> int:
         setup = prepare(args, work, methods)
         t_built = time.perf_counter()
         peak, peak_what = matmul_peak(args.device)
-        share = (args.budget - (time.perf_counter() - t_start)) / max(len(methods), 1)
         rows: list[dict] = []
-        for method in methods:
+        for k, method in enumerate(methods):
             t_method = time.perf_counter()
+            share = (args.budget - (t_method - t_start)) / (len(methods) - k)
             try:
                 flops = count_method_flops(method, setup, work)
             except Exception as exc:  # a method that cannot run here fails its rows, never the suite
