@@ -18,7 +18,9 @@ from typing import Any, TextIO
 
 from cfx._inputs import TorchClassifier, borrowed, classifier_spec, input_paths
 from cfx.results import Results
+from cfx_cli.classify import classify_inputs
 from cfx_cli.demo import IMAGES_DIR
+from cfx_cli.devices import resolve_device
 from cfx_cli.explainers import RunOptions
 from cfx_cli.plugins import get_explainer_class, get_registry
 
@@ -101,6 +103,7 @@ def explain(
         cfx_cli.errors.UsageError: a bad request (unknown method or parameter, missing inputs...), before any
             model is loaded. A bad input image fails its own record (``status == "error"``), not the call.
     """
+    # lazy although light: cli_support imports typer and click, which `import cfx` does not need
     from cfx_cli.cli_support import check_backend, check_precision
     from cfx_cli.explain.pipeline import run_explain  # numpy, PIL: only when called
 
@@ -187,7 +190,6 @@ def evaluate(
         One dict per run, ``{"run": NAME, "path": RUN_DIR, "n": ..., "flipped": ..., METRIC: VALUE, ...}``.
         A metric that cannot run on a run is left out of its row, with a warning saying why.
     """
-    from cfx_cli.devices import resolve_device
     from cfx_cli.evaluate import evaluate as evaluate_runs  # numpy: only when called
     from cfx_cli.evaluate import save_eval_json
     from cfx_cli.report import REPORT_NAME, write_run_report
@@ -236,8 +238,6 @@ def classify(
         written to), ``label`` and ``probabilities`` (label → p), or ``error`` (with ``label`` None) for an input
         that could not be read or classified.
     """
-    from cfx_cli.classify import classify_inputs
-
     spec, module_clf = classifier_spec(classifier)
     with tempfile.TemporaryDirectory(prefix="cfx-") as tmp:
         inputs = input_paths(images, Path(tmp) / "inputs", ids)

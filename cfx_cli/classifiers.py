@@ -13,11 +13,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from cfx_cli.errors import ClassifierError, UsageError
+from cfx_cli.plugins import get_registry
 
 if TYPE_CHECKING:
     import torch
 
 DEFAULT_SPEC = "demo:digits"
+#: the ImageNet normalisation (torchvision's and timm's IMAGENET_DEFAULT_MEAN/STD): HiT's default, the embedding
+#: metrics, DiME's VGG loss
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -112,8 +117,6 @@ def spec_scheme(spec: str) -> str:
 
 
 def get_adapter(spec: str) -> ClassifierAdapter:
-    from cfx_cli.plugins import get_registry
-
     scheme = spec_scheme(spec)
     adapters = get_registry().classifier_adapters
     if scheme not in adapters:

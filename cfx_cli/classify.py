@@ -5,6 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cfx_cli.classifiers import (
+    DEFAULT_SPEC,
+    ClassifierOptions,
+    load_classifier,
+    predict_partly,
+    read_labels_file,
+)
+from cfx_cli.devices import resolve_device
 from cfx_cli.errors import CfxError, InputError
 
 
@@ -12,14 +20,6 @@ def classify_inputs(inputs, spec, labels_file, device, batch_size, trust_pickle)
     import numpy as np
     import torch
 
-    from cfx_cli.classifiers import (
-        DEFAULT_SPEC,
-        ClassifierOptions,
-        load_classifier,
-        predict_partly,
-        read_labels_file,
-    )
-    from cfx_cli.devices import resolve_device
     from cfx_cli.images import decode, discover, resize
 
     items = discover(inputs)

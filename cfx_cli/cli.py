@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 
 from cfx_cli import __version__
+from cfx_cli.backends.accelerate import accelerate_model
+from cfx_cli.classify import classify_inputs, render_table
 from cfx_cli.cli_support import (
     FitGroup,
     RootGroup,
@@ -21,8 +23,15 @@ from cfx_cli.cli_support import (
     plugin_commands,
     show,
 )
+from cfx_cli.devices import resolve_device
 from cfx_cli.errors import CfxError, UsageError
+from cfx_cli.explainers import RunOptions
+from cfx_cli.models import load_model
+from cfx_cli.models.catalog import collect, describe, render_text
+from cfx_cli.params import parse_set_options
+from cfx_cli.plugins import get_explainer_class, get_registry
 from cfx_cli.quiet import configure_cli_output, debug_enabled
+from cfx_cli.serve import serve as serve_classifier
 
 app = typer.Typer(
     name="cfx",
@@ -90,9 +99,6 @@ def explain(
     """Explain every image: write counterfactuals and a manifest into a run directory."""
     from cfx_cli.explain.pipeline import run_explain, run_explain_seeds
     from cfx_cli.explain.request import ExplainRequest
-    from cfx_cli.explainers import RunOptions
-    from cfx_cli.params import parse_set_options
-    from cfx_cli.plugins import get_registry
 
     get_registry()  # one-line warnings for broken plugins, before any work
     cfg = load_config(config)
@@ -157,7 +163,6 @@ def eval_(
 ) -> None:
     """Compute metrics for one or more runs, side by side; also saves each run's RUN_DIR/eval.json
     and rewrites its RUN_DIR/report.html to show them."""
-    from cfx_cli.devices import resolve_device
     from cfx_cli.evaluate import evaluate, render, save_eval_json
     from cfx_cli.report import REPORT_NAME, write_run_report
 
@@ -250,8 +255,6 @@ def classify(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle")] = False,
 ) -> None:
     """Classify images and print the label and probabilities of each."""
-    from cfx_cli.classify import classify_inputs
-
     if fmt not in ("table", "json"):
         raise UsageError(f"--format {fmt!r}: expected table or json")
     results, failed = classify_inputs(inputs, classifier, labels, device, batch_size, trust_pickle)
@@ -259,8 +262,6 @@ def classify(
         typer.echo(json.dumps(results, indent=2))
     else:
         from rich.console import Console
-
-        from cfx_cli.classify import render_table
 
         render_table(results, Console())
     raise typer.Exit(1 if failed else 0)
@@ -278,8 +279,6 @@ def serve(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not log one line per request.")] = False,
 ) -> None:
     """Serve a classifier over the HTTP protocol (set CFX_HTTP_TOKEN to require a bearer token)."""
-    from cfx_cli.serve import serve as serve_classifier
-
     if not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: expected 0-65535")
     serve_classifier(classifier, host, port, labels, device, trust_pickle, quiet=quiet)
@@ -292,8 +291,6 @@ def plugins(
 ) -> None:
     """List installed plugins, their versions, what they register and load errors."""
     from dataclasses import asdict
-
-    from cfx_cli.plugins import get_registry
 
     plugin_commands(ctx)  # so that each plugin's commands are listed
     reg = get_registry(warn=False)
@@ -323,15 +320,12 @@ def methods(
     name: Annotated[str | None, typer.Argument(help="Show one method's parameters and presets.")] = None,
 ) -> None:
     """List explainers, or show one method's documented hyperparameters."""
-    from cfx_cli.plugins import get_registry
-
     reg = get_registry()
     if name is None:
         for n, (cls, plugin) in sorted(reg.explainers.items()):
             kind = "white-box (needs gradients)" if "gradients" in cls.requires else "black-box"
             typer.echo(f"{n:12s} {kind:28s} {cls.summary}  [{plugin}]")
         return
-    from cfx_cli.plugins import get_explainer_class
 
     cls = get_explainer_class(name)
     typer.echo(f"{name}: {cls.summary}")
@@ -355,8 +349,6 @@ def methods(
 @app.command()
 def metrics() -> None:
     """List the installed metrics and what each needs."""
-    from cfx_cli.plugins import get_registry
-
     for n, (cls, plugin) in sorted(get_registry().metrics.items()):
         needs = ", ".join(sorted(cls.needs)) or "run directory only"
         default = "default" if cls.default else "opt-in"
@@ -372,12 +364,7 @@ def models(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow pickled checkpoints.")] = False,
 ) -> None:
     """List generative models (embedded demo ones, the papers' checkpoints, cached hub models) and cached hf: classifiers."""
-    from cfx_cli.models.catalog import collect, describe, render_text
-
     if spec:
-        from cfx_cli.devices import resolve_device
-        from cfx_cli.models import load_model
-
         info = describe(load_model(spec, model_flags, resolve_device(device), trust_pickle), spec)
         typer.echo(json.dumps(info, indent=2) if as_json else
                    "\n".join(f"{k:12s} {v}" for k, v in info.items()))
@@ -400,8 +387,6 @@ def accelerate(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading pickled checkpoints (runs their code).")] = False,
 ) -> None:
     """Prebuild and validate an accelerated UNet for MODEL (export, cache, parity gate against torch)."""
-    from cfx_cli.backends.accelerate import accelerate_model
-
     if backend not in ("onnx", "tensorrt"):
         raise UsageError(f"--backend {backend!r}: cfx accelerate builds onnx or tensorrt")
     if precision not in ("fp32", "fp16"):

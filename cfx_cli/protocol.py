@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from cfx_cli.classifiers import Classifier, PartialClassifierError
+from cfx_cli.classifiers import Classifier, PartialClassifierError, check_probabilities
 from cfx_cli.errors import ClassifierError, UsageError
 
 if TYPE_CHECKING:  # numpy and torch are imported where used: plugins import this module at registration
@@ -43,6 +43,15 @@ class Option:
     default: Any
     help: str
     env: str | None = None
+
+
+def answer_options(who: str) -> tuple[Option, Option]:
+    """The options of every remote adapter about ``who``'s answers (``who``: "program", "server")."""
+    return (
+        Option("logits", "bool", None, f"the {who} answers logits: softmax them (default false)"),
+        Option("size", "size", None, f"resize inputs to N or HxW before sending (default: the {who}'s "
+                                     "input_size field, else unchanged)"),
+    )
 
 
 def split_options(spec: str) -> tuple[str, dict[str, str]]:
@@ -185,8 +194,6 @@ def parse_answer(body: bytes | str, n_images: int, n_labels: int | None, source:
     ``{"error": ...}`` and anything malformed raise :class:`ClassifierError` quoting what was wrong.
     """
     import torch
-
-    from cfx_cli.classifiers import check_probabilities
 
     try:
         obj = json.loads(body)

@@ -18,7 +18,10 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from cfx_cli.classifiers import Classifier
+from cfx_cli.classifiers import Classifier, ClassifierOptions, load_classifier, read_labels_file
+from cfx_cli.devices import resolve_device
+from cfx_cli.errors import CfxError, UsageError
+from cfx_cli.protocol import TOKEN_ENV, decode_image
 
 MAX_REQUEST_BYTES = 256 * 1024 * 1024
 MAX_IMAGES = 4096
@@ -48,7 +51,6 @@ class ClassifierServer(ThreadingHTTPServer):
         import torch
 
         from cfx_cli.images import resize
-        from cfx_cli.protocol import decode_image
 
         clf = self.classifier
         arrays = []
@@ -109,8 +111,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(HTTPStatus.OK, {"protocol": "cfx-classifier/1", **self.server.classifier.describe()})
 
     def do_POST(self) -> None:  # noqa: N802
-        from cfx_cli.errors import CfxError
-
         if not self._authorized():
             self._discard_body()
             return
@@ -164,11 +164,6 @@ def serve(spec: str, host: str, port: int, labels_file: str | None, device: str,
           quiet: bool = False) -> None:
     """Load the classifier, print where it is served, and serve until interrupted."""
     import os
-
-    from cfx_cli.classifiers import ClassifierOptions, load_classifier, read_labels_file
-    from cfx_cli.devices import resolve_device
-    from cfx_cli.errors import UsageError
-    from cfx_cli.protocol import TOKEN_ENV
 
     labels = read_labels_file(labels_file) if labels_file else None
     classifier = load_classifier(spec, ClassifierOptions(device=resolve_device(device), labels=labels,

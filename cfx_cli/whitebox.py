@@ -11,7 +11,9 @@ import functools
 from typing import TYPE_CHECKING
 
 from cfx_cli.classifiers import Classifier, check_probabilities
+from cfx_cli.errors import UsageError
 from cfx_cli.images import resize_images
+from cfx_cli.protocol import Option
 
 if TYPE_CHECKING:
     import torch
@@ -59,8 +61,6 @@ def torch_float():
 # --------------------------------------------------------------------------- torch-based adapters
 def torch_options():
     """Spec options shared by the TorchScript and Python adapters (``SPEC#size=224&mean=...``)."""
-    from cfx_cli.protocol import Option
-
     return (
         Option("size", "size", None, "input size N or HxW the model expects (inputs are resized "
                                      "differentiably); default: the model's metadata, else any size"),
@@ -77,8 +77,6 @@ def build_torch_classifier(module, spec: str, options, opts: dict, meta: dict | 
     ``--labels``, the metadata, or ``"0".."K-1"`` with K found by one forward pass.
     """
     import torch
-
-    from cfx_cli.errors import UsageError
 
     meta = meta or {}
     size = opts.get("size") or _size(meta.get("input_size"))

@@ -29,6 +29,29 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def warmup_lr(step: int, base: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, from the step number alone (so resuming is exact)."""
+    return base * min(1.0, (step + 1) / warmup)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, lr: float) -> None:
+    """One step at learning rate ``lr``."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def ddpm_noised(x0: torch.Tensor, abar: torch.Tensor, num_steps: int,
+                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_t, t, ε) for the ε-prediction loss: t uniform, x_t = √ᾱ_t x0 + √(1 − ᾱ_t) ε (DDPM eq. 4)."""
+    t = torch.randint(0, num_steps, (x0.shape[0],), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    a = abar[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, eps
+
+
 class EMA:
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.decay = decay
@@ -88,6 +111,15 @@ def train_loop(name: str, total: int, step_fn: Callable[[int], float], model, em
         ckpt.maybe_save(done, total, model, ema, opt, losses)
     return losses
 
+
+
+def train_with_ema(name: str, total: int, step_fn: Callable[[int], float], model, ema: EMA, opt) -> list[float]:
+    """:func:`train_loop` in train mode, then the EMA weights into ``model`` in eval mode (what is saved)."""
+    model.train()
+    losses = train_loop(name, total, step_fn, model, ema, opt)
+    model.load_state_dict(ema.shadow)
+    model.eval()
+    return losses
 
 def smooth(values: list[float], window: int = 25) -> np.ndarray:
     v = np.asarray(values, dtype=np.float64)

@@ -22,9 +22,11 @@ from _demo_training import (
     folder_size_mb,
     grid_png,
     loss_curve_png,
+    optimizer_step,
     setup_torch,
     step_generator,
-    train_loop,
+    train_with_ema,
+    warmup_lr,
 )
 
 from cfx_cli.demo.data import load_split
@@ -87,17 +89,11 @@ def main() -> None:
         xt = sched.q_sample(t, x0, x1, noise=noise).float()
         label = (xt - x0) / std_fwd[t].view(-1, 1, 1, 1)
         loss = F.mse_loss(mask * model(xt, t), mask * label)
-        for group in opt.param_groups:
-            group["lr"] = LR * min(1.0, (step + 1) / WARMUP)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, warmup_lr(step, LR, WARMUP))
         return loss.item()
 
-    net.train()
-    losses = train_loop("bridge", STEPS, step_fn, net, ema, opt)
-    net.load_state_dict(ema.shadow)
-    net.eval().requires_grad_(False)
+    losses = train_with_ema("bridge", STEPS, step_fn, net, ema, opt)
+    net.requires_grad_(False)
 
     if BRIDGE_DIR.exists():
         shutil.rmtree(BRIDGE_DIR)

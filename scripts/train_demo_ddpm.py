@@ -16,12 +16,15 @@ import torch
 import torch.nn.functional as F
 from _demo_training import (
     EMA,
+    ddpm_noised,
     folder_size_mb,
     grid_png,
     loss_curve_png,
+    optimizer_step,
     setup_torch,
     step_generator,
-    train_loop,
+    train_with_ema,
+    warmup_lr,
 )
 
 from cfx_cli.demo.data import load_split
@@ -70,24 +73,13 @@ def main() -> None:
     def step_fn(step: int) -> float:
         g = step_generator(SEED, step)
         x0 = data[torch.randint(0, len(data), (BATCH,), generator=g)]
-        t = torch.randint(0, sched.config.num_train_timesteps, (BATCH,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        xt, t, eps = ddpm_noised(x0, abar, sched.config.num_train_timesteps, g)
         loss = F.mse_loss(unet(xt, t).sample, eps)
-        for group in opt.param_groups:  # schedule from the step number, so resuming is exact
-            group["lr"] = LR * min(1.0, (step + 1) / WARMUP)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, warmup_lr(step, LR, WARMUP))
         return loss.item()
 
 
-    unet.train()
-    losses = train_loop("pixel-ddpm", STEPS, step_fn, unet, ema, opt)
-
-    unet.load_state_dict(ema.shadow)
-    unet.eval()
+    losses = train_with_ema("pixel-ddpm", STEPS, step_fn, unet, ema, opt)
     if PIXEL_DDPM_DIR.exists():
         shutil.rmtree(PIXEL_DDPM_DIR)
     DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(PIXEL_DDPM_DIR, safe_serialization=True)

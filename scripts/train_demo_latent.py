@@ -19,12 +19,16 @@ import torch
 import torch.nn.functional as F
 from _demo_training import (
     EMA,
+    ddpm_noised,
     folder_size_mb,
     grid_png,
     loss_curve_png,
+    optimizer_step,
     setup_torch,
     step_generator,
     train_loop,
+    train_with_ema,
+    warmup_lr,
 )
 
 from cfx_cli.demo.data import load_split
@@ -136,10 +140,6 @@ def build_scheduler():
                          steps_offset=1)  # Stable Diffusion 1.x conventions
 
 
-def lr_for(step: int, base: float) -> float:
-    return base * min(1.0, (step + 1) / WARMUP)
-
-
 def train_vae(data: torch.Tensor):
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR)
@@ -151,11 +151,7 @@ def train_vae(data: torch.Tensor):
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=g)
         rec = F.mse_loss(vae.decode(z).sample, x)
         loss = rec + KL_WEIGHT * post.kl().mean()
-        for group in opt.param_groups:
-            group["lr"] = lr_for(step, VAE_LR)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, warmup_lr(step, VAE_LR, WARMUP))
         return rec.item()
 
     vae.train()
@@ -204,22 +200,12 @@ def main() -> None:
         z0 = (mu[idx] + std[idx] * torch.randn(mu[idx].shape, generator=g)) * scale
         drop = torch.rand(UNET_BATCH, generator=g) < P_EMPTY
         ctx = torch.where(drop.view(-1, 1, 1), ctx_empty, ctx_digit[labels[idx]])
-        t = torch.randint(0, sched.config.num_train_timesteps, (UNET_BATCH,), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
-        a = abar[t].view(-1, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        zt, t, eps = ddpm_noised(z0, abar, sched.config.num_train_timesteps, g)
         loss = F.mse_loss(unet(zt, t, encoder_hidden_states=ctx).sample, eps)
-        for group in opt.param_groups:
-            group["lr"] = lr_for(step, UNET_LR)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss, warmup_lr(step, UNET_LR, WARMUP))
         return loss.item()
 
-    unet.train()
-    unet_losses = train_loop("latent-t2i-unet", UNET_STEPS, step_fn, unet, ema, opt)
-    unet.load_state_dict(ema.shadow)
-    unet.eval()
+    unet_losses = train_with_ema("latent-t2i-unet", UNET_STEPS, step_fn, unet, ema, opt)
 
     if LATENT_T2I_DIR.exists():
         shutil.rmtree(LATENT_T2I_DIR)

@@ -19,6 +19,15 @@ import numpy as np
 LOOPBACK = "127.0.0.1"
 
 
+def unused_port() -> int:
+    """A loopback port nobody listens on (bound, read and released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
 def demo_reference(paths: list[Path]) -> np.ndarray:
     """Probabilities of the in-process demo:digits model for image files, (N, 10)."""
     import torch

@@ -49,3 +49,32 @@ def run_cfx(*args: str, env: dict | None = None, cwd: str | Path | None = None, 
 @pytest.fixture
 def cfx():
     return run_cfx
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread (and OMP_NUM_THREADS=1 for child processes) for a whole module: on a shared 2-core
+    machine torch's default threads oversubscribe and run many times slower. Modules take it with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``, so it is set up before their other fixtures."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+    torch.set_num_threads(before)
+
+
+def write_digit_folder(folder: Path, n: int, stem: str) -> Path:
+    """The first n held-out demo digits as PNGs ``{stem}{i:03d}.png`` (8-bit by truncation)."""
+    import numpy as np
+    from PIL import Image
+
+    from cfx_cli.demo.data import load_split
+
+    x_te = load_split()[2]
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray((x_te[i].transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / f"{stem}{i:03d}.png")
+    return folder

@@ -22,15 +22,7 @@ DIGITS = [str(i) for i in range(10)]
 ONE = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # On a shared 2-core machine, torch's default 2 threads run ~25× slower than 1 under load.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _probs(results: list[dict], labels=DIGITS) -> np.ndarray:

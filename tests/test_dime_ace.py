@@ -18,12 +18,7 @@ pytest.importorskip("diffusers")
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the CI box has 2 shared cores: oversubscribed threads crawl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

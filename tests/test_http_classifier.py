@@ -15,6 +15,7 @@ from adapter_helpers import (
     demo_reference,
     digit_pngs,
     pixel_hash,
+    unused_port,
     wait_for_line,
 )
 
@@ -28,15 +29,7 @@ TOKEN = "tok-4f9a1c7e-never-logged"
 FAST = "timeout=5&retries=2&backoff=0.01"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _probs(results: list[dict]) -> np.ndarray:
@@ -86,11 +79,7 @@ def test_options_from_environment_and_spec(monkeypatch):
 
 
 def test_unreachable_server_and_bad_token_are_clear_errors(monkeypatch):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()
     with pytest.raises(UsageError, match=r"connection failed .*after 2 attempts"):
         load_classifier(f"http://127.0.0.1:{port}/p#retries=1&backoff=0.01&timeout=2", ClassifierOptions())
     with DemoServer(token=TOKEN) as srv:

@@ -73,36 +73,13 @@ def test_mnac_and_cd_on_demo_run_with_demo_oracle(tmp_path, cfx, demo_images):
     header = ",".join(str(k) for k in range(10))
     rows = [header] + [",".join("1" if k == int(v) else "0" for k in range(10)) for v in y]
     (tmp_path / "digits.csv").write_text("\n".join(rows) + "\n")
-    proc = cfx(
-        "eval",
-        str(run),
-        "--metrics",
-        "mnac,cd",
-        "--format",
-        "json",
-        "--set",
-        "oracle=demo:digits",
-        "--set",
-        "oracle_query=3",
-        "--set",
-        f"correlations={tmp_path / 'digits.csv'}",
-    )
+    oracle = ("--format", "json", "--set", "oracle=demo:digits", "--set", "oracle_query=3")
+    proc = cfx("eval", str(run), "--metrics", "mnac,cd", *oracle, "--set", f"correlations={tmp_path / 'digits.csv'}")
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)["runs"][0]
     assert row["skipped"] == {}
     # the oracle is the explained classifier: a flip turns the source digit off and "3" on
     assert 1.0 <= row["mnac"] <= 2.0
     assert 0 <= row["cd"] <= 20
-    proc = cfx(
-        "eval",
-        str(run),
-        "--metrics",
-        "cd",
-        "--format",
-        "json",
-        "--set",
-        "oracle=demo:digits",
-        "--set",
-        "oracle_query=3",
-    )
+    proc = cfx("eval", str(run), "--metrics", "cd", *oracle)
     assert "correlations" in json.loads(proc.stdout)["runs"][0]["skipped"]["cd"]

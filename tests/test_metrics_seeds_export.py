@@ -190,6 +190,8 @@ def test_every_metric_runs_on_a_demo_run(seeded_run, tmp_path, cfx):
         "oracle_query": "3",
         "correlations": tmp_path / "digits.csv",
         "sfid_splits": 3,
+        "insdel_map": "ig",  # the demo run has no region source to take a saliency map from
+        "insdel_steps": 16,
     }
     args = [x for k, v in sets.items() for x in ("--set", f"{k}={v}")]
     proc = cfx("eval", str(seeded_run), "--metrics", "all", "--format", "json", *args, timeout=900)
@@ -213,6 +215,8 @@ def test_every_metric_runs_on_a_demo_run(seeded_run, tmp_path, cfx):
         "hardware",
         "flip_rate",
         "l1",
+        "ins_zero",
+        "del_blur",
     ):
         assert row[col] is not None, col
     assert -1 <= row["s3"] <= 1 and 0 <= row["fva"] <= 1 and row["fid"] >= 0

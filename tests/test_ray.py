@@ -12,10 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from conftest import run_cfx
-from PIL import Image
+from conftest import run_cfx, write_digit_folder
 
 pytestmark = pytest.mark.slow
 # a throw-away cluster on loopback, for this test only: no token needed between its processes
@@ -77,14 +75,8 @@ def _worker_pids() -> list[int]:
 
 
 def test_killed_worker_loses_and_duplicates_nothing(tmp_path, ray_address):
-    from cfx_cli.demo.data import load_split
-
-    _, _, x_te, _ = load_split()
-    folder = tmp_path / "in"
-    folder.mkdir()
     n = 24
-    for i in range(n):
-        Image.fromarray((x_te[i].transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / f"d{i:02d}.png")
+    folder = write_digit_folder(tmp_path / "in", n, "d")
     out = tmp_path / "run"
     args = [sys.executable, "-m", "cfx_cli", "explain", str(folder), "--method", "pgd", "--set", "iterations=300",
             "--batch-size", "2", "--out", str(out), "--executor", "ray", "--ray-address", ray_address,

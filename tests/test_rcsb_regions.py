@@ -162,7 +162,7 @@ def _rcsb(monkeypatch, **params):
     from cfx_plugins.explainers import rcsb
 
     bridge = _TinyBridge()
-    monkeypatch.setattr("cfx_cli.models.model_for", lambda *a, **k: bridge)
+    monkeypatch.setattr(rcsb, "model_for", lambda *a, **k: bridge)  # the name rcsb calls
     p = resolve_params("rcsb", rcsb.RCSB.params, rcsb.RCSB.presets, {"nfe": 10, **params})
     ctx = ExplainContext(classifier=_Linear(k=3, size=8), params=p, device="cpu")
     return rcsb.RCSB(ctx)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from adapter_helpers import DemoServer, blackbox_plugin_path, demo_reference, digit_pngs
+from adapter_helpers import DemoServer, blackbox_plugin_path, demo_reference, digit_pngs, unused_port
 
 from cfx_cli.classifiers import ClassifierOptions, load_classifier
 from cfx_cli.classify import classify_inputs
@@ -24,15 +24,7 @@ POISON = (255, 0, 255)  # a magenta top-left pixel: no demo digit has one
 EMPTY_MODES = ["stack", 500, 422]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +75,7 @@ def test_server_without_an_empty_batch_case_classifies(empty, reference):
 
 
 def test_only_nobody_listening_tls_and_authorization_stop_at_the_probe(monkeypatch):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = unused_port()
     with pytest.raises(UsageError, match=r"connection failed \(Connection refused\)"):
         load_classifier(f"http://127.0.0.1:{port}/p#retries=0&timeout=2", ClassifierOptions())
     with DemoServer(token="t0k") as srv:  # 401 to the probe

@@ -9,9 +9,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from conftest import run_cfx
+from conftest import run_cfx, write_digit_folder
 from PIL import Image
 
 from cfx_cli.runs import RECORD_FIELDS, Record, RunDir, read_manifest
@@ -94,14 +93,8 @@ def test_torn_manifest_line_is_dropped_on_resume(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_gives_one_record_per_input(tmp_path):
-    from cfx_cli.demo.data import load_split
-
-    _, _, x_te, _ = load_split()
-    folder = tmp_path / "in"
-    folder.mkdir()
     n = 40
-    for i in range(n):
-        Image.fromarray((x_te[i].transpose(1, 2, 0) * 255).astype(np.uint8)).save(folder / f"img{i:03d}.png")
+    folder = write_digit_folder(tmp_path / "in", n, "img")
     out = tmp_path / "run"
     args = [sys.executable, "-m", "cfx_cli", "explain", str(folder), "--method", "pgd", "--out", str(out),
             "--batch-size", "2", "--set", "iterations=150"]

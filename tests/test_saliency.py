@@ -15,13 +15,7 @@ from torch import nn
 from cfx_cli import saliency
 from cfx_cli.errors import InputError, UsageError
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

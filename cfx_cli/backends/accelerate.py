@@ -6,18 +6,18 @@ from __future__ import annotations
 import sys
 import time
 
+from cfx_cli.backends import onnx_backend
+from cfx_cli.backends.base import BackendError
+from cfx_cli.backends.latent import decoder_module, encoder_module, unet_module
+from cfx_cli.backends.pixel import net_module
+from cfx_cli.devices import resolve_device
 from cfx_cli.errors import CfxError, UsageError
+from cfx_cli.models import load_model
 
 
 def accelerate_model(spec: str, backend: str, precision: str, device: str, size: int | None,
                      model_flags: str | None, trust_pickle: bool) -> str:
     import torch
-
-    from cfx_cli.backends import onnx_backend
-    from cfx_cli.backends.base import BackendError
-    from cfx_cli.backends.pixel import net_module
-    from cfx_cli.devices import resolve_device
-    from cfx_cli.models import load_model
 
     dev = resolve_device(device)
     model = load_model(spec, model_flags, dev, trust_pickle, expect=("pixel", "latent"), method="cfx accelerate")
@@ -45,10 +45,6 @@ def accelerate_model(spec: str, backend: str, precision: str, device: str, size:
 def _accelerate_latent(spec: str, parts: dict, backend: str, precision: str, dev: str, size: int | None) -> str:
     """A latent text-to-image model (TIME, ECED): the UNet and the VAE decoder and encoder, each built and gated."""
     import torch
-
-    from cfx_cli.backends import onnx_backend
-    from cfx_cli.backends.base import BackendError
-    from cfx_cli.backends.latent import decoder_module, encoder_module, unet_module
 
     unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     for m in (unet, vae, text_encoder):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cfx_cli.demo import DEMO_DIR
+
 WEIGHTS = "digits_classifier.safetensors"
 
 
@@ -26,8 +28,6 @@ class DigitsCNN(nn.Module):
 
 def load_pretrained(device: str = "cpu") -> DigitsCNN:
     from safetensors.torch import load_file
-
-    from cfx_cli.demo import DEMO_DIR
 
     model = DigitsCNN()
     model.load_state_dict(load_file(str(DEMO_DIR / WEIGHTS)))

@@ -17,10 +17,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cfx_cli.checkpoints import extract_state_dict, load_into, read_checkpoint
 from cfx_cli.errors import UsageError
 from cfx_cli.models.adm.flags import flags_from_mapping, load_flags
 from cfx_cli.models.bridge import BridgeModel
-from cfx_cli.models.memory import MemoryOptions
+from cfx_cli.models.memory import MemoryOptions, apply_to_adm, resolve_dtype
 
 BRIDGE_KEYS = ("interval", "beta_max", "t0", "T", "cond_x1", "ot_ode", "corrupt", "image_size")
 BRIDGE_DEFAULTS: dict[str, Any] = {
@@ -105,8 +106,6 @@ def find_options(ckpt: Path, model_flags: str | None, trust_pickle: bool) -> tup
 
 
 def _state_from_checkpoint(obj: Any, path: Path, use_ema: bool) -> tuple[dict, list | None]:
-    from cfx_cli.models.checkpoints import extract_state_dict
-
     shadow = None
     if isinstance(obj, dict) and use_ema and isinstance(obj.get("ema"), dict):
         shadow = obj["ema"].get("shadow_params")
@@ -129,8 +128,6 @@ def load_i2sb(
 
     from cfx_cli.diffusion.bridge import BridgeSchedule
     from cfx_cli.models.adm.loader import build_unet
-    from cfx_cli.models.checkpoints import load_into, read_checkpoint
-    from cfx_cli.models.memory import apply_to_adm, resolve_dtype
 
     path = Path(path).expanduser()
     memory = memory or MemoryOptions()

@@ -13,6 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from cfx_cli.backends.latent import latent_forward
 from cfx_cli.errors import UsageError
 from cfx_cli.models.folders import SD_COMPONENTS, missing_files, read_json
 from cfx_cli.models.memory import MemoryOptions, apply_to_diffusers, apply_to_text_encoder, resolve_dtype
@@ -88,8 +89,6 @@ class LatentModel:
     def use_backend(self, context) -> str:
         """Route the forward-only calls (UNet, VAE encode/decode) through ``context``'s backend choice; returns
         the backend's description for the run record."""
-        from cfx_cli.backends.latent import latent_forward
-
         side = self.latent_side
         channels = int(self.unet.config.in_channels)
         seq = int(self.tokenizer.model_max_length)

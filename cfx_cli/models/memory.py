@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from cfx_cli.backends.base import PRECISIONS
 from cfx_cli.errors import UsageError
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 ATTENTION = ("default", "sdpa", "slicing", "math")
 
 

@@ -42,6 +42,11 @@ class PixelModel:
     kind = "pixel"
 
     @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the images the network works on (DiME and ACE resize their inputs to it)."""
+        return (self.image_size, self.image_size)
+
+    @property
     def learn_sigma(self) -> bool:
         return self.diffusion.variance_type == "learned_range"
 

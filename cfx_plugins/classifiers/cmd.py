@@ -32,7 +32,18 @@ from collections import deque
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import ClassifierError, UsageError
 from cfx_cli.hookspecs import hookimpl
-from cfx_cli.protocol import RefusedBatch, RemoteClassifier, outcome
+from cfx_cli.protocol import (
+    TOKEN_ENV,
+    Option,
+    RefusedBatch,
+    RemoteClassifier,
+    answer_options,
+    outcome,
+    parse_answer,
+    redactor,
+    resolve_options,
+    split_options,
+)
 
 try:  # POSIX: how many bytes of a request still wait, unread, in the program's stdin
     import fcntl
@@ -44,8 +55,6 @@ STDERR_LINES = 20  # kept for error messages
 
 
 def cmd_options():
-    from cfx_cli.protocol import Option
-
     return (
         Option("timeout", "float", 60.0, "seconds to wait for the answer to a batch", env="CFX_CMD_TIMEOUT"),
         Option("start_timeout", "float", 120.0, "seconds to wait for the answer to the first (empty) "
@@ -54,9 +63,7 @@ def cmd_options():
         Option("restarts", "int", 3, "how many times in all a crashed or hung program is restarted",
                env="CFX_CMD_RESTARTS"),
         Option("batch_size", "int", 64, "most images in one request", env="CFX_CMD_BATCH_SIZE"),
-        Option("logits", "bool", None, "the program answers logits: softmax them (default false)"),
-        Option("size", "size", None, "resize inputs to N or HxW before sending (default: the program's "
-                                     "input_size field, else unchanged)"),
+        *answer_options("program"),
     )
 
 
@@ -191,8 +198,6 @@ def _stop_quietly(proc: _Process) -> None:
 
 class CmdClassifier(RemoteClassifier):
     def __init__(self, spec: str, options: ClassifierOptions) -> None:
-        from cfx_cli.protocol import TOKEN_ENV, redactor, resolve_options, split_options
-
         base, raw = split_options(spec)
         self.spec = spec
         opts = resolve_options(spec, raw, cmd_options())
@@ -293,8 +298,6 @@ class CmdClassifier(RemoteClassifier):
         batches: it is restarted (not counted) and labels come with the first answer. Only a program that
         cannot start (it exits before reading the request) or answers nothing in time stops cfx.
         """
-        from cfx_cli.protocol import parse_answer
-
         proc = self._proc
         try:
             with self._lock:
@@ -342,8 +345,6 @@ class CmdClassifier(RemoteClassifier):
             + (f" (stderr: {tail})" if tail else f"; before that, {why}")))
 
     def _classify(self, images: list[str]):
-        from cfx_cli.protocol import parse_answer
-
         answer = self._request({"images": images}, self.timeout)
         try:
             known = len(self.labels) if self.labels_known else None

@@ -4,6 +4,7 @@ digits (:mod:`cfx_plugins.classifiers.hit`)."""
 from __future__ import annotations
 
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
+from cfx_cli.demo import LABELS, RESOLUTION
 from cfx_cli.errors import UsageError
 from cfx_cli.hookspecs import hookimpl
 from cfx_plugins.classifiers.hit import load_demo as load_hit_demo
@@ -24,7 +25,6 @@ class DemoAdapter(ClassifierAdapter):
             raise UsageError(f"unknown demo classifier {spec!r} (available: {', '.join('demo:' + m for m in MODELS)})")
         if name == "hit-digits":
             return load_hit_demo(spec, options)
-        from cfx_cli.demo import LABELS, RESOLUTION
         from cfx_cli.demo.classifier import load_pretrained
         from cfx_cli.whitebox import TorchModuleClassifier
 

@@ -31,15 +31,26 @@ from urllib.parse import urlsplit, urlunsplit
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import ClassifierError, UsageError
 from cfx_cli.hookspecs import hookimpl
-from cfx_cli.protocol import RefusedBatch, RemoteClassifier, outcome
+from cfx_cli.protocol import (
+    TOKEN_ENV,
+    Option,
+    RefusedBatch,
+    RemoteClassifier,
+    answer_options,
+    error_text,
+    outcome,
+    parse_answer,
+    redact_url,
+    redactor,
+    resolve_options,
+    split_options,
+)
 
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 MAX_BACKOFF_SECONDS = 60.0
 
 
 def http_options():
-    from cfx_cli.protocol import Option
-
     return (
         Option("timeout", "float", 30.0, "seconds to wait for connecting and for each answer",
                env="CFX_HTTP_TIMEOUT"),
@@ -49,9 +60,7 @@ def http_options():
                                         "times a random factor in [0.5, 1.5)", env="CFX_HTTP_BACKOFF"),
         Option("batch_size", "int", 16, "most images in one request", env="CFX_HTTP_BATCH_SIZE"),
         Option("concurrency", "int", 4, "most requests in flight at once", env="CFX_HTTP_CONCURRENCY"),
-        Option("logits", "bool", None, "the server answers logits: softmax them (default false)"),
-        Option("size", "size", None, "resize inputs to N or HxW before sending (default: the server's "
-                                     "input_size field, else unchanged)"),
+        *answer_options("server"),
     )
 
 
@@ -84,8 +93,6 @@ class _Failure(Exception):
 
 class HttpClassifier(RemoteClassifier):
     def __init__(self, spec: str, options: ClassifierOptions) -> None:
-        from cfx_cli.protocol import TOKEN_ENV, redact_url, redactor, resolve_options, split_options
-
         base, raw = split_options(spec)
         self.spec = redact_url(spec)
         opts = resolve_options(self.spec, raw, http_options())
@@ -181,8 +188,6 @@ class HttpClassifier(RemoteClassifier):
         other outcome (an error status, a closed connection, no answer, a body that is not an answer) means
         the server does not answer empty batches: labels then come with the first answer.
         """
-        from cfx_cli.protocol import parse_answer
-
         try:
             body = self._send({"images": []}, probe=True)
         except _Failure as exc:
@@ -199,8 +204,6 @@ class HttpClassifier(RemoteClassifier):
             self.input_size = size
 
     def _post_batch(self, images: list[str]):
-        from cfx_cli.protocol import parse_answer
-
         try:
             body = self._send({"images": images})
         except _Failure as exc:
@@ -238,8 +241,6 @@ class HttpClassifier(RemoteClassifier):
 
     def _attempt(self, data: bytes) -> bytes:
         import httpx
-
-        from cfx_cli.protocol import error_text
 
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         try:

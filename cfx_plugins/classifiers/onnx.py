@@ -16,11 +16,10 @@ from pathlib import Path
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions, check_probabilities
 from cfx_cli.errors import ClassifierError, UsageError
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.protocol import Option, resize_batch, resolve_options, split_options
 
 
 def onnx_options():
-    from cfx_cli.protocol import Option
-
     return (
         Option("logits", "bool", None, "the model returns logits: softmax them (default: the model's "
                                        "metadata property logits, else false)"),
@@ -36,8 +35,6 @@ class OnnxAdapter(ClassifierAdapter):
     summary = "ONNX model through ONNX Runtime (black-box): onnx:model.onnx[#logits=1] (extra: onnx)"
 
     def load(self, spec: str, options: ClassifierOptions) -> Classifier:
-        from cfx_cli.protocol import resolve_options, split_options
-
         base, raw = split_options(spec)
         opts = resolve_options(spec, raw, onnx_options())
         path = Path(base.split(":", 1)[1]).expanduser()
@@ -135,8 +132,6 @@ class OnnxClassifier(Classifier):
 
     def predict_proba(self, images):
         import torch
-
-        from cfx_cli.protocol import resize_batch
 
         x = resize_batch(images, self.input_size)
         if len(x) == 0:

@@ -14,9 +14,11 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from cfx_cli.checkpoints import load_state_dict_file
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import UsageError
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.protocol import resolve_options, split_options
 
 
 class PythonAdapter(ClassifierAdapter):
@@ -28,8 +30,6 @@ class PythonAdapter(ClassifierAdapter):
     def load(self, spec: str, options: ClassifierOptions) -> Classifier:
         import torch
 
-        from cfx_cli.checkpoints import load_state_dict_file
-        from cfx_cli.protocol import resolve_options, split_options
         from cfx_cli.whitebox import build_torch_classifier, torch_options
 
         base, raw = split_options(spec)

@@ -12,9 +12,11 @@ import json
 import warnings
 from pathlib import Path
 
+from cfx_cli.checkpoints import torch_load
 from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.errors import UsageError
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.protocol import resolve_options, split_options
 
 METADATA_FILE = "cfx.json"
 
@@ -26,7 +28,6 @@ class TorchScriptAdapter(ClassifierAdapter):
     capabilities = frozenset({"probabilities", "gradients"})
 
     def load(self, spec: str, options: ClassifierOptions) -> Classifier:
-        from cfx_cli.protocol import resolve_options, split_options
         from cfx_cli.whitebox import build_torch_classifier, torch_options
 
         base, raw = split_options(spec)
@@ -40,8 +41,6 @@ class TorchScriptAdapter(ClassifierAdapter):
 
 def _load(path: Path, options: ClassifierOptions):
     import torch
-
-    from cfx_cli.checkpoints import torch_load
 
     extra = {METADATA_FILE: ""}
     try:

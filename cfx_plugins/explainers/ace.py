@@ -10,6 +10,7 @@ Choices and their sources: docs/methods/ace.md.
 
 from __future__ import annotations
 
+from cfx_cli.backends.pixel import pixel_forward
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
@@ -194,8 +195,6 @@ docs/methods/ace.md.
         d = self.model.diffusion
         shape = tuple(x.shape[1:])
 
-        from cfx_cli.backends.pixel import pixel_forward
-
         # the refinement is forward-only: it runs on --backend (the filter above keeps its gradients in torch)
         self.prior = pixel_forward(self.context, self.model, shape)
         xm = x * 2 - 1
@@ -212,12 +211,11 @@ docs/methods/ace.md.
         import torch
 
         from cfx_cli.images import resize_images
-        from cfx_plugins.explainers.pixel_prior import model_size
 
         p = self.params
         n = len(batch.ids)
         size_b = tuple(batch.images.shape[-2:])
-        size_m = model_size(self.model, size_b)
+        size_m = self.model.size
         x = resize_images(batch.images, size_m).clamp(0, 1)
         region = resize_images(batch.masks, size_m, nearest=True) if batch.masks is not None else None
         noise = self.context.noise.for_batch(batch.ids, batch.seeds, self.context.device)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cfx_cli.backends.pixel import pixel_forward
+from cfx_cli.classifiers import IMAGENET_MEAN, IMAGENET_STD
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
@@ -125,13 +127,12 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
         import torch
 
         from cfx_cli.images import resize_images
-        from cfx_plugins.explainers.pixel_prior import model_size
 
         p = self.params
         clf = self.context.classifier
         n = len(batch.ids)
         size_b = tuple(batch.images.shape[-2:])
-        size_m = model_size(self.model, size_b)
+        size_m = self.model.size
         x = resize_images(batch.images, size_m).clamp(0, 1) * 2 - 1  # the prior's space, [-1, 1]
         region = resize_images(batch.masks, size_m, nearest=True) if batch.masks is not None else None
         noise = self.context.noise.for_batch(batch.ids, batch.seeds, self.context.device)
@@ -146,7 +147,6 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
                 x_feats = vgg_input_features(self.perceptual, x)
 
         # forward-only prior calls (all of them run under no_grad) go through --backend; gradients stay in torch
-        from cfx_cli.backends.pixel import pixel_forward
 
         self.prior = pixel_forward(self.context, self.model, tuple(x.shape[1:]))
         results: list[Any] = [None] * n
@@ -296,8 +296,8 @@ def vgg_input_features(net, x):
     """φ(x) for x in [-1, 1]: clamp, to [0, 1], ImageNet normalisation (the authors' Normalizer), features."""
     import torch
 
-    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return net(((x.clamp(-1, 1) + 1) / 2 - mean) / std)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.models import DEFAULT_MODELS, model_for
 from cfx_cli.params import Param
 
 
@@ -70,7 +71,6 @@ ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe brid
 
     def __init__(self, context) -> None:
         super().__init__(context)
-        from cfx_cli.models import DEFAULT_MODELS, model_for
 
         p = self.params
         if not 0 < p["tau"] <= 1:

@@ -17,6 +17,7 @@ import numpy as np
 from cfx_cli.errors import MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
+from cfx_plugins.nets.weights import int_option
 
 
 def insertion_order(x, cf):
@@ -83,7 +84,6 @@ class COUT(Metric):
         import torch
 
         from cfx_plugins.nets.features import rgb
-        from cfx_plugins.nets.weights import int_option
 
         recs = run.explained(required=True)
         steps = int_option(context, "cout_steps", "CFX_COUT_STEPS", 50)

@@ -19,6 +19,7 @@ import numpy as np
 from cfx_cli.errors import MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
+from cfx_plugins.nets.weights import WeightsSpec, option, resolve
 
 
 def seed_runs(run) -> list:
@@ -60,7 +61,6 @@ class SigmaL(Metric):
 
         from cfx_plugins.nets import lpips
         from cfx_plugins.nets.features import rgb
-        from cfx_plugins.nets.weights import WeightsSpec, option, resolve
 
         groups = grouped_counterfactuals(seed_runs(run))
         if not groups:

@@ -12,14 +12,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
+from cfx_cli.classifiers import IMAGENET_MEAN, IMAGENET_STD
 from cfx_cli.errors import MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
+from cfx_plugins.nets.weights import WeightsSpec, int_option, resolve
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 VGGFACE2_MEAN_BGR = (91.4953, 103.8827, 131.0912)
 
 
@@ -32,7 +34,6 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _pair_features(run, context, recs, cache_name, compute, size, antialias=False):
     from cfx_plugins.nets.features import cached_features
-    from cfx_plugins.nets.weights import int_option
 
     batch = int_option(context, "batch_size", "CFX_EVAL_BATCH_SIZE", 16)
     kw = dict(size=size, batch_size=batch, device=context.device, antialias=antialias)
@@ -53,19 +54,16 @@ class S3(Metric):
 
         from cfx_plugins.nets.features import weights_tag
         from cfx_plugins.nets.resnet import SIMSIAM_FILE, SIMSIAM_URL, load_simsiam
-        from cfx_plugins.nets.weights import WeightsSpec, resolve
 
         recs = run.explained(required=True)
         path = resolve(context, WeightsSpec("simsiam_weights", "CFX_SIMSIAM_WEIGHTS", SIMSIAM_FILE,
                                             SIMSIAM_URL))
-        holder: dict = {}
+        net = functools.cache(lambda: load_simsiam(path).to(context.device))  # not loaded when all is cached
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
         def compute(x):
-            if "net" not in holder:
-                holder["net"] = load_simsiam(path).to(context.device)
-            return holder["net"]((x - mean.to(x.device)) / std.to(x.device))
+            return net()((x - mean.to(x.device)) / std.to(x.device))
 
         a, b = _pair_features(run, context, recs, f"simsiam-{weights_tag(path)}", compute, None)
         return {"s3": float(cosine(a, b).mean())}
@@ -83,22 +81,19 @@ class FaceVerification(Metric):
 
         from cfx_plugins.nets.features import weights_tag
         from cfx_plugins.nets.resnet import VGGFACE2_FILE, VGGFACE2_URL, load_vggface2
-        from cfx_plugins.nets.weights import WeightsSpec, resolve
 
         recs = [r for r in run.explained() if r["status"] == "flipped"]
         if not recs:
             raise MetricUnavailable("no successful counterfactuals in the run")
         path = resolve(context, WeightsSpec("vggface2_weights", "CFX_VGGFACE2_WEIGHTS", VGGFACE2_FILE,
                                             VGGFACE2_URL))
-        holder: dict = {}
+        net = functools.cache(lambda: load_vggface2(path).to(context.device))
         mean_bgr = torch.tensor(VGGFACE2_MEAN_BGR).view(1, 3, 1, 1)
 
         def compute(x):
-            if "net" not in holder:
-                holder["net"] = load_vggface2(path).to(context.device)
             # the reference reads uint8 pixels; flip RGB → BGR and subtract the VGGFace2 means
             bgr = torch.round(x * 255).flip(1) - mean_bgr.to(x.device)
-            return holder["net"].features(bgr)
+            return net().features(bgr)
 
         a, b = _pair_features(run, context, recs, f"vggface2-{weights_tag(path)}", compute, (224, 224),
                               antialias=True)  # PIL-like resize, as the reference

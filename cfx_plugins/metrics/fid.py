@@ -13,11 +13,11 @@ import numpy as np
 from cfx_cli.errors import MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
+from cfx_plugins.nets.weights import WeightsSpec, int_option, resolve
 
 
 def _spec():
     from cfx_plugins.nets.inception import WEIGHTS_FILE, WEIGHTS_URL
-    from cfx_plugins.nets.weights import WeightsSpec
 
     return WeightsSpec("inception_weights", "CFX_INCEPTION_WEIGHTS", WEIGHTS_FILE, WEIGHTS_URL)
 
@@ -96,7 +96,6 @@ class _InceptionFeatures:
 
     def get(self):
         from cfx_plugins.nets.features import cached_features, weights_tag
-        from cfx_plugins.nets.weights import int_option, resolve
 
         cache = self.run._cache  # shared by fid and sfid within one `cfx eval`
         key = "<fid-inception-features>"
@@ -148,8 +147,6 @@ class SFID(Metric):
     unranked = frozenset({"sfid_std", "sfid_splits"})
 
     def compute(self, run, context):
-        from cfx_plugins.nets.weights import int_option
-
         splits = int_option(context, "sfid_splits", "CFX_SFID_SPLITS", 10)
         seed = int_option(context, "sfid_seed", "CFX_SFID_SEED", 0, minimum=0)
         real, fake, flipped = _InceptionFeatures(run, context).get()

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from cfx_cli import saliency
 from cfx_cli.errors import MetricUnavailable, UsageError
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
@@ -166,7 +167,6 @@ def saliency_maps(classifier: Any, images, source: str):
     ``ig`` (Integrated Gradients in a noise tunnel, |attribution| summed over channels, as ``--region auto``)."""
     import torch
 
-    from cfx_cli import saliency
     from cfx_cli.attribution import integrated_gradients
 
     name, _, arg = source.partition(":")

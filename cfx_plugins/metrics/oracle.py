@@ -23,9 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cfx_cli.errors import MetricUnavailable
+from cfx_cli.classifiers import ClassifierOptions, load_classifier
+from cfx_cli.errors import CfxError, MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
+from cfx_plugins.nets.weights import option
 
 
 def mnac(orig_on: np.ndarray, cf_on: np.ndarray) -> np.ndarray:
@@ -81,10 +83,6 @@ def read_correlations(path: Path, attributes: list[str], query: str) -> np.ndarr
 
 class _Oracle:
     def __init__(self, run, context) -> None:
-        from cfx_cli.classifiers import ClassifierOptions, load_classifier
-        from cfx_cli.errors import CfxError
-        from cfx_plugins.nets.weights import option
-
         spec = option(context, "oracle", "CFX_ORACLE")
         if not spec:
             raise MetricUnavailable(
@@ -162,8 +160,6 @@ class CD(Metric):
     lower_is_better = True
 
     def compute(self, run, context):
-        from cfx_plugins.nets.weights import option
-
         query = option(context, "oracle_query", "CFX_ORACLE_QUERY")
         corr_file = option(context, "correlations", "CFX_ORACLE_CORRELATIONS")
         if not query:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfx_cli.images import resize_images
+from cfx_plugins.nets.weights import load_into, load_state_dict
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
@@ -164,8 +165,6 @@ class FIDInceptionV3(nn.Module):
 
 
 def load(path) -> FIDInceptionV3:
-    from cfx_plugins.nets.weights import load_into, load_state_dict
-
     net = FIDInceptionV3()
     load_into(net, load_state_dict(path), path)
     return net

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cfx_cli.images import resize_images
+from cfx_plugins.nets.weights import load_into, load_state_dict, strip_prefix
 
 # (trunk layout as (kind, args)..., indices after which a feature is taken, channels of those features)
 _VGG16 = [("conv", 3, 64), ("relu",), ("conv", 64, 64), ("relu",), ("pool2",),
@@ -96,8 +97,6 @@ class LPIPS(nn.Module):
 
 
 def load(net: str, backbone_path, lin_path) -> LPIPS:
-    from cfx_plugins.nets.weights import load_into, load_state_dict, strip_prefix
-
     model = LPIPS(net)
     trunk = strip_prefix(load_state_dict(backbone_path), "features.")
     load_into(model.features, trunk, backbone_path)

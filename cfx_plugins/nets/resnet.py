@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cfx_plugins.nets.weights import load_into, load_state_dict, strip_prefix
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -90,8 +92,6 @@ VGGFACE2_URL = "https://github.com/cydonia999/VGGFace2-pytorch (Google Drive lin
 
 def load_simsiam(path) -> ResNet50:
     """SimSiam encoder: ResNet-50 + projector; its output z is what S³ compares (ACE's code)."""
-    from cfx_plugins.nets.weights import load_into, load_state_dict, strip_prefix
-
     state = load_state_dict(path)
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -105,8 +105,6 @@ def load_simsiam(path) -> ResNet50:
 
 
 def load_vggface2(path) -> ResNet50:
-    from cfx_plugins.nets.weights import load_into, load_state_dict
-
     net = ResNet50(caffe=True, fc=nn.Linear(2048, 8631))
     load_into(net, load_state_dict(path), path)
     return net

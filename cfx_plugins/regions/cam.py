@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from cfx_cli import saliency
 from cfx_cli.errors import InputError, UsageError
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.regions import RegionSource
+from cfx_cli.saliency import find_layer, probe_layer
 
 #: ξ when ``--set region_threshold`` is not given (the supplement gives no value; it varies ξ for diversity)
 DEFAULT_THRESHOLD = 0.5
@@ -47,8 +49,6 @@ class _CamRegion(RegionSource):
 
     def check(self, classifier: Any) -> None:
         """A white-box torch classifier and an existing layer, or one line saying what to do instead."""
-        from cfx_cli.saliency import find_layer, probe_layer
-
         white = "gradients" in getattr(classifier, "capabilities", ()) and hasattr(classifier, "module")
         if not white:
             raise UsageError(f"--region {self.spec}: {self.label} needs a white-box (torch) classifier and "
@@ -64,8 +64,6 @@ class _CamRegion(RegionSource):
     def mask_for(self, item, size, image=None, classifier=None):
         import numpy as np
         import torch
-
-        from cfx_cli import saliency
 
         if image is None or classifier is None:
             raise UsageError(f"--region {self.spec} needs the image and a white-box classifier")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+from cfx_cli.checkpoints import extract_state_dict, load_into, read_checkpoint
 from cfx_cli.diffusion.gaussian import GaussianDiffusion
 from cfx_cli.models.adm.flags import ADMFlags, load_flags
 from cfx_cli.models.memory import MemoryOptions, apply_to_adm, resolve_dtype
@@ -61,8 +62,6 @@ def load_adm(
     computes in float32 and says so.
     """
     import torch
-
-    from cfx_cli.models.checkpoints import extract_state_dict, load_into, read_checkpoint
 
     flags = flags if isinstance(flags, ADMFlags) else load_flags(flags)
     memory = memory or MemoryOptions()

@@ -15,19 +15,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cfx_cli.classifiers import Classifier, ClassifierAdapter, ClassifierOptions
+from cfx_cli.checkpoints import load_state_dict_file, torch_load
+from cfx_cli.classifiers import IMAGENET_MEAN, IMAGENET_STD, Classifier, ClassifierAdapter, ClassifierOptions
 from cfx_cli.demo import DEMO_DIR as _DEMO_ROOT
 from cfx_cli.errors import UsageError
 from cfx_cli.hookspecs import hookimpl
+from cfx_cli.protocol import Option, resolve_options, split_options
 
 #: ``demo:hit-digits``: written by scripts/train_demo_hit.py
 DEMO_DIR = _DEMO_ROOT / "models" / "hit"
 DEMO_CONFIG = "config.json"
 DEMO_WEIGHTS = "hit-digits.safetensors"
 
-#: timm's IMAGENET_DEFAULT_MEAN / STD, the authors' normalisation (core/datasets.py)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _COMMON = {"image_size": 224, "mlp_ratio": 4, "dropout": 0.0, "attention_dropout": 0.2, "mlp_dropout": 0.0,
            "drop_path": 0.0, "num_classes": 1000, "use_pos_tokens": True, "block_version": "hit"}
@@ -115,8 +114,6 @@ def load_hit(config_source: str, weights: str | Path, spec: str, options: Classi
 
 
 def _read_state(path: Path, trust_pickle: bool) -> dict:
-    from cfx_cli.checkpoints import load_state_dict_file, torch_load
-
     if path.suffix == ".safetensors":
         state = load_state_dict_file(path, "cpu", trust_pickle)
     else:
@@ -150,8 +147,6 @@ class HiTAdapter(ClassifierAdapter):
     capabilities = frozenset({"probabilities", "gradients"})
 
     def load(self, spec: str, options: ClassifierOptions) -> Classifier:
-        from cfx_cli.protocol import Option, resolve_options, split_options
-
         base, raw = split_options(spec)
         opts = resolve_options(spec, raw, (
             Option("classes", "int", None, "number of classes of the head (default: the config's)"),

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from cfx_cli import saliency
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.models import model_for
 from cfx_cli.params import Param
+from cfx_cli.saliency import probe_layer
 
 DIGIT_NAMES = "zero,one,two,three,four,five,six,seven,eight,nine"
 
@@ -98,7 +100,6 @@ supplement), digits (the demo; automatic with demo:digits). Details and every op
 
         fill_prompt(p["prompt"], self.names[0])  # a bad template is a usage error before any work
         if p["layer"]:  # a named CAM layer is checked before any work (exists, runs, gives feature maps)
-            from cfx_cli.saliency import probe_layer
 
             size = context.classifier.input_size or (64, 64)
             probe_layer(context.classifier, p["layer"], size)
@@ -116,8 +117,6 @@ supplement), digits (the demo; automatic with demo:digits). Details and every op
         """M: (N, 1, H, W) binary CAM region of the predicted labels at the classifier's resolution."""
         import torch
 
-        from cfx_cli import saliency
-
         p = self.params
         clf = self.context.classifier  # the saliency module runs it through its own logits (preprocessing)
         layer = p["layer"] or saliency.default_layer(clf)
@@ -128,8 +127,6 @@ supplement), digits (the demo; automatic with demo:digits). Details and every op
 
     def latent_mask(self, pixel_mask, latent_hw):
         import torch
-
-        from cfx_cli import saliency
 
         lat = torch.as_tensor(saliency.latent_mask(pixel_mask, tuple(latent_hw), mode=self.params["latent_mode"]))
         lat = lat.float()

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from cfx_cli.demo import DEMO_DIR
+from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.models import model_for
 from cfx_cli.models.catalog import DEFAULT_MODELS
-from cfx_cli.params import Param
+from cfx_cli.params import Param, resolve_params
 
+from . import tokens as T
 from .cli import fit_time
-from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS
+from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS, fit_time_tokens, install_artifact
 
 SMILE = "25:3,30:4,35:4,35:6"
 AGE = "30:4,30:6,35:4,35:6"
@@ -80,8 +83,6 @@ default; the embedded demo).
     def auto_preset(cls, classifier_spec: str, model: str | None, settings: dict[str, Any]) -> tuple[str, str] | None:
         """The explain preset that goes with the fit preset of the tokens (`cfx fit time` picks `digits` for the
         demo model, whichever classifier — e.g. the same model served over http — is used later)."""
-        from . import tokens as T
-
         tokens, fit_data = settings.get("tokens"), settings.get("fit_data")
         fitted = T.fit_preset_of(tokens) if tokens else None
         if fit_data and not tokens:
@@ -145,18 +146,11 @@ def build_generator(context: ExplainContext):
     what run.json records about the tokens: their files and hashes, or the on-the-fly fit)."""
     import sys
 
-    from cfx_cli.errors import UsageError
-    from cfx_cli.params import resolve_params
-
-    from . import tokens as T
-    from .fit import fit_time_tokens, install_artifact
     from .generate import TimeGenerator
 
     tokens_file, fit_data = context.params.get("tokens") or None, context.params.get("fit_data") or None
     clf = context.classifier
     if not tokens_file and not fit_data and clf.spec == "demo:digits" and context.model in (None, "demo:latent"):
-        from cfx_cli.demo import DEMO_DIR
-
         shipped = DEMO_DIR / "models" / "latent" / "time-tokens-digits"
         if shipped.with_suffix(".safetensors").exists():
             # the embedded demo ships tokens fitted by `cfx fit time` on its training digits

@@ -9,8 +9,14 @@ from typing import Annotated
 
 import typer
 
+from cfx_cli.classifiers import DEFAULT_SPEC, ClassifierOptions, load_classifier, read_labels_file
+from cfx_cli.devices import resolve_device
 from cfx_cli.errors import UsageError
 from cfx_cli.models import DEFAULT_MODELS, load_model
+from cfx_cli.params import parse_set_options, resolve_params
+
+from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS, fit_time_tokens
+from .tokens import artifact_paths, save_artifact
 
 
 def fit_time(
@@ -34,13 +40,6 @@ def fit_time(
 
 def run_fit(*, data: str, out: str, classifier: str | None, model: str | None, set_options: list[str],
             seed: int, device: str, labels_file: str | None, trust_pickle: bool, overwrite: bool) -> None:
-    from cfx_cli.classifiers import DEFAULT_SPEC, ClassifierOptions, load_classifier, read_labels_file
-    from cfx_cli.devices import resolve_device
-    from cfx_cli.params import parse_set_options, resolve_params
-
-    from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS, fit_time_tokens
-    from .tokens import artifact_paths, save_artifact
-
     spec = classifier or DEFAULT_SPEC
     model = model or DEFAULT_MODELS["latent"]
     overrides = parse_set_options(set_options)

@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from cfx_cli.errors import InputError, UsageError
+from cfx_cli.models.tokens import restore_rows, train_only_tokens
 from cfx_cli.params import Param
+from cfx_cli.progress import Progress
+
+from . import tokens as T
 
 FIT_PARAMS = (
     Param("iterations", "int", 800, "optimisation steps per token set (context, then the classes)", min=1),
@@ -66,7 +70,6 @@ def scan_training_images(data: str, classifier, model, chunk: int, stream) -> tu
     import torch
 
     from cfx_cli.images import decode, discover, resize, resize_images, to_uint8
-    from cfx_cli.progress import Progress
 
     if not Path(data).is_dir():
         raise UsageError(f"--data {data}: not a folder of images")
@@ -111,9 +114,6 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
     import torch
 
     from cfx_cli.diffusion import q_sample_at
-    from cfx_cli.progress import Progress
-
-    from . import tokens as T
 
     t_start = time.monotonic()
     stream = progress_stream or sys.stderr
@@ -140,8 +140,6 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
 
     def stage(title: str, groups: list[tuple[list[int], str]], names: list[str]) -> list[float]:
         """Train the rows of ``names``; groups = (image indices, prompt), one per token set."""
-        from cfx_cli.models.tokens import restore_rows, train_only_tokens
-
         ids = model.tokenizer.convert_tokens_to_ids(list(names))
         te = model.text_encoder
         reference = te.get_input_embeddings().weight.detach().clone()
@@ -233,8 +231,6 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
 def install_artifact(model, vectors: dict[str, Any], meta: dict[str, Any]) -> None:
     """Put fitted vectors into ``model``'s tokenizer/text encoder (tokens from an artifact or a fresh fit)."""
     import torch
-
-    from . import tokens as T
 
     names = list(meta["tokens"]["context"]) + [n for v in meta["tokens"]["classes"].values() for n in v]
     present = [n for n in names if n in model.tokenizer.get_vocab()]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cfx_cli.errors import UsageError
+from cfx_cli.models.tokens import add_tokens
 
 FORMAT = "cfx-time-tokens"
 VERSION = 1
@@ -30,8 +31,6 @@ def install_tokens(model, names: list[str], init_word: str | None = None, vector
     """Add ``names`` to the model's tokenizer and embedding table (``cfx_cli.models.tokens``); rows start
     from ``init_word``'s embedding, or take ``vectors`` ((len(names), D)) when given. Returns the ids."""
     import torch
-
-    from cfx_cli.models.tokens import add_tokens
 
     ids = add_tokens(model.tokenizer, model.text_encoder, list(names), init_word=init_word or None)
     if vectors is not None:
