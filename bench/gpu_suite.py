@@ -52,10 +52,29 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from flops import count_flops, measure_sgemm_peak  # noqa: E402
+from make_random_sd import build as build_random_sd  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from time_sd_backends import matmul_peak as dense_peak  # noqa: E402
+from torch import nn  # noqa: E402
 
+from cfx_cli.demo import LABELS as DIGITS  # noqa: E402
+from cfx_cli.explain.pipeline import run_explain  # noqa: E402
+from cfx_cli.explain.request import ExplainRequest  # noqa: E402
 from cfx_cli.explainers import RunOptions  # noqa: E402
+from cfx_cli.models.adm.flags import flags_from_mapping, load_flags  # noqa: E402
+from cfx_cli.models.adm.loader import build_unet  # noqa: E402
 from cfx_cli.models.catalog import KNOWN_MODELS  # noqa: E402
+from cfx_cli.models.i2sb import BRIDGE_DEFAULTS, I2SB_ADM_FLAGS  # noqa: E402
+from cfx_cli.models.memory import MemoryOptions  # noqa: E402
+from cfx_cli.models.spec import load_model  # noqa: E402
+from cfx_plugins.explainers.dime import build_vgg19_features  # noqa: E402
+from cfx_plugins.explainers.time import tokens as T  # noqa: E402
+from cfx_plugins.explainers.time.fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS  # noqa: E402
+from cfx_plugins.nets.resnet import ResNet50  # noqa: E402
 
 LABELS = ["class0", "class1"]
 N_IMAGES = 8
@@ -110,9 +129,7 @@ def tiny_methods() -> list[Method]:
 # ------------------------------------------------------------------------------------------ building the inputs
 def resnet50_classifier():
     """``python:bench/gpu_suite.py:resnet50_classifier``: ResNet-50's shape, 2 classes, random weights."""
-    from torch import nn
 
-    from cfx_plugins.nets.resnet import ResNet50
 
     net = ResNet50(fc=nn.Linear(2048, len(LABELS)))
     net.labels = LABELS
@@ -121,9 +138,6 @@ def resnet50_classifier():
 
 def build_classifier(work: Path) -> str:
     """Random ResNet-50 weights (seed 0) as safetensors; → the spec without its #size option."""
-    import torch
-    from safetensors.torch import save_file
-
     path = work / "resnet50.safetensors"
     if not path.exists():
         torch.manual_seed(0)
@@ -132,11 +146,7 @@ def build_classifier(work: Path) -> str:
 
 
 def build_adm(work: Path, name: str, flags: str) -> str:
-    import torch
-    from safetensors.torch import save_file
 
-    from cfx_cli.models.adm.flags import load_flags
-    from cfx_cli.models.adm.loader import build_unet
 
     path = work / f"{name}.safetensors"
     if not path.exists():
@@ -147,10 +157,7 @@ def build_adm(work: Path, name: str, flags: str) -> str:
 
 def build_vgg(work: Path) -> Path:
     """DiME's perceptual network (VGG19 ``features[:18]``, the celeba preset's layer) with random weights."""
-    import torch
-    from safetensors.torch import save_file
 
-    from cfx_plugins.explainers.dime import build_vgg19_features
 
     path = work / "vgg19.safetensors"
     if not path.exists():
@@ -161,11 +168,7 @@ def build_vgg(work: Path) -> Path:
 
 def build_i2sb(work: Path) -> str:
     """An I2SB checkpoint of the published network (``{"net": state dict}``) with its options as JSON."""
-    import torch
 
-    from cfx_cli.models.adm.flags import flags_from_mapping
-    from cfx_cli.models.adm.loader import build_unet
-    from cfx_cli.models.i2sb import BRIDGE_DEFAULTS, I2SB_ADM_FLAGS
 
     path = work / "i2sb256.pt"
     if not path.exists():
@@ -178,23 +181,16 @@ def build_i2sb(work: Path) -> str:
 
 
 def build_sd(work: Path) -> str:
-    from make_random_sd import build
-
     folder = work / "sd1"
     if not (folder / "unet").exists():
-        build(folder)
+        build_random_sd(folder)
     return f"diffusers:{folder}"
 
 
 def write_tokens(work: Path, model_spec: str, classifier_spec: str, labels: list[str]) -> Path:
     """A TIME token file of random vectors for ``model_spec`` (what `cfx fit time` writes, without the fit:
     random weights make a fit meaningless, and timing the explanation is what this measures)."""
-    import torch
 
-    from cfx_cli.models.memory import MemoryOptions
-    from cfx_cli.models.spec import load_model
-    from cfx_plugins.explainers.time import tokens as T
-    from cfx_plugins.explainers.time.fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS
 
     # the prompts and token counts `cfx fit time` uses for this model (its automatic preset, else the defaults)
     fit = {p.name: p.default for p in FIT_PARAMS}
@@ -215,9 +211,6 @@ def write_tokens(work: Path, model_spec: str, classifier_spec: str, labels: list
 
 def write_images(work: Path, size: int, n: int = N_IMAGES) -> Path:
     """Smooth random colour images (seeded), one folder per size."""
-    import numpy as np
-    from PIL import Image
-
     folder = work / f"images-{size}"
     if not folder.exists():
         folder.mkdir(parents=True)
@@ -249,8 +242,6 @@ def variants(big_batch: int, cuda: bool) -> list[Variant]:
 
 
 def sync(device: str) -> None:
-    import torch
-
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -258,9 +249,6 @@ def sync(device: str) -> None:
 def explain(method: Method, setup: dict, out: Path, limit: int, batch: int, precision: str = "fp32",
             compile_: bool | str = False) -> list[dict]:
     """One `cfx explain` run in-process; → its manifest records. Its chatter (notes, progress) is kept."""
-    from cfx_cli.explain.pipeline import run_explain
-    from cfx_cli.explain.request import ExplainRequest
-
     params = dict(method.params)
     if method.name == "time":
         params["tokens"] = str(setup["tokens"])
@@ -285,8 +273,6 @@ def explain(method: Method, setup: dict, out: Path, limit: int, batch: int, prec
 
 
 def run_variant(method: Method, variant: Variant, setup: dict, work: Path, batches: int) -> dict:
-    import torch
-
     device = setup["device"]
     cuda = device.startswith("cuda")
     row: dict[str, Any] = {"method": method.name, "variant": variant.name, "batch": variant.batch,
@@ -319,9 +305,6 @@ def count_method_flops(method: Method, setup: dict, work: Path) -> int:
 
 def matmul_peak(device: str) -> tuple[float, str]:
     if device.startswith("cuda"):
-        import torch
-        from time_sd_backends import matmul_peak as dense_peak
-
         return dense_peak(device, torch.bfloat16), "bf16 dense matmul 8192³ (median)"
     peak = measure_sgemm_peak(sizes=(512, 1024), repeats=3, min_seconds=0.02)
     return peak.flops_per_s, f"fp32 sgemm, {peak.threads} thread(s)"
@@ -334,8 +317,6 @@ def prepare(args, work: Path, methods: list[Method]) -> dict:
         setup["classifier"] = lambda size: "demo:digits"
         setup["models"] = {}
         if any(m.name == "time" for m in methods):
-            from cfx_cli.demo import LABELS as DIGITS
-
             setup["tokens"] = write_tokens(work, "demo:latent", "demo:digits", list(DIGITS))
         return setup
     spec = build_classifier(work)
@@ -395,7 +376,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     args = ap.parse_args(argv)
 
-    import torch
 
     if args.device is None:
         args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
