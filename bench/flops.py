@@ -50,12 +50,28 @@ def _custom_mapping() -> dict:
     return mapping
 
 
+class _GlobalOnly:
+    """A stand-in for FlopCounterMode's module tracker: every FLOP goes to "Global" (all we read). The real
+    tracker's backward hooks break ``torch.autograd.grad`` w.r.t. leaf inputs (RCSB's and PGD's gradients:
+    "A leaf node was passed to _will_engine_execute_node")."""
+
+    parents = {"Global"}
+
+    def __enter__(self) -> _GlobalOnly:
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        return None
+
+
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
     """(FLOPs, result) of ``fn(*args, **kwargs)``: matmul/conv/attention FLOPs of everything it ran (forward
     and any backward it took)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False, custom_mapping=_custom_mapping()) as mode:
+    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping())
+    counter.mod_tracker = _GlobalOnly()  # totals only: no per-module hooks
+    with counter as mode:
         result = fn(*args, **kwargs)
     return int(mode.get_total_flops()), result
 

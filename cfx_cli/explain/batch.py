@@ -3,6 +3,7 @@ inputs into manifest records. :func:`build_worker` is the only place they are bu
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import time
 from collections.abc import Callable
@@ -14,8 +15,9 @@ import numpy as np
 from cfx_cli.classifiers import Classifier, ClassifierOptions, load_classifier, predict_partly
 from cfx_cli.devices import resolve_device
 from cfx_cli.errors import CfxError, InputError, UsageError
-from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer
+from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.images import InputImage, decode, resize, save_png, to_uint8
+from cfx_cli.models.memory import note
 from cfx_cli.plugins import black_box_methods
 from cfx_cli.runs import Record, RunDir, read_manifest
 
@@ -181,9 +183,18 @@ def _explain_group(entries, worker: BatchWorker) -> list[Record]:
         sources=src[sel].to(device), seeds=[seeds[i] for i in todo], masks=masks,
     )
     try:
-        outputs = explainer.explain(batch)
-        if len(outputs) != len(todo):
-            raise RuntimeError(f"explainer returned {len(outputs)} outputs for {len(todo)} images")
+        results = explain_fitting(explainer, batch)
+        oom = {j: r for j, r in enumerate(results) if isinstance(r, str)}
+        if oom:  # single images that did not fit even alone: only they fail
+            for j, message in oom.items():
+                i = todo[j]
+                records += _fail_all([entries[i]], run, [seeds[i]], message)
+            keep = [j for j in range(len(todo)) if j not in oom]
+            if not keep:
+                return records
+            todo = [todo[j] for j in keep]
+            masks = masks[keep] if masks is not None else None
+        outputs = [r for r in results if not isinstance(r, str)]
         cfs = torch.stack([o.counterfactual.detach().float().cpu().clamp(0, 1) for o in outputs])
         cfs = torch.round(cfs * 255.0) / 255.0  # classify exactly what the saved PNG holds
         after, refused = predict_partly(classifier, cfs.to(device))
@@ -229,6 +240,56 @@ def _explain_group(entries, worker: BatchWorker) -> list[Record]:
         run.append(rec)
         records.append(rec)
     return records
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or another backend's RuntimeError saying "out of memory" (MPS, ROCm, XPU)."""
+    import torch
+
+    cuda_oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    if cuda_oom is not None and isinstance(exc, cuda_oom):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()  # the failed attempt's activations are unreachable once its frames are gone
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _rows(batch: ExplainBatch, lo: int, hi: int) -> ExplainBatch:
+    return ExplainBatch(ids=batch.ids[lo:hi], images=batch.images[lo:hi], targets=batch.targets[lo:hi],
+                        sources=batch.sources[lo:hi], seeds=batch.seeds[lo:hi],
+                        masks=None if batch.masks is None else batch.masks[lo:hi])
+
+
+def explain_fitting(explainer: Explainer, batch: ExplainBatch) -> list[ExplainOutput | str]:
+    """``explainer.explain(batch)``, split in halves and retried on out-of-memory down to single images; an image
+    that does not fit alone gets its error message instead of an output. Each image's noise is seeded by its own
+    seed (``context.noise``), so the split does not change any result."""
+    n = len(batch.ids)
+    outputs = None
+    try:
+        outputs = explainer.explain(batch)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+    if outputs is None:  # retried outside the except block: its traceback holds the failed attempt's tensors
+        _free_memory()
+        if n == 1:
+            method = explainer.name
+            return [f"{method} failed: out of GPU memory at batch size 1: try a smaller --set (fewer steps or "
+                    f"samples) or --precision fp16"]
+        half = (n + 1) // 2
+        sizes = f"{half}" if half == n - half else f"{half} and {n - half}"
+        note(f"out of GPU memory on a batch of {n}; retrying as 2 batches of {sizes}")
+        return explain_fitting(explainer, _rows(batch, 0, half)) + explain_fitting(explainer, _rows(batch, half, n))
+    if len(outputs) != n:
+        raise RuntimeError(f"explainer returned {len(outputs)} outputs for {n} images")
+    return list(outputs)
 
 
 def _fail_all(entries, run: RunDir, seeds: list[int], message: str) -> list[Record]:

@@ -1,0 +1,58 @@
+"""bench/gpu_suite.py cannot rot: its --tiny mode (the demo models on the CPU) runs every method through the
+pipeline, a precision variant and a bigger batch, and writes one JSON row per method × variant."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+METHODS = {"dime", "ace", "rcsb", "time", "eced", "pgd"}
+
+
+@pytest.mark.slow
+def test_tiny_suite_runs_every_method(tmp_path):
+    out = tmp_path / "tiny.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_suite.py"), "--tiny", "--variants",
+                          "fp32,fp16_b2", "--work", str(tmp_path / "work"), "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = json.loads(out.read_text())
+    rows = {(r["method"], r["variant"]): r for r in data["rows"]}
+    assert set(rows) == {(m, v) for m in METHODS for v in ("fp32", "fp16_b2")}
+    for m in METHODS:
+        ref = rows[m, "fp32"]
+        assert ref["status"] == "ok", ref
+        assert ref["seconds"] > 0 and ref["flops"] > 0 and 0 < ref["share_of_peak"] < 1.5
+    for m in ("dime", "ace", "time"):  # they honour --precision: the batched fp16 run explained one batch of 2
+        assert rows[m, "fp16_b2"]["status"] == "ok" and rows[m, "fp16_b2"]["images"] == 2
+    for m in ("rcsb", "eced", "pgd"):  # they refuse it, and the row says so instead of failing
+        assert rows[m, "fp16_b2"]["status"].startswith("n/a")
+    assert "| dime | fp32 |" in res.stdout and data["matmul_peak_flops"] > 0
+
+
+def test_resnet50_classifier_has_the_published_shape():
+    sys.path.insert(0, str(REPO / "bench"))
+    import torch
+    from gpu_suite import resnet50_classifier
+
+    net = resnet50_classifier()
+    assert sum(p.numel() for p in net.parameters()) == 23_512_130  # ResNet-50's 25.6 M minus its 1000-class head
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_memory_per_image_is_the_peak_growth_per_added_image():
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_suite import memory_per_image
+
+    rows = [{"method": "ace", "batch": 1, "status": "ok", "precision": "fp32", "peak_memory_gib": 10.0},
+            {"method": "ace", "batch": 4, "status": "ok", "precision": "fp32", "peak_memory_gib": 13.0},
+            {"method": "ace", "batch": 4, "status": "ok", "precision": "fp16", "peak_memory_gib": 11.0},
+            {"method": "rcsb", "batch": 1, "status": "ok", "precision": "fp32", "peak_memory_gib": 1.0}]
+    assert memory_per_image(rows, 4) == {"ace": 1.0}  # rcsb has no batch-4 row: no estimate
