@@ -179,3 +179,25 @@ def check_probabilities(probs: torch.Tensor, n_images: int, n_labels: int | None
     if worst > 1e-3 or math.isnan(worst):
         raise ClassifierError(f"{source}: probability rows must sum to 1 (off by up to {worst:.3g})")
     return probs.float()
+
+
+def target_score(logits: torch.Tensor, targets: torch.Tensor, kind: str = "logits") -> torch.Tensor:
+    """(N,) the per-image score of the target class that a white-box method raises (its class loss is −Σ score).
+
+    ``kind="logits"``: z_{y'}, except for K = 2, where it is the logit difference z_{y'} − z_{1−y'}. A single-logit
+    binary model l (the published CelebA/BDD classifiers) wrapped as (0, l), (−l/2, l/2) or any other pair with
+    difference l then scores ±l — the authors' ∓logit loss (DiME ``use_logits``) whatever the wrapper, where
+    −z_{y'} alone would halve λ_c or give no gradient at all. ``kind="log_softmax"``: log p(y'); for K = 2 it is
+    log σ(±l), a function of the difference only (the authors' BCE/CE on one logit)."""
+    import torch
+
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    targets = targets.to(logits.device)
+    if kind == "log_softmax":
+        return torch.log_softmax(logits, dim=1)[rows, targets]
+    if kind != "logits":
+        raise ValueError(f"target_score: unknown kind {kind!r} (logits, log_softmax)")
+    picked = logits[rows, targets]
+    if logits.shape[1] == 2:
+        return picked - logits[rows, 1 - targets]
+    return picked
