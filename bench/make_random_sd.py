@@ -9,9 +9,10 @@ positions) with random weights over a character-level vocabulary (every word spe
 enough for timing). Scheduler: SD 1.x's DDIM configuration (scaled-linear β 0.00085–0.012, steps_offset 1), ε- or
 (``--prediction-type v_prediction``, SD 2.x's layout) v-prediction.
 ``--narrow`` keeps that layout at 512² (VAE: 4 blocks, 3 down-samplings to 64² × 4 latents, sample size 512;
-UNet: 3 cross-attention levels + 1 plain, 2 layers per block, 8 heads; text encoder: CLIP's causal layout with 77
-positions) at widths a CPU runs in seconds: UNet 32/64/64/64, VAE 16/16/32/32 (16 norm groups), text encoder 2
-layers of width 64 (= the cross-attention width). The recipes' slow tests (docs/reproduce.md) use it.
+UNet: 3 cross-attention levels + 1 plain, 2 layers per block, self-attention over all 64² latent positions; text
+encoder: CLIP's causal layout with 77 positions) at widths a CPU runs in seconds: UNet 32/64/64/64 with one
+attention head (SD: 8; attention over 4096 positions costs per head), VAE 16/16/32/32 (16 norm groups), text
+encoder 2 layers of width 64 (= the cross-attention width). The recipes' slow tests (docs/reproduce.md) use it.
 Nothing it generates means anything: use it for speed and memory, never for quality.
 """
 
@@ -41,7 +42,7 @@ def build(out: Path, seed: int = 0, prediction_type: str = "epsilon", narrow: bo
             sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64, 64, 64),
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=width, attention_head_dim=8, norm_num_groups=16,
+            cross_attention_dim=width, attention_head_dim=1, norm_num_groups=16,
         ).save_pretrained(out / "unet")
         AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,

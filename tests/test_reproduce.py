@@ -30,7 +30,7 @@ SD_HUB_ID = "CompVis/stable-diffusion-v1-4"
 SHORT = {
     "dime": ["tau=3", "scales=8"],
     "ace": ["iterations=1", "tau=2"],
-    "time": ["schedule=2:4", "steps=10"],
+    "time": ["schedule=1:4", "steps=10"],
     "rcsb": ["nfe=2", "region_steps=2", "region_samples=1"],
     "eced": ["iterations=1", "bg_iterations=1", "tau=2", "steps=10"],
 }
@@ -121,8 +121,33 @@ def workdir(tmp_path_factory) -> Path:
                 if arg.startswith("data/") and not (work / arg).exists():
                     (work / arg).mkdir(parents=True)
                     size = next(s for prefix, s in DATA_SIZES.items() if arg.startswith(prefix))
-                    _make_image(work / arg / "img0.jpg", size, seed=len(made))
+                    for i in range(2 if cmd[1] == "fit" else 1):
+                        _make_image(work / arg / f"img{i}.jpg", size, seed=10 * len(made) + i)
+            if cmd[1:3] == ["fit", "time"]:
+                _split_predictions(work, _opt(cmd, "--classifier"), work / _opt(cmd, "--data"))
     return work
+
+
+def _split_predictions(work: Path, spec: str, data: Path) -> None:
+    """Shift the random classifier's attribute bias so that the fit's two training images are predicted as
+    different classes (TIME learns class tokens only for predicted classes; a random net predicts one class)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from cfx_plugins.nets.densenet import celebahq_densenet
+
+    weights = work / spec.split("@", 1)[1].split("#", 1)[0]
+    attribute = int(re.search(r"attribute=(\d+)", spec).group(1))
+    ckpt = torch.load(weights, weights_only=True)
+    net = celebahq_densenet().eval()
+    net.load_state_dict(ckpt)
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((256, 256)))).permute(2, 0, 1)
+                     for p in sorted(data.iterdir())]).float() / 255
+    with torch.no_grad():
+        logits = net((x - 0.5) / 0.5)[:, attribute]
+    ckpt["model_state_dict"]["classifier.bias"][attribute] -= logits.mean()
+    torch.save(ckpt, weights)
 
 
 def _shortened(cmd: list[str]) -> list[str]:
