@@ -142,7 +142,7 @@ def _split_predictions(work: Path, spec: str, data: Path) -> None:
     ckpt = torch.load(weights, weights_only=True)
     net = celebahq_densenet().eval()
     net.load_state_dict(ckpt)
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB").resize((256, 256)))).permute(2, 0, 1)
+    x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((256, 256)))).permute(2, 0, 1)
                      for p in sorted(data.iterdir())]).float() / 255
     with torch.no_grad():
         logits = net((x - 0.5) / 0.5)[:, attribute]
