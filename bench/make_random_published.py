@@ -30,6 +30,18 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from cfx_cli.models.adm.flags import flags_from_mapping, load_flags, parse_flag_string
+from cfx_cli.models.adm.loader import build_unet
+from cfx_cli.models.i2sb import I2SB_ADM_FLAGS
+from cfx_plugins.explainers.dime import build_vgg19_features
+from cfx_plugins.nets.densenet import celeba_densenet, celebahq_densenet
+from cfx_plugins.nets.resnet import ResNet50
+
+sys.path.insert(0, str(Path(__file__).parent))
+from make_random_sd import build as build_sd  # noqa: E402 - the sibling bench script
+
 #: I2SB's inpaint-freeform2030 bridge options (NVlabs/I2SB options; β_max as the RCSB configs: 1.0)
 I2SB_OPTIONS = {"interval": 1000, "beta_max": 1.0, "t0": 1e-4, "T": 1.0, "cond_x1": False,
                 "corrupt": "inpaint-freeform2030", "image_size": 256}
@@ -37,8 +49,6 @@ I2SB_OPTIONS = {"interval": 1000, "beta_max": 1.0, "t0": 1e-4, "T": 1.0, "cond_x
 
 def _randomize(module, seed: int):
     """Fill every parameter with random values (ADM zero-initialises its output convolutions)."""
-    import torch
-
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -48,18 +58,11 @@ def _randomize(module, seed: int):
 
 
 def random_adm(flags: str, seed: int = 0):
-    import torch
-
-    from cfx_cli.models.adm.flags import load_flags
-    from cfx_cli.models.adm.loader import build_unet
-
     torch.manual_seed(seed)
     return _randomize(build_unet(load_flags(flags)), seed)
 
 
 def write_adm(out: Path, flags: str, seed: int = 0) -> Path:
-    import torch
-
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(random_adm(flags, seed).state_dict(), out)
     return out
@@ -67,12 +70,6 @@ def write_adm(out: Path, flags: str, seed: int = 0) -> Path:
 
 def write_i2sb(out: Path, flags: str = "", seed: int = 0) -> Path:
     """``out/latest.pt`` + ``out/options.json``; returns the checkpoint path."""
-    import torch
-
-    from cfx_cli.models.adm.flags import flags_from_mapping, parse_flag_string
-    from cfx_cli.models.adm.loader import build_unet
-    from cfx_cli.models.i2sb import I2SB_ADM_FLAGS
-
     overrides = parse_flag_string(flags) if flags.strip() else {}
     torch.manual_seed(seed)
     net = _randomize(build_unet(flags_from_mapping({**I2SB_ADM_FLAGS, **overrides})), seed)
@@ -90,12 +87,6 @@ CLASSIFIERS = ("densenet-celeba", "densenet-celebahq", "resnet50", "vgg19")
 
 
 def write_classifier(kind: str, out: Path, seed: int = 0) -> Path:
-    import torch
-
-    from cfx_plugins.explainers.dime import build_vgg19_features
-    from cfx_plugins.nets.densenet import celeba_densenet, celebahq_densenet
-    from cfx_plugins.nets.resnet import ResNet50
-
     torch.manual_seed(seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     if kind == "densenet-celeba":  # DiVE's file, as DiME's/ACE's classifier.pth
@@ -131,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.kind == "i2sb":
         print(write_i2sb(out, args.flags, args.seed))
     elif args.kind == "sd":
-        sys.path.insert(0, str(Path(__file__).parent))
-        from make_random_sd import build
-
-        print(build(out, args.seed, narrow=args.narrow))
+        print(build_sd(out, args.seed, narrow=args.narrow))
     else:
         print(write_classifier(args.kind, out, args.seed))
     return 0
