@@ -12,6 +12,7 @@ page that no longer exist.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import sys
@@ -24,6 +25,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 DOC = REPO / "docs" / "reproduce.md"
 BLOCK = re.compile(r"<!-- (recipe|file): (\S+) -->\s*```(\w+)\n(.*?)```", re.S)
+#: CFX_REPRO_FULL=1 keeps the published widths (ADM num_channels, SD 1.x's full UNet/VAE/text encoder): for a GPU
+FULL = os.environ.get("CFX_REPRO_FULL") == "1"
 NARROW = 32  # ADM base width for CPU runs (GroupNorm needs multiples of 32)
 SD_HUB_ID = "CompVis/stable-diffusion-v1-4"
 #: shortened schedules (recipe method → --set values), so each recipe runs in seconds on one CPU thread
@@ -66,6 +69,8 @@ def _opt(cmd: list[str], name: str) -> str | None:
 
 
 def _narrow(flags: str) -> str:
+    if FULL:
+        return flags
     narrowed, n = re.subn(r"--num_channels \d+", f"--num_channels {NARROW}", flags)
     assert n == 1, f"--model-flags without --num_channels: {flags}"
     return narrowed
@@ -107,11 +112,11 @@ def workdir(tmp_path_factory) -> Path:
             if model.startswith("adm:") and model not in made:
                 write_adm(work / model[4:], _narrow(_opt(cmd, "--model-flags")))
             elif model.startswith("i2sb:") and model not in made:
-                ckpt = write_i2sb((work / model[5:]).parent, f"--num_channels {NARROW}")
+                ckpt = write_i2sb((work / model[5:]).parent, "" if FULL else f"--num_channels {NARROW}")
                 sidecar = json.loads(ckpt.with_name("options.json").read_text())
                 assert {k: v for k, v in sidecar.items() if k != "adm_flags"} == json.loads(FILES["options.json"])
             elif model == f"diffusers:{SD_HUB_ID}" and model not in made:
-                _fake_hub_cache(work / "hub", SD_HUB_ID, build_sd(work / "sd-random", narrow=True))
+                _fake_hub_cache(work / "hub", SD_HUB_ID, build_sd(work / "sd-random", narrow=not FULL))
             made.add(model)
             for arg in cmd:
                 for path in re.findall(r"(?:@|=|^)(models/[^#&\s]+)", arg):
