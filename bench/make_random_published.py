@@ -7,6 +7,7 @@ for plumbing runs where the real files cannot be downloaded (the recipes' slow t
     python bench/make_random_published.py densenet-celebahq OUT.tar    # STEEX CelebA-HQ: {"model_state_dict"}
     python bench/make_random_published.py resnet50 OUT.pth             # torchvision ResNet-50 (IMAGENET1K_V1 keys)
     python bench/make_random_published.py vgg19 OUT.pth                # torchvision VGG19 features (DiME's L_perc)
+    python bench/make_random_published.py oracle-celeba OUT.pth        # DiME's CelebA oracle (Caffe names)
     python bench/make_random_published.py sd OUT_DIR [--narrow]        # SD 1.x folder (bench/make_random_sd.py)
 
 - ``adm``: the guided-diffusion network the MODEL_FLAGS build (cfx's ADM UNet, the original key names), saved as
@@ -37,6 +38,7 @@ from cfx_cli.models.adm.loader import build_unet
 from cfx_cli.models.i2sb import I2SB_ADM_FLAGS
 from cfx_plugins.explainers.dime import build_vgg19_features
 from cfx_plugins.nets.densenet import celeba_densenet, celebahq_densenet
+from cfx_plugins.nets.oracle import celeba_oracle, own_key
 from cfx_plugins.nets.resnet import ResNet50
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -83,7 +85,18 @@ def write_i2sb(out: Path, flags: str = "", seed: int = 0) -> Path:
 
 
 #: the classifier-like files write_classifier writes
-CLASSIFIERS = ("densenet-celeba", "densenet-celebahq", "resnet50", "vgg19")
+CLASSIFIERS = ("densenet-celeba", "densenet-celebahq", "resnet50", "vgg19", "oracle-celeba")
+BN_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def caffe_oracle_keys() -> list[str]:
+    """The tensor names of DiME's oracle ``feat_extract`` (``eval_utils/oracle_metrics.py``'s Resnet50_128)."""
+    keys = ["conv1_7x7_s2.weight"] + [f"conv1_7x7_s2_bn.{t}" for t in BN_TENSORS]
+    for stage, blocks in zip(range(2, 6), (3, 4, 6, 3), strict=True):
+        for b in range(1, blocks + 1):
+            for part in ("1x1_reduce", "3x3", "1x1_increase") + (("1x1_proj",) if b == 1 else ()):
+                keys += [f"conv{stage}_{b}_{part}.weight"] + [f"conv{stage}_{b}_{part}_bn.{t}" for t in BN_TENSORS]
+    return keys + ["feat_extract.weight"]
 
 
 def write_classifier(kind: str, out: Path, seed: int = 0) -> Path:
@@ -98,6 +111,11 @@ def write_classifier(kind: str, out: Path, seed: int = 0) -> Path:
         obj = {"model_state_dict": celebahq_densenet().state_dict(), "epoch": 0}
     elif kind == "resnet50":  # torchvision's resnet50-0676ba61.pth
         obj = ResNet50().state_dict()
+    elif kind == "oracle-celeba":  # DiME's models/oracle.pth: Caffe-named feat_extract + a 40-way head
+        sd = celeba_oracle().state_dict()
+        obj = {"feat_extract": {k: sd[own_key(k)] for k in caffe_oracle_keys()},
+               "classifier": {k.removeprefix("classifier."): v for k, v in sd.items() if k.startswith("classifier.")}}
+        assert len(obj["feat_extract"]) + 2 == len(sd), "every oracle tensor has a Caffe name"
     elif kind == "vgg19":  # the features of torchvision's vgg19-dcbb9e9d.pth
         obj = {f"features.{k}": v for k, v in build_vgg19_features(37).state_dict().items()}
     else:

@@ -41,7 +41,7 @@ FIT_SHORT = ["iterations=1", "batch_size=1", "micro_batch=1"]
 EVAL_SHORT = {"cout": "cout_steps=2"}  # metric → the option that shortens it
 #: random files for the published classifier-like files, by file name
 CLASSIFIER_FILES = {"classifier.pth": "densenet-celeba", "checkpoint.tar": "densenet-celebahq",
-                    "resnet50-0676ba61.pth": "resnet50", "vgg19-dcbb9e9d.pth": "vgg19"}
+                    "resnet50-0676ba61.pth": "resnet50", "vgg19-dcbb9e9d.pth": "vgg19", "oracle.pth": "oracle-celeba"}
 #: native sizes (W, H) of the datasets' images, by folder prefix
 DATA_SIZES = {"data/celeba/": (178, 218), "data/celebahq/": (1024, 1024), "data/imagenet/": (500, 375)}
 #: the resolution each recipe's generator works at (the saved originals and counterfactuals)
