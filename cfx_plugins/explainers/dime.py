@@ -40,8 +40,8 @@ class DiME(Explainer):
         Param("tau", "int", 60, "τ: the input is noised to step τ of the respaced schedule and the guided chain "
               "runs τ steps, t = τ−1 … 0 (the authors' start_step)", min=1),
         Param("z_tau_level", "str", "tau", "noise level of z_τ: 'tau' (the authors' q_sample(x, start_step), one "
-              "level above the first step's t = τ−1) or 'tau-1' (cfx ≤ 0.x: at the first step's own level)",
-              choices=("tau", "tau-1")),
+              "level above the first step's t = τ−1) or 'tau-1' (cfx's former default: the first step's own "
+              "level)", choices=("tau", "tau-1")),
         Param("respacing", "str", "200", "steps kept from the model's training schedule (guided-diffusion "
               "timestep_respacing: '200', 'ddim50'; '' = the schedule as loaded)"),
         Param("scales", "floats", (8.0, 10.0, 15.0), "λ_c schedule: classifier-loss weights tried in turn; a "
@@ -50,7 +50,7 @@ class DiME(Explainer):
         Param("lambda_1", "float", 0.05, "λ_1: weight of ‖z_t − x‖₁ on the noisy image", min=0.0),
         Param("loss", "str", "logits", "L_class: 'logits' (−target score: for 2 classes the logit difference, "
               "the authors' −(±logit) of use_logits), 'ce' (−log softmax of the target; 2 classes: the authors' "
-              "−log σ(±logit)) or 'target_logit' (−z_y' alone also for 2 classes, cfx ≤ 0.x)",
+              "−log σ(±logit)) or 'target_logit' (−z_y' alone also for 2 classes, cfx's former default)",
               choices=("logits", "ce", "target_logit")),
         Param("perceptual", "str", "vgg19", "L_perc network: 'vgg19' (the paper's VGG19 features; needs "
               "perc_weights unless lambda_p=0), 'l2' (pixel MSE, not the paper's loss), 'none'",
@@ -62,7 +62,8 @@ class DiME(Explainer):
               "produces x_t (the authors' use_sampling_on_x_t)"),
         Param("clip_denoised", "bool", True, "clip x̂_0 to [-1, 1] in the DDPM steps (the authors' default)"),
         Param("flip_check", "str", "output", "what decides a retry: 'output' (the attempt's float output, as the "
-              "authors' main.py) or 'png' (the 8-bit image cfx will save, cfx ≤ 0.x)", choices=("output", "png")),
+              "authors' main.py) or 'png' (the 8-bit image cfx will save, cfx's former default)",
+              choices=("output", "png")),
     )
     _paper = {"respacing": "200", "lambda_p": 30.0, "lambda_1": 0.05, "loss": "logits", "perceptual": "vgg19",
               "perc_layer": 18}
