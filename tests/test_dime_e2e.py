@@ -26,14 +26,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 class SingleLogitClassifier(Classifier):
     """The fixture's single-logit model (input [-1, 1], output (B,)) as a cfx white-box classifier on [0, 1]
-    images with the 2 logits (0, l): class 1 ⇔ l > 0, as the authors' ``logit > 0``."""
+    images with the 2 logits (0, l) (``split=True``: (−l/2, l/2)): class 1 ⇔ l > 0, as the authors'
+    ``logit > 0``."""
 
     labels = ["0", "1"]
     capabilities = frozenset({"probabilities", "gradients"})
     spec = "dime-e2e classifier"
 
-    def __init__(self, net) -> None:
+    def __init__(self, net, split: bool = False) -> None:
         self.net = net
+        self.split = split
         self.calls = 0
         self.gradient_calls = 0  # images whose logits were computed with autograd on
 
@@ -42,6 +44,8 @@ class SingleLogitClassifier(Classifier):
         if torch.is_grad_enabled():
             self.gradient_calls += images.shape[0]
         logit = self.net(images * 2 - 1)
+        if self.split:
+            return torch.stack([-logit / 2, logit / 2], dim=1)
         return torch.stack([torch.zeros_like(logit), logit], dim=1)
 
     def predict_proba(self, images):
@@ -84,12 +88,12 @@ def model_flags(case: dict) -> str:
     return " ".join(f"--{k} {v}" for k, v in flags.items())
 
 
-def make_dime(fx, case: dict):
+def make_dime(fx, case: dict, clf: SingleLogitClassifier | None = None, **overrides: str):
     cls = get_explainer_class("dime")
-    params = resolve_params("dime", cls.params, cls.presets, dime_settings(case))
+    params = resolve_params("dime", cls.params, cls.presets, {**dime_settings(case), **overrides})
     unet = case["hyperparameters"]["unet"]
     assert unet["fixture"] == "adm-unet", case["name"]
-    clf = SingleLogitClassifier(fx["net"])
+    clf = clf or SingleLogitClassifier(fx["net"])
     ctx = ExplainContext(classifier=clf, params=params, model=f"adm:{fx['adm'] / (unet['config'] + '.pt')}",
                          model_flags=model_flags(case), noise=constant_noise(case["noise_seed"]))
     return cls(ctx), clf
@@ -244,18 +248,43 @@ def test_dime_e2e_old_z_tau_level_is_off_by_one_step(fx):
     authors' code: the bar discriminates it (README: τ + 1 moves cf by ≥ 0.5)."""
     case = cases(fx)[0]
     x, target = case_inputs(fx, case)
-    cls = get_explainer_class("dime")
-    params = resolve_params("dime", cls.params, cls.presets, {**dime_settings(case), "z_tau_level": "tau-1"})
-    unet = case["hyperparameters"]["unet"]
-    ctx = ExplainContext(classifier=SingleLogitClassifier(fx["net"]), params=params,
-                         model=f"adm:{fx['adm'] / (unet['config'] + '.pt')}", model_flags=model_flags(case),
-                         noise=constant_noise(case["noise_seed"]))
-    exp = cls(ctx)
+    exp, _ = make_dime(fx, case, z_tau_level="tau-1")
     events: list = []
     exp.trace = lambda event, **data: events.append((event, data))
     exp.explain(ExplainBatch(ids=["a"], images=(x + 1) / 2, targets=target, sources=1 - target, seeds=[0]))
     (z_tau,) = [d["z_tau"] for e, d in events if e == "z_tau"]
     assert maxdiff(z_tau, fx["tensors"][f"{case['name']}_z_tau"]) > 1e-2
+
+
+def authors_class_grad(net, x, target, scale: float, use_logits: bool):
+    """The class gradient of the authors' ``clean_class_cond_fn`` (core/sample_utils.py) on a single logit."""
+    import torch.nn.functional as F
+
+    x_in = x.detach().requires_grad_(True)
+    logit = net(x_in)
+    y = target.float()
+    selected = y * logit - (1 - y) * logit
+    selected = -selected if use_logits else -F.logsigmoid(selected)
+    return torch.autograd.grad((selected * scale).sum(), x_in)[0]
+
+
+def test_dime_class_gradient_is_the_authors_for_any_2_logit_wrapper(fx):
+    """loss=logits / ce through target_score give the authors' ∓logit / −log σ(±logit) gradient on both 2-logit
+    wrappings of the single-logit model and for both targets; the former −z_{y'} (loss=target_logit) does not."""
+    case = cases(fx)[0]
+    x = torch.cat([case_inputs(fx, c)[0] for c in cases(fx)] * 2)[:4]
+    targets = torch.tensor([0, 1, 1, 0])[: x.shape[0]]
+    scale = 3.0
+    for loss, use_logits in (("logits", True), ("ce", False)):
+        ref = authors_class_grad(fx["net"], x, targets, scale, use_logits)
+        assert float(ref.abs().max()) > 0
+        for split in (False, True):
+            exp, _ = make_dime(fx, case, SingleLogitClassifier(fx["net"], split=split), loss=loss)
+            got = exp._clean_grad(x, x, targets, None, None, scale)
+            assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), (loss, split)
+    exp, _ = make_dime(fx, case, SingleLogitClassifier(fx["net"]), loss="target_logit")
+    old = exp._clean_grad(x, x, targets, None, None, scale)
+    assert float(old[targets == 0].abs().max()) == 0.0  # (0, l): −z_0 = 0 has no gradient at all
 
 
 def test_dime_e2e_fixture_is_complete(fx):
