@@ -18,11 +18,12 @@ from conftest import fixture_dir, run_cfx
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
+from test_dime_e2e import SingleLogitClassifier, maxdiff  # noqa: E402
+
 from cfx_cli.diffusion.noise import Draw, constant_noise  # noqa: E402
 from cfx_cli.explainers import ExplainBatch, ExplainContext  # noqa: E402
 from cfx_cli.params import resolve_params  # noqa: E402
 from cfx_cli.plugins import get_explainer_class  # noqa: E402
-from test_dime_e2e import SingleLogitClassifier, maxdiff  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -223,7 +224,7 @@ def test_fastdime_e2e_bar_discriminates(fx):
         exp, _ = make(fx, case)
         exp.params = params
         events: list = []
-        exp.trace = lambda event, **data: events.append((event, data))
+        exp.trace = lambda event, _log=events, **data: _log.append((event, data))
         exp.explain(ExplainBatch(ids=["a"], images=(x + 1) / 2, targets=target, sources=1 - target, seeds=[0]))
         (ev,) = [d for e, d in events if e == "pass" and d["attempt"] == 1 and d["pass_"] == 0]
         assert maxdiff(ev["z0"], ref) > 1e-2, key
@@ -265,3 +266,20 @@ def test_fastdime_demo_runs_and_saves_masks(tmp_path, demo_images):
         assert set(np.unique(mask)) <= {0, 255} and 0 < (mask == 0).mean() < 1, rec["mask"]
         assert rec["nfe"] == 6 + 6, rec
         assert rec["params"]["variant"] == "fastdime" and rec["params"]["nfe_model"] == 6
+
+
+def test_fastdime_region_combines_with_the_self_optimised_mask(fx):
+    """With a region R (--region/--mask) the saved mask (where the image may change) lies inside R and is not all
+    of R (the self-optimised mask keeps part of it), and wherever the mask is 0 the output is the input."""
+    case = cases(fx)[0]
+    x, target = case_inputs(fx, case)
+    exp, _ = make(fx, case)
+    region = torch.zeros(1, 1, 32, 32)
+    region[..., 4:28, 2:20] = 1
+    out = exp.explain(ExplainBatch(ids=["a"], images=(x + 1) / 2, targets=target, sources=1 - target, seeds=[0],
+                                   masks=region))[0]
+    assert out.mask is not None
+    assert float((out.mask * (1 - region[0])).abs().max()) == 0.0  # changes only inside the region
+    assert 0 < float(out.mask.sum()) < float(region.sum())  # the self-optimised mask keeps part of the region
+    kept = (out.mask == 0).expand(3, -1, -1)
+    assert float((out.counterfactual - (x[0] + 1) / 2)[kept].abs().max()) <= 1e-6
