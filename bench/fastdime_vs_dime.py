@@ -2,7 +2,8 @@
 flip rate and ℓ1, one run, side by side.
 
     OMP_NUM_THREADS=1 python bench/fastdime_vs_dime.py [--limit N] [--tau T] [--variants fastdime,fastdime2+]
-                                                       [--set KEY=VALUE ...] [--out DIR] [--json]
+                                                       [--set KEY=VALUE ...] [--fastdime-set KEY=VALUE ...]
+                                                       [--out DIR] [--json]
 
 Each method runs in-process through ``cfx explain`` (bench/dime_ace_digits.py's ``run``) on the first N digits of
 ``cfx_cli/demo/images`` (target auto) with the demo classifier, the demo pixel DDPM and its ``digits`` preset,
@@ -35,6 +36,8 @@ def main() -> None:
     ap.add_argument("--tau", type=int, default=20, help="τ for every method (the digits presets use 20)")
     ap.add_argument("--variants", default="fastdime,fastdime2,fastdime2+")
     ap.add_argument("--set", action="append", default=[], dest="sets", help="KEY=VALUE for every method")
+    ap.add_argument("--fastdime-set", action="append", default=[], dest="fsets",
+                    help="KEY=VALUE for the FastDiME variants only (e.g. warmup=30 at --tau 60)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="build/bench-fastdime")
     ap.add_argument("--json", action="store_true")
@@ -49,7 +52,8 @@ def main() -> None:
     bench = _digits_bench()
     x_train, y_train, _, _ = load_split()
     common = parse_set_options(args.sets) | {"tau": str(args.tau)}
-    runs = [("dime", "dime", {})] + [(v, "fastdime", {"variant": v}) for v in args.variants.split(",") if v]
+    fast = parse_set_options(args.fsets)
+    runs = [("dime", "dime", {})] + [(v, "fastdime", fast | {"variant": v}) for v in args.variants.split(",") if v]
     results = {}
     for label, method, extra in runs:
         t0 = time.perf_counter()

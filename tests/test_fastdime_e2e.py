@@ -283,3 +283,19 @@ def test_fastdime_region_combines_with_the_self_optimised_mask(fx):
     assert 0 < float(out.mask.sum()) < float(region.sum())  # the self-optimised mask keeps part of the region
     kept = (out.mask == 0).expand(3, -1, -1)
     assert float((out.counterfactual - (x[0] + 1) / 2)[kept].abs().max()) <= 1e-6
+
+
+def test_fastdime_bad_settings_are_one_line_usage_errors(fx):
+    from cfx_cli.errors import UsageError
+
+    case = cases(fx)[0]
+    cls = get_explainer_class("fastdime")
+    for key, value, match in (("dilation", "4", r"^fastdime: --set dilation=4: must be odd"),
+                              ("tau", "25", r"^fastdime: --set tau=25 exceeds the 25 steps"),
+                              ("variant", "fast", r"variant='fast': must be one of")):
+        with pytest.raises(UsageError, match=match):
+            params = resolve_params("fastdime", cls.params, cls.presets, {**settings(case), key: value})
+            net = fx["meta"]["network"]
+            cls(ExplainContext(classifier=SingleLogitClassifier(fx["net"]), params=params,
+                               model=f"adm:{fx['adm'] / (net['config'] + '.pt')}",
+                               model_flags=make(fx, case)[0].context.model_flags))

@@ -134,7 +134,7 @@ imagenet preset. Details: docs/methods/dime.md.
             raise UsageError(f"{self.name}: the perceptual term (lambda_p={p['lambda_p']:g}) uses the paper's VGG19 "
                              "features, which need weights: --set perc_weights=PATH (a torchvision vgg19 state "
                              "dict); or --set perceptual=l2 (pixel MSE instead) or --set lambda_p=0")
-        net = load_vgg19_features(p["perc_weights"], p["perc_layer"], self.context.device)
+        net = load_vgg19_features(p["perc_weights"], p["perc_layer"], self.context.device, self.name)
         return net, f"vgg19 features[:{p['perc_layer']}] ({p['perc_weights']})"
 
     def _perc_loss(self, x_t, x, x_feats):
@@ -283,7 +283,7 @@ def _at(values, i: int, like):
 
 
 # -- VGG19 features (perceptual loss), built here because torchvision is not a dependency -------------------
-def build_vgg19_features(layers: int):
+def build_vgg19_features(layers: int, method: str = "dime"):
     import torch.nn as nn
 
     mods: list = []
@@ -295,11 +295,11 @@ def build_vgg19_features(layers: int):
             mods += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=False)]
             c_in = v
     if not 1 <= layers <= len(mods):
-        raise UsageError(f"dime: --set perc_layer={layers}: VGG19 has {len(mods)} feature modules")
+        raise UsageError(f"{method}: --set perc_layer={layers}: VGG19 has {len(mods)} feature modules")
     return nn.Sequential(*mods[:layers])
 
 
-def load_vgg19_features(path: str, layers: int, device: str):
+def load_vgg19_features(path: str, layers: int, device: str, method: str = "dime"):
     """``features[:layers]`` of a torchvision VGG19 state dict (keys ``features.N.*`` or ``N.*``)."""
     from pathlib import Path
 
@@ -307,7 +307,7 @@ def load_vgg19_features(path: str, layers: int, device: str):
 
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"dime: perc_weights {path}: no such file")
+        raise UsageError(f"{method}: perc_weights {path}: no such file")
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -316,10 +316,10 @@ def load_vgg19_features(path: str, layers: int, device: str):
         else:
             state = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"dime: perc_weights {path}: unreadable ({type(exc).__name__}: {exc})") from None
+        raise UsageError(f"{method}: perc_weights {path}: unreadable ({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    net = build_vgg19_features(layers)
+    net = build_vgg19_features(layers, method)
     wanted = net.state_dict()
     picked = {}
     for key in wanted:
@@ -328,9 +328,9 @@ def load_vgg19_features(path: str, layers: int, device: str):
                 picked[key] = state[cand]
                 break
         else:
-            raise UsageError(f"dime: perc_weights {path}: missing VGG19 weight features.{key}")
+            raise UsageError(f"{method}: perc_weights {path}: missing VGG19 weight features.{key}")
         if tuple(picked[key].shape) != tuple(wanted[key].shape):
-            raise UsageError(f"dime: perc_weights {path}: features.{key} has shape {tuple(picked[key].shape)}, "
+            raise UsageError(f"{method}: perc_weights {path}: features.{key} has shape {tuple(picked[key].shape)}, "
                              f"VGG19 needs {tuple(wanted[key].shape)}")
     net.load_state_dict({k: v.float() for k, v in picked.items()})
     return net.to(device).eval().requires_grad_(False)
