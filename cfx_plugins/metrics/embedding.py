@@ -21,6 +21,7 @@ import functools
 import numpy as np
 
 from cfx_cli.classifiers import IMAGENET_MEAN, IMAGENET_STD
+from cfx_cli.demo import RESOLUTION
 from cfx_cli.errors import MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
@@ -58,7 +59,6 @@ class S3(Metric):
     def compute(self, run, context):
         import torch
 
-        from cfx_cli.demo import RESOLUTION
         from cfx_plugins.nets.features import weights_tag
         from cfx_plugins.nets.resnet import SIMSIAM_FILE, SIMSIAM_URL, load_simsiam
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cfx_cli.demo import RESOLUTION
 from cfx_cli.errors import MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
@@ -118,7 +119,6 @@ class _FIDFeatures:
         self.run, self.context = run, context
 
     def get(self):
-        from cfx_cli.demo import RESOLUTION
         from cfx_plugins.nets.features import cached_features
 
         cache = self.run._cache  # shared by fid and sfid within one `cfx eval`
