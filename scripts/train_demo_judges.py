@@ -6,7 +6,7 @@ Each network trains from its own seed on the 1347 training digits of ``cfx_cli.d
 every demo model trains on; no held-out digit is seen), with ±1-pixel random shifts and Gaussian pixel noise
 (σ ~ U(0, 0.3) per image), AdamW and a cosine schedule, and checkpoints every 100 steps under
 ``build/demo-train/judge-NAME/`` (a killed run resumes). It writes ``cfx_cli/demo/judges/NAME.safetensors`` and
-``judges.json`` (accuracy per protocol split, parameters, seconds). 10 s to 2 min per network on one CPU thread.
+``judges.json`` (accuracy per protocol split, parameters, seconds). 12 s to 6 min per network on one CPU thread.
 """
 
 from __future__ import annotations

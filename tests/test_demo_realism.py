@@ -135,3 +135,38 @@ def test_oracle_flip_rate_tells_an_attack_from_an_edit(tmp_path, cfx, demo_image
     assert rows["pgd"]["oracle_flip_rate"] <= rows["time"]["oracle_flip_rate"] - 0.3, rows
     for judge in ("mlp", "rff"):
         assert rows["pgd"][f"oracle_flip_rate_{judge}"] < rows["time"][f"oracle_flip_rate_{judge}"], rows
+
+
+def test_nearest_target_digit_distance_is_the_minimum_over_that_class():
+    bench = _bench()
+    train = np.zeros((3, 2, 2, 3))
+    train[1] += 0.5
+    train[2] += 1.0
+    labels = np.array([7, 7, 3])
+    orig = np.full((1, 2, 2, 3), 0.4)
+    # class 7: |0.4 − 0| = 0.4 and |0.4 − 0.5| = 0.1 → 0.1; class 3 has only the all-ones digit → 0.6
+    assert bench.nearest_target_l1(orig, ["7"], train, labels) == pytest.approx([0.1])
+    assert bench.nearest_target_l1(orig, ["3"], train, labels) == pytest.approx([0.6])
+
+
+@pytest.mark.slow
+def test_demo_benchmark_runs_a_method_on_protocol_digits(tmp_path, capsys):
+    bench = _bench()
+    assert bench.main(["--split", "tuning", "--n", "4", "--methods", "pgd", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "tuning" / "benchmark.json").read_text())
+    assert report["split"] == "tuning" and report["n"] == 4
+    assert sorted(p.name for p in (tmp_path / "tuning" / "inputs").glob("*.png"))[0].startswith("tuning-")
+    row = report["methods"]["pgd"]
+    for key in ("flip_rate", "oracle_flip_rate", "l1", "l1_nearest", "l1_ratio", "fid", "fid_train", "seconds", "nfe"):
+        assert row[key] is not None, key
+    assert row["l1_ratio"] == pytest.approx(row["l1"] / row["l1_nearest"])
+    assert "pgd" in capsys.readouterr().out
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_benchmark", REPO / "bench" / "demo_benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
