@@ -24,9 +24,12 @@ from cfx_cli.models.bridge import BridgeModel
 from cfx_cli.models.memory import MemoryOptions, apply_to_adm, resolve_dtype
 
 BRIDGE_KEYS = ("interval", "beta_max", "t0", "T", "cond_x1", "ot_ode", "corrupt", "image_size")
+# For options a checkpoint does not declare. β_max 1.0: RCSB's inpainting configs and I2SB's scripts/train.sh for
+# every inpainting bridge (``--beta-max 1.0 --ot-ode``); I2SB's argparse default 0.3 is for JPEG/super-resolution.
+# A bridge trained with another value declares it (options.pkl or the JSON sidecar; the demo bridge declares 0.3).
 BRIDGE_DEFAULTS: dict[str, Any] = {
     "interval": 1000,
-    "beta_max": 0.3,
+    "beta_max": 1.0,
     "t0": 1e-4,
     "T": 1.0,
     "cond_x1": False,
@@ -173,5 +176,6 @@ def load_i2sb(
         device,
         dtype,
         str(path),
-        {"parameters": sum(p.numel() for p in net.parameters()), "ema": ema_used, "options_from": opt_source},
+        {"parameters": sum(p.numel() for p in net.parameters()), "ema": ema_used, "options_from": opt_source,
+         "beta_max_from": opt_source if "beta_max" in bridge_opts else "default (RCSB's inpainting configs)"},
     )
