@@ -34,14 +34,14 @@ class RCSB(Explainer):
         Param("tau", "float", 0.6, "τ: trajectory truncation; the code's start_step = round(τ·interval), the "
               "start state and the first step at start_step − 1 (1.0 = from x_1, the full inpainting trajectory)",
               min=0.0, max=1.0),
-        Param("nfe", "int", 100, "OT-ODE steps from τ·T down to 0 (one bridge evaluation each)", min=1),
+        Param("nfe", "int", 100, "OT-ODE steps from the start down to 0 (one bridge evaluation each)", min=1),
         Param("scale", "float", 1.5, "s: guidance scale", min=0.0),
         Param("tweedie", "bool", True, "take the classifier gradient at the Tweedie estimate x̂_0(x_t) through "
               "the network (false: at x_t itself, the 'naive' guidance)"),
         Param("adam", "bool", True, "Adam stabilization of the gradient (β 0.9/0.999, ε 1e-8, reset per image)"),
         Param("adaptive_norm", "bool", True, "divide every update by the norm of the first one (per image)"),
         Param("clf_view", "str", "minmax", "what the classifier sees: minmax = the whole x̂_0 through a per-image "
-              "min–max (the code); paste = R⊙x̂_0 + (1−R)⊙x through (x+1)/2 (cfx before 0.x)",
+              "min–max (the code); paste = R⊙x̂_0 + (1−R)⊙x through (x+1)/2 (cfx's earlier view)",
               choices=("minmax", "paste")),
         Param("mask_grad", "bool", False, "multiply the gradient by R before Adam and the norm (cfx's earlier "
               "variant; the code uses the full-image gradient and the paste confines the update)"),
@@ -57,8 +57,9 @@ class RCSB(Explainer):
         "A": {"scale": 3.0, "tau": 0.6, "nfe": 100},
         "B": {"scale": 1.5, "tau": 0.6, "nfe": 100},
         "C": {"scale": 1.5, "tau": 0.6, "nfe": 100},
-        # the embedded 16×16 demo bridge: tuned here (docs/methods/rcsb.md)
-        "digits": {"scale": 1.0, "tau": 0.6, "nfe": 20},
+        # the embedded 16×16 demo bridge: tuned here (docs/methods/rcsb.md); s 1.0 until the full-image gradient
+        # made the steps ≈ √a smaller, 2.0 since
+        "digits": {"scale": 2.0, "tau": 0.6, "nfe": 20},
     }
     region_presets = {
         "A": {"region_area": 0.1, "region_cell": 4},
