@@ -129,6 +129,9 @@ def _check_schedule(path: Path, case: dict) -> None:
     assert expl.first_step == case["q_sample_step"] == case["config_keys"]["inpainter.subconfig.start_step"] - 1
     nfe = case["paper"]["N_nfe"]
     assert br.sampling_steps(nfe, expl.first_step)[::-1] == case["steps_desc"]
+    # the code's start_step is round(τ·T), the first step start_step − 1 (also at half-integers of τ·(T − 1))
+    T = br.interval
+    assert [br.truncation_step(tau) for tau in (0.5, 0.7, 1.0)] == [T // 2 - 1, round(0.7 * T) - 1, T - 1]
 
 
 def test_rcsb_e2e_sampler_matches_every_intermediate():
