@@ -174,12 +174,13 @@ def test_ace_mask_is_dilated_normalised_difference(tiny_prior, classifier):
     pe = x.clone()
     pe[0, :, 8, 8] = 0.5  # the peak → normalised to 1, dilated to a 5×5 square
     pe[0, 0, 2, 2] = 0.05  # 0.05 / 1.5 of the peak: below the threshold, not in the mask
-    mask = exp._mask(x, pe, None)
+    normalised, dilated, mask = exp.masks(x, pe)
     assert mask.shape == (1, 1, 16, 16)
+    assert float(normalised.max()) == 1.0 and torch.equal(dilated >= 0.15, mask.bool())
     assert int(mask.sum()) == 25 and mask[0, 0, 6:11, 6:11].all()
     region = torch.zeros(1, 1, 16, 16)
     region[..., 8:, :] = 1
-    assert int(exp._mask(x, pe, region).sum()) == 15  # intersected with --mask
+    assert int(exp.masks(x, pe, region)[2].sum()) == 15  # intersected with --mask
 
 
 def test_ace_checkpointing_gives_the_same_gradient(tiny_prior, classifier):
@@ -190,10 +191,8 @@ def test_ace_checkpointing_gives_the_same_gradient(tiny_prior, classifier):
     for ckpt in (False, True):
         exp = make_explainer("ace", tiny_prior, classifier, respacing="20", tau=3, checkpoint=ckpt)
         noise = SeededNoise().for_batch(["a", "b"], [1, 2], "cpu")
-        draws = exp._draw(noise, [0, 1], (3, 16, 16), exp._filter_keys(0))
-        x_in = batch.images.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(exp._loss(x_in, batch.images, batch.targets, draws), x_in)
-        grads.append(g)
+        draws = exp._draw(noise, [0, 1], (3, 16, 16), exp.filter_keys(0))
+        grads.append(exp.class_gradient(batch.images, batch.targets, draws))
     assert grads[0].abs().max() > 0  # gradients do flow through the whole chain
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
