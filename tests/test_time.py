@@ -66,6 +66,34 @@ def test_parse_schedule():
             parse_schedule(bad)
 
 
+def Param_default(cls, name):
+    return next(p.default for p in cls.params if p.name == name)
+
+
+def test_guidance_convention():
+    from cfx_cli.errors import UsageError
+    from cfx_plugins.explainers.time.generate import guidance_scale
+
+    assert guidance_scale(4, "w") == 4.0 and guidance_scale(4, "1+w") == 5.0
+    with pytest.raises(UsageError, match="guidance"):
+        guidance_scale(4, "2w")
+
+
+def test_init_words_and_prompt_variants():
+    from cfx_cli.errors import UsageError
+    from cfx_plugins.explainers.time.fit import PICTURE_SYNONYMS, init_words, prompt_variants
+
+    assert init_words("picture", 3) == [["picture"] * 3]
+    assert init_words("centered realistic celebrity", 3) == [["centered", "realistic", "celebrity"]]
+    assert init_words("a digit", 3) == [["a digit"] * 3]  # not one word per token: the phrase for each
+    assert init_words("serious serious serious|smile smile smile", 3, 2) == [["serious"] * 3, ["smile"] * 3]
+    assert init_words("digit", 2, 4) == [["digit"] * 2] * 4
+    with pytest.raises(UsageError, match="3 classes"):
+        init_words("a|b", 2, 3)
+    assert prompt_variants("a {context} picture", context="<c>") == ["a <c> picture"]
+    assert prompt_variants("A {context} {picture}", context="<c>") == [f"A <c> {w}" for w in PICTURE_SYNONYMS]
+
+
 def test_presets_follow_the_thesis_and_the_feasibility_note():
     from cfx_plugins.explainers.time import Time
     from cfx_plugins.explainers.time.fit import FIT_PRESETS
@@ -73,9 +101,18 @@ def test_presets_follow_the_thesis_and_the_feasibility_note():
 
     assert parse_schedule(Time.presets["smile"]["schedule"]) == [(25, 3), (30, 4), (35, 4), (35, 6)]
     assert parse_schedule(Time.presets["age"]["schedule"]) == [(30, 4), (30, 6), (35, 4), (35, 6)]
-    # DEMO-FEASIBILITY's (τ, g) = (10,3)(15,3)(20,4)(25,4) with g = 1 + w
-    assert [(t, 1 + w) for t, w in parse_schedule(Time.presets["digits"]["schedule"])] == \
-        [(10, 3), (15, 3), (20, 4), (25, 4)]
+    # DEMO-FEASIBILITY's (τ, g) = (10,3)(15,3)(20,4)(25,4); schedules hold g itself (guidance=w, the default)
+    assert parse_schedule(Time.presets["digits"]["schedule"]) == [(10, 3), (15, 3), (20, 4), (25, 4)]
+    assert Param_default(Time, "guidance") == "w" and Param_default(Time, "edict") == "exact"
+    # published: the authors' code (legacy pairing, g = w) with the thesis schedules
+    assert Time.presets["published"] == {"schedule": Time.presets["smile"]["schedule"], "edict": "legacy",
+                                         "guidance": "w"}
+    assert Time.presets["published-age"]["schedule"] == Time.presets["age"]["schedule"]
+    pub = FIT_PRESETS["published"]  # the README's initialisation words and prompts, the code's settings
+    assert pub["context_init"] == "centered realistic celebrity"
+    assert pub["class_init"] == "serious serious serious|smile smile smile"
+    assert pub["class_prompt"] == "A {context} photo with a {class}" and "{picture}" in pub["context_prompt"]
+    assert (pub["iterations"], pub["lr"], pub["num_tokens"]) == (3000, 1e-4, 3)
     assert FIT_PRESETS["thesis"] == {"iterations": 800, "lr": 0.01, "weight_decay": 1e-4, "batch_size": 64}
     assert FIT_PRESETS["code"]["iterations"] == 3000 and FIT_PRESETS["code"]["lr"] == 1e-4
     assert Time.requires == frozenset()
