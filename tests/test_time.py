@@ -234,6 +234,41 @@ def test_fit_trains_only_the_new_tokens(fitted):
     assert not torch.allclose(new[ids[0]], new[ids[1]]) or float((new[ids[0]] - old.mean(0)).abs().max()) > 0
 
 
+def test_published_fit_preset_initialises_each_token_from_its_own_word(tiny_sd, fitted):
+    """The README's initialisation: context tokens from "centered", "realistic", "celebrity" (one word each),
+    class 0 from "serious" and class 1 from "smile"; the prompts of the code (context: a random synonym of
+    "picture" per image). A classifier with a third class has no word for it: a usage error."""
+    from cfx_cli.errors import UsageError
+    from cfx_cli.models import load_model
+    from cfx_cli.params import resolve_params
+    from cfx_plugins.explainers.time.fit import FIT_PARAMS, FIT_PRESETS, fit_time_tokens
+
+    def two_classes(images, scores):
+        return torch.stack([scores[:, 0], scores[:, 1:].max(1).values], 1)
+
+    model = load_model(f"diffusers:{tiny_sd}", expect="latent")
+    table = model.text_encoder.get_input_embeddings().weight.detach().clone()
+
+    def word(w):  # cfx's initialiser: the mean embedding of the word's tokens
+        return table[model.tokenizer(w, add_special_tokens=False).input_ids].mean(0)
+
+    params = resolve_params("fit time", FIT_PARAMS, FIT_PRESETS, {"preset": "published", "iterations": "2",
+                                                                   "batch_size": "2", "micro_batch": "4"})
+    result = fit_time_tokens(str(fitted["data"]), _stub_classifier(("a", "b"), two_classes), model, params)
+    meta, vec = result.meta, result.vectors
+    assert meta["prompts"] == {"context": "A {context} {picture}", "class": "A {context} photo with a {class}"}
+    # 2 Adam steps at lr 1e-4 move each coordinate by at most ~2e-4
+    for name, w in zip(meta["tokens"]["context"], ("centered", "realistic", "celebrity"), strict=True):
+        assert float((vec[name] - word(w)).abs().max()) < 1e-3, name
+    for label, w in (("a", "serious"), ("b", "smile")):
+        for name in meta["tokens"]["classes"][label]:
+            assert float((vec[name] - word(w)).abs().max()) < 1e-3, name
+    assert float((word("serious") - word("smile")).abs().max()) > 1e-2  # the words really differ
+    with pytest.raises(UsageError, match="2 entries for 3 classes"):
+        fit_time_tokens(str(fitted["data"]), _stub_classifier(), load_model(f"diffusers:{tiny_sd}",
+                                                                           expect="latent"), params)
+
+
 def _explainer(fitted, classifier, schedule="2:1,3:2", edict="exact"):
     from cfx_cli.explainers import ExplainContext
     from cfx_cli.params import resolve_params
