@@ -1,5 +1,5 @@
-"""What the HTTP and subprocess classifier protocols share: spec options, PNG/base64 payloads,
-response validation and secret redaction.
+"""What the HTTP and subprocess classifier protocols share: PNG/base64 payloads, response validation and secret
+redaction (spec options live in :mod:`cfx_cli.spec_options`; imported here for the adapters that import them here).
 
 Wire format (DESIGN.md): requests are ``{"images": ["<base64 PNG>", ...]}``; answers are
 ``{"probabilities": [[p0, p1, ...], ...]}`` with optional ``"labels"``, or ``{"error": "..."}``.
@@ -12,39 +12,24 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import re
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cfx_cli.classifiers import Classifier, PartialClassifierError, check_probabilities
 from cfx_cli.errors import ClassifierError, UsageError
+from cfx_cli.spec_options import Option as Option
+from cfx_cli.spec_options import resolve_options as resolve_options
+from cfx_cli.spec_options import split_options as split_options
 
 if TYPE_CHECKING:  # numpy and torch are imported where used: plugins import this module at registration
     import numpy as np
     import torch
 
 TOKEN_ENV = "CFX_HTTP_TOKEN"
-#: a trailing ``#key=value&key=value`` on a spec holds adapter options
-_OPTIONS_RE = re.compile(r"#([A-Za-z_][A-Za-z0-9_]*=[^&#]*(?:&[A-Za-z_][A-Za-z0-9_]*=[^&#]*)*)$")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 # --------------------------------------------------------------------------- spec options
-@dataclass(frozen=True)
-class Option:
-    """One adapter option: settable as ``SPEC#name=value`` or through the environment variable ``env``."""
-
-    name: str
-    kind: str  # "float" | "int" | "bool" | "str" | "size" | "floats"
-    default: Any
-    help: str
-    env: str | None = None
-
-
 def answer_options(who: str) -> tuple[Option, Option]:
     """The options of every remote adapter about ``who``'s answers (``who``: "program", "server")."""
     return (
@@ -52,76 +37,6 @@ def answer_options(who: str) -> tuple[Option, Option]:
         Option("size", "size", None, f"resize inputs to N or HxW before sending (default: the {who}'s "
                                      "input_size field, else unchanged)"),
     )
-
-
-def split_options(spec: str) -> tuple[str, dict[str, str]]:
-    """``onnx:m.onnx#logits=1&size=32`` → (``onnx:m.onnx``, {"logits": "1", "size": "32"})."""
-    m = _OPTIONS_RE.search(spec)
-    if not m:
-        return spec, {}
-    raw: dict[str, str] = {}
-    for pair in m.group(1).split("&"):
-        key, value = pair.split("=", 1)
-        raw[key.lower()] = value
-    return spec[: m.start()], raw
-
-
-def resolve_options(spec: str, raw: Mapping[str, str], known: tuple[Option, ...],
-                    environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Spec options override environment variables, which override defaults; bad values are usage errors."""
-    environ = os.environ if environ is None else environ
-    by_name = {o.name: o for o in known}
-    unknown = sorted(set(raw) - set(by_name))
-    if unknown:
-        names = ", ".join(o.name for o in known) or "none"
-        raise UsageError(f"classifier {spec}: unknown option(s) {', '.join(unknown)} (known: {names})")
-    out: dict[str, Any] = {}
-    for opt in known:
-        if opt.name in raw:
-            text, where = raw[opt.name], f"option {opt.name}"
-        elif opt.env and environ.get(opt.env, "") != "":
-            text, where = environ[opt.env], f"environment variable {opt.env}"
-        else:
-            out[opt.name] = opt.default
-            continue
-        out[opt.name] = _convert(opt, text, f"classifier {spec}: {where}={text!r}")
-    return out
-
-
-def _convert(opt: Option, text: str, where: str) -> Any:
-    t = text.strip()
-    try:
-        if opt.kind == "bool":
-            if t.lower() in _TRUE:
-                return True
-            if t.lower() in _FALSE:
-                return False
-            raise ValueError("expected true or false")
-        if opt.kind == "int":
-            v = int(t)
-            if v < 0:
-                raise ValueError("must not be negative")
-            return v
-        if opt.kind == "float":
-            v = float(t)
-            if not v >= 0:
-                raise ValueError("must be a non-negative number")
-            return v
-        if opt.kind == "size":
-            parts = [int(p) for p in re.split(r"[x,]", t.lower())]
-            if len(parts) == 1:
-                parts *= 2
-            if len(parts) != 2 or min(parts) < 1:
-                raise ValueError("expected N or HxW")
-            return (parts[0], parts[1])
-        if opt.kind == "floats":
-            vals = [float(p) for p in t.split(",")]
-            if len(vals) not in (1, 3):
-                raise ValueError("expected 1 or 3 comma-separated numbers")
-            return tuple(vals * 3 if len(vals) == 1 else vals)
-        return t
-    except ValueError as exc:
-        raise UsageError(f"{where}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- images on the wire

@@ -44,6 +44,13 @@ class TorchModuleClassifier(Classifier):
             out = out.clamp_min(1e-12).log()
         return out
 
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        self.calls += int(images.shape[0])
+        out = self.module(self._prepare(images))
+        return out if self.returns_logits else torch.logit(out, eps=1e-6)  # #logits=0: sigmoid probabilities
+
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         import torch
 

@@ -1,10 +1,12 @@
 """MNAC and CD with an attribute oracle (DiME §3.4; ACE's ``compute_MNAC.py`` / ``compute_CD.py``).
 
 The oracle is any classifier spec (``--set oracle=SPEC`` or ``CFX_ORACLE``) whose outputs are read as
-attribute probabilities: ``predict_proba`` by default, or the sigmoid of its logits with
-``--set oracle_activation=sigmoid`` for a multi-label oracle such as CelebA's 40 attributes (white-box specs).
-``oracle_attributes`` (comma list or a file, one per line) names its outputs; default: the oracle's labels.
-An attribute is "on" when its probability exceeds 0.5. Both metrics use the successful counterfactuals.
+attribute probabilities: ``predict_proba`` by default; the sigmoid of its raw outputs (``Classifier.scores``: the
+PyTorch adapters and ONNX) with ``--set oracle_activation=sigmoid`` for a multi-label oracle such as CelebA's 40
+attributes, all of which are compared, as the papers do; or one attribute, σ(l), for a spec with ``#attribute=K``
+or ``#binary=1`` (:class:`cfx_cli.classifiers.SigmoidClassifier`). ``oracle_attributes`` (comma list or a file, one
+per line) names its outputs (and resolves ``#attribute=NAME``); default: the oracle's labels. An attribute is "on"
+when its probability exceeds 0.5. Both metrics use the successful counterfactuals.
 
 - MNAC: mean number of attributes whose on/off state differs between original and counterfactual.
 - CD (eq. 3.19): Σ_a |corr_cf(Δq, Δa) − corr_data(q, a)|, with Δ = on(cf) − on(original), q the query
@@ -23,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cfx_cli.classifiers import ClassifierOptions, load_classifier
+from cfx_cli.classifiers import Classifier, ClassifierOptions, SigmoidClassifier, load_classifier
 from cfx_cli.errors import CfxError, MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
+from cfx_cli.spec_options import OUTPUT_OPTIONS, split_options
 from cfx_plugins.nets.weights import option
 
 
@@ -90,16 +93,26 @@ class _Oracle:
         self.activation = str(option(context, "oracle_activation", "CFX_ORACLE_ACTIVATION", "softmax"))
         if self.activation not in ("softmax", "sigmoid"):
             raise MetricUnavailable(f"oracle_activation={self.activation!r}: expected softmax or sigmoid")
-        try:
-            self.clf = load_classifier(spec, ClassifierOptions(device=context.device))
-        except CfxError as exc:
-            raise MetricUnavailable(f"cannot load oracle {spec}: {exc}") from None
         names = option(context, "oracle_attributes", "CFX_ORACLE_ATTRIBUTES")
         if names:
             p = Path(str(names))
             lines = p.read_text(encoding="utf-8").splitlines() if p.is_file() else str(names).split(",")
             names = [x.strip() for x in lines if x.strip()]
-        self.attributes = list(names) if names else list(self.clf.labels)
+        # with #attribute=NAME / #binary=1 the names are the model's outputs, which resolve NAME
+        picks_one = bool(set(split_options(str(spec))[1]) & {o.name for o in OUTPUT_OPTIONS})
+        try:
+            self.clf = load_classifier(spec, ClassifierOptions(device=context.device,
+                                                               labels=list(names) if names and picks_one else None))
+        except CfxError as exc:
+            raise MetricUnavailable(f"cannot load oracle {spec}: {exc}") from None
+        if isinstance(self.clf, SigmoidClassifier):
+            self.attributes = [self.clf.labels[1]]  # one attribute: σ(l)
+        else:
+            self.attributes = list(names) if names else list(self.clf.labels)
+            if self.activation == "sigmoid" and type(self.clf).scores is Classifier.scores:
+                self.clf.close()
+                raise MetricUnavailable(f"oracle_activation=sigmoid needs the raw outputs of the oracle {spec}, "
+                                        "which its adapter does not give (use a PyTorch or ONNX spec)")
         self.device = context.device
         self.run = run
 
@@ -113,8 +126,10 @@ class _Oracle:
             for start in range(0, len(relpaths), 32):
                 imgs = np.stack([rgb(self.run.image(p)) for p in relpaths[start:start + 32]])
                 x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(self.device)
-                if self.activation == "sigmoid":
-                    p = torch.sigmoid(self.clf.logits(x))
+                if isinstance(self.clf, SigmoidClassifier):
+                    p = self.clf.predict_proba(x)[:, 1:]
+                elif self.activation == "sigmoid":
+                    p = torch.sigmoid(self.clf.scores(x))
                 else:
                     p = self.clf.predict_proba(x)
                 out.append(p.detach().cpu().numpy())
