@@ -208,7 +208,7 @@ class SigmoidClassifier(Classifier):
         before = self.inner.calls
         try:
             with torch.no_grad():
-                out = self.inner.scores(torch.zeros(1, 3, h, w))
+                out = _columns(self.inner.scores(torch.zeros(1, 3, h, w)))
         except UsageError:
             raise
         except Exception as exc:
@@ -217,7 +217,7 @@ class SigmoidClassifier(Classifier):
                              "with #size=HxW") from None
         self.inner.calls = before
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
-            raise UsageError(f"classifier {self.spec}: the model must return (N, M) outputs, got "
+            raise UsageError(f"classifier {self.spec}: the model must return (N, M) or (N,) outputs, got "
                              f"{tuple(getattr(out, 'shape', ()))} for one image")
         return int(out.shape[1])
 
@@ -239,7 +239,7 @@ class SigmoidClassifier(Classifier):
 
         if images.shape[0] == 0:
             return torch.zeros(0)
-        out = self.inner.scores(images)
+        out = _columns(self.inner.scores(images))
         if out.ndim != 2 or out.shape[0] != images.shape[0] or out.shape[1] <= self.index:
             raise ClassifierError(f"{self.spec}: the model returned outputs of shape {tuple(out.shape)} for "
                                   f"{images.shape[0]} images; expected ({images.shape[0]}, >{self.index})")
@@ -267,6 +267,11 @@ class SigmoidClassifier(Classifier):
         info = {**self.inner.describe(), "spec": self.spec, "labels": list(self.labels)}
         info["output"] = {"index": self.index, "attribute": self.attribute, "of": self.inner.labels}
         return info
+
+
+def _columns(out):
+    """(N,) → (N, 1): the authors' wrappers return the explained logit alone (DiME's ``ClassificationModel``)."""
+    return out[:, None] if getattr(out, "ndim", None) == 1 else out
 
 
 def _unnamed(labels: Sequence[str], width: int) -> bool:

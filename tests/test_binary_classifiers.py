@@ -143,6 +143,28 @@ def test_attribute_by_index_or_name_from_labels_or_the_model(models, forty_ts):
     assert info["spec"].endswith("#attribute=Young")
 
 
+def test_the_dime_fixture_classifier_plugs_in(tmp_path):
+    """The dime-e2e fixture's classifier is shaped like the authors' (one logit of shape (B,), [−1, 1] inputs):
+    with #binary=1 and the spec's normalisation it gives the fixture's logits, and DiME's targets."""
+    from conftest import fixture_dir
+    from safetensors.torch import load_file
+
+    folder = fixture_dir("dime-e2e")
+    tensors = load_file(str(folder / "tensors.safetensors"))
+    spec = (f"python:{folder / 'classifier.py'}:build@{folder / 'classifier.safetensors'}"
+            "#binary=1&size=32&mean=0.5&std=0.5")
+    clf = load(spec, ["not-smiling", "smiling"])
+    for case in ("case0", "case1"):
+        x01 = (tensors[f"{case}_x"] + 1) / 2
+        torch.testing.assert_close(clf.logits(x01)[:, 1], tensors[f"{case}_logit_x"], atol=1e-5, rtol=1e-5)
+        source = clf.predict_proba(x01).argmax(1)
+        assert (1 - source).tolist() == tensors[f"{case}_target"].tolist()  # the fixture's target: the other class
+    from cfx_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"a test forward pass on a 224×224 image failed .*#size=HxW"):
+        load(spec.replace("&size=32", ""))
+
+
 @pytest.mark.parametrize(("spec", "labels", "message"), [
     ("python:{m}:forty#attribute=40", None, r"#attribute=40 is out of range: the model has 40 outputs \(0–39\)"),
     ("torchscript:{ts}#attribute=Smilin", None, "unknown attribute 'Smilin' .*5_o_Clock_Shadow"),
