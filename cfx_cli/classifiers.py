@@ -171,6 +171,7 @@ class SigmoidClassifier(Classifier):
             self.module = inner.module
         width = self._probe()
         self.index, self.attribute, pair = 0, None, None
+        self.outputs: list[str] | None = None  # the names of the model's outputs, where known
         if attribute is None:
             if width != 1:
                 raise UsageError(f"classifier {spec}: #binary=1 needs a model with one output per image; this one "
@@ -185,7 +186,7 @@ class SigmoidClassifier(Classifier):
             elif given is not None:
                 self.attribute = given[0]
         else:
-            outputs = None  # the names of the model's outputs
+            outputs = None
             if labels is not None and len(labels) == width:
                 outputs = list(labels)
             elif labels is not None and len(labels) == 2:
@@ -197,6 +198,7 @@ class SigmoidClassifier(Classifier):
                 outputs = list(inner.labels)
             self.index = _attribute_index(attribute, outputs, width, spec)
             self.attribute = outputs[self.index] if outputs else str(self.index)
+            self.outputs = outputs
         self.labels = pair or ([f"not-{self.attribute}", self.attribute] if self.attribute else ["0", "1"])
 
     def _probe(self) -> int:
@@ -265,7 +267,8 @@ class SigmoidClassifier(Classifier):
 
     def describe(self) -> dict:
         info = {**self.inner.describe(), "spec": self.spec, "labels": list(self.labels)}
-        info["output"] = {"index": self.index, "attribute": self.attribute, "of": self.inner.labels}
+        # run.json: which output was explained; ``names`` lets ``cfx eval`` resolve #attribute=NAME as explain did
+        info["output"] = {"index": self.index, "attribute": self.attribute, "names": self.outputs}
         return info
 
 

@@ -314,3 +314,27 @@ def test_mnac_oracle_compares_all_40_attributes_or_one(models, forty_ts, pgd_run
         assert row["skipped"] == {}, row
         assert row["mnac"] == pytest.approx(float(want)), oracle
     assert changed.mean() > 0  # the 40-attribute case is not trivially 0
+
+
+def test_explain_and_eval_with_an_attribute_named_by_labels(tmp_path, models):
+    """The CLI end to end: --labels names the 40 outputs, #attribute=Smiling picks one; cfx eval reloads the run's
+    classifier (COUT) with the names run.json recorded."""
+    from conftest import run_cfx
+
+    from cfx_cli.demo import IMAGES_DIR
+
+    names = tmp_path / "celeba_attributes.txt"
+    names.write_text("\n".join(CELEBA) + "\n")
+    run = tmp_path / "run"
+    spec = f"python:{models}:forty#attribute=Smiling"
+    proc = run_cfx("explain", str(IMAGES_DIR), "--method", "pgd", "--target", "auto", "--classifier", spec,
+                   "--labels", str(names), "--limit", "3", "--set", "eps=0.3", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((run / "run.json").read_text())["classifier"]
+    assert info["labels"] == ["not-Smiling", "Smiling"] and info["output"]["index"] == 31
+    records = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    assert all({r["source_label"], r["target_label"]} == {"not-Smiling", "Smiling"} for r in records)
+    proc = run_cfx("eval", str(run), "--metrics", "cout", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)["runs"][0]
+    assert row["skipped"] == {} and -1 <= row["cout"] <= 1
