@@ -169,15 +169,16 @@ class SigmoidClassifier(Classifier):
         self.capabilities = inner.capabilities
         if hasattr(inner, "module"):  # ScoreCAM/Grad-CAM name the layers of the wrapped module
             self.module = inner.module
-        width = self._probe()
+        self.width = width = self._probe()
         self.index, self.attribute, pair = 0, None, None
         self.outputs: list[str] | None = None  # the names of the model's outputs, where known
         if attribute is None:
             if width != 1:
                 raise UsageError(f"classifier {spec}: #binary=1 needs a model with one output per image; this one "
                                  f"returns {width} (#attribute=K explains one output of a multi-label model)")
-            given = labels if labels is not None else (inner.labels if len(inner.labels) == 2 or
-                                                       not _unnamed(inner.labels, 1) else None)
+            # the user's names, else the model's: its two classes, or the one thing its logit detects
+            named = len(inner.labels) == 2 or not _unnamed(inner.labels, 1)
+            given = labels if labels is not None else (inner.labels if named else None)
             if given is not None and len(given) not in (1, 2):
                 raise UsageError(f"classifier {spec}: --labels gives {len(given)} names; #binary=1 takes 2 (the "
                                  "classes) or 1 (what the logit detects)")
@@ -242,9 +243,9 @@ class SigmoidClassifier(Classifier):
         if images.shape[0] == 0:
             return torch.zeros(0)
         out = _columns(self.inner.scores(images))
-        if out.ndim != 2 or out.shape[0] != images.shape[0] or out.shape[1] <= self.index:
+        if out.ndim != 2 or tuple(out.shape) != (images.shape[0], self.width):
             raise ClassifierError(f"{self.spec}: the model returned outputs of shape {tuple(out.shape)} for "
-                                  f"{images.shape[0]} images; expected ({images.shape[0]}, >{self.index})")
+                                  f"{images.shape[0]} images; expected ({images.shape[0]}, {self.width})")
         return out[:, self.index]
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -294,11 +295,9 @@ def _attribute_index(attribute: str, names: Sequence[str] | None, width: int, sp
     if names is None:
         raise UsageError(f"classifier {spec}: #attribute={attribute}: the model does not name its {width} outputs; "
                          f"give an index or --labels FILE with {width} names")
-    lowered = [x.lower() for x in names]
-    if attribute in names:
-        return list(names).index(attribute)
-    if lowered.count(attribute.lower()) == 1:
-        return lowered.index(attribute.lower())
+    idx = find_name(attribute, names)
+    if idx is not None:
+        return idx
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     raise UsageError(f"classifier {spec}: unknown attribute {attribute!r} (the model's outputs: {shown})")
 
@@ -316,12 +315,18 @@ def read_labels_file(path: str | Path) -> list[str]:
     return labels
 
 
+def find_name(name: str, names: Sequence[str]) -> int | None:
+    """The index of ``name`` in ``names``: an exact match, else the one case-insensitive match; None if neither."""
+    if name in names:
+        return list(names).index(name)
+    lowered = [x.lower() for x in names]
+    return lowered.index(name.lower()) if lowered.count(name.lower()) == 1 else None
+
+
 def resolve_label(label: str, labels: Sequence[str], spec: str = "") -> int:
-    if label in labels:
-        return list(labels).index(label)
-    lowered = [x.lower() for x in labels]
-    if label.lower() in lowered and lowered.count(label.lower()) == 1:
-        return lowered.index(label.lower())
+    found = find_name(label, labels)
+    if found is not None:
+        return found
     if label.lstrip("-").isdigit():
         idx = int(label)
         if 0 <= idx < len(labels):
