@@ -80,7 +80,7 @@ def count_calls(explainer):
 # -- DiME ----------------------------------------------------------------------------------------------------
 def test_dime_nfe_matches_tau_formula_per_attempt(tiny_prior, classifier):
     tau = 4
-    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=tau, scales="0,0,0")
+    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=tau, scales="0,0,0", perceptual="l2")
     counter = count_calls(exp)
     calls_before = classifier.calls
     outs = exp.explain(demo_batch(3))
@@ -97,7 +97,9 @@ def test_dime_nfe_matches_tau_formula_per_attempt(tiny_prior, classifier):
 
 def test_dime_retries_only_unflipped_images(tiny_prior, classifier):
     scales = (0.0, 50.0, 400.0)
-    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales=",".join(map(str, scales)))
+    # flip_check=png: the retry is decided on the 8-bit image, the one this test re-classifies
+    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales=",".join(map(str, scales)),
+                         perceptual="l2", flip_check="png")
     batch = demo_batch(3)
     outs = exp.explain(batch)
     with torch.no_grad():
@@ -111,7 +113,7 @@ def test_dime_retries_only_unflipped_images(tiny_prior, classifier):
 
 
 def test_dime_results_do_not_depend_on_batching(tiny_prior, classifier):
-    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales="5")
+    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales="5", perceptual="l2")
     together = exp.explain(demo_batch(3))
     full = demo_batch(3)
     for i in range(3):
@@ -127,7 +129,7 @@ def test_dime_region_mask_keeps_outside_pixels(tiny_prior, classifier):
     masks = torch.zeros(2, 1, 16, 16)
     masks[:, :, 4:12, 4:12] = 1
     batch = demo_batch(2, masks=masks)
-    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales="30")
+    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales="30", perceptual="l2")
     outs = exp.explain(batch)
     for out, img, m in zip(outs, batch.images, masks, strict=True):
         outside = (m[0] == 0)
@@ -155,6 +157,12 @@ def test_dime_vgg19_without_weights_is_a_usage_error(tiny_prior, classifier, tmp
 
     with pytest.raises(UsageError, match="perc_weights"):
         make_explainer("dime", tiny_prior, classifier, preset="celeba")
+    # the default is the paper's VGG19 term too: no silent pixel MSE, one line naming the ways out
+    with pytest.raises(UsageError, match=r"lambda_p=30\) uses the paper's VGG19 .*perc_weights=PATH.*perceptual=l2"):
+        make_explainer("dime", tiny_prior, classifier, respacing="20", tau=2)
+    assert make_explainer("dime", tiny_prior, classifier, respacing="20", tau=2, lambda_p=0).perceptual_name == "none"
+    chosen = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=2, scales="5", perceptual="l2")
+    assert chosen.explain(demo_batch(1))[0].params["perceptual"] == "l2 (pixel MSE, not the paper's VGG19)"
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "partial.pth")
     with pytest.raises(UsageError, match=r"partial.pth: missing VGG19 weight features.0.bias"):
         make_explainer("dime", tiny_prior, classifier, perceptual="vgg19", perc_weights=str(tmp_path / "partial.pth"))
@@ -163,8 +171,10 @@ def test_dime_vgg19_without_weights_is_a_usage_error(tiny_prior, classifier, tmp
 def test_dime_tau_beyond_schedule_is_a_usage_error(tiny_prior, classifier):
     from cfx_cli.errors import UsageError
 
-    with pytest.raises(UsageError, match="exceeds the 10 steps"):
-        make_explainer("dime", tiny_prior, classifier, respacing="10", tau=11)
+    # z_τ is noised to index τ (the authors' q_sample(x, start_step)): τ ≤ steps − 1; τ ≤ steps at level τ−1
+    with pytest.raises(UsageError, match="exceeds the 10 steps.*τ ≤ 9"):
+        make_explainer("dime", tiny_prior, classifier, respacing="10", tau=10, lambda_p=0)
+    make_explainer("dime", tiny_prior, classifier, respacing="10", tau=10, lambda_p=0, z_tau_level="tau-1")
 
 
 # -- ACE -----------------------------------------------------------------------------------------------------
