@@ -207,6 +207,22 @@ def test_black_box_onnx_single_logit(tmp_path, models):
         clf.logits(x)
 
 
+def test_hf_multi_label_model_explains_one_attribute_by_its_id2label_name(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from hf_helpers import make_vit
+
+    folder = make_vit(tmp_path / "ml", problem_type="multi_label_classification")
+    plain = load(f"hf:{folder}")
+    assert "#attribute=NAME" in capsys.readouterr().err  # the note points at the option
+    clf = load(f"hf:{folder}#attribute=digit 7")
+    assert "note:" not in capsys.readouterr().err
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    l7 = plain.logits(x)[:, 7]
+    assert clf.labels == ["not-digit 7", "digit 7"]
+    torch.testing.assert_close(clf.predict_proba(x)[:, 1], torch.sigmoid(l7).detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(clf.logits(x), torch.stack([torch.zeros(3), l7], 1))
+
+
 # -- the authors' class gradients through the explainers' own class loss ----------------------------------
 CASES = [("single_logit", "#binary=1", 0), ("forty", "#attribute=31", 31), ("forty", "#attribute=39", 39)]
 
