@@ -102,11 +102,13 @@ def error_text(body: bytes) -> str:
     return quote(body, 300)[1:-1] or "(empty body)"
 
 
-def parse_answer(body: bytes | str, n_images: int, n_labels: int | None, source: str,
-                 logits: bool) -> tuple[torch.Tensor, list[str] | None, tuple[int, int] | None]:
+def parse_answer(body: bytes | str, n_images: int, n_labels: int | None, source: str, logits: bool,
+                 raw: bool = False) -> tuple[torch.Tensor, list[str] | None, tuple[int, int] | None]:
     """Validate a protocol answer → (probabilities (N, K), labels or None, input_size or None).
 
-    ``{"error": ...}`` and anything malformed raise :class:`ClassifierError` quoting what was wrong.
+    ``raw`` (``#binary``/``#attribute``): the columns are one model's sigmoid outputs (probabilities, or logits
+    with ``logits``), returned as they are: rows need not sum to 1. ``{"error": ...}`` and anything malformed raise
+    :class:`ClassifierError` quoting what was wrong.
     """
     import torch
 
@@ -140,10 +142,26 @@ def parse_answer(body: bytes | str, n_images: int, n_labels: int | None, source:
         raise ClassifierError(f"{source}: malformed response (probabilities: {exc})") from None
     if labels is not None and n_labels is not None and len(labels) != n_labels:
         raise ClassifierError(f"{source}: answered {len(labels)} labels, expected {n_labels}")
+    if raw:
+        return _check_outputs(t.float(), n_images, n_labels, source, logits), labels, size
     if logits and t.numel():
         t = torch.softmax(t, dim=1)
     k = n_labels if n_labels is not None else (len(labels) if labels is not None else None)
     return check_probabilities(t.float(), n_images, k, source), labels, size
+
+
+def _check_outputs(t: torch.Tensor, n_images: int, width: int | None, source: str, logits: bool) -> torch.Tensor:
+    """A raw answer: (N, M), finite, and in [0, 1] unless it holds logits."""
+    import torch
+
+    if t.shape[0] != n_images or (width is not None and t.shape[1] != width):
+        raise ClassifierError(f"{source}: expected outputs of shape ({n_images}, {width or 'M'}), got "
+                              f"{tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ClassifierError(f"{source}: outputs contain NaN or infinity")
+    if not logits and ((t < -1e-6) | (t > 1 + 1e-6)).any():
+        raise ClassifierError(f"{source}: sigmoid outputs outside [0, 1] (logits? use the adapter's logits option)")
+    return t
 
 
 # --------------------------------------------------------------------------- secrets
@@ -211,6 +229,7 @@ class RemoteClassifier(Classifier):
 
     batch_size: int = 64
     labels_known: bool = False
+    raw_answers: bool = False  # #binary/#attribute: answers are sigmoid outputs (``ClassifierOptions.raw_outputs``)
     _labels_lock = threading.Lock()  # chunks may be answered on several threads (http)
 
     def _learn(self, labels: list[str] | None, width: int | None = None) -> None:
@@ -263,6 +282,18 @@ class RemoteClassifier(Classifier):
         if errors:
             raise PartialClassifierError(probs, errors)
         return probs
+
+    def scores(self, images):
+        """The answers' columns as logits (``#binary``/``#attribute``; failed rows stay NaN)."""
+        import torch
+
+        if not self.raw_answers:
+            return super().scores(images)
+        as_logits = (lambda t: t) if self.returns_logits else (lambda t: torch.logit(t, eps=1e-6))
+        try:
+            return as_logits(self.predict_proba(images))
+        except PartialClassifierError as exc:
+            raise PartialClassifierError(as_logits(exc.probabilities), exc.errors) from None
 
     def label_index(self, label: str) -> int:
         if not self.labels_known:

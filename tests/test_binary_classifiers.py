@@ -223,6 +223,50 @@ def test_hf_multi_label_model_explains_one_attribute_by_its_id2label_name(tmp_pa
     torch.testing.assert_close(clf.logits(x), torch.stack([torch.zeros(3), l7], 1))
 
 
+SCORE_PROGRAM = '''
+import base64, io, json, math, sys
+
+import numpy as np
+from PIL import Image
+
+for line in sys.stdin:  # one sigmoid probability per image: a "brightness" detector
+    images = json.loads(line)["images"]
+    means = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))), dtype=np.float64).mean() / 255 for b in images]
+    logits = [8 * (m - 0.5) for m in means]
+    column = logits if "--logits" in sys.argv else [1 / (1 + math.exp(-v)) for v in logits]
+    print(json.dumps({"probabilities": [[v] for v in column]}), flush=True)
+'''
+
+
+@pytest.mark.parametrize("logits", [False, True])
+def test_black_box_cmd_program_answering_one_score(tmp_path, logits):
+    """A program speaking the subprocess protocol that answers one column (a sigmoid output) per image."""
+    import sys
+
+    program = tmp_path / "score.py"
+    program.write_text(SCORE_PROGRAM)
+    spec = f"cmd:{sys.executable} {program}" + (" --logits#binary=1&logits=1" if logits else "#binary=1")
+    clf = load(spec, ["dark", "bright"])
+    try:
+        x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(3)) * torch.tensor([0.3, 0.6, 0.9, 1.0])[
+            :, None, None, None]
+        x = torch.round(x * 255) / 255  # the PNGs the program reads are 8-bit
+        p = torch.sigmoid(8 * (x.mean(dim=(1, 2, 3)).double() - 0.5)).float()
+        assert clf.labels == ["dark", "bright"] and clf.capabilities == {"probabilities"}
+        torch.testing.assert_close(clf.predict_proba(x), torch.stack([1 - p, p], 1), atol=1e-5, rtol=0)
+        assert clf.predict_proba(x).argmax(1).tolist() == (p > 0.5).long().tolist()
+    finally:
+        clf.close()
+    plain = load(f"cmd:{sys.executable} {program}")  # without #binary: the one column is not a distribution
+    try:
+        from cfx_cli.errors import ClassifierError
+
+        with pytest.raises(ClassifierError, match="must sum to 1"):
+            plain.predict_proba(x)
+    finally:
+        plain.close()
+
+
 # -- the authors' class gradients through the explainers' own class loss ----------------------------------
 CASES = [("single_logit", "#binary=1", 0), ("forty", "#attribute=31", 31), ("forty", "#attribute=39", 39)]
 
