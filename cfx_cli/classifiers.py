@@ -151,7 +151,10 @@ def load_classifier(spec: str, options: ClassifierOptions) -> Classifier:
         if options.labels is not None:
             classifier.labels = list(options.labels)
         return classifier
-    inner = get_adapter(inner_spec).load(inner_spec, dataclasses.replace(options, labels=None, raw_outputs=True))
+    try:
+        inner = get_adapter(inner_spec).load(inner_spec, dataclasses.replace(options, labels=None, raw_outputs=True))
+    except UsageError as exc:  # name the spec as the user wrote it
+        raise UsageError(str(exc).replace(inner_spec, spec)) from None
     try:
         return SigmoidClassifier(inner, spec, opts["attribute"], options.labels)
     except BaseException:

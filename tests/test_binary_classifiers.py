@@ -175,7 +175,8 @@ def test_the_dime_fixture_classifier_plugs_in(tmp_path):
     ("python:{m}:single_logit#binary=1", ["a", "b", "c"], "--labels gives 3 names; #binary=1 takes 2"),
     ("python:{m}:forty#binary=1&attribute=3", None, "#binary and #attribute exclude each other"),
     ("python:{m}:forty#binary=maybe", None, "option binary='maybe': expected true or false"),
-    ("python:{m}:forty#attribute=3&colour=red", None, r"unknown option\(s\) colour .*binary, attribute"),
+    ("python:{m}:forty#attribute=3&colour=red", None, r"forty#attribute=3&colour=red: unknown option\(s\) colour "
+                                                      r".*binary, attribute"),
 ])
 def test_bad_options_are_one_line_usage_errors(models, forty_ts, spec, labels, message):
     from cfx_cli.errors import UsageError
