@@ -203,6 +203,7 @@ def case_inputs(fx, case):
     return t[f"{case['name']}_x"], t[f"{case['name']}_target"]
 
 
+@pytest.mark.slow  # ~25 s on the shared 2-core machine
 def test_dime_e2e_every_case_matches_the_authors_code(fx):
     for case in cases(fx):
         k = case["name"]
@@ -224,6 +225,7 @@ def test_dime_e2e_every_case_matches_the_authors_code(fx):
         assert sum(o.nfe for o in outs) == counts["unet"] + counts["clf_grad"], k
 
 
+@pytest.mark.slow  # ~60 s on the shared 2-core machine
 def test_dime_e2e_results_do_not_depend_on_the_batch(fx):
     """Each case's image(s) in a batch with every other case's images, placed after them, with the case's
     settings: the case's rows still match the reference, and the other rows equal those images run alone."""
@@ -243,6 +245,7 @@ def test_dime_e2e_results_do_not_depend_on_the_batch(fx):
             assert diff <= fx["meta"]["tolerance"]["float_max_abs"], (case["name"], i, diff)
 
 
+@pytest.mark.slow  # ~8 s
 def test_dime_e2e_old_z_tau_level_is_off_by_one_step(fx):
     """The option that keeps cfx's former indexing (z_τ at the first step's level τ−1) really differs from the
     authors' code: the bar discriminates it (README: τ + 1 moves cf by ≥ 0.5)."""

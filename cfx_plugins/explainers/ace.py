@@ -1,10 +1,10 @@
 """``ace``: Adversarial Counterfactual Explanations (Jeanneret et al., CVPR 2023; thesis ch. 4 + appendix A).
 
 1. Pre-explanation: an adversarial attack (PGD; GD and C&W as alternatives) on
-   w_c·L_class(C(F_τ(x')), y') + λ_d·d(x', x), where F_τ noises x' to step τ of a respaced schedule and runs the
+   w_c·L_class(C(F_τ(x')), y') + λ_d·d(x', x), where F_τ noises x' to index τ−1 of a respaced schedule and runs the
    stochastic DDPM chain back to 0; gradients flow through the whole chain (optionally checkpointed per step).
 2. Mask: Σ_channels |x − x'|, normalised by its maximum, dilated (15×15 max filter), thresholded.
-3. Refinement (RePaint-style): noise x' to τ, denoise while pasting q_sample(x, t) outside the mask.
+3. Refinement (RePaint-style): noise x' to τ−1, denoise while pasting q_sample(x, t) outside the mask.
 Each stage is a method the explainer itself calls (``class_gradient``, ``distance_gradient``, ``attack_update``,
 ``masks``, ``refine``); ``trace`` optionally records the intermediates. The defaults compute what the authors'
 code computes (tests/test_ace_e2e.py); choices and their sources: docs/methods/ace.md.
@@ -68,8 +68,8 @@ class ACE(Explainer):
         Param("stochastic", "bool", True, "sample noise in the filter and the refinement (False: means only)"),
         Param("checkpoint", "bool", False, "gradient checkpointing over the filter's DDPM steps (recomputes "
               "each step in the backward pass: less memory, ~1 more forward per step)"),
-        Param("cw_final_update", "bool", False, "C&W only: return x' after the last update (cfx before 0.x) "
-              "instead of the iterate the last gradient was taken at (the authors' CW.attack)"),
+        Param("cw_final_update", "bool", False, "C&W only: return x' after the last update (cfx's earlier "
+              "behaviour) instead of the iterate the last gradient was taken at (the authors' CW.attack)"),
     )
     presets = {
         # appendix A + the authors' scripts/*-attack.sh (PGD, 50 iterations, ℓ1 λ_d 0.001); class_weight =
@@ -293,6 +293,8 @@ docs/methods/ace.md.
         region = resize_images(batch.masks, size_m, nearest=True) if batch.masks is not None else None
         noise = self.context.noise.for_batch(batch.ids, batch.seeds, self.context.device)
         rows = list(range(n))
+        if self.trace is not None:
+            self.trace.clear()  # this batch's intermediates only
 
         pe = self.pre_explanation(x, batch.targets, region, noise, rows)
         mask, dilated, change = self.masks(x, pe, region)

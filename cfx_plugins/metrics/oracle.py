@@ -2,11 +2,11 @@
 
 The oracle is any classifier spec (``--set oracle=SPEC`` or ``CFX_ORACLE``) whose outputs are read as
 attribute probabilities: ``predict_proba`` by default; the sigmoid of its raw outputs (``Classifier.scores``: the
-PyTorch adapters and ONNX) with ``--set oracle_activation=sigmoid`` for a multi-label oracle such as CelebA's 40
-attributes, all of which are compared, as the papers do; or one attribute, σ(l), for a spec with ``#attribute=K``
-or ``#binary=1`` (:class:`cfx_cli.classifiers.SigmoidClassifier`). ``oracle_attributes`` (comma list or a file, one
-per line) names its outputs (and resolves ``#attribute=NAME``); default: the oracle's labels. An attribute is "on"
-when its probability exceeds 0.5. Both metrics use the successful counterfactuals.
+PyTorch adapters, ONNX, one-column-per-output answers) with ``--set oracle_activation=sigmoid`` for a multi-label
+oracle such as CelebA's 40 attributes, all of which are compared, as the papers do; or one attribute, σ(l), for a
+spec with ``#attribute=K`` or ``#binary=1`` (:class:`cfx_cli.classifiers.SigmoidClassifier`). ``oracle_attributes``
+(comma list or a file, one per line) names its outputs (and resolves ``#attribute=NAME``); default: the oracle's
+labels. An attribute is "on" when its probability exceeds 0.5. Both metrics use the successful counterfactuals.
 
 - MNAC: mean number of attributes whose on/off state differs between original and counterfactual.
 - CD (eq. 3.19): Σ_a |corr_cf(Δq, Δa) − corr_data(q, a)|, with Δ = on(cf) − on(original), q the query
@@ -15,6 +15,12 @@ when its probability exceeds 0.5. Both metrics use the successful counterfactual
   data from ``--set correlations=FILE`` (``CFX_ORACLE_CORRELATIONS``): either JSON ``{attribute: corr}`` or a
   CSV table of per-image 0/1 (or ±1) annotations with a header row (e.g. CelebA's ``list_attr_celeba.csv``,
   restricted to the training partition as ACE does), from which the correlations are computed.
+- oracle_flip_rate: the share of explained inputs whose counterfactual independent classifiers of the same
+  labels (``--set flip_oracles=SPEC[,SPEC…]`` or ``CFX_FLIP_ORACLES``) assign to the target class: does a judge
+  other than the explained classifier see the target? (an adversarial example fools only the one it attacked).
+
+On a demo run (``cfx_plugins.nets.digits``) the oracles default to the demo's judges: ``demo:oracle-mlp`` for
+MNAC/CD and both ``demo:oracle-mlp`` and ``demo:oracle-rff`` for the oracle flip rate. The output names them.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cfx_cli.classifiers import Classifier, ClassifierOptions, SigmoidClassifier, load_classifier
-from cfx_cli.errors import CfxError, MetricUnavailable
+from cfx_cli.classifiers import ClassifierOptions, SigmoidClassifier, load_classifier
+from cfx_cli.errors import CfxError, MetricUnavailable, UsageError
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
 from cfx_cli.spec_options import OUTPUT_OPTIONS, split_options
+from cfx_plugins.nets.digits import DEMO_ORACLES, describe, is_demo_run
 from cfx_plugins.nets.weights import option
 
 
@@ -84,56 +91,64 @@ def read_correlations(path: Path, attributes: list[str], query: str) -> np.ndarr
     return np.array([pearson_or_zero(q, table[:, i]) for i in range(len(attributes))])
 
 
+def load_oracle(spec: str, device: str, labels: list[str] | None = None):
+    try:
+        return load_classifier(spec, ClassifierOptions(device=device, labels=labels))
+    except CfxError as exc:
+        raise MetricUnavailable(f"cannot load oracle {spec}: {exc}") from None
+
+
+def probabilities(run, clf, relpaths: list[str], device: str, activation: str = "softmax") -> np.ndarray:
+    """(N, K) probabilities of the oracle ``clf`` on the run's images (sigmoid of its raw outputs or
+    ``predict_proba``)."""
+    import torch
+
+    from cfx_plugins.nets.features import rgb
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(relpaths), 32):
+            imgs = np.stack([rgb(run.image(p)) for p in relpaths[start:start + 32]])
+            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(device)
+            p = torch.sigmoid(clf.scores(x)) if activation == "sigmoid" else clf.predict_proba(x)
+            out.append(p.detach().cpu().numpy())
+    return np.concatenate(out)
+
+
 class _Oracle:
     def __init__(self, run, context) -> None:
-        spec = option(context, "oracle", "CFX_ORACLE")
+        spec = option(context, "oracle", "CFX_ORACLE") or (DEMO_ORACLES[0] if is_demo_run(run, context) else None)
         if not spec:
             raise MetricUnavailable(
                 "needs an attribute oracle: --set oracle=SPEC (any classifier spec) or CFX_ORACLE")
         self.activation = str(option(context, "oracle_activation", "CFX_ORACLE_ACTIVATION", "softmax"))
         if self.activation not in ("softmax", "sigmoid"):
             raise MetricUnavailable(f"oracle_activation={self.activation!r}: expected softmax or sigmoid")
+        self.spec = str(spec)
         names = option(context, "oracle_attributes", "CFX_ORACLE_ATTRIBUTES")
         if names:
             p = Path(str(names))
             lines = p.read_text(encoding="utf-8").splitlines() if p.is_file() else str(names).split(",")
             names = [x.strip() for x in lines if x.strip()]
         # with #attribute=NAME / #binary=1 the names are the model's outputs, which resolve NAME
-        picks_one = bool(set(split_options(str(spec))[1]) & {o.name for o in OUTPUT_OPTIONS})
-        try:
-            self.clf = load_classifier(spec, ClassifierOptions(device=context.device,
-                                                               labels=list(names) if names and picks_one else None))
-        except CfxError as exc:
-            raise MetricUnavailable(f"cannot load oracle {spec}: {exc}") from None
-        if isinstance(self.clf, SigmoidClassifier):
+        picks_one = bool(set(split_options(self.spec)[1]) & {o.name for o in OUTPUT_OPTIONS})
+        self.clf = load_oracle(self.spec, context.device, list(names) if names and picks_one else None)
+        self.one = isinstance(self.clf, SigmoidClassifier)
+        if self.one:
             self.attributes = [self.clf.labels[1]]  # one attribute: σ(l)
         else:
             self.attributes = list(names) if names else list(self.clf.labels)
-            if self.activation == "sigmoid" and type(self.clf).scores is Classifier.scores:
-                self.clf.close()
-                raise MetricUnavailable(f"oracle_activation=sigmoid needs the raw outputs of the oracle {spec}, "
-                                        "which its adapter does not give (use a PyTorch or ONNX spec)")
         self.device = context.device
         self.run = run
 
     def on(self, relpaths: list[str]) -> np.ndarray:
-        import torch
-
-        from cfx_plugins.nets.features import rgb
-
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(relpaths), 32):
-                imgs = np.stack([rgb(self.run.image(p)) for p in relpaths[start:start + 32]])
-                x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(self.device)
-                if isinstance(self.clf, SigmoidClassifier):
-                    p = self.clf.predict_proba(x)[:, 1:]
-                elif self.activation == "sigmoid":
-                    p = torch.sigmoid(self.clf.scores(x))
-                else:
-                    p = self.clf.predict_proba(x)
-                out.append(p.detach().cpu().numpy())
-        probs = np.concatenate(out)
+        if self.one:  # (1 − σ(l), σ(l)): the attribute's probability is the second column
+            probs = probabilities(self.run, self.clf, relpaths, self.device)[:, 1:]
+        else:
+            try:
+                probs = probabilities(self.run, self.clf, relpaths, self.device, self.activation)
+            except UsageError as exc:  # oracle_activation=sigmoid on an adapter without raw outputs
+                raise MetricUnavailable(f"oracle_activation={self.activation}: {exc}") from None
         if probs.shape[1] != len(self.attributes):
             raise MetricUnavailable(f"oracle gives {probs.shape[1]} outputs but {len(self.attributes)} "
                                     "attribute names were given")
@@ -155,7 +170,7 @@ class MNAC(Metric):
     needs = frozenset({"attribute oracle"})
     default = False
     lower_is_better = True
-    unranked = frozenset({"mnac_std"})
+    unranked = frozenset({"mnac_std", "mnac_oracle"})
 
     def compute(self, run, context):
         oracle = _Oracle(run, context)
@@ -164,7 +179,7 @@ class MNAC(Metric):
         finally:
             oracle.close()
         counts = mnac(a, b)
-        return {"mnac": float(counts.mean()), "mnac_std": float(counts.std())}
+        return {"mnac": float(counts.mean()), "mnac_std": float(counts.std()), "mnac_oracle": describe(oracle.spec)}
 
 
 class CD(Metric):
@@ -195,7 +210,61 @@ class CD(Metric):
         return {"cd": cd}
 
 
+def column_suffix(spec: str, taken: set[str]) -> str:
+    """A short column suffix for an oracle: ``demo:oracle-mlp`` → ``mlp``, ``./judge.pt`` → ``judge_pt``."""
+    tail = spec.replace("\\", "/").rsplit("/", 1)[-1].split(":", 1)[-1].removeprefix("oracle-")
+    base = "".join(c if c.isalnum() else "_" for c in tail.lower()).strip("_") or "oracle"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+class OracleFlipRate(Metric):
+    name = "oracle_flip_rate"
+    summary = ("share of explained inputs whose counterfactual independent classifiers (oracles) assign to the "
+               "target class; mean over the oracles and per oracle")
+    needs = frozenset({"oracle classifiers with the run's labels"})
+    default = False
+    lower_is_better = False
+    unranked = frozenset({"oracle_judges", "oracle_source_agreement"})
+
+    def compute(self, run, context):
+        raw = option(context, "flip_oracles", "CFX_FLIP_ORACLES")
+        specs = ([s.strip() for s in str(raw).split(",") if s.strip()] if raw else
+                 list(DEMO_ORACLES) if is_demo_run(run, context) else [])
+        if not specs:
+            raise MetricUnavailable("needs independent classifiers of the run's labels: --set flip_oracles=SPEC[,SPEC] "
+                                    "or CFX_FLIP_ORACLES (demo runs use the demo's judges)")
+        recs = run.explained(required=True)
+        values: dict[str, float | str] = {}
+        rates, agreements, taken = [], [], set()
+        for spec in specs:
+            clf = load_oracle(spec, context.device)
+            try:
+                labels = list(clf.labels)
+                missing = sorted({r["target_label"] for r in recs} - set(labels))
+                if missing:
+                    raise MetricUnavailable(f"oracle {spec} has no class {missing[0]!r} (its labels: "
+                                            f"{', '.join(labels[:10])})")
+                seen_cf = probabilities(run, clf, [r["counterfactual"] for r in recs], context.device).argmax(1)
+                seen_orig = probabilities(run, clf, [r["original"] for r in recs], context.device).argmax(1)
+            finally:
+                clf.close()
+            rate = float(np.mean([labels[k] == r["target_label"] for k, r in zip(seen_cf, recs, strict=True)]))
+            agreements.append(float(np.mean([labels[k] == r["source_label"]
+                                             for k, r in zip(seen_orig, recs, strict=True)])))
+            values[f"oracle_flip_rate_{column_suffix(spec, taken)}"] = rate
+            rates.append(rate)
+        # the share of originals the oracles assign to the explained classifier's class: do the judges read them?
+        return {"oracle_flip_rate": float(np.mean(rates)), **values,
+                "oracle_source_agreement": float(np.mean(agreements)),
+                "oracle_judges": ", ".join(describe(s) for s in specs)}
+
+
 @hookimpl
 def register_metrics(register):
     register(MNAC)
     register(CD)
+    register(OracleFlipRate)
