@@ -6,6 +6,7 @@ White-box classifiers (capability ``gradients``) also return differentiable logi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from cfx_cli.errors import ClassifierError, UsageError
 from cfx_cli.plugins import get_registry
+from cfx_cli.spec_options import OUTPUT_OPTIONS, resolve_options, split_options
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +33,8 @@ class ClassifierOptions:
     labels: list[str] | None = None  # --labels FILE overrides the model's own names
     trust_pickle: bool = False
     logits: bool = False  # the model returns logits: softmax them
+    #: cfx reads the model's raw outputs (``#binary``/``#attribute``), not its outputs as classes
+    raw_outputs: bool = False
 
 
 class Classifier:
@@ -51,6 +55,13 @@ class Classifier:
         """Differentiable (N, K) logits on the classifier's device, which is ``context.device`` (white-box
         classifiers only, capability ``gradients``)."""
         raise ClassifierError(f"classifier {self.spec} is a black box: it gives no gradients")
+
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, M) the model's raw outputs as logits, not normalised across outputs (a sigmoid model's logits; a
+        model declared to return probabilities p gives log(p / (1 − p))): what ``#binary``/``#attribute`` read.
+        Differentiable for white-box classifiers; adapters whose answers are class probabilities lack it."""
+        raise UsageError(f"classifier {self.spec}: #binary/#attribute need the model's raw outputs, which this "
+                         "adapter does not give (its answers are class probabilities: answer two classes instead)")
 
     def close(self) -> None:
         """Release processes, sessions or connections."""
@@ -126,10 +137,172 @@ def get_adapter(spec: str) -> ClassifierAdapter:
 
 
 def load_classifier(spec: str, options: ClassifierOptions) -> Classifier:
-    classifier = get_adapter(spec).load(spec, options)
-    if options.labels is not None:
-        classifier.labels = list(options.labels)
-    return classifier
+    """The classifier a spec names; ``#binary=1`` / ``#attribute=K`` (any adapter) wrap it in a
+    :class:`SigmoidClassifier`, and the adapter sees the spec without them."""
+    base, raw = split_options(spec)
+    mine = {k: raw.pop(k) for k in [o.name for o in OUTPUT_OPTIONS] if k in raw}
+    opts = resolve_options(spec, mine, OUTPUT_OPTIONS)
+    inner_spec = base + ("#" + "&".join(f"{k}={v}" for k, v in raw.items()) if raw else "")
+    if opts["binary"] and opts["attribute"] is not None:
+        raise UsageError(f"classifier {spec}: #binary and #attribute exclude each other (#binary=1: the model has "
+                         "one output; #attribute=K: one of its several outputs)")
+    if not opts["binary"] and opts["attribute"] is None:
+        classifier = get_adapter(inner_spec).load(inner_spec if mine else spec, options)
+        if options.labels is not None:
+            classifier.labels = list(options.labels)
+        return classifier
+    try:
+        inner = get_adapter(inner_spec).load(inner_spec, dataclasses.replace(options, labels=None, raw_outputs=True))
+    except UsageError as exc:  # name the spec as the user wrote it
+        raise UsageError(str(exc).replace(inner_spec, spec)) from None
+    try:
+        return SigmoidClassifier(inner, spec, opts["attribute"], options.labels)
+    except BaseException:
+        inner.close()
+        raise
+
+
+class SigmoidClassifier(Classifier):
+    """Two classes from one sigmoid logit l of a model (``#binary=1``: its only output; ``#attribute=K``: output K
+    of a multi-label model): probabilities (1 − σ(l), σ(l)), and for white-box models the logits (0, l), whose
+    difference l makes :func:`target_score` the authors' ±l (DiME) and the cross-entropy their BCE (ACE)."""
+
+    def __init__(self, inner: Classifier, spec: str, attribute: str | None, labels: list[str] | None) -> None:
+        self.inner, self.spec = inner, spec
+        self.capabilities = inner.capabilities
+        if hasattr(inner, "module"):  # ScoreCAM/Grad-CAM name the layers of the wrapped module
+            self.module = inner.module
+        self.width = width = self._probe()
+        self.index, self.attribute, pair = 0, None, None
+        self.outputs: list[str] | None = None  # the names of the model's outputs, where known
+        if attribute is None:
+            if width != 1:
+                raise UsageError(f"classifier {spec}: #binary=1 needs a model with one output per image; this one "
+                                 f"returns {width} (#attribute=K explains one output of a multi-label model)")
+            # the user's names, else the model's: its two classes, or the one thing its logit detects
+            named = len(inner.labels) == 2 or not _unnamed(inner.labels, 1)
+            given = labels if labels is not None else (inner.labels if named else None)
+            if given is not None and len(given) not in (1, 2):
+                raise UsageError(f"classifier {spec}: --labels gives {len(given)} names; #binary=1 takes 2 (the "
+                                 "classes) or 1 (what the logit detects)")
+            if given is not None and len(given) == 2:
+                pair = list(given)
+            elif given is not None:
+                self.attribute = given[0]
+        else:
+            outputs = None
+            if labels is not None and len(labels) == width:
+                outputs = list(labels)
+            elif labels is not None and len(labels) == 2:
+                pair = list(labels)
+            elif labels is not None:
+                raise UsageError(f"classifier {spec}: --labels gives {len(labels)} names; #attribute takes {width} "
+                                 "(one per model output) or 2 (the classes)")
+            if outputs is None and not _unnamed(inner.labels, width):
+                outputs = list(inner.labels)
+            self.index = _attribute_index(attribute, outputs, width, spec)
+            self.attribute = outputs[self.index] if outputs else str(self.index)
+            self.outputs = outputs
+        self.labels = pair or ([f"not-{self.attribute}", self.attribute] if self.attribute else ["0", "1"])
+
+    def _probe(self) -> int:
+        """The number of the model's outputs, from one forward pass on a black image at its input size (not
+        counted in ``calls``): a model that is not what the option says fails here, before any work."""
+        import torch
+
+        h, w = self.inner.input_size or (224, 224)
+        before = self.inner.calls
+        try:
+            with torch.no_grad():
+                out = _columns(self.inner.scores(torch.zeros(1, 3, h, w)))
+        except UsageError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"classifier {self.spec}: a test forward pass on a {h}×{w} image failed "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())[:150]}); give the input size "
+                             "with #size=HxW") from None
+        self.inner.calls = before
+        if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 1:
+            raise UsageError(f"classifier {self.spec}: the model must return (N, M) or (N,) outputs, got "
+                             f"{tuple(getattr(out, 'shape', ()))} for one image")
+        return int(out.shape[1])
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:  # type: ignore[override]
+        return self.inner.input_size
+
+    @property
+    def calls(self) -> int:  # type: ignore[override]
+        return self.inner.calls
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self.inner.calls = value
+
+    def logit(self, images: torch.Tensor) -> torch.Tensor:
+        """(N,) the explained output l (differentiable for white-box models)."""
+        import torch
+
+        if images.shape[0] == 0:
+            return torch.zeros(0)
+        out = _columns(self.inner.scores(images))
+        if out.ndim != 2 or tuple(out.shape) != (images.shape[0], self.width):
+            raise ClassifierError(f"{self.spec}: the model returned outputs of shape {tuple(out.shape)} for "
+                                  f"{images.shape[0]} images; expected ({images.shape[0]}, {self.width})")
+        return out[:, self.index]
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if "gradients" not in self.capabilities:
+            return super().logits(images)
+        l = self.logit(images)  # noqa: E741 - the papers' l
+        return torch.stack([torch.zeros_like(l), l], dim=1)
+
+    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.no_grad():
+            p = torch.sigmoid(self.logit(images).detach().float().cpu())
+        return check_probabilities(torch.stack([1 - p, p], dim=1), images.shape[0], 2, self.spec)
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def describe(self) -> dict:
+        info = {**self.inner.describe(), "spec": self.spec, "labels": list(self.labels)}
+        # run.json: which output was explained; ``names`` lets ``cfx eval`` resolve #attribute=NAME as explain did
+        info["output"] = {"index": self.index, "attribute": self.attribute, "names": self.outputs}
+        return info
+
+
+def _columns(out):
+    """(N,) → (N, 1): the authors' wrappers return the explained logit alone (DiME's ``ClassificationModel``)."""
+    return out[:, None] if getattr(out, "ndim", None) == 1 else out
+
+
+def _unnamed(labels: Sequence[str], width: int) -> bool:
+    """Labels an adapter made up for lack of names (``0``…``M-1``, or of another width than the outputs)."""
+    return len(labels) != width or list(labels) == [str(i) for i in range(width)]
+
+
+def _attribute_index(attribute: str, names: Sequence[str] | None, width: int, spec: str) -> int:
+    if attribute.lstrip("-").isdigit():
+        idx = int(attribute)
+        if not 0 <= idx < width:
+            raise UsageError(f"classifier {spec}: #attribute={idx} is out of range: the model has {width} outputs "
+                             f"(0–{width - 1})")
+        return idx
+    if not attribute:
+        raise UsageError(f"classifier {spec}: #attribute needs an output index or name")
+    if names is None:
+        raise UsageError(f"classifier {spec}: #attribute={attribute}: the model does not name its {width} outputs; "
+                         f"give an index or --labels FILE with {width} names")
+    idx = find_name(attribute, names)
+    if idx is not None:
+        return idx
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    raise UsageError(f"classifier {spec}: unknown attribute {attribute!r} (the model's outputs: {shown})")
 
 
 def read_labels_file(path: str | Path) -> list[str]:
@@ -145,12 +318,18 @@ def read_labels_file(path: str | Path) -> list[str]:
     return labels
 
 
+def find_name(name: str, names: Sequence[str]) -> int | None:
+    """The index of ``name`` in ``names``: an exact match, else the one case-insensitive match; None if neither."""
+    if name in names:
+        return list(names).index(name)
+    lowered = [x.lower() for x in names]
+    return lowered.index(name.lower()) if lowered.count(name.lower()) == 1 else None
+
+
 def resolve_label(label: str, labels: Sequence[str], spec: str = "") -> int:
-    if label in labels:
-        return list(labels).index(label)
-    lowered = [x.lower() for x in labels]
-    if label.lower() in lowered and lowered.count(label.lower()) == 1:
-        return lowered.index(label.lower())
+    found = find_name(label, labels)
+    if found is not None:
+        return found
     if label.lstrip("-").isdigit():
         idx = int(label)
         if 0 <= idx < len(labels):

@@ -74,11 +74,14 @@ def evaluate(run_dirs: list[str], metric_names: str | None, device: str = "cpu",
         def classifier_loader(_run=run, _cache=cache):
             if "classifier" not in _cache:
                 # --set classifier=SPEC overrides the run's own (e.g. for folders in the ACE layout)
-                spec = (options or {}).get("classifier") or (_run.info.get("classifier") or {}).get("spec")
+                recorded = _run.info.get("classifier") or {}
+                spec = (options or {}).get("classifier") or recorded.get("spec")
                 if not spec:
                     raise MetricUnavailable("run.json does not name the classifier")
+                # #attribute=NAME resolved against --labels at explain time: the same output names again
+                names = (recorded.get("output") or {}).get("names") if spec == recorded.get("spec") else None
                 try:
-                    _cache["classifier"] = load_classifier(spec, ClassifierOptions(device=device))
+                    _cache["classifier"] = load_classifier(spec, ClassifierOptions(device=device, labels=names))
                 except CfxError as exc:
                     raise MetricUnavailable(f"cannot load classifier {spec}: {exc}") from None
             return _cache["classifier"]

@@ -1,5 +1,5 @@
-"""What the HTTP and subprocess classifier protocols share: spec options, PNG/base64 payloads,
-response validation and secret redaction.
+"""What the HTTP and subprocess classifier protocols share: PNG/base64 payloads, response validation and secret
+redaction (spec options live in :mod:`cfx_cli.spec_options`; imported here for the adapters that import them here).
 
 Wire format (DESIGN.md): requests are ``{"images": ["<base64 PNG>", ...]}``; answers are
 ``{"probabilities": [[p0, p1, ...], ...]}`` with optional ``"labels"``, or ``{"error": "..."}``.
@@ -12,39 +12,24 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import re
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from cfx_cli.classifiers import Classifier, PartialClassifierError, check_probabilities
 from cfx_cli.errors import ClassifierError, UsageError
+from cfx_cli.spec_options import Option as Option
+from cfx_cli.spec_options import resolve_options as resolve_options
+from cfx_cli.spec_options import split_options as split_options
 
 if TYPE_CHECKING:  # numpy and torch are imported where used: plugins import this module at registration
     import numpy as np
     import torch
 
 TOKEN_ENV = "CFX_HTTP_TOKEN"
-#: a trailing ``#key=value&key=value`` on a spec holds adapter options
-_OPTIONS_RE = re.compile(r"#([A-Za-z_][A-Za-z0-9_]*=[^&#]*(?:&[A-Za-z_][A-Za-z0-9_]*=[^&#]*)*)$")
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 # --------------------------------------------------------------------------- spec options
-@dataclass(frozen=True)
-class Option:
-    """One adapter option: settable as ``SPEC#name=value`` or through the environment variable ``env``."""
-
-    name: str
-    kind: str  # "float" | "int" | "bool" | "str" | "size" | "floats"
-    default: Any
-    help: str
-    env: str | None = None
-
-
 def answer_options(who: str) -> tuple[Option, Option]:
     """The options of every remote adapter about ``who``'s answers (``who``: "program", "server")."""
     return (
@@ -52,76 +37,6 @@ def answer_options(who: str) -> tuple[Option, Option]:
         Option("size", "size", None, f"resize inputs to N or HxW before sending (default: the {who}'s "
                                      "input_size field, else unchanged)"),
     )
-
-
-def split_options(spec: str) -> tuple[str, dict[str, str]]:
-    """``onnx:m.onnx#logits=1&size=32`` → (``onnx:m.onnx``, {"logits": "1", "size": "32"})."""
-    m = _OPTIONS_RE.search(spec)
-    if not m:
-        return spec, {}
-    raw: dict[str, str] = {}
-    for pair in m.group(1).split("&"):
-        key, value = pair.split("=", 1)
-        raw[key.lower()] = value
-    return spec[: m.start()], raw
-
-
-def resolve_options(spec: str, raw: Mapping[str, str], known: tuple[Option, ...],
-                    environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Spec options override environment variables, which override defaults; bad values are usage errors."""
-    environ = os.environ if environ is None else environ
-    by_name = {o.name: o for o in known}
-    unknown = sorted(set(raw) - set(by_name))
-    if unknown:
-        names = ", ".join(o.name for o in known) or "none"
-        raise UsageError(f"classifier {spec}: unknown option(s) {', '.join(unknown)} (known: {names})")
-    out: dict[str, Any] = {}
-    for opt in known:
-        if opt.name in raw:
-            text, where = raw[opt.name], f"option {opt.name}"
-        elif opt.env and environ.get(opt.env, "") != "":
-            text, where = environ[opt.env], f"environment variable {opt.env}"
-        else:
-            out[opt.name] = opt.default
-            continue
-        out[opt.name] = _convert(opt, text, f"classifier {spec}: {where}={text!r}")
-    return out
-
-
-def _convert(opt: Option, text: str, where: str) -> Any:
-    t = text.strip()
-    try:
-        if opt.kind == "bool":
-            if t.lower() in _TRUE:
-                return True
-            if t.lower() in _FALSE:
-                return False
-            raise ValueError("expected true or false")
-        if opt.kind == "int":
-            v = int(t)
-            if v < 0:
-                raise ValueError("must not be negative")
-            return v
-        if opt.kind == "float":
-            v = float(t)
-            if not v >= 0:
-                raise ValueError("must be a non-negative number")
-            return v
-        if opt.kind == "size":
-            parts = [int(p) for p in re.split(r"[x,]", t.lower())]
-            if len(parts) == 1:
-                parts *= 2
-            if len(parts) != 2 or min(parts) < 1:
-                raise ValueError("expected N or HxW")
-            return (parts[0], parts[1])
-        if opt.kind == "floats":
-            vals = [float(p) for p in t.split(",")]
-            if len(vals) not in (1, 3):
-                raise ValueError("expected 1 or 3 comma-separated numbers")
-            return tuple(vals * 3 if len(vals) == 1 else vals)
-        return t
-    except ValueError as exc:
-        raise UsageError(f"{where}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- images on the wire
@@ -187,11 +102,13 @@ def error_text(body: bytes) -> str:
     return quote(body, 300)[1:-1] or "(empty body)"
 
 
-def parse_answer(body: bytes | str, n_images: int, n_labels: int | None, source: str,
-                 logits: bool) -> tuple[torch.Tensor, list[str] | None, tuple[int, int] | None]:
+def parse_answer(body: bytes | str, n_images: int, n_labels: int | None, source: str, logits: bool,
+                 raw: bool = False) -> tuple[torch.Tensor, list[str] | None, tuple[int, int] | None]:
     """Validate a protocol answer → (probabilities (N, K), labels or None, input_size or None).
 
-    ``{"error": ...}`` and anything malformed raise :class:`ClassifierError` quoting what was wrong.
+    ``raw`` (``#binary``/``#attribute``): the columns are one model's sigmoid outputs (probabilities, or logits
+    with ``logits``), returned as they are: rows need not sum to 1. ``{"error": ...}`` and anything malformed raise
+    :class:`ClassifierError` quoting what was wrong.
     """
     import torch
 
@@ -225,10 +142,26 @@ def parse_answer(body: bytes | str, n_images: int, n_labels: int | None, source:
         raise ClassifierError(f"{source}: malformed response (probabilities: {exc})") from None
     if labels is not None and n_labels is not None and len(labels) != n_labels:
         raise ClassifierError(f"{source}: answered {len(labels)} labels, expected {n_labels}")
+    if raw:
+        return _check_outputs(t.float(), n_images, n_labels, source, logits), labels, size
     if logits and t.numel():
         t = torch.softmax(t, dim=1)
     k = n_labels if n_labels is not None else (len(labels) if labels is not None else None)
     return check_probabilities(t.float(), n_images, k, source), labels, size
+
+
+def _check_outputs(t: torch.Tensor, n_images: int, width: int | None, source: str, logits: bool) -> torch.Tensor:
+    """A raw answer: (N, M), finite, and in [0, 1] unless it holds logits."""
+    import torch
+
+    if t.shape[0] != n_images or (width is not None and t.shape[1] != width):
+        raise ClassifierError(f"{source}: expected outputs of shape ({n_images}, {width or 'M'}), got "
+                              f"{tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ClassifierError(f"{source}: outputs contain NaN or infinity")
+    if not logits and ((t < -1e-6) | (t > 1 + 1e-6)).any():
+        raise ClassifierError(f"{source}: sigmoid outputs outside [0, 1] (logits? use the adapter's logits option)")
+    return t
 
 
 # --------------------------------------------------------------------------- secrets
@@ -296,6 +229,7 @@ class RemoteClassifier(Classifier):
 
     batch_size: int = 64
     labels_known: bool = False
+    raw_answers: bool = False  # #binary/#attribute: answers are sigmoid outputs (``ClassifierOptions.raw_outputs``)
     _labels_lock = threading.Lock()  # chunks may be answered on several threads (http)
 
     def _learn(self, labels: list[str] | None, width: int | None = None) -> None:
@@ -348,6 +282,18 @@ class RemoteClassifier(Classifier):
         if errors:
             raise PartialClassifierError(probs, errors)
         return probs
+
+    def scores(self, images):
+        """The answers' columns as logits (``#binary``/``#attribute``; failed rows stay NaN)."""
+        import torch
+
+        if not self.raw_answers:
+            return super().scores(images)
+        as_logits = (lambda t: t) if self.returns_logits else (lambda t: torch.logit(t, eps=1e-6))
+        try:
+            return as_logits(self.predict_proba(images))
+        except PartialClassifierError as exc:
+            raise PartialClassifierError(as_logits(exc.probabilities), exc.errors) from None
 
     def label_index(self, label: str) -> int:
         if not self.labels_known:

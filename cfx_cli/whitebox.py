@@ -44,6 +44,13 @@ class TorchModuleClassifier(Classifier):
             out = out.clamp_min(1e-12).log()
         return out
 
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        self.calls += int(images.shape[0])
+        out = self.module(self._prepare(images))
+        return out if self.returns_logits else torch.logit(out, eps=1e-6)  # #logits=0: sigmoid probabilities
+
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         import torch
 
@@ -90,6 +97,8 @@ def build_torch_classifier(module, spec: str, options, opts: dict, meta: dict | 
     if mean is not None or std is not None:
         module = Normalized(module, mean or (0.0, 0.0, 0.0), std or (1.0, 1.0, 1.0))
     labels = options.labels or meta.get("labels")
+    if not labels and options.raw_outputs:
+        labels = ["0"]  # #binary/#attribute: SigmoidClassifier counts the outputs itself, (N,) included
     if not labels:
         h, w = size or (224, 224)
         try:

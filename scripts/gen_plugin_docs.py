@@ -34,7 +34,7 @@ PROTOCOLS: list[tuple[str, str, list[str] | None]] = [
     ("cfx_cli/explainers.py", "ExplainBatch", None),
     ("cfx_cli/explainers.py", "ExplainOutput", None),
     ("cfx_cli/classifiers.py", "Classifier", ["labels", "input_size", "capabilities", "spec", "calls",
-                                              "predict_proba", "logits", "close"]),
+                                              "predict_proba", "logits", "scores", "close"]),
     ("cfx_cli/classifiers.py", "ClassifierAdapter", None),
     ("cfx_cli/classifiers.py", "ClassifierOptions", None),
     ("cfx_cli/metrics.py", "Metric", None),

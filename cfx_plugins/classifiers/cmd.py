@@ -215,6 +215,7 @@ class CmdClassifier(RemoteClassifier):
         self.max_restarts = opts["restarts"]
         self.batch_size = opts["batch_size"]
         self.returns_logits = bool(opts["logits"] if opts["logits"] is not None else options.logits)
+        self.raw_answers = options.raw_outputs
         self.input_size = opts["size"]
         self.labels = list(options.labels or [])
         self.labels_known = bool(self.labels)
@@ -322,7 +323,7 @@ class CmdClassifier(RemoteClassifier):
             return
         try:
             _, labels, size = parse_answer(answer, 0, len(self.labels) if self.labels_known else None,
-                                           self.spec, self.returns_logits)
+                                           self.spec, self.returns_logits, self.raw_answers)
         except ClassifierError:
             return  # an error or a malformed answer to the empty batch: labels come with the first answer
         self._learn(labels)
@@ -348,7 +349,8 @@ class CmdClassifier(RemoteClassifier):
         answer = self._request({"images": images}, self.timeout)
         try:
             known = len(self.labels) if self.labels_known else None
-            probs, labels, _ = parse_answer(answer, len(images), known, self.spec, self.returns_logits)
+            probs, labels, _ = parse_answer(answer, len(images), known, self.spec, self.returns_logits,
+                                            self.raw_answers)
         except ClassifierError as exc:
             if not _is_json(answer):
                 # stdout is out of step with our requests (a stray print?): start afresh for the next batch

@@ -36,7 +36,8 @@ RESAMPLE = {0: "nearest-exact", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "b
 #: check image (a smooth image, resized): PIL's 8-bit rounding (≤ 1 level per resize pass) plus filter differences
 CHECK_LEVELS = 3.0
 MULTI_LABEL_NOTE = ("a multi-label model (problem_type multi_label_classification): cfx reports the softmax of its "
-                    "logits (the same ranking and argmax as its per-class sigmoids), not the sigmoids")
+                    "logits (the same ranking and argmax as its per-class sigmoids), not the sigmoids; "
+                    "#attribute=NAME explains one of its sigmoid outputs as two classes")
 
 
 class HFAdapter(ClassifierAdapter):
@@ -54,7 +55,10 @@ class HFAdapter(ClassifierAdapter):
         folder = resolve_hub_folder(f"classifier hf:{ref}", ref, "the image classifier", TRANSFORMERS_FILES,
                                     revision=opts.get("revision"))
         model, processor = load_pretrained(folder, f"hf:{ref}")
-        return HFClassifier(model, processor, spec, options.device)
+        classifier = HFClassifier(model, processor, spec, options.device)
+        if classifier.problem_type == "multi_label_classification" and not options.raw_outputs:
+            print(f"note: {spec.split('#', 1)[0]} is {MULTI_LABEL_NOTE}", file=sys.stderr)
+        return classifier
 
 
 def load_pretrained(folder: Path, label: str):
@@ -212,8 +216,6 @@ class HFClassifier(TorchModuleClassifier):
         module = _module_class()(model.float(), self.preprocessing)
         super().__init__(module, labels, None, spec=spec, device=device, returns_logits=True)
         check_against_processor(self.module, processor, label, device)
-        if self.problem_type == "multi_label_classification":
-            print(f"note: {label} is {MULTI_LABEL_NOTE}", file=sys.stderr)
 
     def describe(self) -> dict:
         info = super().describe()

@@ -116,6 +116,7 @@ class HttpClassifier(RemoteClassifier):
         self.batch_size = opts["batch_size"]
         self.concurrency = opts["concurrency"]
         self.returns_logits = bool(opts["logits"] if opts["logits"] is not None else options.logits)
+        self.raw_answers = options.raw_outputs
         self._token = os.environ.get(TOKEN_ENV) or None
         self._redact = redactor(self._token, url.password)
         self._pool = None
@@ -196,7 +197,7 @@ class HttpClassifier(RemoteClassifier):
             return
         try:
             _, labels, size = parse_answer(body, 0, len(self.labels) if self.labels_known else None,
-                                           self.spec, self.returns_logits)
+                                           self.spec, self.returns_logits, self.raw_answers)
         except ClassifierError:
             return
         self._learn(labels)
@@ -211,7 +212,8 @@ class HttpClassifier(RemoteClassifier):
             raise (RefusedBatch if exc.kind == ANSWERED else ClassifierError)(str(exc)) from None
         try:
             known = len(self.labels) if self.labels_known else None
-            probs, labels, _ = parse_answer(body, len(images), known, self.spec, self.returns_logits)
+            probs, labels, _ = parse_answer(body, len(images), known, self.spec, self.returns_logits,
+                                            self.raw_answers)
         except ClassifierError as exc:
             raise RefusedBatch(self._redact(str(exc))) from None
         self._learn(labels, probs.shape[1])

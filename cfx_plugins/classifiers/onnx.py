@@ -142,6 +142,14 @@ class OnnxClassifier(Classifier):
             out = torch.softmax(out, dim=1)
         return check_probabilities(out.float(), len(x), len(self.labels), self.spec)
 
+    def scores(self, images):
+        import torch
+
+        x = resize_batch(images, self.input_size)
+        out = torch.from_numpy(self._run_raw(x.numpy())).float()
+        self.calls += len(x)
+        return out if self.returns_logits else torch.logit(out, eps=1e-6)  # #logits=0: sigmoid probabilities
+
 
 def _zeros(size):
     import numpy as np

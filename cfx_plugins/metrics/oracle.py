@@ -1,10 +1,12 @@
 """MNAC and CD with an attribute oracle (DiME §3.4; ACE's ``compute_MNAC.py`` / ``compute_CD.py``).
 
 The oracle is any classifier spec (``--set oracle=SPEC`` or ``CFX_ORACLE``) whose outputs are read as
-attribute probabilities: ``predict_proba`` by default, or the sigmoid of its logits with
-``--set oracle_activation=sigmoid`` for a multi-label oracle such as CelebA's 40 attributes (white-box specs).
-``oracle_attributes`` (comma list or a file, one per line) names its outputs; default: the oracle's labels.
-An attribute is "on" when its probability exceeds 0.5. Both metrics use the successful counterfactuals.
+attribute probabilities: ``predict_proba`` by default; the sigmoid of its raw outputs (``Classifier.scores``: the
+PyTorch adapters, ONNX, one-column-per-output answers) with ``--set oracle_activation=sigmoid`` for a multi-label
+oracle such as CelebA's 40 attributes, all of which are compared, as the papers do; or one attribute, σ(l), for a
+spec with ``#attribute=K`` or ``#binary=1`` (:class:`cfx_cli.classifiers.SigmoidClassifier`). ``oracle_attributes``
+(comma list or a file, one per line) names its outputs (and resolves ``#attribute=NAME``); default: the oracle's
+labels. An attribute is "on" when its probability exceeds 0.5. Both metrics use the successful counterfactuals.
 
 - MNAC: mean number of attributes whose on/off state differs between original and counterfactual.
 - CD (eq. 3.19): Σ_a |corr_cf(Δq, Δa) − corr_data(q, a)|, with Δ = on(cf) − on(original), q the query
@@ -29,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cfx_cli.classifiers import ClassifierOptions, load_classifier
-from cfx_cli.errors import CfxError, MetricUnavailable
+from cfx_cli.classifiers import ClassifierOptions, SigmoidClassifier, load_classifier
+from cfx_cli.errors import CfxError, MetricUnavailable, UsageError
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
+from cfx_cli.spec_options import OUTPUT_OPTIONS, split_options
 from cfx_plugins.nets.digits import DEMO_ORACLES, describe, is_demo_run
 from cfx_plugins.nets.weights import option
 
@@ -88,15 +91,16 @@ def read_correlations(path: Path, attributes: list[str], query: str) -> np.ndarr
     return np.array([pearson_or_zero(q, table[:, i]) for i in range(len(attributes))])
 
 
-def load_oracle(spec: str, device: str):
+def load_oracle(spec: str, device: str, labels: list[str] | None = None):
     try:
-        return load_classifier(spec, ClassifierOptions(device=device))
+        return load_classifier(spec, ClassifierOptions(device=device, labels=labels))
     except CfxError as exc:
         raise MetricUnavailable(f"cannot load oracle {spec}: {exc}") from None
 
 
 def probabilities(run, clf, relpaths: list[str], device: str, activation: str = "softmax") -> np.ndarray:
-    """(N, K) probabilities of the oracle ``clf`` on the run's images (sigmoid of its logits or softmax)."""
+    """(N, K) probabilities of the oracle ``clf`` on the run's images (sigmoid of its raw outputs or
+    ``predict_proba``)."""
     import torch
 
     from cfx_plugins.nets.features import rgb
@@ -106,7 +110,7 @@ def probabilities(run, clf, relpaths: list[str], device: str, activation: str = 
         for start in range(0, len(relpaths), 32):
             imgs = np.stack([rgb(run.image(p)) for p in relpaths[start:start + 32]])
             x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(device)
-            p = torch.sigmoid(clf.logits(x)) if activation == "sigmoid" else clf.predict_proba(x)
+            p = torch.sigmoid(clf.scores(x)) if activation == "sigmoid" else clf.predict_proba(x)
             out.append(p.detach().cpu().numpy())
     return np.concatenate(out)
 
@@ -121,18 +125,30 @@ class _Oracle:
         if self.activation not in ("softmax", "sigmoid"):
             raise MetricUnavailable(f"oracle_activation={self.activation!r}: expected softmax or sigmoid")
         self.spec = str(spec)
-        self.clf = load_oracle(self.spec, context.device)
         names = option(context, "oracle_attributes", "CFX_ORACLE_ATTRIBUTES")
         if names:
             p = Path(str(names))
             lines = p.read_text(encoding="utf-8").splitlines() if p.is_file() else str(names).split(",")
             names = [x.strip() for x in lines if x.strip()]
-        self.attributes = list(names) if names else list(self.clf.labels)
+        # with #attribute=NAME / #binary=1 the names are the model's outputs, which resolve NAME
+        picks_one = bool(set(split_options(self.spec)[1]) & {o.name for o in OUTPUT_OPTIONS})
+        self.clf = load_oracle(self.spec, context.device, list(names) if names and picks_one else None)
+        self.one = isinstance(self.clf, SigmoidClassifier)
+        if self.one:
+            self.attributes = [self.clf.labels[1]]  # one attribute: σ(l)
+        else:
+            self.attributes = list(names) if names else list(self.clf.labels)
         self.device = context.device
         self.run = run
 
     def on(self, relpaths: list[str]) -> np.ndarray:
-        probs = probabilities(self.run, self.clf, relpaths, self.device, self.activation)
+        if self.one:  # (1 − σ(l), σ(l)): the attribute's probability is the second column
+            probs = probabilities(self.run, self.clf, relpaths, self.device)[:, 1:]
+        else:
+            try:
+                probs = probabilities(self.run, self.clf, relpaths, self.device, self.activation)
+            except UsageError as exc:  # oracle_activation=sigmoid on an adapter without raw outputs
+                raise MetricUnavailable(f"oracle_activation={self.activation}: {exc}") from None
         if probs.shape[1] != len(self.attributes):
             raise MetricUnavailable(f"oracle gives {probs.shape[1]} outputs but {len(self.attributes)} "
                                     "attribute names were given")
