@@ -240,9 +240,9 @@ def test_strongly_resized_inputs_are_warned_and_counted(tmp_path):
     assert proc.returncode == 0, proc.stderr
     warned = [x for x in proc.stderr.splitlines() if x.startswith("warning: ")]
     assert warned == [
-        f"warning: {folder / 'dot.png'}: resized from 1×1 to the classifier's 16×16 (16× larger); the explanation "
-        "is of the resized image",
-        f"warning: {folder / 'wide.png'}: resized from 40×16 to the classifier's 16×16 (aspect ratio 2.50 → "
-        "1.00); the explanation is of the resized image"]
-    assert ", 2 resized >4× or reshaped (" in proc.stdout
+        f"warning: {folder / 'dot.png'}: resized from 1×1 to pgd's working size 16×16 (16× larger); the "
+        "explanation is of the resized image",
+        f"warning: {folder / 'wide.png'}: resized from 40×16 to pgd's working size 16×16 (aspect ratio 2.50 → "
+        "1.00: centre-cropped); the explanation is of the resized image"]
+    assert ", 2 resized >4× or cropped (" in proc.stdout
     assert json.loads((out / "run.json").read_text())["resized_inputs"] == 2

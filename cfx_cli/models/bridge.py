@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cfx_cli.models.pixel import require_size
+
 
 @dataclass
 class BridgeModel:
@@ -30,6 +32,11 @@ class BridgeModel:
         return self.flags.image_size if self.flags is not None else int(self.options["image_size"])
 
     @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the images the bridge works on (RCSB's working size)."""
+        return (self.image_size, self.image_size)
+
+    @property
     def cond_x1(self) -> bool:
         return bool(self.options.get("cond_x1"))
 
@@ -37,6 +44,7 @@ class BridgeModel:
         """Network output at bridge step(s) ``step`` (int or (N,)), i.e. the predicted (x_t - x_0)/σ_t."""
         import torch
 
+        require_size(x_t, self.size, self.spec or self.source)
         if self.cond_x1:
             if cond is None:
                 raise ValueError("this bridge is conditioned on x_1: pass cond")

@@ -207,28 +207,27 @@ docs/methods/ace.md.
                 z, _ = d.ddpm_step(self.prior(z, i), z, i, noise=eps[:, 1], clip_denoised=True)
         return ((z + 1) / 2).clamp(0, 1)
 
+    def working_size(self) -> tuple[int, int]:
+        return self.model.size  # the prior's: cfx brings the inputs to it
+
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
 
-        from cfx_cli.images import resize_images
-
         p = self.params
         n = len(batch.ids)
-        size_b = tuple(batch.images.shape[-2:])
-        size_m = self.model.size
-        x = resize_images(batch.images, size_m).clamp(0, 1)
-        region = resize_images(batch.masks, size_m, nearest=True) if batch.masks is not None else None
+        x = batch.images.clamp(0, 1)  # at the prior's size (working_size)
+        region = batch.masks
         noise = self.context.noise.for_batch(batch.ids, batch.seeds, self.context.device)
         rows = list(range(n))
 
         pe = self._pre_explanation(x, batch.targets, region, noise, rows)
         mask = self._mask(x, pe, region)
         refined = self._refine(x, pe, mask, noise, rows)
-        # back at the classifier's size; outside the mask the output *is* the input (exact copy, no float trip)
-        mask_b = resize_images(mask, size_b, nearest=True)
+        # outside the mask the output *is* the input (exact copy, no float trip)
+        mask_b = mask
         if batch.masks is not None:
             mask_b = mask_b * batch.masks
-        cf = torch.where(mask_b > 0.5, resize_images(refined, size_b).clamp(0, 1), batch.images)
+        cf = torch.where(mask_b > 0.5, refined.clamp(0, 1), batch.images)
         nfe_model, nfe_clf = nfe_per_image(p["iterations"], p["tau"])
         params = {"attack": p["attack"], "iterations": p["iterations"], "tau": p["tau"],
                   "respacing": p["respacing"], "schedule": self.model.schedule_summary(), "distance": p["distance"],
@@ -237,7 +236,7 @@ docs/methods/ace.md.
                   "backend": self.prior.backend.name}
         return [ExplainOutput(counterfactual=cf[i], mask=mask_b[i], nfe=nfe_model + nfe_clf,
                               params=dict(params, mask_fraction=round(float(mask_b[i].mean()), 4)),
-                              extras={"pre_explanations": resize_images(pe[i:i + 1], size_b)[0]})
+                              extras={"pre_explanations": pe[i]})
                 for i in range(n)]
 
 

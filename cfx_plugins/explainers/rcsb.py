@@ -81,23 +81,22 @@ ablation of the paper's Fig. 3 (bench/rcsb_ablation.py). NFE per image: nfe brid
         if not 1 <= p["nfe"] <= self.start_step:
             raise UsageError(f"rcsb: --set nfe={p['nfe']}: must be in 1…{self.start_step} for tau={p['tau']}")
 
+    def working_size(self) -> tuple[int, int]:
+        return self.model.size  # the bridge's: cfx brings the inputs to it
+
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
-
-        from cfx_cli.images import resize_images
 
         if batch.masks is None:
             raise UsageError("rcsb needs a region: --region auto|FILE|DIR")
         p = self.params
-        size_b = tuple(batch.images.shape[-2:])
-        size_m = (self.model.image_size, self.model.image_size)
         dev = self.model.device
-        x = resize_images(batch.images, size_m).clamp(0, 1).to(dev) * 2 - 1  # the bridge's space, [-1, 1]
-        region = (resize_images(batch.masks, size_m, nearest=True) > 0.5).float().to(dev)
+        x = batch.images.clamp(0, 1).to(dev) * 2 - 1  # at the bridge's size (working_size); its space, [-1, 1]
+        region = (batch.masks > 0.5).float().to(dev)
         draws = self.context.noise.for_batch(batch.ids, batch.seeds, dev)
         noise = draws.randn(range(len(batch.ids)), tuple(x.shape[1:]), "x1")  # R's content in I2SB's corruption
         out = self.sample(x, region, batch.targets.to(dev), noise)
-        cf = resize_images(((out + 1) / 2).clamp(0, 1), size_b).to(batch.images.device)
+        cf = ((out + 1) / 2).clamp(0, 1).to(batch.images.device)
         # the hard constraint: outside R the counterfactual is the input, bit for bit
         cf = torch.where(batch.masks > 0.5, cf, batch.images)
         nfe = 2 * p["nfe"]
