@@ -245,11 +245,12 @@ def resize_problem(source: tuple[int, int] | None, target: tuple[int, int] | Non
     if source is None or target is None or min(source) < 1 or min(target) < 1:
         return None
     (sh, sw), (th, tw) = source, target
-    factor = max(th / sh, tw / sw, sh / th, sw / tw)
+    scale = max(th / sh, tw / sw)  # the short-side resize of fit_to_size
+    factor = max(scale, 1 / scale)
     aspect = (tw / th) / (sw / sh)
     reasons = []
     if factor > RESIZE_FACTOR_WARN:
-        reasons.append(f"{factor:.3g}× {'larger' if th * tw > sh * sw else 'smaller'}")
+        reasons.append(f"{factor:.3g}× {'larger' if scale > 1 else 'smaller'}")
     if max(aspect, 1 / aspect) - 1 > ASPECT_CHANGE_WARN:
         reasons.append(f"aspect ratio {sw / sh:.2f} → {tw / th:.2f}: centre-cropped")
     if not reasons:

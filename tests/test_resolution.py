@@ -65,7 +65,7 @@ def test_short_side_resize_and_centre_crop_follow_the_papers_loaders():
 def test_the_warning_names_the_working_size_and_the_crop():
     assert resize_problem((16, 16), (64, 64)) is None  # 4× exactly: fine
     msg = resize_problem((384, 512), (16, 16), "dime's working size")
-    assert msg == ("resized from 512×384 to dime's working size 16×16 (32× smaller, aspect ratio 1.33 → 1.00: "
+    assert msg == ("resized from 512×384 to dime's working size 16×16 (24× smaller, aspect ratio 1.33 → 1.00: "
                    "centre-cropped); the explanation is of the resized image")
 
 
@@ -128,7 +128,7 @@ def test_a_photo_with_the_demo_is_centre_cropped_warned_about_and_recorded(tmp_p
     proc = run_cfx("explain", str(photo), "--method", "pgd", "--set", "iterations=2", "--out", str(out),
                    env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
-    assert (f"warning: {photo}: resized from 512×384 to pgd's working size 16×16 (32× smaller, aspect ratio "
+    assert (f"warning: {photo}: resized from 512×384 to pgd's working size 16×16 (24× smaller, aspect ratio "
             "1.33 → 1.00: centre-cropped); the explanation is of the resized image") in proc.stderr.splitlines()
     assert ", 1 resized >4× or cropped (" in proc.stdout
     (rec,) = _records(out)

@@ -25,6 +25,7 @@ def test_a_record_is_written_as_the_manifest_line_it_always_was(tmp_path):
     assert RECORD_FIELDS == (
         "id", "source", "status", "error", "source_label", "source_prob", "target_label", "target_prob_before",
         "target_prob_after", "cf_label", "counterfactual", "original", "mask", "params", "seed", "seconds", "nfe",
+        "source_size", "size", "crop",  # issue 18: appended, the earlier keys keep their order
     )
     run = RunDir(tmp_path)
     run.append(Record(id="a", source="in/a.png", status="error", error="in/a.png: broken", seed=7))
@@ -32,7 +33,7 @@ def test_a_record_is_written_as_the_manifest_line_it_always_was(tmp_path):
         '{"id": "a", "source": "in/a.png", "status": "error", "error": "in/a.png: broken", "source_label": null, '
         '"source_prob": null, "target_label": null, "target_prob_before": null, "target_prob_after": null, '
         '"cf_label": null, "counterfactual": null, "original": null, "mask": null, "params": null, "seed": 7, '
-        '"seconds": null, "nfe": null}\n')
+        '"seconds": null, "nfe": null, "source_size": null, "size": null, "crop": null}\n')
     assert read_manifest(tmp_path / "manifest.jsonl") == [Record("a", "in/a.png", "error", "in/a.png: broken",
                                                                  seed=7).to_dict()]
 
