@@ -71,9 +71,11 @@ def test_manifest_records_follow_the_contract(tmp_path, demo_images):
     assert info["classifier"]["spec"] == "demo:digits" and info["versions"]["torch"]
     fields = {"id", "source", "status", "error", "source_label", "source_prob", "target_label",
               "target_prob_before", "target_prob_after", "cf_label", "counterfactual", "original", "mask",
-              "params", "seed", "seconds", "nfe"}
+              "params", "seed", "seconds", "nfe", "source_size", "size", "crop"}
+    assert info["working_size"] == [16, 16]  # PGD: the demo classifier's declared size
     for rec in _records(out):
         assert set(rec) == fields
+        assert rec["source_size"] == rec["size"] == [16, 16] and rec["crop"] is None
         assert (out / rec["original"]).exists() and (out / rec["counterfactual"]).exists()
         assert rec["status"] == ("flipped" if rec["cf_label"] == rec["target_label"] else "not_flipped")
         assert rec["nfe"] > 0
