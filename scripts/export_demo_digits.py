@@ -1,9 +1,12 @@
-"""Write the demo digits split as PNGs (e.g. training images for `cfx fit time --data DIR`).
+"""Write demo digits as PNGs (e.g. training images for `cfx fit time --data DIR`, or a protocol split to explain).
 
-    python scripts/export_demo_digits.py --out DIR [--split train|test] [--limit N]
+    python scripts/export_demo_digits.py --out DIR [--split train|held-out|tuning|test|readme] [--limit N]
 
-Files are named ``SPLIT-INDEX-labelK.png`` (16×16 RGB, the demo classifier's input); the label in the name is
-the dataset's, which `cfx fit time` ignores (it asks the classifier).
+``train`` and ``held-out`` are the two halves of ``cfx_cli.demo.data.load_split``; ``tuning``, ``test`` and
+``readme`` are the demo protocol's splits of the held-out digits (docs/demo-protocol.md). Files are named
+``SPLIT-INDEX-labelK.png`` (16×16 RGB, the demo classifier's input), INDEX the digit's index in its half (for
+the protocol splits: in the held-out half); the label in the name is the dataset's, which `cfx fit time`
+ignores (it asks the classifier).
 """
 
 from __future__ import annotations
@@ -11,25 +14,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+SPLITS = ("train", "held-out", "tuning", "test", "readme")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--split", choices=("train", "test"), default="train")
+    ap.add_argument("--split", choices=SPLITS, default="train")
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args()
+    from cfx_cli.demo.data import export_split
 
-    from cfx_cli.demo.data import load_split
-    from cfx_cli.images import save_png
-
-    x_tr, y_tr, x_te, y_te = load_split()
-    x, y = (x_tr, y_tr) if args.split == "train" else (x_te, y_te)
-    n = len(x) if args.limit is None else min(args.limit, len(x))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        save_png(x[i].transpose(1, 2, 0), out / f"{args.split}-{i:04d}-label{int(y[i])}.png")
-    print(f"wrote {n} images to {out}")
+    paths = export_split(args.split, Path(args.out), args.limit)
+    print(f"wrote {len(paths)} images to {args.out}")
 
 
 if __name__ == "__main__":

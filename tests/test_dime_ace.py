@@ -80,7 +80,7 @@ def count_calls(explainer):
 # -- DiME ----------------------------------------------------------------------------------------------------
 def test_dime_nfe_matches_tau_formula_per_attempt(tiny_prior, classifier):
     tau = 4
-    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=tau, scales="0,0,0")
+    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=tau, scales="0,0,0", perceptual="l2")
     counter = count_calls(exp)
     calls_before = classifier.calls
     outs = exp.explain(demo_batch(3))
@@ -97,7 +97,9 @@ def test_dime_nfe_matches_tau_formula_per_attempt(tiny_prior, classifier):
 
 def test_dime_retries_only_unflipped_images(tiny_prior, classifier):
     scales = (0.0, 50.0, 400.0)
-    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales=",".join(map(str, scales)))
+    # flip_check=png: the retry is decided on the 8-bit image, the one this test re-classifies
+    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales=",".join(map(str, scales)),
+                         perceptual="l2", flip_check="png")
     batch = demo_batch(3)
     outs = exp.explain(batch)
     with torch.no_grad():
@@ -111,7 +113,7 @@ def test_dime_retries_only_unflipped_images(tiny_prior, classifier):
 
 
 def test_dime_results_do_not_depend_on_batching(tiny_prior, classifier):
-    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales="5")
+    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales="5", perceptual="l2")
     together = exp.explain(demo_batch(3))
     full = demo_batch(3)
     for i in range(3):
@@ -127,7 +129,7 @@ def test_dime_region_mask_keeps_outside_pixels(tiny_prior, classifier):
     masks = torch.zeros(2, 1, 16, 16)
     masks[:, :, 4:12, 4:12] = 1
     batch = demo_batch(2, masks=masks)
-    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales="30")
+    exp = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=3, scales="30", perceptual="l2")
     outs = exp.explain(batch)
     for out, img, m in zip(outs, batch.images, masks, strict=True):
         outside = (m[0] == 0)
@@ -155,6 +157,12 @@ def test_dime_vgg19_without_weights_is_a_usage_error(tiny_prior, classifier, tmp
 
     with pytest.raises(UsageError, match="perc_weights"):
         make_explainer("dime", tiny_prior, classifier, preset="celeba")
+    # the default is the paper's VGG19 term too: no silent pixel MSE, one line naming the ways out
+    with pytest.raises(UsageError, match=r"lambda_p=30\) uses the paper's VGG19 .*perc_weights=PATH.*perceptual=l2"):
+        make_explainer("dime", tiny_prior, classifier, respacing="20", tau=2)
+    assert make_explainer("dime", tiny_prior, classifier, respacing="20", tau=2, lambda_p=0).perceptual_name == "none"
+    chosen = make_explainer("dime", tiny_prior, classifier, respacing="20", tau=2, scales="5", perceptual="l2")
+    assert chosen.explain(demo_batch(1))[0].params["perceptual"] == "l2 (pixel MSE, not the paper's VGG19)"
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "partial.pth")
     with pytest.raises(UsageError, match=r"partial.pth: missing VGG19 weight features.0.bias"):
         make_explainer("dime", tiny_prior, classifier, perceptual="vgg19", perc_weights=str(tmp_path / "partial.pth"))
@@ -163,8 +171,10 @@ def test_dime_vgg19_without_weights_is_a_usage_error(tiny_prior, classifier, tmp
 def test_dime_tau_beyond_schedule_is_a_usage_error(tiny_prior, classifier):
     from cfx_cli.errors import UsageError
 
-    with pytest.raises(UsageError, match="exceeds the 10 steps"):
-        make_explainer("dime", tiny_prior, classifier, respacing="10", tau=11)
+    # z_τ is noised to index τ (the authors' q_sample(x, start_step)): τ ≤ steps − 1; τ ≤ steps at level τ−1
+    with pytest.raises(UsageError, match="exceeds the 10 steps.*τ ≤ 9"):
+        make_explainer("dime", tiny_prior, classifier, respacing="10", tau=10, lambda_p=0)
+    make_explainer("dime", tiny_prior, classifier, respacing="10", tau=10, lambda_p=0, z_tau_level="tau-1")
 
 
 # -- ACE -----------------------------------------------------------------------------------------------------
@@ -174,12 +184,13 @@ def test_ace_mask_is_dilated_normalised_difference(tiny_prior, classifier):
     pe = x.clone()
     pe[0, :, 8, 8] = 0.5  # the peak → normalised to 1, dilated to a 5×5 square
     pe[0, 0, 2, 2] = 0.05  # 0.05 / 1.5 of the peak: below the threshold, not in the mask
-    mask = exp._mask(x, pe, None)
+    normalised, dilated, mask = exp.masks(x, pe)
     assert mask.shape == (1, 1, 16, 16)
+    assert float(normalised.max()) == 1.0 and torch.equal(dilated >= 0.15, mask.bool())
     assert int(mask.sum()) == 25 and mask[0, 0, 6:11, 6:11].all()
     region = torch.zeros(1, 1, 16, 16)
     region[..., 8:, :] = 1
-    assert int(exp._mask(x, pe, region).sum()) == 15  # intersected with --mask
+    assert int(exp.masks(x, pe, region)[2].sum()) == 15  # intersected with --mask
 
 
 def test_ace_checkpointing_gives_the_same_gradient(tiny_prior, classifier):
@@ -190,10 +201,8 @@ def test_ace_checkpointing_gives_the_same_gradient(tiny_prior, classifier):
     for ckpt in (False, True):
         exp = make_explainer("ace", tiny_prior, classifier, respacing="20", tau=3, checkpoint=ckpt)
         noise = SeededNoise().for_batch(["a", "b"], [1, 2], "cpu")
-        draws = exp._draw(noise, [0, 1], (3, 16, 16), exp._filter_keys(0))
-        x_in = batch.images.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(exp._loss(x_in, batch.images, batch.targets, draws), x_in)
-        grads.append(g)
+        draws = exp._draw(noise, [0, 1], (3, 16, 16), exp.filter_keys(0))
+        grads.append(exp.class_gradient(batch.images, batch.targets, draws))
     assert grads[0].abs().max() > 0  # gradients do flow through the whole chain
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
@@ -236,6 +245,62 @@ def test_ace_l2_distance_has_finite_gradient_at_the_input(tiny_prior, classifier
     pe = out.extras["pre_explanations"]
     assert torch.isfinite(pe).all() and torch.isfinite(out.counterfactual).all()
     assert (pe - demo_batch(1).images[0]).abs().max() > 0  # the attack moved the image
+
+
+def test_ace_class_weight_reproduces_the_authors_batch_mean(tiny_prior, classifier):
+    """cfx sums each image's class loss (batch-independent); class_weight = 1/B gives the authors'
+    CrossEntropyLoss() mean over a batch of B, and the celeba preset is 1/3 (celeba-attack.sh: --batch_size 3)."""
+    import torch.nn.functional as F
+
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([1, 4, 7])
+    exp = make_explainer("ace", tiny_prior, classifier, preset="celeba")
+    assert exp.params["class_weight"] == pytest.approx(1 / 3)
+    assert torch.allclose(exp.class_loss(logits, targets), F.cross_entropy(logits, targets))
+    summed = make_explainer("ace", tiny_prior, classifier).class_loss(logits, targets)
+    assert torch.allclose(summed, F.cross_entropy(logits, targets, reduction="sum"))
+    # each image's term is its own: dropping an image leaves the others' losses unchanged
+    one = make_explainer("ace", tiny_prior, classifier).class_loss(logits[:1], targets[:1])
+    assert torch.allclose(one, F.cross_entropy(logits[:1], targets[:1], reduction="sum"))
+
+
+def test_ace_two_class_loss_is_the_authors_bce_on_one_logit(tiny_prior, classifier):
+    """The published CelebA/BDD classifiers give one logit l and the authors' loss is BCEWithLogits(l, y'); any
+    2-class wrapper (0, l) or (−l/2, l/2) gives cfx the same loss and gradient."""
+    import torch.nn.functional as F
+
+    exp = make_explainer("ace", tiny_prior, classifier)
+    logit = torch.tensor([-1.3, 0.4, 2.0], requires_grad=True)
+    targets = torch.tensor([1, 0, 1])
+    (g_ref,) = torch.autograd.grad(F.binary_cross_entropy_with_logits(logit, targets.float(), reduction="sum"),
+                                   logit)
+    for wrap in (lambda v: torch.stack([torch.zeros_like(v), v], 1), lambda v: torch.stack([-v / 2, v / 2], 1)):
+        loss = exp.class_loss(wrap(logit), targets)
+        (g,) = torch.autograd.grad(loss, logit)
+        assert torch.allclose(loss, F.binary_cross_entropy_with_logits(logit, targets.float(), reduction="sum"))
+        assert torch.allclose(g, g_ref)
+
+
+def test_ace_tau_is_the_truncated_time_fraction(tiny_prior, classifier):
+    from cfx_cli.errors import UsageError
+
+    # the authors' int(sampling_time_fraction · respaced steps): 0.29 · 100 = 28.999999999999996 → 28
+    assert make_explainer("ace", tiny_prior, classifier, respacing="100", time_fraction=0.29).tau == 28
+    assert make_explainer("ace", tiny_prior, classifier, preset="celebahq").tau == 5  # 0.2 of 25
+    assert make_explainer("ace", tiny_prior, classifier, respacing="100", tau=7).tau == 7  # explicit τ wins
+    with pytest.raises(UsageError, match="time_fraction"):
+        make_explainer("ace", tiny_prior, classifier, respacing="20", time_fraction=0.01)
+
+
+def test_ace_cw_returns_the_last_evaluated_iterate(tiny_prior, classifier):
+    """The authors' CW.attack returns x' from before its last update (one iteration: the input itself);
+    cw_final_update returns the updated one (cfx's earlier behaviour)."""
+    batch = demo_batch(1)
+    base = {"respacing": "20", "tau": 2, "iterations": 1, "attack": "cw", "step": 5.0, "threshold": 0.0}
+    pe = make_explainer("ace", tiny_prior, classifier, **base).explain(batch)[0].extras["pre_explanations"]
+    assert (pe - batch.images[0]).abs().max() <= 2e-5  # (tanh(atanh(2x/(1+c) − 1)) + 1)(½ + c) ≈ x
+    moved = make_explainer("ace", tiny_prior, classifier, **base, cw_final_update=True).explain(batch)[0]
+    assert (moved.extras["pre_explanations"] - batch.images[0]).abs().max() > 1e-3
 
 
 # -- CLI -----------------------------------------------------------------------------------------------------

@@ -143,8 +143,9 @@ def test_explain_through_an_hf_classifier(models, tmp_path, demo_images, method)
     from cfx_cli.images import decode
 
     out = tmp_path / method
+    # DiME without a paper preset needs VGG19 weights for its perceptual term: this test chooses the pixel MSE
     small = ["--set", "iterations=5"] if method == "pgd" else ["--set", "respacing=20", "--set", "tau=2",
-                                                               "--set", "scales=20"]
+                                                               "--set", "scales=20", "--set", "perceptual=l2"]
     r = run_cfx("explain", str(demo_images), "--limit", "2", "--method", method, "--target", "1",
                 "-c", f"hf:{models['vit']}", "--out", str(out), *small)
     assert r.returncode == 0, r.stderr

@@ -173,20 +173,30 @@ def _tiny_i2sb_checkpoint(tmp_path):
     return ref.eval()
 
 
-def test_i2sb_checkpoint_with_json_options_uses_ema(tmp_path):
+def test_i2sb_checkpoint_with_json_options_reads_net_unless_use_ema(tmp_path):
+    from cfx_cli.models.adm import build_unet, load_flags
+
     ref = _tiny_i2sb_checkpoint(tmp_path)
-    (tmp_path / "options.json").write_text(
-        json.dumps(
-            {"interval": 100, "beta_max": 0.3, "t0": 1e-4, "T": 1.0, "cond_x1": False, "adm_flags": TINY_ADM_FLAGS}
-        )
-    )
-    model = load_model(f"i2sb:{tmp_path / 'latest.pt'}", expect="bridge")
-    assert model.info["ema"] and model.bridge.interval == 100
+    options = {"interval": 100, "beta_max": 0.3, "t0": 1e-4, "T": 1.0, "cond_x1": False, "adm_flags": TINY_ADM_FLAGS}
+    (tmp_path / "options.json").write_text(json.dumps(options))
     x = torch.randn(2, 3, 32, 32)
     steps = torch.tensor([10, 99])
+    time = torch.linspace(1e-4, 1.0, 100)[steps] * 100  # float32, as I2SB's Runner computes it
+    # the default: `net`, as RCSB's code loads the checkpoint
+    model = load_model(f"i2sb:{tmp_path / 'latest.pt'}", expect="bridge")
+    assert not model.info["ema"] and model.bridge.interval == 100
+    net = build_unet(load_flags(TINY_ADM_FLAGS))
+    state = torch.load(tmp_path / "latest.pt", weights_only=True)["net"]
+    net.load_state_dict({k.removeprefix("diffusion_model."): v for k, v in state.items()})
+    with torch.no_grad():
+        assert (model(x, steps) - net.eval()(x, time)).abs().max().item() < 1e-5
+    # "use_ema": true: the EMA weights, as I2SB's sample.py uses them
+    (tmp_path / "options.json").write_text(json.dumps({**options, "use_ema": True}))
+    model = load_model(f"i2sb:{tmp_path / 'latest.pt'}", expect="bridge")
+    assert model.info["ema"]
     with torch.no_grad():
         out = model(x, steps)
-        expected = ref(x, torch.linspace(1e-4, 1.0, 100, dtype=torch.float64)[steps].float() * 100)
+        expected = ref(x, time)
         assert (out - expected).abs().max().item() < 1e-5
         x0 = model.pred_x0(x, steps)
         assert torch.allclose(x0, x - model.bridge.std_fwd[steps].float().view(-1, 1, 1, 1) * out, atol=1e-6)

@@ -50,19 +50,20 @@ class BridgeSchedule:
         self.std_bwd = torch.cumsum(betas.flip(0), 0).flip(0).sqrt()
         self.mu_x0, self.mu_x1, var = gaussian_product_coef(self.std_fwd, self.std_bwd)
         self.std_sb = var.sqrt()
-        # the network's time input for each step (I2SB Runner: linspace(t0, T, interval) * interval)
-        self.noise_levels = torch.linspace(t0, T, self.interval, dtype=torch.float64) * self.interval
+        # the network's time input for each step, computed in float32 as I2SB's Runner (and RCSB's CDDB) do:
+        # linspace(t0, T, interval) * interval; a float64 linspace differs by up to 6e-5
+        self.noise_levels = torch.linspace(t0, T, self.interval, dtype=torch.float32) * self.interval
 
     @classmethod
     def from_options(
-        cls, interval: int = 1000, beta_max: float = 0.3, t0: float = 1e-4, T: float = 1.0
+        cls, interval: int = 1000, beta_max: float = 1.0, t0: float = 1e-4, T: float = 1.0
     ) -> BridgeSchedule:
         return cls(i2sb_betas(interval, beta_max), t0, T)
 
     def network_time(self, step: torch.Tensor | int, batch: int | None = None) -> torch.Tensor:
         if not torch.is_tensor(step):
             step = torch.full((batch or 1,), int(step), dtype=torch.long)
-        return self.noise_levels.to(step.device)[step.long()].float()
+        return self.noise_levels.to(step.device)[step.long()]
 
     def q_sample(
         self,
@@ -109,6 +110,12 @@ class BridgeSchedule:
             nz = (torch.as_tensor(nprev, device=x_n.device).reshape(-1) > 0).to(x_n.dtype)
             out = out + nz.reshape(-1, *([1] * (x_n.ndim - 1))) * var.sqrt() * noise
         return out
+
+    def truncation_step(self, tau: float) -> int:
+        """The last step of a trajectory truncated at τ, as RCSB's code indexes it: its config's ``start_step`` is
+        round(τ·interval), the start state is the bridge mean at ``start_step − 1`` (where the first network call
+        also runs) and the steps are ``space_indices(start_step, nfe + 1)``. τ = 1 is the whole trajectory."""
+        return max(1, min(self.interval, round(tau * self.interval)) - 1)
 
     def sampling_steps(self, nfe: int, start_step: int | None = None) -> list[int]:
         """Ascending steps [0, …, start] with ``nfe`` intervals; ``start_step`` < interval-1 truncates the

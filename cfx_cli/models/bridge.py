@@ -41,10 +41,14 @@ class BridgeModel:
         return bool(self.options.get("cond_x1"))
 
     def __call__(self, x_t, step, cond=None):
-        """Network output at bridge step(s) ``step`` (int or (N,)), i.e. the predicted (x_t - x_0)/σ_t."""
+        """Network output at bridge step(s) ``step`` (int or (N,)), i.e. the predicted (x_t - x_0)/σ_t. A float64
+        state (RCSB's) is given to the network as a float32 copy, as the authors' code does."""
         import torch
 
         require_size(x_t, self.size, self.spec or self.source)
+        if x_t.dtype == torch.float64:
+            x_t = x_t.float()
+            cond = cond.float() if cond is not None else None
         if self.cond_x1:
             if cond is None:
                 raise ValueError("this bridge is conditioned on x_1: pass cond")

@@ -7,8 +7,8 @@ ADM with ``learn_sigma`` off (3 output channels), 6 input channels when ``cond_x
 
 Options are read, in order, from: ``--model-flags`` given as a JSON/TOML file with bridge keys, a JSON sidecar
 (``PATH.json`` or ``options.json`` beside the checkpoint; the safe alternative), or ``options.pkl``
-(pickle: needs ``--trust-pickle``). The sampler uses the EMA weights when the checkpoint has them, as I2SB's
-``sample.py`` does.
+(pickle: needs ``--trust-pickle``). The weights are ``net``, as RCSB's code loads them (``CDDB.setup_diffusion``);
+the option ``"use_ema": true`` takes the EMA weights instead, as I2SB's own ``sample.py`` does.
 """
 
 from __future__ import annotations
@@ -23,15 +23,19 @@ from cfx_cli.models.adm.flags import flags_from_mapping, load_flags
 from cfx_cli.models.bridge import BridgeModel
 from cfx_cli.models.memory import MemoryOptions, apply_to_adm, resolve_dtype
 
-BRIDGE_KEYS = ("interval", "beta_max", "t0", "T", "cond_x1", "ot_ode", "corrupt", "image_size")
+BRIDGE_KEYS = ("interval", "beta_max", "t0", "T", "cond_x1", "ot_ode", "corrupt", "image_size", "use_ema")
+# For options a checkpoint does not declare. β_max 1.0: RCSB's inpainting configs and I2SB's scripts/train.sh for
+# every inpainting bridge (``--beta-max 1.0 --ot-ode``); I2SB's argparse default 0.3 is for JPEG/super-resolution.
+# A bridge trained with another value declares it (options.pkl or the JSON sidecar; the demo bridge declares 0.3).
 BRIDGE_DEFAULTS: dict[str, Any] = {
     "interval": 1000,
-    "beta_max": 0.3,
+    "beta_max": 1.0,
     "t0": 1e-4,
     "T": 1.0,
     "cond_x1": False,
     "ot_ode": True,
     "corrupt": None,
+    "use_ema": False,  # RCSB's code loads `net` (I2SB's sample.py: the EMA weights)
 }
 # I2SB's network: ADM 256×256 unconditional flags (ckpt_util.create_argparser) with learn_sigma off
 I2SB_ADM_FLAGS = {
@@ -122,8 +126,9 @@ def load_i2sb(
     device: str = "cpu",
     trust_pickle: bool = False,
     memory: MemoryOptions | None = None,
-    use_ema: bool = True,
+    use_ema: bool | None = None,
 ) -> BridgeModel:
+    """``use_ema`` None: the options' ``use_ema`` (default False: ``net``, as RCSB's code)."""
     import torch
 
     from cfx_cli.diffusion.bridge import BridgeSchedule
@@ -133,6 +138,7 @@ def load_i2sb(
     memory = memory or MemoryOptions()
     bridge_opts, adm_overrides, opt_source = find_options(path, model_flags, trust_pickle)
     options = {**BRIDGE_DEFAULTS, **bridge_opts}
+    use_ema = bool(options["use_ema"]) if use_ema is None else use_ema
     flags = flags_from_mapping(I2SB_ADM_FLAGS, "i2sb defaults")
     if "image_size" in options:
         flags.image_size = int(options["image_size"])
@@ -173,5 +179,6 @@ def load_i2sb(
         device,
         dtype,
         str(path),
-        {"parameters": sum(p.numel() for p in net.parameters()), "ema": ema_used, "options_from": opt_source},
+        {"parameters": sum(p.numel() for p in net.parameters()), "ema": ema_used, "options_from": opt_source,
+         "beta_max_from": opt_source if "beta_max" in bridge_opts else "default (RCSB's inpainting configs)"},
     )

@@ -1,5 +1,6 @@
 """``demo:digits``: the embedded digits classifier (white-box, 3×16×16 inputs); ``demo:hit-digits``: a HiT on the same
-digits (:mod:`cfx_plugins.classifiers.hit`)."""
+digits (:mod:`cfx_plugins.classifiers.hit`); ``demo:oracle-mlp`` / ``demo:oracle-rff``: the independent judges of the
+demo's realism metrics (:mod:`cfx_cli.demo.judges`), usable as classifiers too."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ from cfx_cli.errors import UsageError
 from cfx_cli.hookspecs import hookimpl
 from cfx_plugins.classifiers.hit import load_demo as load_hit_demo
 
-MODELS = ("digits", "hit-digits")
+MODELS = ("digits", "hit-digits", "oracle-mlp", "oracle-rff")
 
 
 class DemoAdapter(ClassifierAdapter):
     name = "demo"
     schemes = ("demo",)
     summary = ("embedded demo classifiers: demo:digits (CNN on scikit-learn digits, 16×16), demo:hit-digits (HiT, "
-               "the Hindered Transformer, on the same digits)")
+               "the Hindered Transformer, on the same digits), demo:oracle-mlp and demo:oracle-rff (the demo metrics' "
+               "independent judges: an MLP and a random-feature kernel machine)")
     capabilities = frozenset({"probabilities", "gradients"})
 
     def load(self, spec: str, options: ClassifierOptions) -> Classifier:
@@ -26,10 +28,11 @@ class DemoAdapter(ClassifierAdapter):
         if name == "hit-digits":
             return load_hit_demo(spec, options)
         from cfx_cli.demo.classifier import load_pretrained
+        from cfx_cli.demo.judges import load_judge
         from cfx_cli.whitebox import TorchModuleClassifier
 
-        return TorchModuleClassifier(load_pretrained(options.device), LABELS, (RESOLUTION, RESOLUTION),
-                                     spec=spec, device=options.device)
+        net = load_pretrained(options.device) if name == "digits" else load_judge(name, options.device)
+        return TorchModuleClassifier(net, LABELS, (RESOLUTION, RESOLUTION), spec=spec, device=options.device)
 
 
 @hookimpl

@@ -1,16 +1,21 @@
 """``ace``: Adversarial Counterfactual Explanations (Jeanneret et al., CVPR 2023; thesis ch. 4 + appendix A).
 
 1. Pre-explanation: an adversarial attack (PGD; GD and C&W as alternatives) on
-   L_class(C(F_τ(x')), y') + λ_d·d(x', x), where F_τ noises x' to step τ of a respaced schedule and runs the
+   w_c·L_class(C(F_τ(x')), y') + λ_d·d(x', x), where F_τ noises x' to index τ−1 of a respaced schedule and runs the
    stochastic DDPM chain back to 0; gradients flow through the whole chain (optionally checkpointed per step).
 2. Mask: Σ_channels |x − x'|, normalised by its maximum, dilated (15×15 max filter), thresholded.
-3. Refinement (RePaint-style): noise x' to τ, denoise while pasting q_sample(x, t) outside the mask.
-Choices and their sources: docs/methods/ace.md.
+3. Refinement (RePaint-style): noise x' to τ−1, denoise while pasting q_sample(x, t) outside the mask.
+Each stage is a method the explainer itself calls (``class_gradient``, ``distance_gradient``, ``attack_update``,
+``masks``, ``refine``); ``trace`` optionally records the intermediates. The defaults compute what the authors'
+code computes (tests/test_ace_e2e.py); choices and their sources: docs/methods/ace.md.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from cfx_cli.backends.pixel import pixel_forward
+from cfx_cli.classifiers import target_score
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
@@ -24,6 +29,12 @@ def nfe_per_image(iterations: int, tau: int) -> tuple[int, int]:
     """(diffusion-network, classifier) evaluations per image: τ per attack iteration plus τ for the refinement;
     one classifier gradient per iteration."""
     return iterations * tau + tau, iterations
+
+
+def truncated_tau(time_fraction: float, steps: int) -> int:
+    """τ as the authors' ``main.py`` computes it: ``int(sampling_time_fraction · respaced steps)``, truncated
+    (so a fraction whose product falls just below an integer loses a step, exactly as in their runs)."""
+    return int(time_fraction * steps)
 
 
 class ACE(Explainer):
@@ -40,47 +51,60 @@ class ACE(Explainer):
         Param("step", "float", 1 / 255, "attack step size (accepts fractions like 1/255)", min=0.0),
         Param("epsilon", "float", 1.0, "ℓ∞ bound around the input for pgd/gd (1 = unbounded, as published)",
               min=0.0, max=1.0),
-        Param("tau", "int", 5, "τ: steps of the respaced schedule the filter F_τ noises and denoises", min=1),
+        Param("time_fraction", "float", 0.1, "the authors' sampling_time_fraction: τ = int(time_fraction · "
+              "respaced steps), truncated as in their main.py (0.1 of 50 steps: τ = 5)", min=0.0, max=1.0),
+        Param("tau", "int", 0, "τ: steps of the respaced schedule the filter F_τ noises and denoises "
+              "(0 = from time_fraction)", min=0),
         Param("respacing", "str", "50", "steps kept from the model's training schedule (guided-diffusion "
               "timestep_respacing; '' = as loaded)"),
         Param("distance", "str", "l1", "d(x', x): 'l1' (Σ|x − x'|) or 'l2' (‖x − x'‖₂)", choices=("l1", "l2")),
         Param("lambda_d", "float", 0.001, "λ_d: distance weight (thesis: 0.001 for ℓ1, 0.1 for ℓ2)", min=0.0),
+        Param("class_weight", "float", 1.0, "w_c: weight of each image's class loss (summed over the batch, so "
+              "results do not depend on the batch); the paper presets set 1/(batch size of the authors' script), "
+              "the weight their batch-mean cross-entropy gives each image", min=0.0),
         Param("threshold", "float", 0.15, "binarisation threshold of the dilated, max-normalised difference "
               "(0 = change everywhere: no refinement mask)", min=0.0, max=1.0),
         Param("dilation", "int", 15, "side of the square max filter dilating the difference (odd)", min=1),
         Param("stochastic", "bool", True, "sample noise in the filter and the refinement (False: means only)"),
         Param("checkpoint", "bool", False, "gradient checkpointing over the filter's DDPM steps (recomputes "
               "each step in the backward pass: less memory, ~1 more forward per step)"),
+        Param("cw_final_update", "bool", False, "C&W only: return x' after the last update (cfx's earlier "
+              "behaviour) instead of the iterate the last gradient was taken at (the authors' CW.attack)"),
     )
     presets = {
-        # appendix A + the authors' scripts/*-attack.sh (PGD, 50 iterations, ℓ1 λ_d 0.001)
-        "celeba": {"respacing": "50", "tau": 5, "iterations": 50, "distance": "l1", "lambda_d": 0.001,
-                   "threshold": 0.15},
-        "celebahq": {"respacing": "25", "tau": 5, "iterations": 50, "distance": "l1", "lambda_d": 0.001,
-                     "threshold": 0.15},
-        "bdd": {"respacing": "100", "tau": 5, "iterations": 50, "distance": "l1", "lambda_d": 0.001,
-                "threshold": 0.05},
-        "imagenet": {"respacing": "25", "tau": 5, "iterations": 100, "distance": "l1", "lambda_d": 0.001,
-                     "threshold": 0.15},
+        # appendix A + the authors' scripts/*-attack.sh (PGD, 50 iterations, ℓ1 λ_d 0.001); class_weight =
+        # 1/SAMPLE_FLAGS --batch_size of that script (celeba-attack.sh runs batch 3, the others batch 1)
+        "celeba": {"respacing": "50", "time_fraction": 0.1, "iterations": 50, "distance": "l1", "lambda_d": 0.001,
+                   "threshold": 0.15, "class_weight": 1 / 3},
+        "celebahq": {"respacing": "25", "time_fraction": 0.2, "iterations": 50, "distance": "l1",
+                     "lambda_d": 0.001, "threshold": 0.15, "class_weight": 1.0},
+        "bdd": {"respacing": "100", "time_fraction": 0.05, "iterations": 50, "distance": "l1", "lambda_d": 0.001,
+                "threshold": 0.05, "class_weight": 1.0},
+        "imagenet": {"respacing": "25", "time_fraction": 0.2, "iterations": 100, "distance": "l1",
+                     "lambda_d": 0.001, "threshold": 0.15, "class_weight": 1.0},
         # the embedded 16×16 demo (1000-step pixel DDPM): tuned here, see docs/methods/ace.md
-        "digits": {"respacing": "50", "tau": 5, "iterations": 50, "distance": "l1", "lambda_d": 0.001,
+        "digits": {"respacing": "50", "time_fraction": 0.1, "iterations": 50, "distance": "l1", "lambda_d": 0.001,
                    "threshold": 0.15, "dilation": 3},
     }
     auto_presets = {"demo:digits": "digits"}
     description = """
 Jeanneret, Simon & Jurie, "Adversarial Counterfactual Visual Explanations" (CVPR 2023; thesis ch. 4, app. A).
 Pre-explanation x' (starting at x): `iterations` steps of the chosen attack on
-CE(C(F_τ(x')), y') + λ_d·d(x', x), where F_τ(x') = q_sample(x', τ) followed by the stochastic DDPM chain from
-τ to 0 on the respaced schedule, differentiated through every step (checkpoint=true recomputes each step in
-the backward pass). PGD: x' ← clip(x' − step·sign(∇), 0, 1), no ε-ball unless epsilon < 1.
+w_c·CE(C(F_τ(x')), y') + λ_d·d(x', x), where F_τ(x') = q_sample(x', τ−1) followed by the stochastic DDPM chain
+τ−1 … 0 on the respaced schedule (x̂₀ clipped, no noise after the last step), differentiated through every step
+(checkpoint=true recomputes each step in the backward pass); the classifier sees (z+1)/2 unclamped.
+τ = int(time_fraction · respaced steps) unless tau is set. PGD: x' ← clip(x' − step·sign(∇), 0, 1) with
+sign(0) = 0, no ε-ball unless epsilon < 1. Cross-entropy is summed over the batch (w_c = class_weight per image);
+the authors average it, so the presets set w_c = 1/(their script's batch size).
 Mask: m = Σ_c|x − x'| / max, dilated with a `dilation`² max filter, changed where ≥ threshold.
-Refinement: x' noised to τ, then for t = τ … 1: x'_t ← m⊙x'_t + (1−m)⊙q_sample(x, t), one DDPM step.
+Refinement: x' noised to τ−1, then for t = τ−1 … 0: x'_t ← m⊙x'_t + (1−m)⊙q_sample(x, t), one DDPM step.
 Output m⊙x'_0 + (1−m)⊙x: identical to the input outside the mask. With --mask M the refinement mask is m⊙M and
 the attack only moves pixels inside M. Saved: masks/ (m) and pre_explanations/ (x').
 
 Prior: --model adm:PATH.pt --model-flags "…", diffusers:FOLDER, or demo:pixel (default). Presets follow
-appendix A and the authors' scripts (celeba 5/50, celebahq 5/25, bdd 5/100 threshold 0.05, imagenet 5/25 with
-100 iterations); for ℓ2 set distance=l2 lambda_d=0.1 (CelebA-HQ thresholds: smile 0.1, age 0.05; BDD 0.1).
+appendix A and the authors' scripts (celeba 0.1 of 50 steps with class_weight 1/3, celebahq 0.2 of 25, bdd 0.05
+of 100 with threshold 0.05, imagenet 0.2 of 25 with 100 iterations: τ = 5 each); for ℓ2 set distance=l2
+lambda_d=0.1 (CelebA-HQ thresholds: smile 0.1, age 0.05; BDD 0.1).
 NFE per image: iterations·τ + τ prior evaluations + iterations classifier gradients. Details:
 docs/methods/ace.md.
 """
@@ -88,14 +112,21 @@ docs/methods/ace.md.
     def __init__(self, context) -> None:
         super().__init__(context)
         p = self.params
-        if p["tau"] < 1 or p["iterations"] < 0:
-            raise UsageError("ace: tau must be ≥ 1 and iterations ≥ 0")
         if p["dilation"] < 1 or p["dilation"] % 2 == 0:
             raise UsageError(f"ace: --set dilation={p['dilation']}: must be an odd number ≥ 1")
         self.model, self.model_spec = pixel_prior(context, p["respacing"], "ace")
-        if p["tau"] > self.model.diffusion.num_steps:
-            raise UsageError(f"ace: --set tau={p['tau']} exceeds the {self.model.diffusion.num_steps} steps of "
-                             f"the respaced schedule (respacing={p['respacing']!r})")
+        steps = self.model.diffusion.num_steps
+        self.tau = p["tau"] or truncated_tau(p["time_fraction"], steps)
+        if self.tau < 1:
+            raise UsageError(f"ace: τ = int(time_fraction · {steps} steps) = int({p['time_fraction']} · {steps}) "
+                             "= 0: raise --set time_fraction or give --set tau")
+        if self.tau > steps:
+            raise UsageError(f"ace: --set tau={self.tau} exceeds the {steps} steps of the respaced schedule "
+                             f"(respacing={p['respacing']!r})")
+        #: set to a dict before ``explain`` to record the intermediates of the next batch (tests, debugging):
+        #: pgd_iterates, pgd_class_grads, pre_explanation, mask, dilated_mask, inpaint_mask (1 = taken from x),
+        #: noisy_pre_explanation and counterfactual (float, at the prior's size, before any resize or 8-bit save)
+        self.trace: dict[str, Any] | None = None
 
     # -- the diffusion filter F_τ --------------------------------------------------------------------------
     def _draw(self, noise, rows, shape, keys):
@@ -107,22 +138,22 @@ docs/methods/ace.md.
             return torch.zeros((len(rows), len(keys), *shape), device=noise.device)
         return noise.randn_block(rows, shape, keys)
 
-    def _filter_keys(self, iteration: int):
+    def filter_keys(self, iteration: int):
         """The draws of one pass of F_τ: the q_sample draw, then one per DDPM step."""
-        steps = range(self.params["tau"] - 1, -1, -1)
+        steps = range(self.tau - 1, -1, -1)
         return [("filter_q_sample", (iteration,))] + [("filter_step", (iteration, i)) for i in steps]
 
     def _step(self, z, i: int, eps):
         z, _ = self.model.diffusion.ddpm_step(self.model(z, i), z, i, noise=eps, clip_denoised=True)
         return z
 
-    def _filter(self, x01, draws):
-        """F_τ(x') for x' in [0, 1], returned in [0, 1]; differentiable w.r.t. x' through every step."""
+    def filter(self, x01, draws):
+        """F_τ(x') for x' in [0, 1], returned as (z + 1)/2 unclamped; differentiable w.r.t. x' through every step
+        (the authors' JointClassifierDDPM)."""
         from torch.utils.checkpoint import checkpoint
 
-        tau = self.params["tau"]
-        z = self.model.diffusion.q_sample(x01 * 2 - 1, tau - 1, draws[:, 0])
-        for k, i in enumerate(range(tau - 1, -1, -1), start=1):
+        z = self.model.diffusion.q_sample(x01 * 2 - 1, self.tau - 1, draws[:, 0])
+        for k, i in enumerate(range(self.tau - 1, -1, -1), start=1):
             if self.params["checkpoint"] and z.requires_grad:
                 z = checkpoint(self._step, z, i, draws[:, k], use_reentrant=False)
             else:
@@ -130,82 +161,124 @@ docs/methods/ace.md.
         return (z + 1) / 2
 
     # -- step 1: pre-explanation -------------------------------------------------------------------------
-    def _loss(self, x_adv, x, targets, draws):
+    def class_loss(self, logits, targets):
+        """w_c · Σ_images L_class: cross-entropy (−log p(y'), for K = 2 a function of the logit difference only)
+        or, for cw, the margin max_{j≠y'} z_j − z_{y'} floored at 0. Summed, so each image's gradient is its own."""
         import torch.nn.functional as F
 
-        p = self.params
-        logits = self.context.classifier.logits(self._filter(x_adv, draws))
         t = targets.to(logits.device)
-        if p["attack"] == "cw":  # margin: max_{j≠y'} logit_j − logit_{y'}, floored at 0
+        if self.params["attack"] == "cw":
             target_logit = logits.gather(1, t[:, None])[:, 0]
             others = logits.masked_fill(F.one_hot(t, logits.shape[1]).bool(), float("-inf")).amax(1)
             loss = F.relu(others - target_logit).sum()
-        else:  # cross-entropy per image (sum: each image's gradient is its own, whatever the batch)
-            loss = F.cross_entropy(logits, t, reduction="sum")
-        if p["lambda_d"]:
-            diff = (x_adv - x).reshape(len(x), -1)
-            if p["distance"] == "l1":
-                dist = diff.abs().sum()
-            else:  # ‖·‖₂ per image; a tiny floor keeps its gradient finite at x' = x
-                dist = (diff.pow(2).sum(1) + 1e-20).sqrt().sum()
-            loss = loss + p["lambda_d"] * dist
-        return loss
+        else:
+            loss = -target_score(logits, t, "log_softmax").sum()
+        return self.params["class_weight"] * loss
 
-    def _pre_explanation(self, x, targets, region, noise, rows):
+    def class_gradient(self, x_adv, targets, draws):
+        """∇_{x'} of the class loss through F_τ and the classifier (the authors' ``extract_grads``)."""
+        import torch
+
+        with torch.enable_grad():
+            x_in = x_adv.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.class_loss(self.context.classifier.logits(self.filter(x_in, draws)),
+                                                          targets), x_in)
+        return grad
+
+    def distance_gradient(self, x_adv, x):
+        """∇_{x'} λ_d·d(x', x): ℓ1 gives λ_d·sign(x' − x) (0 where x' = x), ℓ2 the per-image unit direction (0 at
+        x' = x, torch.linalg.norm's gradient there), as the authors' ``extract_dist_grads``."""
+        import torch
+
+        p = self.params
+        if not p["lambda_d"]:
+            return torch.zeros_like(x_adv)
+        with torch.enable_grad():
+            x_in = x_adv.detach().requires_grad_(True)
+            diff = (x - x_in).reshape(len(x), -1)
+            dist = diff.abs().sum() if p["distance"] == "l1" else torch.linalg.norm(diff, dim=1).sum()
+            (grad,) = torch.autograd.grad(p["lambda_d"] * dist, x_in)
+        return grad
+
+    def attack_update(self, x_adv, x, grad, move=None):
+        """One pgd/gd step from the total gradient: x' − step·sign(g) (pgd; sign(0) = 0) or x' − step·g (gd),
+        then the ℓ∞ projection around x and the clamp to [0, 1]; ``move`` (1 = may change) confines it."""
+        import torch
+
+        p = self.params
+        update = grad.sign() if p["attack"] == "pgd" else grad
+        if move is not None:
+            update = update * move
+        x_adv = x_adv - p["step"] * update
+        return torch.max(torch.min(x_adv, x + p["epsilon"]), x - p["epsilon"]).clamp(0, 1)
+
+    def pre_explanation(self, x, targets, region, noise, rows):
+        """x' after ``iterations`` attack steps, each with fresh filter noise (keys ``filter_keys(iteration)``)."""
         import torch
 
         p = self.params
         shape = tuple(x.shape[1:])
-        move = region if region is not None else torch.ones_like(x[:, :1])
+        trace = self.trace
         x_adv = x.clone()
         if p["attack"] == "cw":
             w = torch.atanh(2 * x / (1 + _CW_C) - 1)
         for it in range(p["iterations"]):
-            draws = self._draw(noise, rows, shape, self._filter_keys(it))
-            with torch.enable_grad():
-                if p["attack"] == "cw":
-                    w_in = w.detach().requires_grad_(True)
-                    x_in = (torch.tanh(w_in) + 1) * (_CW_C + 0.5)
-                    (grad,) = torch.autograd.grad(self._loss(x_in, x, targets, draws), w_in)
-                else:
-                    x_in = x_adv.detach().requires_grad_(True)
-                    (grad,) = torch.autograd.grad(self._loss(x_in, x, targets, draws), x_in)
+            if p["attack"] == "cw":
+                x_adv = (torch.tanh(w) + 1) * (_CW_C + 0.5)
+            draws = self._draw(noise, rows, shape, self.filter_keys(it))
+            class_grad = self.class_gradient(x_adv, targets, draws)
+            if trace is not None:
+                trace.setdefault("pgd_iterates", []).append(x_adv.detach().clone())
+                trace.setdefault("pgd_class_grads", []).append(class_grad)
+            grad = class_grad + self.distance_gradient(x_adv, x)
             with torch.no_grad():
-                if p["attack"] == "cw":
-                    w = (w - p["step"] * grad * move).clamp(-3, 3)
-                    x_adv = (torch.tanh(w) + 1) * (_CW_C + 0.5)
+                if p["attack"] != "cw":
+                    x_adv = self.attack_update(x_adv, x, grad, region)
                     continue
-                update = grad.sign() if p["attack"] == "pgd" else grad
-                x_adv = x_adv - p["step"] * update * move
-                x_adv = torch.min(torch.max(x_adv, x - p["epsilon"]), x + p["epsilon"]).clamp(0, 1)
-        return x_adv.clamp(0, 1).detach()
+                # the chain rule through x' = (tanh w + 1)(½ + c), as the authors' CW.attack does by hand
+                step = p["step"] * grad * (_CW_C + 0.5) * (1 - torch.tanh(w).pow(2))
+                w = (w - (step if region is None else step * region)).clamp(-3, 3)
+        if p["attack"] == "cw" and p["cw_final_update"]:
+            x_adv = (torch.tanh(w) + 1) * (_CW_C + 0.5)
+        pe = x_adv.clamp(0, 1).detach()
+        if trace is not None:
+            trace.setdefault("pgd_iterates", []).append(pe)
+            trace["pre_explanation"] = pe
+        return pe
 
     # -- steps 2–3: mask and refinement --------------------------------------------------------------------
-    def _mask(self, x, pe, region):
+    def masks(self, x, pe, region=None):
+        """(m, dilated m, change): m = Σ_c|x − x'| / per-image max (the authors' ``generate_mask``), its
+        ``dilation``² max filter, and the binary mask of what the refinement may change (dilated ≥ threshold;
+        the authors' inpaint mask is 1 − change), intersected with ``region``."""
         diff = (x - pe).abs().sum(1, keepdim=True)
-        peak = diff.reshape(len(x), -1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        mask = (dilate(diff / peak, self.params["dilation"]) >= self.params["threshold"]).float()
-        return mask * region if region is not None else mask
+        peak = diff.reshape(len(x), -1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)  # x' = x: all 0, not NaN
+        mask = diff / peak
+        dilated = dilate(mask, self.params["dilation"])
+        change = (dilated >= self.params["threshold"]).float()
+        return mask, dilated, (change * region if region is not None else change)
 
-    def _refine(self, x, pe, mask, noise, rows):
-        """RePaint-style: start from q_sample(x', τ); before each step paste q_sample(x, t) outside the mask."""
+    def refine(self, x, pe, change, noise, rows):
+        """RePaint-style (the authors' ``filter_fn``): z = q_sample(x', τ−1); for t = τ−1 … 0 paste q_sample(x, t)
+        where ``change`` is 0, one DDPM step (no noise after the last); then x itself there. Returns (the
+        counterfactual in [0, 1], the noised starting point mapped to [0, 1] and clamped)."""
         import torch
 
-        p = self.params
         d = self.model.diffusion
         shape = tuple(x.shape[1:])
-
         # the refinement is forward-only: it runs on --backend (the filter above keeps its gradients in torch)
         self.prior = pixel_forward(self.context, self.model, shape)
         xm = x * 2 - 1
         with torch.no_grad():
-            z = d.q_sample(pe * 2 - 1, p["tau"] - 1, self._draw(noise, rows, shape, [("refine_q_sample", ())])[:, 0])
-            for i in range(p["tau"] - 1, -1, -1):
+            z = d.q_sample(pe * 2 - 1, self.tau - 1, self._draw(noise, rows, shape, [("refine_q_sample", ())])[:, 0])
+            start = ((z + 1) / 2).clamp(0, 1)
+            for i in range(self.tau - 1, -1, -1):
                 # the known region's q_sample noise, then the DDPM step's
                 eps = self._draw(noise, rows, shape, [("refine_known", (i,)), ("refine_step", (i,))])
-                z = mask * z + (1 - mask) * d.q_sample(xm, i, eps[:, 0])
+                z = change * z + (1 - change) * d.q_sample(xm, i, eps[:, 0])
                 z, _ = d.ddpm_step(self.prior(z, i), z, i, noise=eps[:, 1], clip_denoised=True)
-        return ((z + 1) / 2).clamp(0, 1)
+        # outside the mask the input's own values (an exact copy, not the authors' (2x − 1 + 1)/2 float trip)
+        return torch.where(change > 0.5, ((z + 1) / 2).clamp(0, 1), x), start
 
     def working_size(self) -> tuple[int, int]:
         return self.model.size  # the prior's: cfx brings the inputs to it
@@ -219,21 +292,26 @@ docs/methods/ace.md.
         region = batch.masks
         noise = self.context.noise.for_batch(batch.ids, batch.seeds, self.context.device)
         rows = list(range(n))
+        if self.trace is not None:
+            self.trace.clear()  # this batch's intermediates only
 
-        pe = self._pre_explanation(x, batch.targets, region, noise, rows)
-        mask = self._mask(x, pe, region)
-        refined = self._refine(x, pe, mask, noise, rows)
+        pe = self.pre_explanation(x, batch.targets, region, noise, rows)
+        mask, dilated, change = self.masks(x, pe, region)
+        refined, start = self.refine(x, pe, change, noise, rows)
+        if self.trace is not None:
+            self.trace.update(mask=mask, dilated_mask=dilated, inpaint_mask=1 - change,
+                              noisy_pre_explanation=start, counterfactual=refined)
         # outside the mask the output *is* the input (exact copy, no float trip)
-        mask_b = mask
+        mask_b = change
         if batch.masks is not None:
             mask_b = mask_b * batch.masks
         cf = torch.where(mask_b > 0.5, refined.clamp(0, 1), batch.images)
-        nfe_model, nfe_clf = nfe_per_image(p["iterations"], p["tau"])
-        params = {"attack": p["attack"], "iterations": p["iterations"], "tau": p["tau"],
+        nfe_model, nfe_clf = nfe_per_image(p["iterations"], self.tau)
+        params = {"attack": p["attack"], "iterations": p["iterations"], "tau": self.tau,
                   "respacing": p["respacing"], "schedule": self.model.schedule_summary(), "distance": p["distance"],
-                  "lambda_d": p["lambda_d"], "threshold": p["threshold"], "dilation": p["dilation"],
-                  "model": self.model_spec, "nfe_model": nfe_model, "nfe_classifier": nfe_clf,
-                  "backend": self.prior.backend.name}
+                  "lambda_d": p["lambda_d"], "class_weight": p["class_weight"], "threshold": p["threshold"],
+                  "dilation": p["dilation"], "model": self.model_spec, "nfe_model": nfe_model,
+                  "nfe_classifier": nfe_clf, "backend": self.prior.backend.name}
         return [ExplainOutput(counterfactual=cf[i], mask=mask_b[i], nfe=nfe_model + nfe_clf,
                               params=dict(params, mask_fraction=round(float(mask_b[i].mean()), 4)),
                               extras={"pre_explanations": pe[i]})

@@ -1,18 +1,19 @@
 """``dime``: Diffusion Models for counterfactual Explanations (Jeanneret et al., ACCV 2022; thesis ch. 3).
 
-Guided DDPM from an intermediate step τ. At every step the classifier sees a *clean* image x_t produced by the
-unguided chain from the current z_t (forward passes only), and the gradient of
-λ_c·L_class + λ_p·L_perc w.r.t. x_t, scaled by 1/√ᾱ_t (eq. 3.7), plus λ_1·∇‖z_t − x‖₁, shifts the DDPM mean by
-−Σ·g (eq. 3.4). Images that did not flip are retried with the next λ_c. Choices and their sources:
-docs/methods/dime.md.
+Guided DDPM from an intermediate step τ, as the authors' ``main.py`` / ``get_DiME_iterative_sampling`` run it
+(the dime-e2e fixture checks the whole algorithm). At every step the classifier sees a *clean* image x_t produced
+by the unguided chain from the current z_t (forward passes only), and the gradient of λ_c·L_class + λ_p·L_perc
+w.r.t. x_t, scaled by 1/√ᾱ_t (eq. 3.7), plus λ_1·∇‖z_t − x‖₁, shifts the DDPM mean by −Σ·g (eq. 3.4). Images that
+did not flip are retried with the next λ_c. Choices and their sources: docs/methods/dime.md.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from cfx_cli.backends.pixel import pixel_forward
-from cfx_cli.classifiers import IMAGENET_MEAN, IMAGENET_STD
+from cfx_cli.classifiers import IMAGENET_MEAN, IMAGENET_STD, target_score
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
@@ -36,18 +37,23 @@ class DiME(Explainer):
     uses_region = True
     uses_backend = True  # the diffusion UNet's forward-only calls (cfx_cli.backends.pixel)
     params = (
-        Param("tau", "int", 60, "τ: the input is noised to step τ of the respaced schedule; the guided chain "
-              "runs τ steps", min=1),
+        Param("tau", "int", 60, "τ: the input is noised to step τ of the respaced schedule and the guided chain "
+              "runs τ steps, t = τ−1 … 0 (the authors' start_step)", min=1),
+        Param("z_tau_level", "str", "tau", "noise level of z_τ: 'tau' (the authors' q_sample(x, start_step), one "
+              "level above the first step's t = τ−1) or 'tau-1' (cfx's former default: the first step's own "
+              "level)", choices=("tau", "tau-1")),
         Param("respacing", "str", "200", "steps kept from the model's training schedule (guided-diffusion "
               "timestep_respacing: '200', 'ddim50'; '' = the schedule as loaded)"),
         Param("scales", "floats", (8.0, 10.0, 15.0), "λ_c schedule: classifier-loss weights tried in turn; a "
               "retry only re-runs the images that have not flipped", min=0.0),
         Param("lambda_p", "float", 30.0, "λ_p: perceptual-loss weight", min=0.0),
         Param("lambda_1", "float", 0.05, "λ_1: weight of ‖z_t − x‖₁ on the noisy image", min=0.0),
-        Param("loss", "str", "logits", "L_class: 'logits' (−target logit; the authors' use_logits) or 'ce' "
-              "(−log softmax of the target)", choices=("logits", "ce")),
-        Param("perceptual", "str", "l2", "L_perc network: 'vgg19' (VGG19 features, needs perc_weights; the "
-              "paper), 'l2' (pixel MSE; default, cfx ships no VGG weights and downloads nothing), 'none'",
+        Param("loss", "str", "logits", "L_class: 'logits' (−target score: for 2 classes the logit difference, "
+              "the authors' −(±logit) of use_logits), 'ce' (−log softmax of the target; 2 classes: the authors' "
+              "−log σ(±logit)) or 'target_logit' (−z_y' alone also for 2 classes, cfx's former default)",
+              choices=("logits", "ce", "target_logit")),
+        Param("perceptual", "str", "vgg19", "L_perc network: 'vgg19' (the paper's VGG19 features; needs "
+              "perc_weights unless lambda_p=0), 'l2' (pixel MSE, not the paper's loss), 'none'",
               choices=("vgg19", "l2", "none")),
         Param("perc_weights", "str", "", "VGG19 weights for perceptual=vgg19: a torchvision vgg19 state dict "
               "(.pth/.pt, read weights-only, or .safetensors)"),
@@ -55,6 +61,9 @@ class DiME(Explainer):
         Param("stochastic_x", "bool", True, "sample (rather than take the mean) in the unguided chain that "
               "produces x_t (the authors' use_sampling_on_x_t)"),
         Param("clip_denoised", "bool", True, "clip x̂_0 to [-1, 1] in the DDPM steps (the authors' default)"),
+        Param("flip_check", "str", "output", "what decides a retry: 'output' (the attempt's float output, as the "
+              "authors' main.py) or 'png' (the 8-bit image cfx will save, cfx's former default)",
+              choices=("output", "png")),
     )
     _paper = {"respacing": "200", "lambda_p": 30.0, "lambda_1": 0.05, "loss": "logits", "perceptual": "vgg19",
               "perc_layer": 18}
@@ -66,41 +75,53 @@ class DiME(Explainer):
         # thesis §3.4.2 / §4.4.2: 45 of the 200 respaced steps
         "bdd": {**_paper, "tau": 45, "scales": (50.0, 55.0)},
         # the embedded 16×16 demo (1000-step pixel DDPM): tuned here, see docs/methods/dime.md
+        # (perceptual l2: cfx ships no VGG weights, so the demo chooses a pixel MSE, recorded in the manifest)
         "digits": {"respacing": "100", "tau": 20, "scales": (10.0, 20.0, 40.0), "lambda_p": 30.0,
                    "lambda_1": 0.05, "loss": "logits", "perceptual": "l2"},
     }
     auto_presets = {"demo:digits": "digits"}
     description = """
-Jeanneret, Simon & Jurie, "Diffusion Models for Counterfactual Explanations" (ACCV 2022; thesis ch. 3).
-The input x is noised to z_τ = q_sample(x, τ) on the respaced schedule. For t = τ … 1: the DDPM mean and
-covariance Σ come from the prior at z_t; the gradient g = ∇_{x_t}[λ_c·L_class(C(x_t), y') + λ_p·L_perc(x_t, x)]
-/ √ᾱ_t + λ_1·∇_{z_t}‖z_t − x‖₁ is taken at the clean image x_t (x_τ = x; afterwards x_{t−1} is obtained by
-running the unguided DDPM chain from z_{t−1} to 0); z_{t−1} ~ N(μ − Σ·g, Σ). The output is z_0. Images that
-do not reach the target are retried from the same z_τ with the next λ_c of `scales`.
+Jeanneret, Simon & Jurie, "Diffusion Models for Counterfactual Explanations" (ACCV 2022; thesis ch. 3), as the
+authors' code runs it. The input x is noised to z_τ = q_sample(x, τ) on the respaced schedule. For t = τ−1 … 0:
+the DDPM mean and covariance Σ come from the prior at z_t; the gradient g = ∇_{x_t}[λ_c·L_class(C(x_t), y') +
+λ_p·L_perc(x_t, x)] / √ᾱ_t + λ_1·∇_{z_t}‖z_t − x‖₁ is taken at the clean image x_t (x_t = x at the first step;
+afterwards the unguided DDPM chain from the new z to 0); z ← μ − Σ·g + σ·ε. The output is z after t = 0.
+Images that do not reach the target are retried from the same z_τ with the next λ_c of `scales`.
 
 Prior: --model adm:PATH.pt --model-flags "…" (e.g. the authors' CelebA checkpoint), diffusers:FOLDER (a
 UNet2DModel), or the embedded demo:pixel when --model is absent. With --mask the classifier sees
 x_t⊙M + x⊙(1−M) (eq. 3.21) and the output is pasted into the input outside M.
 
-Perceptual loss: the paper's VGG19 features (layer 18) need weights you provide (--set perceptual=vgg19
---set perc_weights=PATH; the paper presets require them). The default is a pixel MSE. Each manifest record
-names the network used. NFE per attempt and image: τ(τ+1)/2 prior evaluations + τ classifier gradients
-(τ = 60: 1830 + 60). Presets: celeba, celebahq, bdd (thesis), digits (the demo). DiME publishes no ImageNet
-setting, so there is no imagenet preset. Details: docs/methods/dime.md.
+Perceptual loss: the paper's VGG19 features (layer 18) need weights you provide (--set perc_weights=PATH);
+without them DiME refuses to run unless you choose --set perceptual=l2 (a pixel MSE, not the paper's loss;
+the digits preset does) or --set lambda_p=0. Each manifest record names the network used.
+NFE per attempt and image: τ(τ+1)/2 prior evaluations + τ classifier gradients (τ = 60: 1830 + 60).
+Presets: celeba, celebahq, bdd (thesis), digits (the demo). DiME publishes no ImageNet setting, so there is no
+imagenet preset. Details: docs/methods/dime.md.
 """
 
     def __init__(self, context) -> None:
         super().__init__(context)
         p = self.params
-        if p["tau"] < 1:
-            raise UsageError(f"dime: --set tau={p['tau']}: must be at least 1")
         if not p["scales"]:
             raise UsageError("dime: --set scales: give at least one λ_c value")
         self.model, self.model_spec = pixel_prior(context, p["respacing"], "dime")
-        if p["tau"] > self.model.diffusion.num_steps:
-            raise UsageError(f"dime: --set tau={p['tau']} exceeds the {self.model.diffusion.num_steps} steps of "
-                             f"the respaced schedule (respacing={p['respacing']!r})")
+        steps = self.model.diffusion.num_steps
+        # z_τ at level τ needs index τ of the schedule (0 … steps−1); at level τ−1 the chain may start at the top
+        limit = steps - 1 if p["z_tau_level"] == "tau" else steps
+        if p["tau"] > limit:
+            raise UsageError(f"dime: --set tau={p['tau']} exceeds the {steps} steps of the respaced schedule "
+                             f"(respacing={p['respacing']!r}; z_tau_level={p['z_tau_level']} allows τ ≤ {limit})")
         self.perceptual, self.perceptual_name = self._perceptual()
+        #: optional observer of the algorithm's intermediates (tests, notebooks), called as ``trace(event, **data)``
+        #: with detached tensors: "z_tau" (rows, z_tau), "step" at the start of each guided step (attempt, t, rows,
+        #: z, x_t), "attempt" after each attempt (attempt, scale, rows, z0 = the raw output in [-1, 1], logits =
+        #: the classifier's on the image that decided the retry, flipped); ``rows`` index the batch
+        self.trace: Callable[..., None] | None = None
+
+    def _emit(self, event: str, **data: Any) -> None:
+        if self.trace is not None:
+            self.trace(event, **{k: v.detach().clone() if hasattr(v, "detach") else v for k, v in data.items()})
 
     # -- perceptual loss -----------------------------------------------------------------------------------
     def _perceptual(self):
@@ -108,10 +129,11 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
         if p["perceptual"] == "none" or p["lambda_p"] == 0:
             return None, "none"
         if p["perceptual"] == "l2":
-            return None, "l2 (pixel MSE)"
+            return None, "l2 (pixel MSE, not the paper's VGG19)"
         if not p["perc_weights"]:
-            raise UsageError("dime: perceptual=vgg19 (the paper's VGG19 features) needs weights: --set "
-                             "perc_weights=PATH (a torchvision vgg19 state dict); or use --set perceptual=l2")
+            raise UsageError(f"dime: the perceptual term (lambda_p={p['lambda_p']:g}) uses the paper's VGG19 "
+                             "features, which need weights: --set perc_weights=PATH (a torchvision vgg19 state "
+                             "dict); or --set perceptual=l2 (pixel MSE instead) or --set lambda_p=0")
         net = load_vgg19_features(p["perc_weights"], p["perc_layer"], self.context.device)
         return net, f"vgg19 features[:{p['perc_layer']}] ({p['perc_weights']})"
 
@@ -138,15 +160,17 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
         tau = p["tau"]
         d = self.model.diffusion
         rows = list(range(n))
-        # z_τ is drawn once per image; every retry restarts from it (as the authors' main.py)
-        z_tau = d.q_sample(x, tau - 1, noise.randn(rows, tuple(x.shape[1:]), "z_tau"))
+        # z_τ is drawn once per image and every retry restarts from it (main.py); the authors noise to index τ
+        # and take the first step at τ−1 (z_tau_level=tau-1: at τ−1, the level that step expects)
+        level = tau if p["z_tau_level"] == "tau" else tau - 1
+        z_tau = d.q_sample(x, level, noise.randn(rows, tuple(x.shape[1:]), "z_tau"))
+        self._emit("z_tau", rows=rows, z_tau=z_tau)
         x_feats = None
         if self.perceptual is not None:
             with torch.no_grad():
                 x_feats = vgg_input_features(self.perceptual, x)
 
         # forward-only prior calls (all of them run under no_grad) go through --backend; gradients stay in torch
-
         self.prior = pixel_forward(self.context, self.model, tuple(x.shape[1:]))
         results: list[Any] = [None] * n
         nfe_model, nfe_clf = nfe_per_attempt(tau)
@@ -155,21 +179,27 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
             sel = torch.tensor(pending, device=x.device)
             z0 = self._attempt(x[sel], z_tau[sel], batch.targets[sel], None if region is None else region[sel],
                                None if x_feats is None else x_feats[sel], scale, noise, pending, attempt)
-            cf = ((z0 + 1) / 2).clamp(0, 1)
+            out = (z0 + 1) / 2
             if batch.masks is not None:  # eq. 3.21 guides inside M; outside M the input is kept exactly
-                cf = torch.where(batch.masks[sel] > 0.5, cf, batch.images[sel])
+                out = torch.where(batch.masks[sel] > 0.5, out, batch.images[sel])
+            cf = out.clamp(0, 1)
+            # the authors judge the attempt's own output (classifier(cfs)); 'png' judges the image cfx will save
+            judged = out if p["flip_check"] == "output" else torch.round(cf * 255) / 255
             with torch.no_grad():
-                pred = clf.logits(torch.round(cf * 255) / 255).argmax(1)  # judge the PNG that will be saved
+                logits = clf.logits(judged)
+            flipped = logits.argmax(1).to(batch.targets.device) == batch.targets[sel]
+            self._emit("attempt", attempt=attempt, scale=scale, rows=pending, z0=z0, logits=logits, flipped=flipped)
             still = []
             for j, i in enumerate(pending):
                 prev_nfe = results[i][1] if results[i] else 0
                 results[i] = (cf[j].detach(), prev_nfe + nfe_model + nfe_clf, {
-                    "attempt": attempt, "scale": scale, "tau": tau, "respacing": p["respacing"],
-                    "schedule": self.model.schedule_summary(), "loss": p["loss"], "lambda_p": p["lambda_p"],
-                    "lambda_1": p["lambda_1"], "perceptual": self.perceptual_name, "model": self.model_spec,
+                    "attempt": attempt, "scale": scale, "tau": tau, "z_tau_level": p["z_tau_level"],
+                    "respacing": p["respacing"], "schedule": self.model.schedule_summary(), "loss": p["loss"],
+                    "lambda_p": p["lambda_p"], "lambda_1": p["lambda_1"], "perceptual": self.perceptual_name,
+                    "flip_check": p["flip_check"], "model": self.model_spec,
                     "nfe_model": attempt * nfe_model, "nfe_classifier": attempt * nfe_clf,
                     "backend": self.prior.backend.name})
-                if int(pred[j]) != int(batch.targets[sel][j]):
+                if not bool(flipped[j]):
                     still.append(i)
             pending = still
             if not pending:
@@ -179,7 +209,7 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
                 for i, (cf, nfe, params) in enumerate(results)]
 
     def _attempt(self, x, z, targets, region, x_feats, scale: float, noise, rows: list[int], attempt: int):
-        """One guided DDPM run from z_τ for the images ``rows`` with λ_c = ``scale``; returns z_0."""
+        """One guided DDPM run from z_τ for the images ``rows`` with λ_c = ``scale``; returns z after t = 0."""
         import torch
 
         p = self.params
@@ -187,12 +217,13 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
         shape = tuple(x.shape[1:])
         x_t = x.clone()  # x_τ = x (thesis §3.3.2): the first gradient is taken at the input itself
         for i in range(p["tau"] - 1, -1, -1):
+            self._emit("step", attempt=attempt, t=i, rows=rows, z=z, x_t=x_t)
             with torch.no_grad():
                 out = self.prior(z, i)
                 var = d.p_mean_variance(out, z, i, p["clip_denoised"]).variance
             g = self._clean_grad(x_t, x, targets, region, x_feats, scale) / _at(d.sqrt_alphas_cumprod, i, x)
             if p["lambda_1"]:
-                g = g + p["lambda_1"] * torch.sign(z - x)  # ∇_z λ_1‖z − x‖₁
+                g = g + p["lambda_1"] * torch.sign(z - x)  # ∇_z λ_1‖z − x‖₁ on the noisy z, not divided by √ᾱ
             with torch.no_grad():
                 z, _ = d.ddpm_step(out, z, i, noise=noise.randn(rows, shape, "guided_step", (attempt, i)),
                                    clip_denoised=p["clip_denoised"], mean_shift=-var * g)
@@ -215,17 +246,19 @@ setting, so there is no imagenet preset. Details: docs/methods/dime.md.
     def _clean_grad(self, x_t, x, targets, region, x_feats, scale: float):
         """∇_{x_t}[λ_c·L_class(C(x_t^M)) + λ_p·L_perc(x_t, x)] for a batch (the sum over images)."""
         import torch
-        import torch.nn.functional as F
 
         p = self.params
         with torch.enable_grad():
             xt = x_t.detach().requires_grad_(True)
             seen = xt if region is None else xt * region + x * (1 - region)
             logits = self.context.classifier.logits((seen + 1) / 2)
-            rows = torch.arange(len(targets), device=logits.device)
-            picked = logits if p["loss"] == "logits" else F.log_softmax(logits, dim=1)
-            loss = scale * -picked[rows, targets.to(logits.device)].sum()
-            if p["perceptual"] != "none" and p["lambda_p"]:
+            targets = targets.to(logits.device)
+            if p["loss"] == "target_logit":
+                score = logits[torch.arange(len(targets), device=logits.device), targets]
+            else:
+                score = target_score(logits, targets, "log_softmax" if p["loss"] == "ce" else "logits")
+            loss = scale * -score.sum()
+            if self.perceptual_name != "none":
                 loss = loss + p["lambda_p"] * self._perc_loss(xt, x, x_feats)
             (grad,) = torch.autograd.grad(loss, xt)
         return grad

@@ -8,6 +8,10 @@
   224, BGR, 0–255 minus the VGGFace2 channel means), over the successful counterfactuals; FVA is the share
   with FS > 0.5. Weights: ``resnet50_ft_weight.pkl`` (``--set vggface2_weights=PATH`` or
   ``CFX_VGGFACE2_WEIGHTS``); the pickle is read with an unpickler that accepts numpy arrays only.
+
+On a demo run (``cfx_plugins.nets.digits``) without SimSiam weights named, ``s3`` uses the demo's feature network
+(``demo:features``, the network of the demo FID; no download); ``s3_network`` names the network either way.
+``fva`` does not apply to demo runs (digits have no faces) and is skipped there unless VGGFace2 weights are named.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ import functools
 import numpy as np
 
 from cfx_cli.classifiers import IMAGENET_MEAN, IMAGENET_STD
+from cfx_cli.demo import RESOLUTION
 from cfx_cli.errors import MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
-from cfx_plugins.nets.weights import WeightsSpec, int_option, resolve
+from cfx_plugins.nets.digits import demo_features, is_demo_run
+from cfx_plugins.nets.weights import WeightsSpec, int_option, option, resolve
 
 VGGFACE2_MEAN_BGR = (91.4953, 103.8827, 131.0912)
 
@@ -45,9 +51,10 @@ def _pair_features(run, context, recs, cache_name, compute, size, antialias=Fals
 class S3(Metric):
     name = "s3"
     summary = "S³: cosine similarity of SimSiam ResNet-50 embeddings, original vs counterfactual"
-    needs = frozenset({"simsiam weights"})
+    needs = frozenset({"simsiam weights (demo runs: none)"})
     default = False
     lower_is_better = False
+    unranked = frozenset({"s3_network"})
 
     def compute(self, run, context):
         import torch
@@ -56,6 +63,10 @@ class S3(Metric):
         from cfx_plugins.nets.resnet import SIMSIAM_FILE, SIMSIAM_URL, load_simsiam
 
         recs = run.explained(required=True)
+        if is_demo_run(run, context) and not option(context, "simsiam_weights", "CFX_SIMSIAM_WEIGHTS"):
+            compute, name, about = demo_features()
+            a, b = _pair_features(run, context, recs, name, compute, (RESOLUTION, RESOLUTION))
+            return {"s3": float(cosine(a, b).mean()), "s3_network": about}
         path = resolve(context, WeightsSpec("simsiam_weights", "CFX_SIMSIAM_WEIGHTS", SIMSIAM_FILE,
                                             SIMSIAM_URL))
         net = functools.cache(lambda: load_simsiam(path).to(context.device))  # not loaded when all is cached
@@ -66,7 +77,7 @@ class S3(Metric):
             return net()((x - mean.to(x.device)) / std.to(x.device))
 
         a, b = _pair_features(run, context, recs, f"simsiam-{weights_tag(path)}", compute, None)
-        return {"s3": float(cosine(a, b).mean())}
+        return {"s3": float(cosine(a, b).mean()), "s3_network": f"simsiam ({path.name})"}
 
 
 class FaceVerification(Metric):
@@ -82,6 +93,8 @@ class FaceVerification(Metric):
         from cfx_plugins.nets.features import weights_tag
         from cfx_plugins.nets.resnet import VGGFACE2_FILE, VGGFACE2_URL, load_vggface2
 
+        if is_demo_run(run, context) and not option(context, "vggface2_weights", "CFX_VGGFACE2_WEIGHTS"):
+            raise MetricUnavailable("face verification does not apply to the demo digits (no faces)")
         recs = [r for r in run.explained() if r["status"] == "flipped"]
         if not recs:
             raise MetricUnavailable("no successful counterfactuals in the run")

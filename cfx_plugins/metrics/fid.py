@@ -2,18 +2,25 @@
 the successful (flipped) counterfactuals, as ACE/DiME's ``compute_FID.sh`` / ``compute_sFID.sh`` do.
 
 Weights: ``pt_inception-2015-12-05-6726825d.pth`` (pytorch-fid's port of TensorFlow's FID graph), given by
-``cfx eval --set inception_weights=PATH`` or ``CFX_INCEPTION_WEIGHTS``. Features are cached per run in
-``RUN_DIR/.cache/``.
+``cfx eval --set inception_weights=PATH`` or ``CFX_INCEPTION_WEIGHTS``. On a demo run (``cfx_plugins.nets.digits``)
+the feature network defaults to the demo's own (``demo:features``, 128-d pooled features of a small ResNet trained
+on the demo training split; no download) unless Inception weights are named; ``--set fid_network=inception|demo``
+chooses explicitly. The output
+names the network (``fid_network`` / ``sfid_network``). Features are cached per run in ``RUN_DIR/.cache/``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from cfx_cli.demo import RESOLUTION
 from cfx_cli.errors import MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
-from cfx_plugins.nets.weights import WeightsSpec, int_option, resolve
+from cfx_plugins.nets.digits import demo_features, is_demo_run
+from cfx_plugins.nets.weights import WeightsSpec, int_option, option, resolve
+
+NETWORKS = ("inception", "demo")
 
 
 def _spec():
@@ -88,68 +95,85 @@ def sfid_from_features(real: np.ndarray, fake: np.ndarray, flipped: np.ndarray, 
     return values
 
 
-class _InceptionFeatures:
-    """Pool3 features of the run's explained originals and counterfactuals (cached)."""
+def _inception(context):
+    """(compute, cache name, input size, description) of FID-Inception pool3."""
+    from cfx_plugins.nets.features import weights_tag
+
+    path = resolve(context, _spec())
+    net_holder: dict = {}
+
+    def compute(x):
+        if "net" not in net_holder:
+            from cfx_plugins.nets.inception import load
+
+            net_holder["net"] = load(path).to(context.device)
+        return net_holder["net"](x)
+
+    return compute, f"fid-inception-{weights_tag(path)}", (299, 299), f"inception ({path.name})"
+
+
+class _FIDFeatures:
+    """The feature network's features of the run's explained originals and counterfactuals (cached)."""
 
     def __init__(self, run, context) -> None:
         self.run, self.context = run, context
 
     def get(self):
-        from cfx_plugins.nets.features import cached_features, weights_tag
+        from cfx_plugins.nets.features import cached_features
 
         cache = self.run._cache  # shared by fid and sfid within one `cfx eval`
-        key = "<fid-inception-features>"
+        key = "<fid-features>"
         if key in cache:
             return cache[key]
+        # weights named by the user win; a demo run without them is judged by the demo's feature network
+        named = option(self.context, _spec().key, _spec().env)
+        default = "demo" if is_demo_run(self.run, self.context) and not named else "inception"
+        network = str(option(self.context, "fid_network", "CFX_FID_NETWORK", default))
+        if network not in NETWORKS:
+            raise MetricUnavailable(f"fid_network={network!r}: expected {' or '.join(NETWORKS)}")
         recs = self.run.explained(required=True)
-        path = resolve(self.context, _spec())
+        if network == "demo":
+            (compute, name, about), size = demo_features(), (RESOLUTION, RESOLUTION)
+        else:
+            compute, name, size, about = _inception(self.context)
         batch = int_option(self.context, "batch_size", "CFX_EVAL_BATCH_SIZE", 16)
-        net_holder: dict = {}
-
-        def compute(x):
-            if "net" not in net_holder:
-                from cfx_plugins.nets.inception import load
-
-                net_holder["net"] = load(path).to(self.context.device)
-            return net_holder["net"](x)
-
-        name = f"fid-inception-{weights_tag(path)}"
-        kw = dict(size=(299, 299), batch_size=batch, device=self.context.device)
+        kw = dict(size=size, batch_size=batch, device=self.context.device)
         real = cached_features(self.run, [r["original"] for r in recs], name, compute, **kw)
         fake = cached_features(self.run, [r["counterfactual"] for r in recs], name, compute, **kw)
         flipped = np.array([r["status"] == "flipped" for r in recs])
-        cache[key] = (real, fake, flipped)
+        cache[key] = (real, fake, flipped, about)
         return cache[key]
 
 
 class FID(Metric):
     name = "fid"
-    summary = "Fréchet Inception distance, all originals vs successful counterfactuals (pool3, 2048-d)"
-    needs = frozenset({"inception weights"})
+    summary = ("Fréchet Inception distance, all originals vs successful counterfactuals (pool3, 2048-d; "
+               "demo runs: the demo feature network)")
+    needs = frozenset({"inception weights (demo runs: none)"})
     default = False
     lower_is_better = True
-    unranked = frozenset({"fid_n"})
+    unranked = frozenset({"fid_n", "fid_network"})
 
     def compute(self, run, context):
-        real, fake, flipped = _InceptionFeatures(run, context).get()
+        real, fake, flipped, about = _FIDFeatures(run, context).get()
         if flipped.sum() < 2 or len(real) < 2:
             raise MetricUnavailable(f"needs at least 2 originals and 2 successful counterfactuals "
                                     f"(has {len(real)} and {int(flipped.sum())})")
-        return {"fid": fid_from_features(real, fake[flipped]), "fid_n": int(flipped.sum())}
+        return {"fid": fid_from_features(real, fake[flipped]), "fid_n": int(flipped.sum()), "fid_network": about}
 
 
 class SFID(Metric):
     name = "sfid"
     summary = "split FID: originals of one half vs counterfactuals of the other, mean ± std over k splits"
-    needs = frozenset({"inception weights"})
+    needs = frozenset({"inception weights (demo runs: none)"})
     default = False
     lower_is_better = True
-    unranked = frozenset({"sfid_std", "sfid_splits"})
+    unranked = frozenset({"sfid_std", "sfid_splits", "sfid_network"})
 
     def compute(self, run, context):
         splits = int_option(context, "sfid_splits", "CFX_SFID_SPLITS", 10)
         seed = int_option(context, "sfid_seed", "CFX_SFID_SEED", 0, minimum=0)
-        real, fake, flipped = _InceptionFeatures(run, context).get()
+        real, fake, flipped, about = _FIDFeatures(run, context).get()
         try:
             values = sfid_from_features(real, fake, flipped, splits, seed)
         except ValueError as exc:
@@ -157,7 +181,7 @@ class SFID(Metric):
             raise MetricUnavailable(f"{exc} (run has {len(real)} inputs, {n_ok} flipped)") from None
         return {"sfid": float(np.mean(values)),
                 "sfid_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                "sfid_splits": len(values)}
+                "sfid_splits": len(values), "sfid_network": about}
 
 
 @hookimpl

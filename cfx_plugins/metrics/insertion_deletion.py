@@ -167,7 +167,7 @@ def saliency_maps(classifier: Any, images, source: str):
     ``ig`` (Integrated Gradients in a noise tunnel, |attribution| summed over channels, as ``--region auto``)."""
     import torch
 
-    from cfx_cli.attribution import integrated_gradients
+    from cfx_cli.attribution import integrated_gradients, seeded_tunnel
 
     name, _, arg = source.partition(":")
     if name not in MAP_SOURCES:
@@ -181,8 +181,10 @@ def saliency_maps(classifier: Any, images, source: str):
     if name in ("gradcam", "scorecam"):
         fn = saliency.grad_cam if name == "gradcam" else saliency.score_cam
         return fn(classifier, arg or None, images, pred)
-    # the defaults of --region auto (cfx_cli.attribution.IG_STEPS, IG_NOISE, IG_SAMPLES)
-    maps = [integrated_gradients(classifier, images[i:i + 1], seed=i, target=pred[i:i + 1]).abs().sum(dim=1)
+    # IG with the defaults of --region auto (cfx_cli.attribution.IG_STEPS, IG_NOISE, IG_SAMPLES); the map is
+    # Σ_c |attr|, unclipped (the region rule's [0, 1] clip would tie the top pixels that the curves rank)
+    maps = [integrated_gradients(classifier, images[i:i + 1], target=pred[i:i + 1],
+                                 tunnel=seeded_tunnel(images[i:i + 1], seed=i)).abs().sum(dim=1)
             for i in range(images.shape[0])]
     return torch.cat(maps)
 

@@ -13,6 +13,12 @@ An attribute is "on" when its probability exceeds 0.5. Both metrics use the succ
   data from ``--set correlations=FILE`` (``CFX_ORACLE_CORRELATIONS``): either JSON ``{attribute: corr}`` or a
   CSV table of per-image 0/1 (or ±1) annotations with a header row (e.g. CelebA's ``list_attr_celeba.csv``,
   restricted to the training partition as ACE does), from which the correlations are computed.
+- oracle_flip_rate: the share of explained inputs whose counterfactual independent classifiers of the same
+  labels (``--set flip_oracles=SPEC[,SPEC…]`` or ``CFX_FLIP_ORACLES``) assign to the target class: does a judge
+  other than the explained classifier see the target? (an adversarial example fools only the one it attacked).
+
+On a demo run (``cfx_plugins.nets.digits``) the oracles default to the demo's judges: ``demo:oracle-mlp`` for
+MNAC/CD and both ``demo:oracle-mlp`` and ``demo:oracle-rff`` for the oracle flip rate. The output names them.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from cfx_cli.classifiers import ClassifierOptions, load_classifier
 from cfx_cli.errors import CfxError, MetricUnavailable
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.metrics import Metric
+from cfx_plugins.nets.digits import DEMO_ORACLES, describe, is_demo_run
 from cfx_plugins.nets.weights import option
 
 
@@ -81,19 +88,40 @@ def read_correlations(path: Path, attributes: list[str], query: str) -> np.ndarr
     return np.array([pearson_or_zero(q, table[:, i]) for i in range(len(attributes))])
 
 
+def load_oracle(spec: str, device: str):
+    try:
+        return load_classifier(spec, ClassifierOptions(device=device))
+    except CfxError as exc:
+        raise MetricUnavailable(f"cannot load oracle {spec}: {exc}") from None
+
+
+def probabilities(run, clf, relpaths: list[str], device: str, activation: str = "softmax") -> np.ndarray:
+    """(N, K) probabilities of the oracle ``clf`` on the run's images (sigmoid of its logits or softmax)."""
+    import torch
+
+    from cfx_plugins.nets.features import rgb
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(relpaths), 32):
+            imgs = np.stack([rgb(run.image(p)) for p in relpaths[start:start + 32]])
+            x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(device)
+            p = torch.sigmoid(clf.logits(x)) if activation == "sigmoid" else clf.predict_proba(x)
+            out.append(p.detach().cpu().numpy())
+    return np.concatenate(out)
+
+
 class _Oracle:
     def __init__(self, run, context) -> None:
-        spec = option(context, "oracle", "CFX_ORACLE")
+        spec = option(context, "oracle", "CFX_ORACLE") or (DEMO_ORACLES[0] if is_demo_run(run, context) else None)
         if not spec:
             raise MetricUnavailable(
                 "needs an attribute oracle: --set oracle=SPEC (any classifier spec) or CFX_ORACLE")
         self.activation = str(option(context, "oracle_activation", "CFX_ORACLE_ACTIVATION", "softmax"))
         if self.activation not in ("softmax", "sigmoid"):
             raise MetricUnavailable(f"oracle_activation={self.activation!r}: expected softmax or sigmoid")
-        try:
-            self.clf = load_classifier(spec, ClassifierOptions(device=context.device))
-        except CfxError as exc:
-            raise MetricUnavailable(f"cannot load oracle {spec}: {exc}") from None
+        self.spec = str(spec)
+        self.clf = load_oracle(self.spec, context.device)
         names = option(context, "oracle_attributes", "CFX_ORACLE_ATTRIBUTES")
         if names:
             p = Path(str(names))
@@ -104,21 +132,7 @@ class _Oracle:
         self.run = run
 
     def on(self, relpaths: list[str]) -> np.ndarray:
-        import torch
-
-        from cfx_plugins.nets.features import rgb
-
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(relpaths), 32):
-                imgs = np.stack([rgb(self.run.image(p)) for p in relpaths[start:start + 32]])
-                x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(self.device)
-                if self.activation == "sigmoid":
-                    p = torch.sigmoid(self.clf.logits(x))
-                else:
-                    p = self.clf.predict_proba(x)
-                out.append(p.detach().cpu().numpy())
-        probs = np.concatenate(out)
+        probs = probabilities(self.run, self.clf, relpaths, self.device, self.activation)
         if probs.shape[1] != len(self.attributes):
             raise MetricUnavailable(f"oracle gives {probs.shape[1]} outputs but {len(self.attributes)} "
                                     "attribute names were given")
@@ -140,7 +154,7 @@ class MNAC(Metric):
     needs = frozenset({"attribute oracle"})
     default = False
     lower_is_better = True
-    unranked = frozenset({"mnac_std"})
+    unranked = frozenset({"mnac_std", "mnac_oracle"})
 
     def compute(self, run, context):
         oracle = _Oracle(run, context)
@@ -149,7 +163,7 @@ class MNAC(Metric):
         finally:
             oracle.close()
         counts = mnac(a, b)
-        return {"mnac": float(counts.mean()), "mnac_std": float(counts.std())}
+        return {"mnac": float(counts.mean()), "mnac_std": float(counts.std()), "mnac_oracle": describe(oracle.spec)}
 
 
 class CD(Metric):
@@ -180,7 +194,61 @@ class CD(Metric):
         return {"cd": cd}
 
 
+def column_suffix(spec: str, taken: set[str]) -> str:
+    """A short column suffix for an oracle: ``demo:oracle-mlp`` → ``mlp``, ``./judge.pt`` → ``judge_pt``."""
+    tail = spec.replace("\\", "/").rsplit("/", 1)[-1].split(":", 1)[-1].removeprefix("oracle-")
+    base = "".join(c if c.isalnum() else "_" for c in tail.lower()).strip("_") or "oracle"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+class OracleFlipRate(Metric):
+    name = "oracle_flip_rate"
+    summary = ("share of explained inputs whose counterfactual independent classifiers (oracles) assign to the "
+               "target class; mean over the oracles and per oracle")
+    needs = frozenset({"oracle classifiers with the run's labels"})
+    default = False
+    lower_is_better = False
+    unranked = frozenset({"oracle_judges", "oracle_source_agreement"})
+
+    def compute(self, run, context):
+        raw = option(context, "flip_oracles", "CFX_FLIP_ORACLES")
+        specs = ([s.strip() for s in str(raw).split(",") if s.strip()] if raw else
+                 list(DEMO_ORACLES) if is_demo_run(run, context) else [])
+        if not specs:
+            raise MetricUnavailable("needs independent classifiers of the run's labels: --set flip_oracles=SPEC[,SPEC] "
+                                    "or CFX_FLIP_ORACLES (demo runs use the demo's judges)")
+        recs = run.explained(required=True)
+        values: dict[str, float | str] = {}
+        rates, agreements, taken = [], [], set()
+        for spec in specs:
+            clf = load_oracle(spec, context.device)
+            try:
+                labels = list(clf.labels)
+                missing = sorted({r["target_label"] for r in recs} - set(labels))
+                if missing:
+                    raise MetricUnavailable(f"oracle {spec} has no class {missing[0]!r} (its labels: "
+                                            f"{', '.join(labels[:10])})")
+                seen_cf = probabilities(run, clf, [r["counterfactual"] for r in recs], context.device).argmax(1)
+                seen_orig = probabilities(run, clf, [r["original"] for r in recs], context.device).argmax(1)
+            finally:
+                clf.close()
+            rate = float(np.mean([labels[k] == r["target_label"] for k, r in zip(seen_cf, recs, strict=True)]))
+            agreements.append(float(np.mean([labels[k] == r["source_label"]
+                                             for k, r in zip(seen_orig, recs, strict=True)])))
+            values[f"oracle_flip_rate_{column_suffix(spec, taken)}"] = rate
+            rates.append(rate)
+        # the share of originals the oracles assign to the explained classifier's class: do the judges read them?
+        return {"oracle_flip_rate": float(np.mean(rates)), **values,
+                "oracle_source_agreement": float(np.mean(agreements)),
+                "oracle_judges": ", ".join(describe(s) for s in specs)}
+
+
 @hookimpl
 def register_metrics(register):
     register(MNAC)
     register(CD)
+    register(OracleFlipRate)
