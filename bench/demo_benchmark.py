@@ -41,7 +41,7 @@ from cfx_cli.images import load_png, to_uint8
 from cfx_plugins.metrics.fid import fid_from_features
 from cfx_plugins.nets.digits import demo_features
 
-METHODS = ("pgd", "dime", "ace", "rcsb", "time", "eced")
+METHODS = ("pgd", "dime", "fastdime", "ace", "rcsb", "time", "eced")
 METRICS = "flip_rate,distance,efficiency,fid,oracle_flip_rate"
 COLUMNS = (("flip", "flip_rate", "{:.0%}"), ("oracle", "oracle_flip_rate", "{:.0%}"),
            ("mlp", "oracle_flip_rate_mlp", "{:.0%}"), ("rff", "oracle_flip_rate_rff", "{:.0%}"),

@@ -237,6 +237,56 @@ def test_diversity_through_xi():
     assert (low.counterfactual - high.counterfactual).abs().max() > 0.05
 
 
+def test_paper_preset_runs_all_iterations_unguided():
+    """preset=paper is the supplement as written: every image runs all T₂ attack iterations even when it flips at
+    the first generation (Alg. 3 returns I^(T₂)), and eq. 10 denoises with C^CF alone: one UNet call of batch N
+    per step with the target prompt, never the empty prompt of classifier-free guidance."""
+    from cfx_plugins.explainers.eced import DIGIT_NAMES
+
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[..., 3:13, 3:13] = 1
+    batch = _batch(["digit-01-label1", "digit-04-label4"], masks=mask)
+    demo = {"prompt": "a handwritten digit {target}", "class_names": DIGIT_NAMES, "tau": 3, "iterations": 3,
+            "bg_iterations": 2}
+    runs = {}
+    # the target wins from the first generation on, so an early stop would end every image at iteration 0
+    bonus = torch.nn.functional.one_hot(batch.targets, 10).float() * 100
+    for preset in ("paper", "digits"):
+        exp = _explainer(demo, preset=preset)
+        base = exp.context.classifier.logits
+        exp.context.classifier.logits = lambda x, base=base: base(x) + bonus[: len(x)]
+        calls = []
+        unet_eps = exp.model.unet_eps
+
+        def counting(z, t, embeds, unet_eps=unet_eps, calls=calls):
+            calls.append((z.shape[0], embeds.detach().clone()))
+            return unet_eps(z, t, embeds)
+
+        exp.model.unet_eps = counting
+        try:
+            outs = exp.explain(batch)
+        finally:
+            exp.model.unet_eps = unet_eps
+            exp.context.classifier.logits = base
+        runs[preset] = (exp, outs, calls)
+
+    exp, outs, calls = runs["paper"]
+    assert exp.params["early_stop"] is False and exp.params["guidance"] == 1.0
+    assert [o.params["iterations_used"] for o in outs] == [3, 3]  # T₂ updates, output I^(T₂)
+    assert all(o.params["flipped_at_iteration"] == 3 for o in outs)
+    assert len(calls) == (3 + 1) * 3  # (T₂ + 1) generations × τ steps, one call each
+    assert all(n == 2 for n, _ in calls)  # batch N: no unconditional half
+    cond, uncond = exp.embeds([int(k) for k in batch.targets])
+    assert all(torch.equal(e, cond) for _, e in calls)
+    assert not any(torch.equal(e[:1], uncond) for _, e in calls)
+    assert all(o.nfe == 1 + 2 + 4 * (3 + 2) for o in outs)  # encoder, Alg. 2, 4 × (τ UNet + decode + classify)
+
+    exp, outs, calls = runs["digits"]  # cfx's default behaviour: first flip stops, CFG doubles the batch
+    assert [o.params["iterations_used"] for o in outs] == [0, 0]
+    assert len(calls) == 3 and all(n == 4 for n, _ in calls)
+    assert any(torch.equal(e[:1], exp.embeds([0])[1]) for _, e in calls)
+
+
 def test_parameter_errors():
     from cfx_cli.errors import UsageError
 

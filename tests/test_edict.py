@@ -42,6 +42,8 @@ def _run_case(fx, case, mode):
     ts = edict_timesteps(steps, cfg.num_train_timesteps, cfg.steps_offset)[: case["inversion_steps"]]
     ratio = cfg.num_train_timesteps // steps
     ab, final = sched.alphas_cumprod, float(sched.final_alpha_cumprod)
+    # guidance_scale is g itself: the authors' --guidance-scale, i.e. a TIME schedule's W under the default
+    # guidance=w (the fixture README's "g = 1 + w" is cfx's old reading of W, still --set guidance=1+w)
     g, p = case["guidance_scale"], case["mixing_p"]
 
     def unet_eps(z, step, embeds):
@@ -104,6 +106,14 @@ def test_legacy_mode_matches_published_outputs(fx):
         assert _maxdiff(xr, t["input_latent"]) > 1e-3, k
 
 
+def test_fixture_guidance_is_a_schedule_value_under_both_conventions(fx):
+    from cfx_plugins.explainers.time.generate import guidance_scale
+
+    for case in fx[5]:
+        g = case["guidance_scale"]
+        assert guidance_scale(g, "w") == g and guidance_scale(g - 1, "1+w") == g
+
+
 def test_timesteps_and_modes():
     from cfx_cli.diffusion.edict import edict_timesteps, step_levels
 
@@ -113,5 +123,14 @@ def test_timesteps_and_modes():
     assert step_levels(101, 100, ab, 0.5, inverse=True, mode="exact") == (float(ab[1]), float(ab[101]))
     assert step_levels(101, 100, ab, 0.5, inverse=True, mode="legacy") == (float(ab[101]), float(ab[201]))
     assert step_levels(1, 100, ab, 0.5, inverse=False, mode="legacy") == (0.5, float(ab[1]))
+    # legacy at τ = T: above the last training step the code's DDIMInverseScheduler ends at ᾱ = 0 …
+    assert step_levels(901, 100, ab, 0.5, inverse=True, mode="legacy") == (float(ab[901]), 0.0)
+    # … where the inverse step returns the noise prediction: z_t = 0·z + 1·ε
+    from cfx_cli.diffusion.edict import edict_coefficients, edict_inverse_coefficients
+
+    assert edict_inverse_coefficients(0.3, 0.0) == (0.0, 1.0)
+    a, b = edict_coefficients(0.7, 0.2)
+    c, d = edict_inverse_coefficients(0.7, 0.2)
+    assert c == pytest.approx(1 / a) and d == pytest.approx(-b / a)
     with pytest.raises(ValueError):
         step_levels(1, 100, ab, 0.5, inverse=True, mode="nope")

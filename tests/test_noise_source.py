@@ -14,12 +14,14 @@ pytest.importorskip("diffusers")
 # the draws each method names (docs/plugins.md "Noise"); a method that stops using the source fails here
 DRAWS = {
     "dime": {"z_tau", "guided_step", "x_t_chain"},
+    "fastdime": {"z_tau", "guided_step", "mask_q_sample"},
     "ace": {"filter_q_sample", "filter_step", "refine_q_sample", "refine_known", "refine_step"},
     "rcsb": {"x1"},
     "eced": {"background_q_sample", "chain_start", "chain_step", "chain_background"},
 }
 SMALL = {  # the demo presets, cut down so that each method runs in seconds
     "dime": {"preset": "digits", "tau": "3", "scales": "10"},
+    "fastdime": {"preset": "digits", "tau": "3", "warmup": "1", "scales": "10"},
     "ace": {"preset": "digits", "tau": "2", "iterations": "2"},
     "rcsb": {"preset": "digits", "nfe": "3"},
     "eced": {"preset": "digits", "tau": "2", "iterations": "1", "bg_iterations": "2"},

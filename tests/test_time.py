@@ -66,6 +66,34 @@ def test_parse_schedule():
             parse_schedule(bad)
 
 
+def Param_default(cls, name):
+    return next(p.default for p in cls.params if p.name == name)
+
+
+def test_guidance_convention():
+    from cfx_cli.errors import UsageError
+    from cfx_plugins.explainers.time.generate import guidance_scale
+
+    assert guidance_scale(4, "w") == 4.0 and guidance_scale(4, "1+w") == 5.0
+    with pytest.raises(UsageError, match="guidance"):
+        guidance_scale(4, "2w")
+
+
+def test_init_words_and_prompt_variants():
+    from cfx_cli.errors import UsageError
+    from cfx_plugins.explainers.time.fit import PICTURE_SYNONYMS, init_words, prompt_variants
+
+    assert init_words("picture", 3) == [["picture"] * 3]
+    assert init_words("centered realistic celebrity", 3) == [["centered", "realistic", "celebrity"]]
+    assert init_words("a digit", 3) == [["a digit"] * 3]  # not one word per token: the phrase for each
+    assert init_words("serious serious serious|smile smile smile", 3, 2) == [["serious"] * 3, ["smile"] * 3]
+    assert init_words("digit", 2, 4) == [["digit"] * 2] * 4
+    with pytest.raises(UsageError, match="3 classes"):
+        init_words("a|b", 2, 3)
+    assert prompt_variants("a {context} picture", context="<c>") == ["a <c> picture"]
+    assert prompt_variants("A {context} {picture}", context="<c>") == [f"A <c> {w}" for w in PICTURE_SYNONYMS]
+
+
 def test_presets_follow_the_thesis_and_the_feasibility_note():
     from cfx_plugins.explainers.time import Time
     from cfx_plugins.explainers.time.fit import FIT_PRESETS
@@ -73,9 +101,18 @@ def test_presets_follow_the_thesis_and_the_feasibility_note():
 
     assert parse_schedule(Time.presets["smile"]["schedule"]) == [(25, 3), (30, 4), (35, 4), (35, 6)]
     assert parse_schedule(Time.presets["age"]["schedule"]) == [(30, 4), (30, 6), (35, 4), (35, 6)]
-    # DEMO-FEASIBILITY's (τ, g) = (10,3)(15,3)(20,4)(25,4) with g = 1 + w
-    assert [(t, 1 + w) for t, w in parse_schedule(Time.presets["digits"]["schedule"])] == \
-        [(10, 3), (15, 3), (20, 4), (25, 4)]
+    # DEMO-FEASIBILITY's (τ, g) = (10,3)(15,3)(20,4)(25,4); schedules hold g itself (guidance=w, the default)
+    assert parse_schedule(Time.presets["digits"]["schedule"]) == [(10, 3), (15, 3), (20, 4), (25, 4)]
+    assert Param_default(Time, "guidance") == "w" and Param_default(Time, "edict") == "exact"
+    # published: the authors' code (legacy pairing, g = w) with the thesis schedules
+    assert Time.presets["published"] == {"schedule": Time.presets["smile"]["schedule"], "edict": "legacy",
+                                         "guidance": "w"}
+    assert Time.presets["published-age"]["schedule"] == Time.presets["age"]["schedule"]
+    pub = FIT_PRESETS["published"]  # the README's initialisation words and prompts, the code's settings
+    assert pub["context_init"] == "centered realistic celebrity"
+    assert pub["class_init"] == "serious serious serious|smile smile smile"
+    assert pub["class_prompt"] == "A {context} photo with a {class}" and "{picture}" in pub["context_prompt"]
+    assert (pub["iterations"], pub["lr"], pub["num_tokens"]) == (3000, 1e-4, 3)
     assert FIT_PRESETS["thesis"] == {"iterations": 800, "lr": 0.01, "weight_decay": 1e-4, "batch_size": 64}
     assert FIT_PRESETS["code"]["iterations"] == 3000 and FIT_PRESETS["code"]["lr"] == 1e-4
     assert Time.requires == frozenset()
@@ -195,6 +232,41 @@ def test_fit_trains_only_the_new_tokens(fitted):
     # the learned vectors moved away from their initialisation ("picture")
     ids = model.tokenizer.convert_tokens_to_ids(meta["tokens"]["context"])
     assert not torch.allclose(new[ids[0]], new[ids[1]]) or float((new[ids[0]] - old.mean(0)).abs().max()) > 0
+
+
+def test_published_fit_preset_initialises_each_token_from_its_own_word(tiny_sd, fitted):
+    """The README's initialisation: context tokens from "centered", "realistic", "celebrity" (one word each),
+    class 0 from "serious" and class 1 from "smile"; the prompts of the code (context: a random synonym of
+    "picture" per image). A classifier with a third class has no word for it: a usage error."""
+    from cfx_cli.errors import UsageError
+    from cfx_cli.models import load_model
+    from cfx_cli.params import resolve_params
+    from cfx_plugins.explainers.time.fit import FIT_PARAMS, FIT_PRESETS, fit_time_tokens
+
+    def two_classes(images, scores):
+        return torch.stack([scores[:, 0], scores[:, 1:].max(1).values], 1)
+
+    model = load_model(f"diffusers:{tiny_sd}", expect="latent")
+    table = model.text_encoder.get_input_embeddings().weight.detach().clone()
+
+    def word(w):  # cfx's initialiser: the mean embedding of the word's tokens
+        return table[model.tokenizer(w, add_special_tokens=False).input_ids].mean(0)
+
+    params = resolve_params("fit time", FIT_PARAMS, FIT_PRESETS, {"preset": "published", "iterations": "2",
+                                                                   "batch_size": "2", "micro_batch": "4"})
+    result = fit_time_tokens(str(fitted["data"]), _stub_classifier(("a", "b"), two_classes), model, params)
+    meta, vec = result.meta, result.vectors
+    assert meta["prompts"] == {"context": "A {context} {picture}", "class": "A {context} photo with a {class}"}
+    # 2 Adam steps at lr 1e-4 move each coordinate by at most ~2e-4
+    for name, w in zip(meta["tokens"]["context"], ("centered", "realistic", "celebrity"), strict=True):
+        assert float((vec[name] - word(w)).abs().max()) < 1e-3, name
+    for label, w in (("a", "serious"), ("b", "smile")):
+        for name in meta["tokens"]["classes"][label]:
+            assert float((vec[name] - word(w)).abs().max()) < 1e-3, name
+    assert float((word("serious") - word("smile")).abs().max()) > 1e-2  # the words really differ
+    with pytest.raises(UsageError, match="2 entries for 3 classes"):
+        fit_time_tokens(str(fitted["data"]), _stub_classifier(), load_model(f"diffusers:{tiny_sd}",
+                                                                           expect="latent"), params)
 
 
 def _explainer(fitted, classifier, schedule="2:1,3:2", edict="exact"):

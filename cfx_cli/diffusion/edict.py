@@ -17,7 +17,9 @@ Two ways of pairing noise levels during inversion (``mode``):
   error.
 * ``legacy``: the published TIME/EDICT code moves from ᾱ[t] to ᾱ[t+ratio] when inverting at t, so the inverted
   latent ends one level noisier than the denoiser assumes. Reproduces the published numbers; not exactly
-  invertible.
+  invertible. Above the last training step (τ = T only) the code's ``DDIMInverseScheduler`` (diffusers 0.16.1,
+  built ``from_config`` of SD's DDIM config) ends at ᾱ = 0, where the inverted latent is the noise prediction
+  itself; legacy does the same (``tests/fixtures/time-xcheck``).
 
 Everything here is batched: x, y are (N, C, h, w); ``eps_fn(z, t)`` returns the (guided) noise prediction for
 the whole batch; the guidance scale may be a per-image (N,) tensor.
@@ -46,10 +48,13 @@ def edict_timesteps(total_steps: int, num_train_timesteps: int = 1000, steps_off
 
 def _level(alphas_cumprod: torch.Tensor, t: int, final_alpha_cumprod: float) -> float:
     # Below the first training step the chain ends at the scheduler's final level (ᾱ[0] for SD:
-    # set_alpha_to_one false); above the last one (legacy pairing at τ = T only) the last level is used.
+    # set_alpha_to_one false); above the last one (legacy pairing at τ = T only) at ᾱ = 0, as the authors'
+    # inverse scheduler does.
     if t < 0:
         return final_alpha_cumprod
-    return float(alphas_cumprod[min(t, len(alphas_cumprod) - 1)])
+    if t >= len(alphas_cumprod):
+        return 0.0
+    return float(alphas_cumprod[t])
 
 
 def edict_coefficients(ab_prev: float, ab_t: float) -> tuple[float, float]:
@@ -57,6 +62,12 @@ def edict_coefficients(ab_prev: float, ab_t: float) -> tuple[float, float]:
     a = math.sqrt(ab_prev / ab_t)
     b = math.sqrt(1.0 - ab_prev) - math.sqrt(ab_prev * (1.0 - ab_t) / ab_t)
     return a, b
+
+
+def edict_inverse_coefficients(ab_prev: float, ab_t: float) -> tuple[float, float]:
+    """(c, d) with z_t = c·z_prev + d·ε, the inverse of z_prev = a·z_t + b·ε: c = 1/a, d = −b/a, written so that
+    ᾱ_t = 0 (pure noise) is finite: c = √(ᾱ_t/ᾱ_prev), d = √(1−ᾱ_t) − √(ᾱ_t(1−ᾱ_prev)/ᾱ_prev)."""
+    return math.sqrt(ab_t / ab_prev), math.sqrt(1.0 - ab_t) - math.sqrt(ab_t * (1.0 - ab_prev) / ab_prev)
 
 
 def step_levels(t: int, ratio: int, alphas_cumprod: torch.Tensor, final_alpha_cumprod: float,
@@ -77,11 +88,11 @@ def edict_invert(x: torch.Tensor, y: torch.Tensor, eps_fn: EpsFn, timesteps: Seq
     """Eq. 5.8 over ``timesteps`` (ascending: the first τ of the chain). Returns the noised (x, y)."""
     for t in timesteps:
         ab_prev, ab_t = step_levels(t, ratio, alphas_cumprod, final_alpha_cumprod, inverse=True, mode=mode)
-        a, b = edict_coefficients(ab_prev, ab_t)
+        c, d = edict_inverse_coefficients(ab_prev, ab_t)
         y = (y - (1 - p) * x) / p
         x = (x - (1 - p) * y) / p
-        y = (y - b * eps_fn(x, t)) / a
-        x = (x - b * eps_fn(y, t)) / a
+        y = c * y + d * eps_fn(x, t)
+        x = c * x + d * eps_fn(y, t)
     return x, y
 
 

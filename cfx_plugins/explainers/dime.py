@@ -104,13 +104,13 @@ imagenet preset. Details: docs/methods/dime.md.
         super().__init__(context)
         p = self.params
         if not p["scales"]:
-            raise UsageError("dime: --set scales: give at least one λ_c value")
-        self.model, self.model_spec = pixel_prior(context, p["respacing"], "dime")
+            raise UsageError(f"{self.name}: --set scales: give at least one λ_c value")
+        self.model, self.model_spec = pixel_prior(context, p["respacing"], self.name)
         steps = self.model.diffusion.num_steps
         # z_τ at level τ needs index τ of the schedule (0 … steps−1); at level τ−1 the chain may start at the top
         limit = steps - 1 if p["z_tau_level"] == "tau" else steps
         if p["tau"] > limit:
-            raise UsageError(f"dime: --set tau={p['tau']} exceeds the {steps} steps of the respaced schedule "
+            raise UsageError(f"{self.name}: --set tau={p['tau']} exceeds the {steps} steps of the respaced schedule "
                              f"(respacing={p['respacing']!r}; z_tau_level={p['z_tau_level']} allows τ ≤ {limit})")
         self.perceptual, self.perceptual_name = self._perceptual()
         #: optional observer of the algorithm's intermediates (tests, notebooks), called as ``trace(event, **data)``
@@ -131,10 +131,10 @@ imagenet preset. Details: docs/methods/dime.md.
         if p["perceptual"] == "l2":
             return None, "l2 (pixel MSE, not the paper's VGG19)"
         if not p["perc_weights"]:
-            raise UsageError(f"dime: the perceptual term (lambda_p={p['lambda_p']:g}) uses the paper's VGG19 "
+            raise UsageError(f"{self.name}: the perceptual term (lambda_p={p['lambda_p']:g}) uses the paper's VGG19 "
                              "features, which need weights: --set perc_weights=PATH (a torchvision vgg19 state "
                              "dict); or --set perceptual=l2 (pixel MSE instead) or --set lambda_p=0")
-        net = load_vgg19_features(p["perc_weights"], p["perc_layer"], self.context.device)
+        net = load_vgg19_features(p["perc_weights"], p["perc_layer"], self.context.device, self.name)
         return net, f"vgg19 features[:{p['perc_layer']}] ({p['perc_weights']})"
 
     def _perc_loss(self, x_t, x, x_feats):
@@ -173,15 +173,18 @@ imagenet preset. Details: docs/methods/dime.md.
         # forward-only prior calls (all of them run under no_grad) go through --backend; gradients stay in torch
         self.prior = pixel_forward(self.context, self.model, tuple(x.shape[1:]))
         results: list[Any] = [None] * n
-        nfe_model, nfe_clf = nfe_per_attempt(tau)
+        nfe_model, nfe_clf = self._nfe_per_attempt()
         pending = rows
         for attempt, scale in enumerate(p["scales"], start=1):
             sel = torch.tensor(pending, device=x.device)
-            z0 = self._attempt(x[sel], z_tau[sel], batch.targets[sel], None if region is None else region[sel],
-                               None if x_feats is None else x_feats[sel], scale, noise, pending, attempt)
+            z0, edit = self._attempt(x[sel], z_tau[sel], batch.targets[sel], None if region is None else region[sel],
+                                     None if x_feats is None else x_feats[sel], scale, noise, pending, attempt)
             out = (z0 + 1) / 2
-            if batch.masks is not None:  # eq. 3.21 guides inside M; outside M the input is kept exactly
-                out = torch.where(batch.masks[sel] > 0.5, out, batch.images[sel])
+            # where the attempt was allowed to change the image: the method's own mask (at the model's size, which
+            # is the batch's), else the region; eq. 3.21 guides inside M, outside M the input is kept exactly
+            edit = edit if edit is not None else None if batch.masks is None else batch.masks[sel]
+            if edit is not None:
+                out = torch.where(edit > 0.5, out, batch.images[sel])
             cf = out.clamp(0, 1)
             # the authors judge the attempt's own output (classifier(cfs)); 'png' judges the image cfx will save
             judged = out if p["flip_check"] == "output" else torch.round(cf * 255) / 255
@@ -192,24 +195,31 @@ imagenet preset. Details: docs/methods/dime.md.
             still = []
             for j, i in enumerate(pending):
                 prev_nfe = results[i][1] if results[i] else 0
-                results[i] = (cf[j].detach(), prev_nfe + nfe_model + nfe_clf, {
+                results[i] = (cf[j].detach(), prev_nfe + nfe_model + nfe_clf, None if edit is None else edit[j], {
                     "attempt": attempt, "scale": scale, "tau": tau, "z_tau_level": p["z_tau_level"],
                     "respacing": p["respacing"], "schedule": self.model.schedule_summary(), "loss": p["loss"],
                     "lambda_p": p["lambda_p"], "lambda_1": p["lambda_1"], "perceptual": self.perceptual_name,
                     "flip_check": p["flip_check"], "model": self.model_spec,
                     "nfe_model": attempt * nfe_model, "nfe_classifier": attempt * nfe_clf,
-                    "backend": self.prior.backend.name})
+                    "backend": self.prior.backend.name, **self._record()})
                 if not bool(flipped[j]):
                     still.append(i)
             pending = still
             if not pending:
                 break
-        return [ExplainOutput(counterfactual=cf, mask=batch.masks[i] if batch.masks is not None else None,
-                              params=params, nfe=nfe)
-                for i, (cf, nfe, params) in enumerate(results)]
+        return [ExplainOutput(counterfactual=cf, mask=mask, params=params, nfe=nfe)
+                for cf, nfe, mask, params in results]
+
+    def _nfe_per_attempt(self) -> tuple[int, int]:
+        return nfe_per_attempt(self.params["tau"])
+
+    def _record(self) -> dict[str, Any]:
+        """Method-specific entries of each manifest record (subclasses add their knobs)."""
+        return {}
 
     def _attempt(self, x, z, targets, region, x_feats, scale: float, noise, rows: list[int], attempt: int):
-        """One guided DDPM run from z_τ for the images ``rows`` with λ_c = ``scale``; returns z after t = 0."""
+        """One guided DDPM run from z_τ for the images ``rows`` with λ_c = ``scale``: (z after t = 0, None); the
+        second item is where a subclass's own mask let the image change (1) at the model's size."""
         import torch
 
         p = self.params
@@ -229,7 +239,7 @@ imagenet preset. Details: docs/methods/dime.md.
                                    clip_denoised=p["clip_denoised"], mean_shift=-var * g)
                 if i > 0:
                     x_t = self._unguided(z, i, noise, rows, attempt)
-        return z
+        return z, None
 
     def _unguided(self, z, steps: int, noise, rows: list[int], attempt: int):
         """x_t: the unguided DDPM chain from z (at schedule index ``steps``) down to 0 (``steps`` evaluations)."""
@@ -271,7 +281,7 @@ def _at(values, i: int, like):
 
 
 # -- VGG19 features (perceptual loss), built here because torchvision is not a dependency -------------------
-def build_vgg19_features(layers: int):
+def build_vgg19_features(layers: int, method: str = "dime"):
     import torch.nn as nn
 
     mods: list = []
@@ -283,11 +293,11 @@ def build_vgg19_features(layers: int):
             mods += [nn.Conv2d(c_in, v, 3, padding=1), nn.ReLU(inplace=False)]
             c_in = v
     if not 1 <= layers <= len(mods):
-        raise UsageError(f"dime: --set perc_layer={layers}: VGG19 has {len(mods)} feature modules")
+        raise UsageError(f"{method}: --set perc_layer={layers}: VGG19 has {len(mods)} feature modules")
     return nn.Sequential(*mods[:layers])
 
 
-def load_vgg19_features(path: str, layers: int, device: str):
+def load_vgg19_features(path: str, layers: int, device: str, method: str = "dime"):
     """``features[:layers]`` of a torchvision VGG19 state dict (keys ``features.N.*`` or ``N.*``)."""
     from pathlib import Path
 
@@ -295,7 +305,7 @@ def load_vgg19_features(path: str, layers: int, device: str):
 
     file = Path(path)
     if not file.is_file():
-        raise UsageError(f"dime: perc_weights {path}: no such file")
+        raise UsageError(f"{method}: perc_weights {path}: no such file")
     try:
         if file.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -304,10 +314,10 @@ def load_vgg19_features(path: str, layers: int, device: str):
         else:
             state = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise UsageError(f"dime: perc_weights {path}: unreadable ({type(exc).__name__}: {exc})") from None
+        raise UsageError(f"{method}: perc_weights {path}: unreadable ({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    net = build_vgg19_features(layers)
+    net = build_vgg19_features(layers, method)
     wanted = net.state_dict()
     picked = {}
     for key in wanted:
@@ -316,9 +326,9 @@ def load_vgg19_features(path: str, layers: int, device: str):
                 picked[key] = state[cand]
                 break
         else:
-            raise UsageError(f"dime: perc_weights {path}: missing VGG19 weight features.{key}")
+            raise UsageError(f"{method}: perc_weights {path}: missing VGG19 weight features.{key}")
         if tuple(picked[key].shape) != tuple(wanted[key].shape):
-            raise UsageError(f"dime: perc_weights {path}: features.{key} has shape {tuple(picked[key].shape)}, "
+            raise UsageError(f"{method}: perc_weights {path}: features.{key} has shape {tuple(picked[key].shape)}, "
                              f"VGG19 needs {tuple(wanted[key].shape)}")
     net.load_state_dict({k: v.float() for k, v in picked.items()})
     return net.to(device).eval().requires_grad_(False)

@@ -61,6 +61,10 @@ class ECED(Explainer):
         RESOLUTION_PARAM,
     )
     presets = {
+        # the supplement as written: Alg. 3 runs all T₂ iterations and returns I^(T₂) (no stop at the first flip),
+        # eq. 10 denoises with C^CF alone (no classifier-free guidance); prompts of B.2
+        "paper": {"early_stop": False, "guidance": 1.0},
+        "paper-celebahq": {"prompt": "A photo of a/an {target} face", "early_stop": False, "guidance": 1.0},
         # supplement B.2: ImageNet prompts "A photo of a/an {category}."; CelebA-HQ "A photo of a/an {attr} face."
         "imagenet": {"prompt": "A photo of a/an {target}"},
         "celebahq": {"prompt": "A photo of a/an {target} face"},
@@ -81,8 +85,10 @@ decoder's weights against the background MSE (eq. 12); the loaded model is never
 noise(z_init, τ), τ DDIM steps (eq. 10, η) with classifier-free guidance, each blended z_t = z^fg⊙M' +
 noise(z^bg*, t)⊙(1−M'); image = D*(z_0); gradient of CE(f(image), y') w.r.t. z_init through the chain and the
 decoder, pruned by M', Adam. An image stops at its first flip. Model: --model diffusers:SD_FOLDER (SD 1.x/2.x
-layout; v-prediction is converted to ε) or demo:latent (default). Presets: imagenet, celebahq (prompts of the
-supplement), digits (the demo; automatic with demo:digits). Details and every open choice: docs/methods/eced.md.
+layout; v-prediction is converted to ε) or demo:latent (default). Presets: paper / paper-celebahq (the supplement
+as written: all T₂ iterations, output I^(T₂), unguided eq. 10; its ImageNet / CelebA-HQ prompts), imagenet,
+celebahq (the prompts with cfx's defaults: early stop, CFG 7.5), digits (the demo; automatic with demo:digits).
+Details and every open choice: docs/methods/eced.md.
 """
 
     def __init__(self, context: ExplainContext) -> None:

@@ -23,11 +23,15 @@ from cfx_cli.params import Param, resolve_params
 from . import tokens as T
 from .cli import fit_time
 from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS, fit_time_tokens, install_artifact
+from .generate import GUIDANCE_CONVENTIONS, TimeGenerator, guidance_scale, parse_schedule
 
+# (τ, w) of thesis §5.4; w is the authors' code's guidance scale g (--guidance-scale-*), see generate.py
 SMILE = "25:3,30:4,35:4,35:6"
 AGE = "30:4,30:6,35:4,35:6"
-# the demo digits: mild-first (τ, g) = (10,3)(15,3)(20,4)(25,4), i.e. w = g − 1 (docs/methods/time.md)
-DIGITS = "10:2,15:2,20:3,25:3"
+# the demo digits: mild-first (τ, g) = (10,3)(15,3)(20,4)(25,4), as DEMO-FEASIBILITY.md measured them
+DIGITS = "10:3,15:3,20:4,25:4"
+# the published runs: the authors' code (legacy EDICT pairing, g = w) with the thesis schedules
+PUBLISHED = {"edict": "legacy", "guidance": "w"}
 
 
 class Time(Explainer):
@@ -43,6 +47,8 @@ class Time(Explainer):
         Param("p", "float", 0.93, "EDICT mixing coefficient", min=0.0, max=1.0),
         Param("edict", "str", "exact", "exact: invertible level pairing; legacy: the published code's",
               choices=("exact", "legacy")),
+        Param("guidance", "str", "w", "what a schedule's W means: w (the guidance scale g = w, as the authors' "
+              "code) or 1+w (g = 1 + w, cfx's old default)", choices=GUIDANCE_CONVENTIONS),
         Param("fit_preset", "str", "", "with --fit-data: the `cfx fit time` preset (default: auto/thesis)",
               choices=("", *FIT_PRESETS)),
         Param("fit_iterations", "int", 0, "with --fit-data: iterations per token set (0 = the preset's)", min=0),
@@ -52,6 +58,8 @@ class Time(Explainer):
         "smile": {"schedule": SMILE},
         "age": {"schedule": AGE},
         "digits": {"schedule": DIGITS},
+        "published": {"schedule": SMILE, **PUBLISHED},
+        "published-age": {"schedule": AGE, **PUBLISHED},
     }
     auto_presets = {"demo:digits": "digits"}
     description = """
@@ -60,18 +68,18 @@ picture"), 3 tokens per class learned on the images the classifier predicts as t
 with a <class>"); `cfx fit time --data DIR --classifier SPEC --out FILE` writes them (FILE.safetensors +
 FILE.json), `--tokens FILE` uses them, `--fit-data DIR` fits on the fly. Generation: VAE posterior mean
 × scaling; EDICT (p = 0.93) inversion over the first τ of T = 50 DDIM steps with ε = ε(neg) + g(ε(pos) −
-ε(neg)), g = 1 + w, positive = source prompt, negative = target prompt; denoising with the roles swapped;
-decode (the classifier applies its own resize). Images that do not flip go on to the next (τ, w) of the schedule
-(smile: (25,3)(30,4)(35,4)(35,6); age: (30,4)(30,6)(35,4)(35,6)); params record the attempt used. Exact
-EDICT by default; edict=legacy reproduces the published code's level pairing (not exactly invertible).
+ε(neg)), g = w as in the authors' code (guidance=1+w: g = 1 + w, cfx's old default), positive = source
+prompt, negative = target prompt; denoising with the roles swapped; decode (the classifier applies its own
+resize). Images that do not flip go on to the next (τ, w) of the schedule (smile: (25,3)(30,4)(35,4)(35,6); age:
+(30,4)(30,6)(35,4)(35,6)); params record the attempt used. Exact EDICT by default; edict=legacy reproduces
+the published code's level pairing (not exactly invertible); preset=published (published-age) = legacy +
+g = w + the smile (age) schedule, with tokens from `cfx fit time --set preset=published`.
 Model: --model diffusers:SD_FOLDER_OR_ID (SD 1.x/2.x; v-prediction is converted to ε) or demo:latent (the
 default; the embedded demo).
 """
 
     def __init__(self, context: ExplainContext) -> None:
         super().__init__(context)
-        from .generate import parse_schedule
-
         parse_schedule(self.params["schedule"])  # a bad schedule is a usage error before any work
         # model, tokens and their checks (or the on-the-fly fit) before the first image
         self._gen, self._tokens_info = build_generator(context)
@@ -103,8 +111,6 @@ default; the embedded demo).
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
 
-        from .generate import parse_schedule
-
         p = self.params
         schedule = parse_schedule(p["schedule"])
         gen = self._generator()
@@ -120,7 +126,7 @@ default; the embedded demo).
                 break
             sel = torch.tensor(active)
             src, tgt = batch.sources.cpu()[sel], batch.targets.cpu()[sel]
-            imgs = gen.counterfactuals(latents[sel], src, tgt, tau, w,
+            imgs = gen.counterfactuals(latents[sel], src, tgt, tau, guidance_scale(w, p["guidance"]),
                                        p["steps"], p["p"], p["edict"], size)
             probs = clf.predict_proba(torch.round(imgs * 255) / 255)  # as the saved PNG will be
             flipped = probs.argmax(1) == batch.targets.cpu()[sel]
@@ -130,9 +136,9 @@ default; the embedded demo).
                 nfe[i] += 8 * tau + 1 + 1
                 outputs[i] = ExplainOutput(
                     counterfactual=imgs[j],
-                    params={"attempt": attempt, "tau": tau, "w": w, "steps": p["steps"], "p": p["p"],
-                            "edict": p["edict"], "flipped_at_attempt": bool(flipped[j]),
-                            "backend": self._backend},
+                    params={"attempt": attempt, "tau": tau, "w": w, "g": guidance_scale(w, p["guidance"]),
+                            "steps": p["steps"], "p": p["p"], "edict": p["edict"],
+                            "flipped_at_attempt": bool(flipped[j]), "backend": self._backend},
                 )
                 if not bool(flipped[j]):
                     still.append(i)
@@ -150,8 +156,6 @@ def build_generator(context: ExplainContext):
     """Load the model, then the tokens (--tokens FILE) or fit them on the fly (--fit-data DIR). → (generator,
     what run.json records about the tokens: their files and hashes, or the on-the-fly fit)."""
     import sys
-
-    from .generate import TimeGenerator
 
     tokens_file, fit_data = context.params.get("tokens") or None, context.params.get("fit_data") or None
     clf = context.classifier

@@ -33,9 +33,12 @@ FIT_PARAMS = (
     Param("batch_size", "int", 64, "images per iteration (per class in the class stage)", min=1),
     Param("micro_batch", "int", 8, "images per forward/backward pass (gradient accumulation above this)", min=1),
     Param("num_tokens", "int", 3, "tokens for the context and for each class", min=1),
-    Param("context_init", "str", "picture", "word initialising the context tokens ('' = noise)"),
-    Param("class_init", "str", "picture", "word initialising the class tokens ('' = noise)"),
-    Param("context_prompt", "str", "a {context} picture", "prompt of the context stage"),
+    Param("context_init", "str", "picture", "word initialising the context tokens, or one word per token "
+          "('' = noise)"),
+    Param("class_init", "str", "picture", "the same for the class tokens; per class in label order: "
+          "WORDS|WORDS|..."),
+    Param("context_prompt", "str", "a {context} picture", "prompt of the context stage ({picture}: a random "
+          "synonym of 'picture' per image, as the authors' code)"),
     Param("class_prompt", "str", "a {context} picture with a {class}", "prompt of the class stage"),
     Param("classify_batch", "int", 32, "images per classifier query (and per VAE encoding pass)", min=1),
 )
@@ -51,9 +54,51 @@ FIT_PRESETS: dict[str, dict[str, Any]] = {
                "context_init": "digit",
                "class_init": "digit", "context_prompt": "a {context} digit",
                "class_prompt": "a {context} digit {class}"},
+    # the authors' README (CelebA-HQ smile, label 31): the code's training settings, initialisation words
+    # and prompts (core/phrases.py); classes in label order 0 = not smiling, 1 = smiling
+    "published": {"iterations": 3000, "lr": 1e-4, "weight_decay": 1e-4, "batch_size": 64, "num_tokens": 3,
+                  "context_init": "centered realistic celebrity",
+                  "class_init": "serious serious serious|smile smile smile",
+                  "context_prompt": "A {context} {picture}", "class_prompt": "A {context} photo with a {class}"},
 }
+#: the synonyms the authors' context phrases draw from (core/phrases.py), one per image
+PICTURE_SYNONYMS = ("portrait", "picture", "image", "photo", "photograph", "snapshot")
 #: preset chosen for a --model spec when the user names none (the demo model needs short prompts)
 FIT_AUTO_PRESETS = {"demo:latent": "digits"}
+
+
+def init_words(text: str, n: int, classes: int | None = None) -> list[list[str]]:
+    """Initialiser words per token set: ``text`` is one entry (``classes`` None: the context) or ``|``-separated
+    entries, one per class (a single entry serves every class). An entry of exactly ``n`` words gives one
+    word per token (the authors' --custom_tokens_init); otherwise the whole entry initialises each token."""
+    entries = [e.strip() for e in str(text).split("|")] if classes is not None else [str(text).strip()]
+    want = 1 if classes is None else classes
+    if len(entries) == 1:
+        entries = entries * want
+    if len(entries) != want:
+        raise UsageError(f"--set class_init={text!r}: {len(entries)} entries for {want} classes "
+                         "(give one entry, or one per class separated by |)")
+    out = []
+    for e in entries:
+        words = e.split()
+        out.append(words if len(words) == n and n > 1 else [e] * n)
+    return out
+
+
+def prompt_variants(template: str, **fields: str) -> list[str]:
+    """The prompts a stage trains with: one, or one per synonym when the template has ``{picture}``."""
+    if "{picture}" not in template:
+        return [template.format(**fields)]
+    return [template.format(picture=w, **fields) for w in PICTURE_SYNONYMS]
+
+
+def install_set(model, names: list[str], words: list[str]) -> None:
+    """Install ``names``, each initialised from its own word ('' = noise)."""
+    if len(set(words)) == 1:  # one initialiser: one call (noise rows then differ from each other)
+        T.install_tokens(model, names, init_word=words[0])
+        return
+    for name, word in zip(names, words, strict=True):
+        T.install_tokens(model, [name], init_word=word)
 
 
 @dataclass
@@ -115,6 +160,9 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
     for key, needed in (("context_prompt", ("{context}",)), ("class_prompt", ("{context}", "{class}"))):
         if not all(n in params[key] for n in needed):
             raise UsageError(f"--set {key}={params[key]!r}: must contain {' and '.join(needed)}")
+    if "{picture}" in params["class_prompt"]:
+        raise UsageError(f"--set class_prompt={params['class_prompt']!r}: {{picture}} is for the context prompt "
+                         "only (explanations use the class prompt as it is)")
 
     ids, predicted, mean, std, skipped = scan_training_images(data, classifier, model, params["classify_batch"],
                                                               stream)
@@ -129,17 +177,21 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
     # the VAE posterior (mean, std) was cached by the scan; every step draws a fresh sample from it
     n = params["num_tokens"]
     ctx_names = T.context_token_names(n)
-    T.install_tokens(model, ctx_names, init_word=params["context_init"])
+    install_set(model, ctx_names, init_words(params["context_init"], n)[0])
     context = " ".join(ctx_names)
+    class_words = init_words(params["class_init"], n, len(labels))
 
-    def stage(title: str, groups: list[tuple[list[int], str]], names: list[str]) -> list[float]:
-        """Train the rows of ``names``; groups = (image indices, prompt), one per token set."""
+    def stage(title: str, groups: list[tuple[list[int], list[str]]], names: list[str]) -> list[float]:
+        """Train the rows of ``names``; groups = (image indices, prompts), one per token set; an image draws
+        one of its group's prompts at random when there are several ({picture})."""
         ids = model.tokenizer.convert_tokens_to_ids(list(names))
         te = model.text_encoder
         reference = te.get_input_embeddings().weight.detach().clone()
         weight, handle = train_only_tokens(te, ids)
         opt = torch.optim.AdamW([weight], lr=params["lr"], weight_decay=params["weight_decay"])
-        prompt_ids = model.tokenize([p for _, p in groups])
+        prompt_ids = model.tokenize([p for _, ps in groups for p in ps])
+        first = torch.tensor([0] + [len(ps) for _, ps in groups]).cumsum(0)[:-1]
+        variants = [len(ps) for _, ps in groups]
         bs, mb = params["batch_size"], params["micro_batch"]
         last = [float("nan")] * len(groups)
         recent: list[float] = []
@@ -150,17 +202,20 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
                              for idx, _ in groups]
                     which = torch.cat([torch.full((bs,), g) for g in range(len(groups))])
                     sel = torch.cat(picks)
+                    rows = first[which]
+                    if max(variants) > 1:  # no extra draws otherwise: earlier fits stay reproducible
+                        rows = rows + torch.cat([torch.randint(v, (bs,), generator=gen) for v in variants])
                     opt.zero_grad(set_to_none=True)
                     total = 0.0
                     per_group = torch.zeros(len(groups))
                     for s in range(0, len(sel), mb):
-                        b_sel, b_grp = sel[s: s + mb], which[s: s + mb]
+                        b_sel, b_grp, b_row = sel[s: s + mb], which[s: s + mb], rows[s: s + mb]
                         eps0 = torch.randn(mean[b_sel].shape, generator=gen)
                         z = (mean[b_sel] + std[b_sel] * eps0).to(dev) * model.scaling_factor
                         noise = torch.randn(z.shape, generator=gen).to(dev)
                         t = torch.randint(0, model.num_train_timesteps, (len(b_sel),), generator=gen)
                         zt = q_sample_at(z, model.alphas_cumprod[t].to(dev)[:, None, None, None], noise)
-                        text = te(prompt_ids[b_grp.to(dev)])[0]
+                        text = te(prompt_ids[b_row.to(dev)])[0]
                         pred = model.unet_eps(zt, t.to(dev), text)
                         err = (pred - noise).pow(2).flatten(1).mean(1)
                         # mean over each token set's own images: its gradient is its own ε-MSE
@@ -177,8 +232,9 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
             weight.requires_grad_(False)
         return last
 
-    ctx_loss = stage("fit time: context tokens", [(list(range(len(ids))), params["context_prompt"]
-                                                   .format(context=context))], ctx_names)
+    ctx_loss = stage("fit time: context tokens", [(list(range(len(ids))),
+                                                   prompt_variants(params["context_prompt"], context=context))],
+                     ctx_names)
     class_tokens: dict[str, list[str]] = {}
     groups, names = [], []
     for k, label in enumerate(labels):
@@ -188,9 +244,10 @@ def fit_time_tokens(data: str, classifier, model, params: dict[str, Any], *, see
                          "source or target)")
             continue
         cn = T.class_token_names(k, n)
-        T.install_tokens(model, cn, init_word=params["class_init"])
+        install_set(model, cn, class_words[k])
         class_tokens[label] = cn
-        groups.append((idx, params["class_prompt"].format(context=context, **{"class": " ".join(cn)})))
+        groups.append((idx, prompt_variants(params["class_prompt"], context=context,
+                                            **{"class": " ".join(cn)})))
         names += cn
     if not groups:
         raise UsageError(f"--data {data}: the classifier predicted no class at all")

@@ -28,6 +28,19 @@ def parse_schedule(text: str) -> list[tuple[int, float]]:
     return out
 
 
+#: what a schedule's W means: ``w`` — the guidance scale g itself, as the authors' code (its CLI
+#: ``--guidance-scale-*``) and the published schedules use it; ``1+w`` — g = 1 + w, eq. 5.11 read literally
+#: ((1+w)·ε(C_i) − w·ε(C_j)), cfx's default before issue 18
+GUIDANCE_CONVENTIONS = ("w", "1+w")
+
+
+def guidance_scale(w: float, convention: str) -> float:
+    """The scale g of ε = ε(neg) + g·(ε(pos) − ε(neg)) for a schedule value ``w``."""
+    if convention not in GUIDANCE_CONVENTIONS:
+        raise UsageError(f"--set guidance={convention!r}: expected one of {', '.join(GUIDANCE_CONVENTIONS)}")
+    return float(w) if convention == "w" else 1.0 + float(w)
+
+
 class TimeGenerator:
     """The frozen model with fitted tokens installed; prompt embeddings are computed once per class."""
 
@@ -67,23 +80,39 @@ class TimeGenerator:
         with torch.no_grad():
             return self.model.encode_images(x)
 
-    def counterfactuals(self, latents, sources, targets, tau: int, w: float, steps: int, p: float,
-                        mode: str, out_size: tuple[int, int]):
-        """One (τ, w) attempt for a batch; returns images (N, 3, *out_size) in [0, 1] on the CPU."""
+    def invert(self, latents, sources, targets, tau: int, g: float, steps: int, p: float, mode: str):
+        """EDICT inversion of the first τ of ``steps`` timesteps (positive = source prompt, negative = target
+        prompt, guidance scale ``g``) → the noised (x, y) streams."""
         import torch
 
         m = self.model
         if not 1 <= tau <= steps:
             raise UsageError(f"schedule step τ={tau} must be between 1 and steps={steps}")
         ts = edict_timesteps(steps, m.num_train_timesteps, m.steps_offset)[:tau]
-        ratio = m.num_train_timesteps // steps
         src, tgt = self.class_embeds(sources.tolist()), self.class_embeds(targets.tolist())
-        g = 1.0 + w
         with torch.no_grad():
             z = latents.to(m.device)
-            x, y = edict_invert(z.clone(), z.clone(), guided_eps_fn(m.unet_eps, src, tgt, g), ts, ratio,
-                                m.alphas_cumprod, m.final_alpha_cumprod, p, mode=mode)
-            x, _ = edict_denoise(x, y, guided_eps_fn(m.unet_eps, tgt, src, g), ts, ratio, m.alphas_cumprod,
-                                 m.final_alpha_cumprod, p)
-            img = m.decode_latents(x).float()
+            return edict_invert(z.clone(), z.clone(), guided_eps_fn(m.unet_eps, src, tgt, g), ts,
+                                m.num_train_timesteps // steps, m.alphas_cumprod, m.final_alpha_cumprod, p,
+                                mode=mode)
+
+    def denoise(self, x, y, sources, targets, tau: int, g: float, steps: int, p: float):
+        """EDICT denoising of (x, y) over the same τ timesteps with the roles swapped (positive = target
+        prompt, negative = source) → the x stream decoded, in [0, 1] at the model's resolution."""
+        import torch
+
+        m = self.model
+        ts = edict_timesteps(steps, m.num_train_timesteps, m.steps_offset)[:tau]
+        src, tgt = self.class_embeds(sources.tolist()), self.class_embeds(targets.tolist())
+        with torch.no_grad():
+            x, _ = edict_denoise(x, y, guided_eps_fn(m.unet_eps, tgt, src, g), ts, m.num_train_timesteps // steps,
+                                 m.alphas_cumprod, m.final_alpha_cumprod, p)
+            return m.decode_latents(x).float()
+
+    def counterfactuals(self, latents, sources, targets, tau: int, g: float, steps: int, p: float,
+                        mode: str, out_size: tuple[int, int]):
+        """One (τ, g) attempt for a batch (``g``: the guidance scale itself, see :func:`guidance_scale`);
+        returns images (N, 3, *out_size) in [0, 1] on the CPU."""
+        x, y = self.invert(latents, sources, targets, tau, g, steps, p, mode)
+        img = self.denoise(x, y, sources, targets, tau, g, steps, p)
         return resize_images(img, out_size).clamp(0, 1).cpu()
