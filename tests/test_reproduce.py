@@ -100,6 +100,8 @@ def _fake_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory) -> Path:
     """A working folder laid out as the page assumes (models/, data/), every published file random."""
+    from PIL import Image
+
     sys.path.insert(0, str(REPO / "bench"))
     from make_random_published import write_adm, write_classifier, write_i2sb
     from make_random_sd import build as build_sd
@@ -126,16 +128,20 @@ def workdir(tmp_path_factory) -> Path:
                 if arg.startswith("data/") and not (work / arg).exists():
                     (work / arg).mkdir(parents=True)
                     size = next(s for prefix, s in DATA_SIZES.items() if arg.startswith(prefix))
-                    for i in range(2 if cmd[1] == "fit" else 1):
-                        _make_image(work / arg / f"img{i}.jpg", size, seed=10 * len(made) + i)
+                    if cmd[1] == "fit":  # black and white: no resize changes them, so their logits are known
+                        for i in (0, 1):
+                            Image.new("RGB", size, (255 * i,) * 3).save(work / arg / f"img{i}.png")
+                    else:
+                        _make_image(work / arg / "img0.jpg", size, seed=len(made))
             if cmd[1:3] == ["fit", "time"]:
                 _split_predictions(work, _opt(cmd, "--classifier"), work / _opt(cmd, "--data"))
     return work
 
 
 def _split_predictions(work: Path, spec: str, data: Path) -> None:
-    """Shift the random classifier's attribute bias so that the fit's two training images are predicted as
-    different classes (TIME learns class tokens only for predicted classes; a random net predicts one class)."""
+    """Set the random classifier's attribute row so that the fit's two training images (black, white) are
+    predicted as different classes with logits ±1 (TIME learns class tokens only for predicted classes, and a
+    random DenseNet's output barely depends on its input: ±1e-4 here)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -148,10 +154,14 @@ def _split_predictions(work: Path, spec: str, data: Path) -> None:
     net = celebahq_densenet().eval()
     net.load_state_dict(ckpt)
     x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB").resize((256, 256)))).permute(2, 0, 1)
-                     for p in sorted(data.iterdir())]).float() / 255
+                     for p in sorted(data.iterdir())]).float() / 255  # constant images: any resize is exact
     with torch.no_grad():
-        logits = net((x - 0.5) / 0.5)[:, attribute]
-    ckpt["model_state_dict"]["classifier.bias"][attribute] -= logits.mean()
+        feats = net.feat_extract((x - 0.5) / 0.5)
+    f0, f1 = feats.double()
+    w = 2 * (f0 - f1) / (f0 - f1).square().sum()  # w·f0 − w·f1 = 2
+    state = ckpt["model_state_dict"]
+    state["classifier.weight"][attribute] = w.float()
+    state["classifier.bias"][attribute] = float(-w @ (f0 + f1) / 2)
     torch.save(ckpt, weights)
 
 
