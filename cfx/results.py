@@ -26,7 +26,7 @@ class Result:
     ``original`` and ``mask``, which are the images as tensors (their file paths are in ``r.record``)."""
 
     record: dict[str, Any]
-    original_image: Image.Image | None = None  # the input as the classifier saw it (resized, 8-bit)
+    original_image: Image.Image | None = None  # the input as explained: at the working size, 8-bit
     counterfactual_image: Image.Image | None = None
     mask_image: Image.Image | None = None  # the region the method was allowed to change, if any
 

@@ -142,7 +142,7 @@ def explain(
         c = summary.counts
         for err in summary.errors:
             typer.echo(f"error: {err}", err=True)
-        resized = f", {summary.resized} resized >4× or reshaped" if summary.resized else ""
+        resized = f", {summary.resized} resized >4× or cropped" if summary.resized else ""
         typer.echo(
             f"{sum(c.values())} inputs: {c['flipped']} flipped, {c['not_flipped']} not flipped, "
             f"{c['skipped']} skipped, {c['error']} errors{resized} ({summary.seconds:.1f}s) → {summary.run_dir}"

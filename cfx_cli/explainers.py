@@ -62,10 +62,12 @@ class ExplainContext:
 
 @dataclass
 class ExplainBatch:
-    """Images as the classifier sees them: float32 (N, 3, H, W) in [0, 1] on ``context.device``."""
+    """The inputs at the explainer's :meth:`~Explainer.working_size` (its generator's resolution): float32
+    (N, 3, H, W) in [0, 1] on ``context.device``, quantised as the saved originals. The classifier takes them at
+    this size and applies its own preprocessing (its declared input size, mean/std)."""
 
     ids: list[str]  # the inputs' run ids (file names in the run directory)
-    images: torch.Tensor  # float32 (N, 3, H, W) in [0, 1] on context.device
+    images: torch.Tensor  # float32 (N, 3, H, W) in [0, 1] on context.device, (H, W) = the working size
     targets: torch.Tensor  # (N,) int64 class indices on context.device (index into classifier.labels)
     sources: torch.Tensor  # (N,) int64 predicted class of each input, on context.device
     seeds: list[int]  # one per image, derived from --seed and the input id (batching-independent)
@@ -76,8 +78,9 @@ class ExplainBatch:
 class ExplainOutput:
     """One counterfactual. ``extras`` maps a folder name (e.g. ``pre_explanations``) to an image."""
 
-    #: (3, H, W) in [0, 1] at the batch's H, W; any float dtype, any device (cfx detaches it, moves it to the CPU,
-    #: clamps it to [0, 1] and saves it as an 8-bit PNG; the re-classification sees exactly that PNG)
+    #: (3, H, W) in [0, 1] at the batch's H, W (the working size); any float dtype, any device (cfx detaches it,
+    #: moves it to the CPU, clamps it to [0, 1] and saves it as an 8-bit PNG; the re-classification sees exactly
+    #: that PNG)
     counterfactual: torch.Tensor
     mask: torch.Tensor | None = None  # (1, H, W) region that was allowed to change; any device
     params: dict[str, Any] = field(default_factory=dict)  # the attempt that produced it
@@ -142,6 +145,14 @@ class Explainer:
         """Facts about this run for ``run.json`` (its ``method_info``): e.g. the artifact files the method read and
         their hashes. Called once after ``__init__``; {} = nothing to add."""
         return {}
+
+    def working_size(self) -> tuple[int, int] | None:
+        """(H, W) the method works at: cfx brings every input from its native resolution to it (short-side resize
+        + centre crop, :func:`cfx_cli.images.fit_to_size`) before ``explain``, and the originals and
+        counterfactuals are saved at it. Methods with a generator return the generator's own image size; None =
+        each input at its native size. Called once after ``__init__``. The default: the classifier's declared
+        input size (None when it declares none)."""
+        return self.context.classifier.input_size
 
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         """One :class:`ExplainOutput` per image of ``batch``, in order. Raise ``InputError``/``ClassifierError``

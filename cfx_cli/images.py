@@ -167,18 +167,54 @@ def _to_rgb_array(img) -> np.ndarray:
     return arr
 
 
-def resize(array: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    """Resize (H, W, 3) float [0, 1] to (H', W') with antialiased bicubic, as most pipelines do."""
+def resize(array: np.ndarray, size: tuple[int, int] | None, nearest: bool = False) -> np.ndarray:
+    """Resize (H, W, C) float [0, 1] to (H', W') with antialiased bicubic, as most pipelines do (``nearest``: for
+    masks)."""
     from PIL import Image
 
     if size is None or array.shape[:2] == tuple(size):
         return array
     h, w = size
+    method = Image.NEAREST if nearest else Image.BICUBIC
     channels = [
-        np.asarray(Image.fromarray(array[..., c].astype(np.float32), mode="F").resize((w, h), Image.BICUBIC))
-        for c in range(3)
+        np.asarray(Image.fromarray(array[..., c].astype(np.float32), mode="F").resize((w, h), method))
+        for c in range(array.shape[2])
     ]
     return np.clip(np.stack(channels, axis=2), 0, 1).astype(np.float32)
+
+
+def crop_box(source: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """The geometry of :func:`fit_to_size` for a ``source`` (H, W) image: the size it is resized to (its short
+    side to the target's, as torchvision's ``Resize(int)``) and the centre crop (top, left, H, W) taken from that
+    (torchvision's ``CenterCrop`` rounding)."""
+    (h, w), (th, tw) = source, size
+    if th * w >= tw * h:  # the height is the binding side
+        rh, rw = th, max(tw, int(th * w / h))
+    else:
+        rh, rw = max(th, int(tw * h / w)), tw
+    return (rh, rw), (int(round((rh - th) / 2.0)), int(round((rw - tw) / 2.0)), th, tw)
+
+
+def fit_to_size(array: np.ndarray, size: tuple[int, int] | None, nearest: bool = False) -> np.ndarray:
+    """Bring a decoded (H, W, C) image from its native resolution to a generator's working ``size``: resize the
+    short side, then centre-crop — the papers' data loaders (``Resize(s)`` + ``CenterCrop(s)``) — so the aspect
+    ratio is kept. A no-op at that size or with ``size`` None (work at the native resolution)."""
+    if size is None or array.shape[:2] == tuple(size):
+        return array
+    resized, (top, left, th, tw) = crop_box(array.shape[:2], tuple(size))
+    return np.ascontiguousarray(resize(array, resized, nearest=nearest)[top:top + th, left:left + tw])
+
+
+def to_working_size(array: np.ndarray, size: tuple[int, int] | None) -> tuple[np.ndarray, list[int] | None]:
+    """A decoded input at the working ``size`` (short-side resize + centre crop), quantised as the saved original
+    will be so the manifest describes the files on disk; and, when the crop dropped pixels, the part of the input
+    kept as [top, left, H, W] in the input's own pixels."""
+    crop = None
+    if size is not None and array.shape[:2] != tuple(size):
+        (sh, sw), ((rh, rw), (top, left, th, tw)) = array.shape[:2], crop_box(array.shape[:2], size)
+        if (rh, rw) != tuple(size):
+            crop = [round(top * sh / rh), round(left * sw / rw), round(th * sh / rh), round(tw * sw / rw)]
+    return to_uint8(fit_to_size(array, size)).astype(np.float32) / 255.0, crop
 
 
 #: a resize beyond these is worth a warning (issue 18): the explanation is then of a very different picture
@@ -201,23 +237,26 @@ def image_size(path: str | Path) -> tuple[int, int] | None:
         return None
 
 
-def resize_problem(source: tuple[int, int] | None, target: tuple[int, int] | None) -> str | None:
-    """Why resizing ``source`` (H, W) to ``target`` deserves a warning — scaled by more than 4× (up or down) or
-    aspect ratio changed by more than 10 % — or None."""
+def resize_problem(source: tuple[int, int] | None, target: tuple[int, int] | None,
+                   who: str = "the method's working size") -> str | None:
+    """Why bringing ``source`` (H, W) to ``target`` with :func:`fit_to_size` deserves a warning — scaled by more
+    than 4× (up or down) or aspect ratio changed by more than 10 % (then the centre crop drops a part of the
+    image) — or None. ``who`` names the target size in the message."""
     if source is None or target is None or min(source) < 1 or min(target) < 1:
         return None
     (sh, sw), (th, tw) = source, target
-    factor = max(th / sh, tw / sw, sh / th, sw / tw)
+    scale = max(th / sh, tw / sw)  # the short-side resize of fit_to_size
+    factor = max(scale, 1 / scale)
     aspect = (tw / th) / (sw / sh)
     reasons = []
     if factor > RESIZE_FACTOR_WARN:
-        reasons.append(f"{factor:.3g}× {'larger' if th * tw > sh * sw else 'smaller'}")
+        reasons.append(f"{factor:.3g}× {'larger' if scale > 1 else 'smaller'}")
     if max(aspect, 1 / aspect) - 1 > ASPECT_CHANGE_WARN:
-        reasons.append(f"aspect ratio {sw / sh:.2f} → {tw / th:.2f}")
+        reasons.append(f"aspect ratio {sw / sh:.2f} → {tw / th:.2f}: centre-cropped")
     if not reasons:
         return None
-    return (f"resized from {sw}×{sh} to the classifier's {tw}×{th} ({', '.join(reasons)}); the explanation is "
-            "of the resized image")
+    return (f"resized from {sw}×{sh} to {who} {tw}×{th} ({', '.join(reasons)}); the explanation is of the "
+            "resized image")
 
 
 def resize_images(images: torch.Tensor, size: tuple[int, int] | None, nearest: bool = False,

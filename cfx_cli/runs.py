@@ -52,6 +52,12 @@ class Record:
     seed: int | None = None
     seconds: float | None = None
     nfe: int | None = None
+    # issue 18, appended so the earlier keys keep their order:
+    #: [H, W] of the input file as decoded, and of the saved original/counterfactual (the method's working size)
+    source_size: list[int] | None = None
+    size: list[int] | None = None
+    #: [top, left, H, W] of the input (in its pixels) that the centre crop kept; None = all of it
+    crop: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in RECORD_FIELDS}

@@ -9,7 +9,8 @@ Each method runs as ``cfx explain cfx_cli/demo/images --method M --target auto -
 process per method, 1 thread) with the interpreter given by ``--python`` (default: this one), so the same script
 drives an old and a new checkout. The comparison covers the bytes of every PNG under ``originals/``,
 ``counterfactuals/`` and ``masks/`` and every manifest field except wall-clock times (``seconds``,
-``params.*seconds*``), with ``source`` compared by file name. It prints one line per method and exits 1 when
+``params.*seconds*``), with ``source`` compared by file name (``--allow-new-fields`` lets fields that a change
+adds on purpose be absent from the old runs). It prints one line per method and exits 1 when
 anything differs.
 """
 
@@ -25,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("pgd", "dime", "ace", "rcsb", "time", "eced")
+METHODS = ("pgd", "dime", "ace", "rcsb", "time", "eced", "fastdime")
 VOLATILE = {"seconds"}
 
 
@@ -55,7 +56,9 @@ def snapshot(run: Path) -> dict:
     return {"files": files, "records": records}
 
 
-def compare(old: dict, new: dict) -> list[str]:
+def compare(old: dict, new: dict, added: frozenset[str] = frozenset()) -> list[str]:
+    """What differs; ``added``: manifest fields a change introduced on purpose (absent from the old records: not
+    a difference; present in both: compared like any other)."""
     problems = []
     for name in sorted(set(old["files"]) | set(new["files"])):
         if old["files"].get(name) != new["files"].get(name):
@@ -67,6 +70,8 @@ def compare(old: dict, new: dict) -> list[str]:
             problems.append(f"record {ident}: {'missing' if b is None else 'new'}")
             continue
         for key in sorted(set(a) | set(b)):
+            if key in added and key not in a:
+                continue
             if a.get(key) != b.get(key):
                 problems.append(f"record {ident} field {key}: {a.get(key)!r} != {b.get(key)!r}")
     return problems
@@ -78,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for the runs (one sub-folder per method)")
     parser.add_argument("--compare", type=Path, help="reference runs written earlier by this script")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--allow-new-fields", default="",
+                        help="comma list of manifest fields the new checkout adds on purpose (e.g. "
+                             "source_size,size,crop against a run from before they existed)")
     # the same images for both checkouts: this checkout's demo folder
     parser.add_argument("--images", type=Path, default=REPO / "cfx_cli" / "demo" / "images")
     args = parser.parse_args(argv)
@@ -89,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare is None:
             print(f"{method}: {len(snap['records'])} records, {len(snap['files'])} images written")
             continue
-        problems = compare(snapshot(args.compare / method), snap)
+        added = frozenset(f for f in args.allow_new_fields.split(",") if f)
+        problems = compare(snapshot(args.compare / method), snap, added)
         failed |= bool(problems)
         verdict = "identical" if not problems else f"{len(problems)} differences"
         print(f"{method}: {len(snap['records'])} records, {len(snap['files'])} images: {verdict}")

@@ -375,7 +375,8 @@ def test_cli_runs_on_adm_fixture_checkpoints(tmp_path, demo_images, method, conf
     for rec in recs:
         assert rec["params"]["schedule"].startswith("50 of 1000 steps")
         cf = _png(tmp_path / "run" / rec["counterfactual"])
-        assert cf.shape == (16, 16, 3)  # the 32×32 prior's output, back at the classifier's size
+        # at the 32×32 prior's own size (issue 18); the 16×16 demo classifier resizes what it is given
+        assert cf.shape == (32, 32, 3) and rec["size"] == [32, 32] and rec["source_size"] == [16, 16]
 
 
 # -- the issue's bar on the embedded demo ----------------------------------------------------------------------

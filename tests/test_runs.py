@@ -25,6 +25,7 @@ def test_a_record_is_written_as_the_manifest_line_it_always_was(tmp_path):
     assert RECORD_FIELDS == (
         "id", "source", "status", "error", "source_label", "source_prob", "target_label", "target_prob_before",
         "target_prob_after", "cf_label", "counterfactual", "original", "mask", "params", "seed", "seconds", "nfe",
+        "source_size", "size", "crop",  # issue 18: appended, the earlier keys keep their order
     )
     run = RunDir(tmp_path)
     run.append(Record(id="a", source="in/a.png", status="error", error="in/a.png: broken", seed=7))
@@ -32,7 +33,7 @@ def test_a_record_is_written_as_the_manifest_line_it_always_was(tmp_path):
         '{"id": "a", "source": "in/a.png", "status": "error", "error": "in/a.png: broken", "source_label": null, '
         '"source_prob": null, "target_label": null, "target_prob_before": null, "target_prob_after": null, '
         '"cf_label": null, "counterfactual": null, "original": null, "mask": null, "params": null, "seed": 7, '
-        '"seconds": null, "nfe": null}\n')
+        '"seconds": null, "nfe": null, "source_size": null, "size": null, "crop": null}\n')
     assert read_manifest(tmp_path / "manifest.jsonl") == [Record("a", "in/a.png", "error", "in/a.png: broken",
                                                                  seed=7).to_dict()]
 
@@ -70,9 +71,11 @@ def test_manifest_records_follow_the_contract(tmp_path, demo_images):
     assert info["classifier"]["spec"] == "demo:digits" and info["versions"]["torch"]
     fields = {"id", "source", "status", "error", "source_label", "source_prob", "target_label",
               "target_prob_before", "target_prob_after", "cf_label", "counterfactual", "original", "mask",
-              "params", "seed", "seconds", "nfe"}
+              "params", "seed", "seconds", "nfe", "source_size", "size", "crop"}
+    assert info["working_size"] == [16, 16]  # PGD: the demo classifier's declared size
     for rec in _records(out):
         assert set(rec) == fields
+        assert rec["source_size"] == rec["size"] == [16, 16] and rec["crop"] is None
         assert (out / rec["original"]).exists() and (out / rec["counterfactual"]).exists()
         assert rec["status"] == ("flipped" if rec["cf_label"] == rec["target_label"] else "not_flipped")
         assert rec["nfe"] > 0
@@ -240,9 +243,9 @@ def test_strongly_resized_inputs_are_warned_and_counted(tmp_path):
     assert proc.returncode == 0, proc.stderr
     warned = [x for x in proc.stderr.splitlines() if x.startswith("warning: ")]
     assert warned == [
-        f"warning: {folder / 'dot.png'}: resized from 1×1 to the classifier's 16×16 (16× larger); the explanation "
-        "is of the resized image",
-        f"warning: {folder / 'wide.png'}: resized from 40×16 to the classifier's 16×16 (aspect ratio 2.50 → "
-        "1.00); the explanation is of the resized image"]
-    assert ", 2 resized >4× or reshaped (" in proc.stdout
+        f"warning: {folder / 'dot.png'}: resized from 1×1 to pgd's working size 16×16 (16× larger); the "
+        "explanation is of the resized image",
+        f"warning: {folder / 'wide.png'}: resized from 40×16 to pgd's working size 16×16 (aspect ratio 2.50 → "
+        "1.00: centre-cropped); the explanation is of the resized image"]
+    assert ", 2 resized >4× or cropped (" in proc.stdout
     assert json.loads((out / "run.json").read_text())["resized_inputs"] == 2

@@ -7,6 +7,7 @@ from typing import Any
 
 from cfx_cli.backends.base import ForwardBackend
 from cfx_cli.backends.select import forward_backend
+from cfx_cli.models.pixel import require_size
 
 
 def net_module(model: Any):
@@ -54,6 +55,7 @@ def pixel_forward(context: Any, model: Any, sample_shape: tuple[int, ...]) -> Ba
     chosen by ``--backend`` (see :func:`cfx_cli.backends.forward_backend`)."""
     import torch
 
+    require_size(sample_shape, model.size, getattr(model, "spec", "") or getattr(model, "source", "model"))
     key = id(model.net)
     if key not in _NETS:
         _NETS[key] = net_module(model).eval()

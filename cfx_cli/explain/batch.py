@@ -16,7 +16,7 @@ from cfx_cli.classifiers import Classifier, ClassifierOptions, load_classifier, 
 from cfx_cli.devices import resolve_device
 from cfx_cli.errors import CfxError, InputError, UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
-from cfx_cli.images import InputImage, decode, resize, save_png, to_uint8
+from cfx_cli.images import InputImage, decode, save_png, to_working_size
 from cfx_cli.models.memory import note
 from cfx_cli.plugins import black_box_methods
 from cfx_cli.runs import Record, RunDir, read_manifest
@@ -38,6 +38,8 @@ class BatchWorker:
                  plan: ExplainPlan) -> None:
         self.run, self.explainer, self.classifier = run, explainer, classifier
         self.fixed_target, self.plan = fixed_target, plan
+        #: (H, W) every input is brought to before the explainer sees it (its generator's); None = native sizes
+        self.size = _working_size(explainer)
         self._closed = False
 
     @property
@@ -89,6 +91,16 @@ def build_worker(plan: ExplainPlan, before_explainer: Callable[[Classifier], Non
     return BatchWorker(RunDir(plan.out), explainer, classifier, fixed_target, plan)
 
 
+def _working_size(explainer: Explainer) -> tuple[int, int] | None:
+    size = explainer.working_size()
+    if size is None:
+        return None
+    h, w = (int(v) for v in size)
+    if h < 1 or w < 1:
+        raise RuntimeError(f"{explainer.name}: working_size() returned {size!r}, not a positive (H, W)")
+    return h, w
+
+
 def _error_record(item: InputImage, message: str, seed: int) -> Record:
     return Record(id=item.id, source=str(item.path), status="error", error=message, seed=seed)
 
@@ -97,31 +109,32 @@ def _process_batch(chunk: list[InputImage], worker: BatchWorker) -> list[Record]
     run, classifier, region = worker.run, worker.classifier, worker.region
     records: list[Record] = []
     good: list[tuple[InputImage, np.ndarray, np.ndarray | None]] = []
-    size = classifier.input_size
+    geometry: dict[str, dict] = {}  # id → the manifest's source_size, size and crop
     for item in chunk:
         seed = image_seed(worker.plan.req.seed, item.id)
         try:
-            # quantize as the saved original will be, so the manifest describes the files on disk
-            arr = to_uint8(resize(decode(item.path), size)).astype(np.float32) / 255.0
+            raw = decode(item.path)
+            arr, crop = to_working_size(raw, worker.size)
             mask = region.mask_for(item, arr.shape[:2], image=arr, classifier=classifier) if region else None
         except InputError as exc:
             rec = _error_record(item, str(exc), seed)
             run.append(rec)
             records.append(rec)
             continue
+        geometry[item.id] = {"source_size": list(raw.shape[:2]), "size": list(arr.shape[:2]), "crop": crop}
         good.append((item, arr, mask))
     if not good:
         return records
-    # Inputs of a size-agnostic classifier may differ in size: explain each size group together.
+    # Without a working size (native resolution) inputs may differ in size: explain each size group together.
     groups: dict[tuple[int, int], list] = {}
     for entry in good:
         groups.setdefault(entry[1].shape[:2], []).append(entry)
     for entries in groups.values():
-        records.extend(_explain_group(entries, worker))
+        records.extend(_explain_group(entries, worker, geometry))
     return records
 
 
-def _explain_group(entries, worker: BatchWorker) -> list[Record]:
+def _explain_group(entries, worker: BatchWorker, geometry: dict[str, dict]) -> list[Record]:
     import torch
 
     run, explainer, classifier = worker.run, worker.explainer, worker.classifier
@@ -164,7 +177,7 @@ def _explain_group(entries, worker: BatchWorker) -> list[Record]:
             id=item.id, source=str(item.path), source_label=labels[int(src[i])],
             source_prob=round(float(probs[i, src[i]]), 6), target_label=labels[int(targets[i])],
             target_prob_before=round(float(probs[i, targets[i]]), 6), original=run.relative(orig_path),
-            seed=seeds[i],
+            seed=seeds[i], **geometry[item.id],
         ))
     for i in range(len(entries)):
         if i not in todo:

@@ -68,7 +68,7 @@ def run_explain(req: ExplainRequest, progress_stream: TextIO | None = None) -> E
         pending = [it for it in items if it.id not in done]
         if req.resume:
             print(resume_line(old_info, len(items) - len(pending), len(items)), file=sys.stderr)
-        resized = _warn_resized(items, {it.id for it in pending}, worker.classifier.input_size)
+        resized = _warn_resized(items, {it.id for it in pending}, worker.size, f"{req.method}'s working size")
         info = _run_info(plan, worker, resized)
         run.write_run_json(info)
 
@@ -101,14 +101,16 @@ def run_explain(req: ExplainRequest, progress_stream: TextIO | None = None) -> E
     return ExplainSummary(plan.out, counts, errors, time.monotonic() - t_start, resized)
 
 
-def _warn_resized(items: list[InputImage], pending: set[str], size: tuple[int, int] | None) -> int:
-    """One warning line per input (of those about to be explained) that the resize to the classifier's size
-    changes by more than 4× or in aspect ratio by more than 10 %; returns how many of the job's inputs are so."""
+def _warn_resized(items: list[InputImage], pending: set[str], size: tuple[int, int] | None, who: str) -> int:
+    """One warning line per input (of those about to be explained) that bringing to the explainer's working size
+    (short-side resize + centre crop) scales by more than 4× or crops to an aspect ratio more than 10 % off;
+    returns how many of the job's inputs are so. The classifier's own resize of the images it is given is its
+    preprocessing, not warned about."""
     if size is None:
         return 0
     count, shown = 0, 0
     for item in items:
-        problem = resize_problem(image_size(item.path), size)
+        problem = resize_problem(image_size(item.path), size, who)
         if problem is None:
             continue
         count += 1
@@ -148,6 +150,8 @@ def _run_info(plan: ExplainPlan, worker: BatchWorker, resized: int) -> dict[str,
         "command": _redacted_argv(),
         "method_info": worker.explainer.run_info() or None,  # e.g. TIME's token files and their SHA-256
         "inputs_total": len(plan.items),
+        # [H, W] every input was brought to (the generator's resolution); None = each input at its native size
+        "working_size": list(worker.size) if worker.size else None,
         "resized_inputs": resized,
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "status": "running",

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cfx_cli.models.pixel import require_size
+
 
 @dataclass
 class BridgeModel:
@@ -30,6 +32,11 @@ class BridgeModel:
         return self.flags.image_size if self.flags is not None else int(self.options["image_size"])
 
     @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the images the bridge works on (RCSB's working size)."""
+        return (self.image_size, self.image_size)
+
+    @property
     def cond_x1(self) -> bool:
         return bool(self.options.get("cond_x1"))
 
@@ -38,6 +45,7 @@ class BridgeModel:
         state (RCSB's) is given to the network as a float32 copy, as the authors' code does."""
         import torch
 
+        require_size(x_t, self.size, self.spec or self.source)
         if x_t.dtype == torch.float64:
             x_t = x_t.float()
             cond = cond.float() if cond is not None else None

@@ -8,7 +8,7 @@ truncated), and :meth:`LatentModel.unet_eps` returns ε whatever the UNet predic
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,9 +17,13 @@ from cfx_cli.backends.latent import latent_forward
 from cfx_cli.errors import UsageError
 from cfx_cli.models.folders import SD_COMPONENTS, missing_files, read_json
 from cfx_cli.models.memory import MemoryOptions, apply_to_diffusers, apply_to_text_encoder, resolve_dtype
+from cfx_cli.params import Param
 from cfx_cli.quiet import quiet_loaded_libraries
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: the working resolution of the latent methods (TIME, ECED): declared by each, applied by ``models.model_for``
+RESOLUTION_PARAM = Param("resolution", "int", 0, "image side the VAE/UNet work at (inputs are resized and "
+                         "centre-cropped to it); 0 = the model's own (SD 1.x: 512)", min=0)
 
 
 @dataclass(eq=False)
@@ -38,6 +42,8 @@ class LatentModel:
     spec: str = ""  # the --model spec it was loaded from (recorded by TIME's tokens and ECED's records)
     #: forward-only calls on the ``--backend`` (``cfx_cli.backends.latent.LatentForward``); None = the modules
     forward: Any = None
+    #: the image side the methods work at when not the native one (``--set resolution=``); 0 = native
+    working_resolution: int = 0
 
     kind = "latent"
 
@@ -72,14 +78,42 @@ class LatentModel:
         return float(getattr(self.vae.config, "scaling_factor", 0.18215))
 
     @property
-    def latent_side(self) -> int:
+    def vae_factor(self) -> int:
+        """How much the VAE downsamples (2 per encoder block after the first; SD: 8)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_resolution(self) -> int:
+        """The image side the model was made for: the UNet's sample size × the VAE's downsampling (SD 1.x: 512;
+        the VAE's own ``sample_size`` agrees in the published folders)."""
         sample = self.unet.config.sample_size
-        return int(sample if isinstance(sample, int) else sample[0])
+        return int(sample if isinstance(sample, int) else sample[0]) * self.vae_factor
 
     @property
     def resolution(self) -> int:
-        """Image side the VAE/UNet pair works at (latent side × VAE downsampling)."""
-        return self.latent_side * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Image side the methods work at: ``--set resolution=`` (:meth:`with_resolution`), else the native one."""
+        return self.working_resolution or self.native_resolution
+
+    @property
+    def latent_side(self) -> int:
+        return self.resolution // self.vae_factor
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the images the VAE encodes and decodes here (an explainer's working size)."""
+        return (self.resolution, self.resolution)
+
+    def with_resolution(self, side: int, method: str = "this method") -> LatentModel:
+        """The same components working at ``side`` × ``side`` (``--set resolution=``; 0 = native): a copy, so a
+        cached model keeps its own. ``side`` must be a multiple of the VAE's × the UNet's downsampling."""
+        if not side or side == self.resolution:
+            return self
+        step = self.vae_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        if side % step:
+            raise UsageError(f"{method}: --set resolution={side}: must be a multiple of {step} for "
+                             f"{self.spec or self.source} (its VAE downsamples ×{self.vae_factor}, its UNet "
+                             f"×{step // self.vae_factor} more)")
+        return replace(self, working_resolution=int(side), forward=None)
 
     @property
     def embedding_dim(self) -> int:

@@ -19,6 +19,15 @@ from cfx_cli.models.folders import DIFFUSERS_WEIGHTS, missing_in
 from cfx_cli.models.memory import MemoryOptions, apply_to_diffusers, resolve_dtype
 
 
+def require_size(images, size: tuple[int, int], who: str) -> None:
+    """Refuse to run a network made for ``size`` (H, W) on images (a tensor or a shape ending in H, W) of another:
+    cfx brings every input to the generator's own size before it runs (a 16×16 demo prior asked to work at 512²
+    gives a grey blur after thousands of calls)."""
+    shape = tuple(getattr(images, "shape", images))[-2:]
+    if shape != tuple(size):
+        raise ValueError(f"{who} works at {size[1]}×{size[0]} only; refusing images of {shape[1]}×{shape[0]}")
+
+
 @dataclass
 class PixelModel:
     """A pixel diffusion network with its ``GaussianDiffusion`` schedule (kind "pixel").
@@ -43,7 +52,7 @@ class PixelModel:
 
     @property
     def size(self) -> tuple[int, int]:
-        """(height, width) of the images the network works on (DiME and ACE resize their inputs to it)."""
+        """(height, width) of the images the network works on (DiME's and ACE's working size): it runs at no other."""
         return (self.image_size, self.image_size)
 
     @property
@@ -61,6 +70,7 @@ class PixelModel:
 
     def __call__(self, x, t, y=None):
         """Network output (float32) for images ``x`` in [-1, 1] at schedule indices ``t`` (int or (N,))."""
+        require_size(x, self.size, self.spec or self.source)
         ts = self.diffusion.model_timesteps(t, batch=x.shape[0]).to(x.device)
         if ts.numel() == 1 and x.shape[0] > 1:
             ts = ts.expand(x.shape[0])

@@ -99,18 +99,23 @@ def model_for(context, kind: str, method: str = "this method", spec: str | None 
     kind's default (:data:`cfx_cli.models.catalog.DEFAULT_MODELS`), loaded once per process for the same
     spec/flags/device. ``fresh`` loads a private copy (for a method that changes the model, as TIME installs its
     tokens into the text encoder). The memory options are the defaults (fp32, the default attention, no gradient
-    checkpointing): no command sets others.
+    checkpointing): no command sets others. A latent model works at the method's ``--set resolution=`` when it
+    declares that parameter (:data:`cfx_cli.models.latent.RESOLUTION_PARAM`).
     """
     memory = MemoryOptions()
     spec = spec or context.model or DEFAULT_MODELS[kind]
     args = (spec, context.model_flags, context.device, context.trust_pickle, memory)
     if fresh:
-        return load_model(*args, expect=kind, method=method)
-    key = (*args[:4], memory.precision, memory.attention, memory.gradient_checkpointing)
-    if key not in _CACHE:
-        _CACHE[key] = load_model(*args, expect=kind, method=method)
-    check_kind(_CACHE[key], spec, kind, method)
-    return _CACHE[key]
+        model = load_model(*args, expect=kind, method=method)
+    else:
+        key = (*args[:4], memory.precision, memory.attention, memory.gradient_checkpointing)
+        if key not in _CACHE:
+            _CACHE[key] = load_model(*args, expect=kind, method=method)
+        model = _CACHE[key]
+        check_kind(model, spec, kind, method)
+    if kind == "latent" and (context.params or {}).get("resolution"):
+        model = model.with_resolution(int(context.params["resolution"]), method)
+    return model
 
 
 def pixel_prior(context, respacing: str, method: str) -> tuple[Any, str]:

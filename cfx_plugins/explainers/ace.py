@@ -280,17 +280,16 @@ docs/methods/ace.md.
         # outside the mask the input's own values (an exact copy, not the authors' (2x − 1 + 1)/2 float trip)
         return torch.where(change > 0.5, ((z + 1) / 2).clamp(0, 1), x), start
 
+    def working_size(self) -> tuple[int, int]:
+        return self.model.size  # the prior's: cfx brings the inputs to it
+
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
 
-        from cfx_cli.images import resize_images
-
         p = self.params
         n = len(batch.ids)
-        size_b = tuple(batch.images.shape[-2:])
-        size_m = self.model.size
-        x = resize_images(batch.images, size_m).clamp(0, 1)
-        region = resize_images(batch.masks, size_m, nearest=True) if batch.masks is not None else None
+        x = batch.images.clamp(0, 1)  # at the prior's size (working_size)
+        region = batch.masks
         noise = self.context.noise.for_batch(batch.ids, batch.seeds, self.context.device)
         rows = list(range(n))
         if self.trace is not None:
@@ -302,11 +301,11 @@ docs/methods/ace.md.
         if self.trace is not None:
             self.trace.update(mask=mask, dilated_mask=dilated, inpaint_mask=1 - change,
                               noisy_pre_explanation=start, counterfactual=refined)
-        # back at the classifier's size; outside the mask the output *is* the input (exact copy, no float trip)
-        mask_b = resize_images(change, size_b, nearest=True)
+        # outside the mask the output *is* the input (exact copy, no float trip)
+        mask_b = change
         if batch.masks is not None:
             mask_b = mask_b * batch.masks
-        cf = torch.where(mask_b > 0.5, resize_images(refined, size_b).clamp(0, 1), batch.images)
+        cf = torch.where(mask_b > 0.5, refined.clamp(0, 1), batch.images)
         nfe_model, nfe_clf = nfe_per_image(p["iterations"], self.tau)
         params = {"attack": p["attack"], "iterations": p["iterations"], "tau": self.tau,
                   "respacing": p["respacing"], "schedule": self.model.schedule_summary(), "distance": p["distance"],
@@ -315,7 +314,7 @@ docs/methods/ace.md.
                   "nfe_classifier": nfe_clf, "backend": self.prior.backend.name}
         return [ExplainOutput(counterfactual=cf[i], mask=mask_b[i], nfe=nfe_model + nfe_clf,
                               params=dict(params, mask_fraction=round(float(mask_b[i].mean()), 4)),
-                              extras={"pre_explanations": resize_images(pe[i:i + 1], size_b)[0]})
+                              extras={"pre_explanations": pe[i]})
                 for i in range(n)]
 
 

@@ -145,18 +145,17 @@ imagenet preset. Details: docs/methods/dime.md.
         return ((vgg_input_features(self.perceptual, x_t) - x_feats) ** 2).reshape(n, -1).mean(1).sum()
 
     # -- the method ----------------------------------------------------------------------------------------
+    def working_size(self) -> tuple[int, int]:
+        return self.model.size  # the prior's: cfx brings the inputs to it
+
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch
-
-        from cfx_cli.images import resize_images
 
         p = self.params
         clf = self.context.classifier
         n = len(batch.ids)
-        size_b = tuple(batch.images.shape[-2:])
-        size_m = self.model.size
-        x = resize_images(batch.images, size_m).clamp(0, 1) * 2 - 1  # the prior's space, [-1, 1]
-        region = resize_images(batch.masks, size_m, nearest=True) if batch.masks is not None else None
+        x = batch.images.clamp(0, 1) * 2 - 1  # at the prior's size (working_size); its space, [-1, 1]
+        region = batch.masks
         noise = self.context.noise.for_batch(batch.ids, batch.seeds, self.context.device)
         tau = p["tau"]
         d = self.model.diffusion
@@ -180,11 +179,10 @@ imagenet preset. Details: docs/methods/dime.md.
             sel = torch.tensor(pending, device=x.device)
             z0, edit = self._attempt(x[sel], z_tau[sel], batch.targets[sel], None if region is None else region[sel],
                                      None if x_feats is None else x_feats[sel], scale, noise, pending, attempt)
-            out = resize_images((z0 + 1) / 2, size_b)
-            # where the attempt was allowed to change the image: the method's own mask (at the model's size), else
-            # the region; eq. 3.21 guides inside M, outside M the input is kept exactly
-            edit = (resize_images(edit, size_b, nearest=True) if edit is not None
-                    else None if batch.masks is None else batch.masks[sel])
+            out = (z0 + 1) / 2
+            # where the attempt was allowed to change the image: the method's own mask (at the model's size, which
+            # is the batch's), else the region; eq. 3.21 guides inside M, outside M the input is kept exactly
+            edit = edit if edit is not None else None if batch.masks is None else batch.masks[sel]
             if edit is not None:
                 out = torch.where(edit > 0.5, out, batch.images[sel])
             cf = out.clamp(0, 1)

@@ -101,25 +101,23 @@ nfe bridge + nfe classifier gradients.
         if not 1 <= p["nfe"] <= self.first_step:
             raise UsageError(f"rcsb: --set nfe={p['nfe']}: must be in 1…{self.first_step} for tau={p['tau']}")
 
+    def working_size(self) -> tuple[int, int]:
+        return self.model.size  # the bridge's: cfx brings the inputs to it
+
     def explain(self, batch: ExplainBatch, trace: RCSBTrace | None = None) -> list[ExplainOutput]:
         """The counterfactuals of ``batch``; ``trace`` (optional) receives every intermediate of the sampler."""
         import torch
 
-        from cfx_cli.images import resize_images
-
         if batch.masks is None:
             raise UsageError("rcsb needs a region: --region auto|FILE|DIR")
         p = self.params
-        size_b = tuple(batch.images.shape[-2:])
-        size_m = (self.model.image_size, self.model.image_size)
         dev = self.model.device
-        x = (resize_images(batch.images, size_m).clamp(0, 1).to(dev) - 0.5) * 2  # the bridge's space, [-1, 1]
-        region = (resize_images(batch.masks, size_m, nearest=True) > 0.5).float().to(dev)
+        x = (batch.images.clamp(0, 1).to(dev) - 0.5) * 2  # at the bridge's size (working_size); its space, [-1, 1]
+        region = (batch.masks > 0.5).float().to(dev)
         draws = self.context.noise.for_batch(batch.ids, batch.seeds, dev)
         noise = draws.randn(range(len(batch.ids)), tuple(x.shape[1:]), "x1")  # R's content in I2SB's corruption
         out = self.sample(x, region, batch.targets.to(dev), noise, trace)
-        cf = (out.clamp(-1, 1) / 2 + 0.5).float()  # what the code returns
-        cf = resize_images(cf, size_b).to(batch.images.device)
+        cf = (out.clamp(-1, 1) / 2 + 0.5).float().to(batch.images.device)  # what the code returns
         # the hard constraint: outside R the counterfactual is the input, bit for bit
         cf = torch.where(batch.masks > 0.5, cf, batch.images)
         nfe = 2 * p["nfe"]

@@ -1,5 +1,6 @@
 """``--region FILE|DIR`` (alias ``--mask``): one mask image for every input, or a folder of masks matched by input
-id or file stem. Any image mode; thresholded at 0.5 and resized (nearest) to the input's size."""
+id or file stem. Any image mode; thresholded at 0.5 and brought (nearest) to the input's working size as the input is
+(short-side resize + centre crop): give masks at the input file's size or at the working size."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from cfx_cli.errors import InputError, UsageError
 from cfx_cli.hookspecs import hookimpl
-from cfx_cli.images import EXTENSIONS, InputImage, decode
+from cfx_cli.images import EXTENSIONS, InputImage, decode, fit_to_size
 from cfx_cli.regions import RegionSource
 
 
@@ -35,18 +36,15 @@ class MaskSource(RegionSource):
 
     def mask_for(self, item: InputImage, size: tuple[int, int], image=None, classifier=None) -> np.ndarray:
         """Binary float32 (H, W) mask, 1 = may change; any image mode, thresholded at 0.5."""
-        from PIL import Image
-
         if self.path.is_dir():
             p = self._index.get(item.id) or self._index.get(item.path.stem)
             if p is None:
                 raise InputError(f"{item.path}: no mask named {item.id}.png or {item.path.stem}.png in {self.path}")
         else:
             p = self.path
-        gray = decode(p).mean(axis=2)
-        h, w = size
-        img = Image.fromarray((gray * 255).astype(np.uint8)).resize((w, h), Image.NEAREST)
-        return (np.asarray(img, dtype=np.float32) >= 127.5).astype(np.float32)
+        levels = (decode(p).mean(axis=2, keepdims=True) * 255).astype(np.uint8).astype(np.float32)
+        fitted = fit_to_size(levels / 255.0, size, nearest=True)[..., 0] * 255.0
+        return (fitted >= 127.5).astype(np.float32)
 
 
 @hookimpl

@@ -17,6 +17,7 @@ from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.models import model_for
+from cfx_cli.models.latent import RESOLUTION_PARAM
 from cfx_cli.params import Param
 from cfx_cli.saliency import probe_layer
 
@@ -57,6 +58,7 @@ class ECED(Explainer):
         Param("bg_lr_decoder", "float", 1e-4, "Alg. 2 Adam learning rate of the decoder copy's weights", min=0.0),
         Param("checkpoint", "bool", False, "gradient checkpointing per denoising step (less memory, one more "
               "UNet pass per step in the backward)"),
+        RESOLUTION_PARAM,
     )
     presets = {
         # the supplement as written: Alg. 3 runs all T₂ iterations and returns I^(T₂) (no stop at the first flip),
@@ -155,6 +157,9 @@ Details and every open choice: docs/methods/eced.md.
         return torch.cat([self._embeds[k] for k in classes]), self._embeds[None]
 
     # -- the method --------------------------------------------------------------------------------------------
+    def working_size(self) -> tuple[int, int]:
+        return self.model.size  # the VAE's (or --set resolution=): cfx brings the inputs to it
+
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import time
 

@@ -17,6 +17,7 @@ from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainO
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.models import model_for
 from cfx_cli.models.catalog import DEFAULT_MODELS
+from cfx_cli.models.latent import RESOLUTION_PARAM
 from cfx_cli.params import Param, resolve_params
 
 from . import tokens as T
@@ -51,6 +52,7 @@ class Time(Explainer):
         Param("fit_preset", "str", "", "with --fit-data: the `cfx fit time` preset (default: auto/thesis)",
               choices=("", *FIT_PRESETS)),
         Param("fit_iterations", "int", 0, "with --fit-data: iterations per token set (0 = the preset's)", min=0),
+        RESOLUTION_PARAM,
     )
     presets = {
         "smile": {"schedule": SMILE},
@@ -67,8 +69,8 @@ with a <class>"); `cfx fit time --data DIR --classifier SPEC --out FILE` writes 
 FILE.json), `--tokens FILE` uses them, `--fit-data DIR` fits on the fly. Generation: VAE posterior mean
 × scaling; EDICT (p = 0.93) inversion over the first τ of T = 50 DDIM steps with ε = ε(neg) + g(ε(pos) −
 ε(neg)), g = w as in the authors' code (guidance=1+w: g = 1 + w, cfx's old default), positive = source
-prompt, negative = target prompt; denoising with the roles swapped; decode; resize to the classifier.
-Images that do not flip go on to the next (τ, w) of the schedule (smile: (25,3)(30,4)(35,4)(35,6); age:
+prompt, negative = target prompt; denoising with the roles swapped; decode (the classifier applies its own
+resize). Images that do not flip go on to the next (τ, w) of the schedule (smile: (25,3)(30,4)(35,4)(35,6); age:
 (30,4)(30,6)(35,4)(35,6)); params record the attempt used. Exact EDICT by default; edict=legacy reproduces
 the published code's level pairing (not exactly invertible); preset=published (published-age) = legacy +
 g = w + the smile (age) schedule, with tokens from `cfx fit time --set preset=published`.
@@ -102,6 +104,9 @@ default; the embedded demo).
 
     def run_info(self) -> dict[str, Any]:
         return {"tokens": self._tokens_info}
+
+    def working_size(self) -> tuple[int, int]:
+        return self._gen.model.size  # the VAE's (or --set resolution=): cfx brings the inputs to it
 
     def explain(self, batch: ExplainBatch) -> list[ExplainOutput]:
         import torch

@@ -111,21 +111,20 @@ class FitResult:
 def scan_training_images(data: str, classifier, model, chunk: int, stream) -> tuple:
     """Classify and encode every image under ``data``, ``chunk`` images at a time (memory stays bounded:
     only predictions and the VAE posterior's mean/std are kept). → (ids, predicted, mean, std, skipped)."""
-    import numpy as np
     import torch
 
-    from cfx_cli.images import decode, discover, resize, resize_images, to_uint8
+    from cfx_cli.images import decode, discover, to_working_size
 
     if not Path(data).is_dir():
         raise UsageError(f"--data {data}: not a folder of images")
     items = discover([data])
     if not items:
         raise UsageError(f"--data {data}: no images found (looked for png, jpg, jpeg, bmp, webp)")
-    size, r = classifier.input_size, model.resolution
+    r = model.resolution
     ids, preds, means, stds, skipped = [], [], [], [], []
     with Progress("fit time: classify + encode", len(items), stream=stream) as bar:
         for start in range(0, len(items), chunk):
-            clf_in, model_in = [], []
+            batch = []
             for it in items[start: start + chunk]:
                 try:
                     arr = decode(it.path)
@@ -133,19 +132,14 @@ def scan_training_images(data: str, classifier, model, chunk: int, stream) -> tu
                     skipped.append(str(exc))
                     continue
                 ids.append(it.id)
-                # what the classifier sees is quantised exactly as in `cfx explain`
-                q = to_uint8(resize(arr, size)).astype(np.float32) / 255.0
-                clf_in.append(torch.from_numpy(q).permute(2, 0, 1))
-                t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)[None].float()
-                model_in.append(resize_images(t, (r, r))[0].clamp(0, 1))
-            if clf_in:
-                if size is None:  # size-agnostic classifier: each image at its own size
-                    p = [int(classifier.predict_proba(x[None].to(model.device)).argmax(1)) for x in clf_in]
-                    preds.append(torch.tensor(p))
-                else:
-                    preds.append(classifier.predict_proba(torch.stack(clf_in).to(model.device)).argmax(1).cpu())
+                # as in `cfx explain`: at the model's resolution (short-side resize + centre crop), quantised; the
+                # classifier applies its own preprocessing to that
+                batch.append(torch.from_numpy(to_working_size(arr, (r, r))[0]).permute(2, 0, 1))
+            if batch:
+                x = torch.stack(batch)
+                preds.append(classifier.predict_proba(x.to(model.device)).argmax(1).cpu())
                 with torch.no_grad():
-                    dist = model.latent_dist(torch.stack(model_in))
+                    dist = model.latent_dist(x)
                 means.append(dist.mean.float().cpu())
                 stds.append(dist.std.float().cpu())
             bar.advance(len(items[start: start + chunk]))
