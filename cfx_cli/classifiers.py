@@ -164,7 +164,7 @@ def load_classifier(spec: str, options: ClassifierOptions) -> Classifier:
 
 class SigmoidClassifier(Classifier):
     """Two classes from one sigmoid logit l of a model (``#binary=1``: its only output; ``#attribute=K``: output K
-    of a multi-label model): probabilities (1 − σ(l), σ(l)), and for white-box models the logits (0, l), whose
+    of a multi-label model): probabilities (1 − σ(l), σ(l)), and for white-box models the logits (−l/2, l/2), whose
     difference l makes :func:`target_score` the authors' ±l (DiME) and the cross-entropy their BCE (ACE)."""
 
     def __init__(self, inner: Classifier, spec: str, attribute: str | None, labels: list[str] | None) -> None:
@@ -257,7 +257,7 @@ class SigmoidClassifier(Classifier):
         if "gradients" not in self.capabilities:
             return super().logits(images)
         l = self.logit(images)  # noqa: E741 - the papers' l
-        return torch.stack([torch.zeros_like(l), l], dim=1)
+        return torch.stack([-l / 2, l / 2], dim=1)  # symmetric: each class's own logit has a gradient (Grad-CAM)
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
         import torch

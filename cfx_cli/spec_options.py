@@ -34,7 +34,7 @@ class Option:
 #: and presents the model's sigmoid output(s) as two classes (the published CelebA/BDD classifiers)
 OUTPUT_OPTIONS = (
     Option("binary", "bool", False, "the model returns one logit l per image (l > 0: class 1); cfx presents two "
-                                    "classes with probabilities (1 − σ(l), σ(l)) and logits (0, l)"),
+                                    "classes with probabilities (1 − σ(l), σ(l)) and logits (−l/2, l/2)"),
     Option("attribute", "str", None, "explain one output (an index or a name from --labels or the model's names) "
                                      "of a multi-label sigmoid model as two classes not-NAME / NAME"),
 )

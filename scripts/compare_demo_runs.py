@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("pgd", "dime", "ace", "rcsb", "time", "eced")
+METHODS = ("pgd", "dime", "ace", "rcsb", "time", "eced", "fastdime")
 VOLATILE = {"seconds"}
 
 

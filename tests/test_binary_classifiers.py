@@ -104,6 +104,16 @@ def load(spec: str, labels=None):
 
 
 # -- probabilities and labels -------------------------------------------------------------------------------
+def test_binary_logits_give_each_class_a_gradient(models):
+    """Class 0's own logit is −l/2, not a constant: Grad-CAM and any per-class gradient see both classes."""
+    clf = load(f"python:{models}:single_logit#binary=1")
+    x = module(models).varied(2, 0).requires_grad_(True)
+    (g0,) = torch.autograd.grad(clf.logits(x)[:, 0].sum(), x)
+    (g1,) = torch.autograd.grad(clf.logits(x)[:, 1].sum(), x)
+    assert float(g1.abs().max()) > 0
+    torch.testing.assert_close(g0, -g1)
+
+
 def test_binary_presents_two_classes_from_one_logit(models):
     clf = load(f"python:{models}:single_logit#binary=1")
     x = module(models).varied(6, 0)
@@ -112,7 +122,7 @@ def test_binary_presents_two_classes_from_one_logit(models):
     p = clf.predict_proba(x)
     torch.testing.assert_close(p, torch.stack([1 - torch.sigmoid(l), torch.sigmoid(l)], 1))
     assert p.argmax(1).tolist() == (l > 0).long().tolist()  # logit > 0 ⇔ class 1
-    torch.testing.assert_close(clf.logits(x), torch.stack([torch.zeros_like(l), l], 1))
+    torch.testing.assert_close(clf.logits(x), torch.stack([-l / 2, l / 2], 1))
     assert clf.labels == ["0", "1"] and clf.capabilities == {"probabilities", "gradients"}
     assert clf.calls == 12  # the load-time probe is not counted
     assert load(f"python:{models}:single_logit#binary=1", ["old", "young"]).labels == ["old", "young"]
@@ -135,7 +145,7 @@ def test_attribute_by_index_or_name_from_labels_or_the_model(models, forty_ts):
         clf = load(spec, labels)
         assert clf.labels == ["not-Smiling", "Smiling"], spec
         torch.testing.assert_close(clf.predict_proba(x), want)
-        torch.testing.assert_close(clf.logits(x)[:, 1], l31)
+        torch.testing.assert_close(clf.logits(x) @ torch.tensor([-1.0, 1.0]), l31)
     assert load(f"python:{models}:forty#attribute=39").labels == ["not-39", "39"]
     assert load(f"torchscript:{forty_ts}#attribute=39", ["old", "young"]).labels == ["old", "young"]
     info = load(f"torchscript:{forty_ts}#attribute=Young").describe()
@@ -156,7 +166,8 @@ def test_the_dime_fixture_classifier_plugs_in(tmp_path):
     clf = load(spec, ["not-smiling", "smiling"])
     for case in ("case0", "case1"):
         x01 = (tensors[f"{case}_x"] + 1) / 2
-        torch.testing.assert_close(clf.logits(x01)[:, 1], tensors[f"{case}_logit_x"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(clf.logits(x01) @ torch.tensor([-1.0, 1.0]), tensors[f"{case}_logit_x"],
+                                   atol=1e-5, rtol=1e-5)
         source = clf.predict_proba(x01).argmax(1)
         assert (1 - source).tolist() == tensors[f"{case}_target"].tolist()  # the fixture's target: the other class
     from cfx_cli.errors import UsageError
@@ -221,7 +232,7 @@ def test_hf_multi_label_model_explains_one_attribute_by_its_id2label_name(tmp_pa
     l7 = plain.logits(x)[:, 7]
     assert clf.labels == ["not-digit 7", "digit 7"]
     torch.testing.assert_close(clf.predict_proba(x)[:, 1], torch.sigmoid(l7).detach(), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(clf.logits(x), torch.stack([torch.zeros(3), l7], 1))
+    torch.testing.assert_close(clf.logits(x), torch.stack([-l7 / 2, l7 / 2], 1))
 
 
 SCORE_PROGRAM = '''

@@ -225,6 +225,28 @@ def test_dime_e2e_every_case_matches_the_authors_code(fx):
         assert sum(o.nfe for o in outs) == counts["unet"] + counts["clf_grad"], k
 
 
+@pytest.mark.slow  # ~15 s
+def test_dime_e2e_through_the_binary_classifier_spec(fx):
+    """The user's way to plug in the fixture's single-logit model: a python: spec with #binary=1 (and the
+    normalisation that maps cfx's [0, 1] to the model's [-1, 1]) gives the authors' counterfactuals."""
+    from cfx_cli.classifiers import ClassifierOptions, load_classifier
+
+    root = fixture_dir("dime-e2e")
+    spec = (f"python:{root / 'classifier.py'}:build@{root / 'classifier.safetensors'}"
+            "#binary=1&size=32&mean=0.5&std=0.5")
+    clf = load_classifier(spec, ClassifierOptions())
+    for case in cases(fx):
+        k = case["name"]
+        x, target = case_inputs(fx, case)
+        exp, _ = make_dime(fx, case, clf)
+        outs = exp.explain(ExplainBatch(ids=["a"] * x.shape[0], images=(x + 1) / 2, targets=target,
+                                        sources=1 - target, seeds=[0] * x.shape[0]))
+        for f, out in enumerate(outs):
+            cf_ref = ((fx["tensors"][f"{k}_cf"][f] + 1) / 2).clamp(0, 1)
+            assert float((out.counterfactual - cf_ref).abs().max()) <= 1e-4, k
+            assert out.params["attempt"] == int(fx["tensors"][f"{k}_attempt_of_cf"][f]) + 1, k
+
+
 @pytest.mark.slow  # ~60 s on the shared 2-core machine
 def test_dime_e2e_results_do_not_depend_on_the_batch(fx):
     """Each case's image(s) in a batch with every other case's images, placed after them, with the case's
