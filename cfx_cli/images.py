@@ -259,6 +259,22 @@ def resize_problem(source: tuple[int, int] | None, target: tuple[int, int] | Non
             "resized image")
 
 
+def resize_crop_images(images: torch.Tensor, short_side: int, size: tuple[int, int]) -> torch.Tensor:
+    """A classifier's ``Resize(short_side)`` + ``CenterCrop(size)`` (torchvision's sizes and crop rounding) on an
+    (N, C, H, W) batch, differentiably: the ImageNet evaluation transform (256 → 224) inside the white-box call."""
+    h, w = images.shape[-2:]
+    if h <= w:
+        rh, rw = short_side, int(short_side * w / h)
+    else:
+        rh, rw = int(short_side * h / w), short_side
+    th, tw = size
+    if th > rh or tw > rw:
+        raise ValueError(f"crop {th}×{tw} is larger than the {rh}×{rw} resize")
+    resized = resize_images(images, (rh, rw))
+    top, left = int(round((rh - th) / 2.0)), int(round((rw - tw) / 2.0))
+    return resized[..., top:top + th, left:left + tw]
+
+
 def resize_images(images: torch.Tensor, size: tuple[int, int] | None, nearest: bool = False,
                   antialias: bool = True) -> torch.Tensor:
     """Resize an (N, C, H, W) tensor batch between the sizes of the models and the classifier (a no-op at the same

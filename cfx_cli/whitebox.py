@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from cfx_cli.classifiers import Classifier, check_probabilities
 from cfx_cli.errors import UsageError
-from cfx_cli.images import resize_images
+from cfx_cli.images import resize_crop_images, resize_images
 from cfx_cli.protocol import Option
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ class TorchModuleClassifier(Classifier):
     capabilities = frozenset({"probabilities", "gradients"})
 
     def __init__(self, module: torch.nn.Module, labels: list[str], input_size: tuple[int, int] | None,
-                 spec: str, device: str = "cpu", returns_logits: bool = True) -> None:
+                 spec: str, device: str = "cpu", returns_logits: bool = True, resize: int | None = None) -> None:
         self.module = module.eval().to(device)
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -32,10 +32,14 @@ class TorchModuleClassifier(Classifier):
         self.spec = spec
         self.device = device
         self.returns_logits = returns_logits
+        self.resize = resize  # short side before the centre crop to input_size (#resize=256&size=224)
         self.calls = 0
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return resize_images(images.to(self.device, dtype=torch_float()), self.input_size)
+        images = images.to(self.device, dtype=torch_float())
+        if self.resize and self.input_size:
+            return resize_crop_images(images, self.resize, self.input_size)
+        return resize_images(images, self.input_size)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         self.calls += int(images.shape[0])
@@ -71,6 +75,8 @@ def torch_options():
     return (
         Option("size", "size", None, "input size N or HxW the model expects (inputs are resized "
                                      "differentiably); default: the model's metadata, else any size"),
+        Option("resize", "int", None, "resize the short side to N, then centre-crop to size (the ImageNet "
+                                      "evaluation transform: #resize=256&size=224); default: resize to size"),
         Option("mean", "floats", None, "per-channel mean subtracted from [0, 1] inputs (1 or 3 numbers)"),
         Option("std", "floats", None, "per-channel std dividing the inputs after the mean (1 or 3 numbers)"),
         Option("logits", "bool", None, "the model returns logits (default true; false: probabilities)"),
@@ -94,6 +100,10 @@ def build_torch_classifier(module, spec: str, options, opts: dict, meta: dict | 
         returns_logits = bool(meta.get("logits", True))
     if std is not None and any(float(v) == 0 for v in std):
         raise UsageError(f"classifier {spec}: std must not be 0")
+    resize = opts.get("resize") or meta.get("resize")
+    if resize is not None and (not size or int(resize) < max(size)):
+        raise UsageError(f"classifier {spec}: #resize={resize} needs #size=N with N ≤ {resize} (the centre crop "
+                         "taken after resizing the short side)")
     if mean is not None or std is not None:
         module = Normalized(module, mean or (0.0, 0.0, 0.0), std or (1.0, 1.0, 1.0))
     labels = options.labels or meta.get("labels")
@@ -115,7 +125,7 @@ def build_torch_classifier(module, spec: str, options, opts: dict, meta: dict | 
                              f"{getattr(out, 'shape', type(out).__name__)}")
         labels = [str(i) for i in range(out.shape[1])]
     return TorchModuleClassifier(module, list(labels), size, spec=spec, device=options.device,
-                                 returns_logits=returns_logits)
+                                 returns_logits=returns_logits, resize=int(resize) if resize else None)
 
 
 def _size(value) -> tuple[int, int] | None:

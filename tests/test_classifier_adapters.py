@@ -86,6 +86,37 @@ def test_python_factory_from_a_file_with_normalization_options(tmp_path, referen
     _agree(f"python:{tmp_path / 'mymodel.py'}:build@{tmp_path / 'w.safetensors'}#mean=0.25&std=2", reference)
 
 
+def test_resize_then_centre_crop_is_the_classifiers_own_preprocessing(tmp_path):
+    """#resize=N&size=S: the short side to N, then the centre S×S crop (torchvision's Resize + CenterCrop),
+    differentiably inside the white-box call; the model sees S×S only."""
+    import torch
+
+    (tmp_path / "probe.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Probe(torch.nn.Module):
+            labels = ["a", "b"]
+            seen = []
+            def forward(self, x):
+                self.seen.append(tuple(x.shape[-2:]))
+                return torch.stack([x.mean((1, 2, 3)), x[:, :, 0, 0].mean(1)], 1)
+
+        def build():
+            return Probe()
+    """))
+    clf = load_classifier(f"python:{tmp_path / 'probe.py'}:build#resize=24&size=20", ClassifierOptions())
+    images = torch.rand(2, 3, 30, 45, requires_grad=True)  # 30×45 → 24×36 → rows 2..22, columns 8..28
+    out = clf.logits(images)
+    want = torch.nn.functional.interpolate(images, size=(24, 36), mode="bilinear", align_corners=False,
+                                           antialias=True)[..., 2:22, 8:28]
+    torch.testing.assert_close(out, torch.stack([want.mean((1, 2, 3)), want[:, :, 0, 0].mean(1)], 1))
+    assert clf.module.seen[-1] == (20, 20)
+    (grad,) = torch.autograd.grad(out.sum(), images)
+    assert float(grad.abs().sum()) > 0
+    with pytest.raises(UsageError, match=r"#resize=16 needs #size=N with N ≤ 16"):
+        load_classifier(f"python:{tmp_path / 'probe.py'}:build#resize=16&size=20", ClassifierOptions())
+
+
 def test_pickled_checkpoints_need_trust_pickle(tmp_path, reference):
     import torch
 
