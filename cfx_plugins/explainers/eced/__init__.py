@@ -88,8 +88,9 @@ decoder's weights against the background MSE (eq. 12); the loaded model is never
 noise(z_init, τ), τ DDIM steps (eq. 10, η) with classifier-free guidance, each blended z_t = z^fg⊙M' +
 noise(z^bg*, t)⊙(1−M'); image = D*(z_0); gradient of CE(f(image), y') w.r.t. z_init through the chain and the
 decoder, pruned by M', Adam. An image stops at its first flip. A grayscale input (channels equal) gets a
-grayscale counterfactual: the decoder output is projected onto the grey axis (--set keep_gray=false: off). Model: --model diffusers:SD_FOLDER (SD 1.x/2.x
-layout; v-prediction is converted to ε) or demo:latent (default). Presets: paper / paper-celebahq (the supplement
+grayscale counterfactual: the decoder output is projected onto the grey axis (--set keep_gray=false: off).
+Model: --model diffusers:SD_FOLDER (SD 1.x/2.x layout; v-prediction is converted to ε) or demo:latent (default).
+Presets: paper / paper-celebahq (the supplement
 as written: all T₂ iterations, output I^(T₂), unguided eq. 10; its ImageNet / CelebA-HQ prompts), imagenet,
 celebahq (the prompts with cfx's defaults: early stop, CFG 7.5), digits (the demo; automatic with demo:digits).
 Details and every open choice: docs/methods/eced.md.
