@@ -335,11 +335,12 @@ def test_hit_maps_beat_their_reverse_on_insertion_and_deletion(demo_hit, held_ou
 
 @pytest.mark.slow
 def test_cli_rcsb_with_region_hit_keeps_the_outside_pixels(tmp_path, demo_images, cfx):
+    # scale 6 (was 3 before issue 18): RCSB's full-image Adam step, as the authors', is ≈ √a of the masked one
     from cfx_cli.images import decode
 
     out = tmp_path / "run"
     r = cfx("explain", str(demo_images), "--method", "rcsb", "--classifier", "demo:hit-digits", "--region", "hit",
-            "--set", "preset=digits", "--set", "scale=3", "--set", "nfe=10", "--limit", "3", "--out", str(out),
+            "--set", "preset=digits", "--set", "scale=6", "--set", "nfe=10", "--limit", "3", "--out", str(out),
             "--device", "cpu")
     assert r.returncode == 0, r.stderr
     info = json.loads((out / "run.json").read_text())
