@@ -287,6 +287,39 @@ def test_paper_preset_runs_all_iterations_unguided():
     assert any(torch.equal(e[:1], exp.embeds([0])[1]) for _, e in calls)
 
 
+def _channel_spread(img: torch.Tensor) -> float:
+    """max over pixels of max_c − min_c of a (3, H, W) image in [0, 1], in 8-bit levels, as the saved PNG."""
+    q = torch.round(img.clamp(0, 1) * 255)
+    return float((q.amax(0) - q.amin(0)).max())
+
+
+def test_a_grayscale_digit_stays_grayscale_and_a_colour_input_is_untouched():
+    """Issue 22: the demo VAE and Alg. 2's tuned decoder copy put colour into a grayscale digit; keep_gray (default)
+    projects the decoded output onto the grey axis for grayscale inputs only."""
+    from cfx_plugins.explainers.eced.core import gray_rows
+
+    ids = ["digit-03-label3", "digit-07-label7"]
+    sets = {"iterations": 2, "bg_iterations": 30}
+    gray_batch = _batch(ids)
+    assert gray_rows(gray_batch.images).all()
+    on = _explainer(sets).explain(gray_batch)
+    off = _explainer({**sets, "keep_gray": False}).explain(_batch(ids))
+    for a, b in zip(on, off, strict=True):
+        assert a.params["gray_projected"] and not b.params["gray_projected"]
+        assert _channel_spread(a.counterfactual) <= 4
+        assert _channel_spread(b.counterfactual) > 4  # the colour keep_gray removes is there without it
+        assert (a.counterfactual - b.counterfactual).abs().mean() > 0  # it changed the output
+
+    colour = _batch(ids)  # the same digits tinted: the red channel at 70 %, so no longer grayscale
+    colour.images[:, 0] *= 0.7
+    assert not gray_rows(colour.images).any()
+    c_on = _explainer(sets).explain(colour)
+    c_off = _explainer({**sets, "keep_gray": False}).explain(colour)
+    for a, b in zip(c_on, c_off, strict=True):
+        assert not a.params["gray_projected"]
+        assert torch.equal(a.counterfactual, b.counterfactual)
+
+
 def test_parameter_errors():
     from cfx_cli.errors import UsageError
 

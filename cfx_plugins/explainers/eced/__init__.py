@@ -56,6 +56,9 @@ class ECED(Explainer):
         Param("bg_iterations", "int", 100, "N: Alg. 2 iterations", min=0),
         Param("bg_lr_latent", "float", 0.01, "Alg. 2 Adam learning rate of z^bg", min=0.0),
         Param("bg_lr_decoder", "float", 1e-4, "Alg. 2 Adam learning rate of the decoder copy's weights", min=0.0),
+        Param("keep_gray", "bool", True, "a grayscale input (all channels equal within one 8-bit level) gets a "
+              "grayscale counterfactual: the decoder's output is projected onto the grey axis (channel mean), in "
+              "Alg. 2's loss and in Alg. 3; colour inputs are untouched (docs/methods/eced.md)"),
         Param("checkpoint", "bool", False, "gradient checkpointing per denoising step (less memory, one more "
               "UNet pass per step in the backward)"),
         RESOLUTION_PARAM,
@@ -84,8 +87,10 @@ decoder's weights against the background MSE (eq. 12); the loaded model is never
 (--set prompt="A photo of a/an {target}", class words from --set class_names); T₂ iterations: z_τ =
 noise(z_init, τ), τ DDIM steps (eq. 10, η) with classifier-free guidance, each blended z_t = z^fg⊙M' +
 noise(z^bg*, t)⊙(1−M'); image = D*(z_0); gradient of CE(f(image), y') w.r.t. z_init through the chain and the
-decoder, pruned by M', Adam. An image stops at its first flip. Model: --model diffusers:SD_FOLDER (SD 1.x/2.x
-layout; v-prediction is converted to ε) or demo:latent (default). Presets: paper / paper-celebahq (the supplement
+decoder, pruned by M', Adam. An image stops at its first flip. A grayscale input (channels equal) gets a
+grayscale counterfactual: the decoder output is projected onto the grey axis (--set keep_gray=false: off).
+Model: --model diffusers:SD_FOLDER (SD 1.x/2.x layout; v-prediction is converted to ε) or demo:latent (default).
+Presets: paper / paper-celebahq (the supplement
 as written: all T₂ iterations, output I^(T₂), unguided eq. 10; its ImageNet / CelebA-HQ prompts), imagenet,
 celebahq (the prompts with cfx's defaults: early stop, CFG 7.5), digits (the demo; automatic with demo:digits).
 Details and every open choice: docs/methods/eced.md.
@@ -170,10 +175,12 @@ Details and every open choice: docs/methods/eced.md.
         from cfx_cli.optim import AdamRows
 
         from .core import (
+            GrayDecoders,
             SharedDecoder,
             background_mse,
             blended_chain,
             draw_noise,
+            gray_rows,
             preserve_background,
             prune,
             straight_through_unit,
@@ -199,17 +206,21 @@ Details and every open choice: docs/methods/eced.md.
             z_f = m.encode_images(x_r)
         lat = self.latent_mask(pix_r, z_f.shape[-2:])
         draws = self.context.noise.for_batch(batch.ids, batch.seeds, dev)
+        # the VAE and Alg. 2's tuned decoder copy colour a grayscale digit (docs/methods/eced.md: keep_gray)
+        gray = gray_rows(x).to(dev) if p["keep_gray"] else None
 
         # Alg. 2 (each image has its own decoder copy)
         t0 = time.monotonic()
         if p["preserve_background"]:
             bgs = preserve_background(m.vae, m.scaling_factor, x_r, z_f, lat, pix_r, self.alpha0,
-                                      p["bg_iterations"], p["bg_lr_latent"], p["bg_lr_decoder"], draws)
+                                      p["bg_iterations"], p["bg_lr_latent"], p["bg_lr_decoder"], draws, gray=gray)
             z_bg, decoders = bgs.z_bg, bgs.decoders
         else:
             bgs = None
             z_bg, decoders = z_f.clone(), SharedDecoder(m.vae, m.scaling_factor)
         bg_seconds = time.monotonic() - t0
+        if gray is not None:
+            decoders = GrayDecoders(decoders, gray)
 
         # Alg. 3
         cond_all, uncond = self.embeds([int(k) for k in targets.tolist()])
@@ -273,6 +284,7 @@ Details and every open choice: docs/methods/eced.md.
                 "region_area": round(float(pix[i].mean()), 4), "latent_area": round(float(lat[i].mean()), 4),
                 "prompt": self._prompt(int(batch.targets[i])), "preserve_background": p["preserve_background"],
                 "bg_mse": round(float(bg_after[i]), 6), "model": m.spec,
+                "gray_projected": bool(gray[i]) if gray is not None else False,
             }
             if bgs is not None:
                 info.update({"bg_loss_first": round(bgs.loss_first[i], 6), "bg_loss_last": round(bgs.loss_last[i], 6),

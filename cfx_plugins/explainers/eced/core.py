@@ -154,6 +154,36 @@ class SharedDecoder(torch.nn.Module):
         return self.decoder(z)
 
 
+def gray_rows(images: torch.Tensor, tol: float = 1 / 255) -> torch.Tensor:
+    """(N,) bool: the images (N, C, H, W) whose channels are equal at every pixel (within ``tol``, one 8-bit level by
+    default), i.e. grayscale images stored as RGB."""
+    if images.shape[1] < 2:
+        return torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+    return (images.amax(1) - images.amin(1)).flatten(1).amax(1) <= tol
+
+
+def project_gray(images: torch.Tensor, gray: torch.Tensor) -> torch.Tensor:
+    """The rows ``gray`` (M,) bool of images (M, C, H, W) projected onto the grey axis (every channel = the channel
+    mean: the orthogonal projection onto span(1, …, 1), the colour subspace of a grayscale input); the other rows
+    unchanged. Linear, so gradients pass through it."""
+    g = gray.to(images.device).view(-1, *([1] * (images.ndim - 1)))
+    return torch.where(g, images.mean(1, keepdim=True).expand_as(images), images)
+
+
+class GrayDecoders(torch.nn.Module):
+    """Decoders (:class:`StackedDecoders` or :class:`SharedDecoder`) whose output is projected onto the grey axis
+    for the images ``gray`` (N,) bool (``keep_gray``); same call signature."""
+
+    def __init__(self, decoders: torch.nn.Module, gray: torch.Tensor) -> None:
+        super().__init__()
+        self.decoders = decoders
+        self.gray = gray
+
+    def forward(self, z: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.decoders(z, rows)
+        return project_gray(out, self.gray if rows is None else self.gray.to(rows.device)[rows])
+
+
 @dataclass
 class Background:
     """What Alg. 2 returns for a batch, plus each image's loss at the first and the last iteration."""
@@ -166,15 +196,17 @@ class Background:
 
 def preserve_background(vae, scaling: float, images: torch.Tensor, z_f: torch.Tensor, latent_mask: torch.Tensor,
                         pixel_mask: torch.Tensor, alpha0: float, iterations: int, lr_latent: float,
-                        lr_decoder: float, noise: BatchNoise) -> Background:
+                        lr_decoder: float, noise: BatchNoise, gray: torch.Tensor | None = None) -> Background:
     """Alg. 2 for a batch, each image with its own decoder copy and its own noise. ``images`` (N, 3, R, R) in
     [0, 1] at the model's resolution, ``z_f`` = E(images) (N, C, h, w), ``latent_mask`` M' (N, 1, h, w),
     ``pixel_mask`` M (N, 1, R, R) (1 = key region).
 
     Each iteration draws a fresh ε from ``noise`` (the batch's draws), blends z_init = z^F⊙M' + z^bg⊙(1−M'),
     noises it to α_0 and decodes with the copied decoder; one Adam (two parameter groups: z^bg and θ_D) minimises
-    the background MSE (eq. 12)."""
+    the background MSE (eq. 12). ``gray`` (N,) bool: the images whose decoded output is projected onto the grey axis
+    (``keep_gray``), in the loss as in Alg. 3, so the copy is tuned for the output the method returns."""
     decoders = StackedDecoders(vae, scaling, len(images))
+    decode = decoders if gray is None else GrayDecoders(decoders, gray)
     z_bg = z_f.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([{"params": [z_bg], "lr": lr_latent},
                             {"params": decoders.trainable(), "lr": lr_decoder}])
@@ -184,7 +216,7 @@ def preserve_background(vae, scaling: float, images: torch.Tensor, z_f: torch.Te
         for i in range(iterations):
             eps = noise.randn(range(len(images)), tuple(z_f.shape[1:]), "background_q_sample", (i,))
             z_init = z_f * m + z_bg * (1 - m)
-            out = (decoders(q_sample_at(z_init, alpha0, eps)) + 1) / 2
+            out = (decode(q_sample_at(z_init, alpha0, eps)) + 1) / 2
             per_image = background_mse(out, images, pixel_mask)
             opt.zero_grad(set_to_none=True)
             per_image.sum().backward()  # a sum: each image's weights get only their own image's gradient

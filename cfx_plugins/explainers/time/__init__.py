@@ -23,7 +23,7 @@ from cfx_cli.params import Param, resolve_params
 from . import tokens as T
 from .cli import fit_time
 from .fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS, fit_time_tokens, install_artifact
-from .generate import GUIDANCE_CONVENTIONS, TimeGenerator, guidance_scale, parse_schedule
+from .schedule import GUIDANCE_CONVENTIONS, guidance_scale, parse_schedule
 
 # (τ, w) of thesis §5.4; w is the authors' code's guidance scale g (--guidance-scale-*), see generate.py
 SMILE = "25:3,30:4,35:4,35:6"
@@ -192,6 +192,8 @@ def build_generator(context: ExplainContext):
             print(f"note: {note}", file=sys.stderr)
         vectors, meta = result.vectors, result.meta
         info = {"fitted_on": str(fit_data), "fit_preset": preset}
+    from .generate import TimeGenerator  # torch, through the diffusion math
+
     install_artifact(model, vectors, meta)
     return TimeGenerator(model, meta), info
 
