@@ -73,6 +73,30 @@ def test_judges_are_independent_accurate_and_small():
     assert total <= 40e6, f"demo weights {total / 1e6:.1f} MB"
 
 
+def test_oracles_resist_their_own_small_attacks():
+    """The oracles were trained against their own ℓ∞ PGD: a perturbation of 0.05 per pixel (below masked PGD's
+    32/255) that ascends a judge's own loss leaves ≥ 88 % of the tuning digits readable (the pre-adversarial judges
+    kept 82 % and 79 %; the committed ones 97 % and 91 %), and the attack stays in the ball and in [0, 1]."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from train_demo_judges import own_pgd
+
+    from cfx_cli.demo.data import load_protocol_split
+    from cfx_cli.demo.judges import load_judge
+
+    x, y, _ = load_protocol_split("tuning")
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    for name in ("oracle-mlp", "oracle-rff"):
+        judge = load_judge(name)
+        xa = own_pgd(judge, x, y, 0.05, torch.Generator().manual_seed(0))
+        assert float((xa - x).abs().max()) <= 0.05 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+        with torch.no_grad():
+            robust = float((judge(xa).argmax(1) == y).float().mean())
+            clean = float((judge(x).argmax(1) == y).float().mean())
+        assert clean >= 0.97 and robust >= 0.88, (name, clean, robust)
+
+
 def _explain(cfx, demo_images, out, method, limit):
     proc = cfx("explain", str(demo_images), "--method", method, "--target", "auto", "--seed", "0", "--limit",
                str(limit), "--out", str(out), timeout=900)
@@ -131,8 +155,10 @@ def test_oracle_flip_rate_tells_an_attack_from_an_edit(tmp_path, cfx, demo_image
         _explain(cfx, demo_images, tmp_path / method, method, 16)
         rows[method] = _eval(cfx, tmp_path / method, "flip_rate,oracle_flip_rate")
     assert rows["pgd"]["flip_rate"] >= 0.9 and rows["time"]["flip_rate"] >= 0.8
-    assert rows["time"]["oracle_flip_rate"] >= 0.75, rows
-    assert rows["pgd"]["oracle_flip_rate"] <= rows["time"]["oracle_flip_rate"] - 0.3, rows
+    # adversarially trained judges (their own ℓ∞ PGD, never the CNN's): on these 16 digits PGD 16 %, TIME 72 %
+    assert rows["pgd"]["oracle_flip_rate"] <= 0.25, rows  # issue 22's bound for an attack
+    assert rows["time"]["oracle_flip_rate"] >= 0.6, rows
+    assert rows["pgd"]["oracle_flip_rate"] <= rows["time"]["oracle_flip_rate"] - 0.4, rows
     for judge in ("mlp", "rff"):
         assert rows["pgd"][f"oracle_flip_rate_{judge}"] < rows["time"][f"oracle_flip_rate_{judge}"], rows
 
