@@ -178,15 +178,31 @@ def test_nearest_target_digit_distance_is_the_minimum_over_that_class():
 @pytest.mark.slow
 def test_demo_benchmark_runs_a_method_on_protocol_digits(tmp_path, capsys):
     bench = _bench()
-    assert bench.main(["--split", "tuning", "--n", "4", "--methods", "pgd", "--out", str(tmp_path)]) == 0
+    assert bench.main(["--split", "tuning", "--n", "4", "--methods", "pgd", "--out", str(tmp_path),
+                       "--set", "pgd:iterations=20"]) == 0
     report = json.loads((tmp_path / "tuning" / "benchmark.json").read_text())
-    assert report["split"] == "tuning" and report["n"] == 4
+    assert report["split"] == "tuning" and report["n"] == 4 and report["settings"] == {"pgd": ["iterations=20"]}
     assert sorted(p.name for p in (tmp_path / "tuning" / "inputs").glob("*.png"))[0].startswith("tuning-")
     row = report["methods"]["pgd"]
-    for key in ("flip_rate", "oracle_flip_rate", "l1", "l1_nearest", "l1_ratio", "fid", "fid_train", "seconds", "nfe"):
+    for key in ("flip_rate", "oracle_flip_rate", "l1", "l1_nearest", "l1_ratio", "fid", "fid_train", "fid_target",
+                "seconds", "nfe"):
         assert row[key] is not None, key
     assert row["l1_ratio"] == pytest.approx(row["l1"] / row["l1_nearest"])
-    assert "pgd" in capsys.readouterr().out
+    assert row["nfe"] == pytest.approx(20)
+    out = capsys.readouterr().out
+    assert "pgd" in out and "pgd: iterations=20" in out
+
+
+def test_target_matched_fid_compares_with_the_target_classes_digits():
+    """Real digits of the target class score far better against their own class than a source digit does."""
+    bench = _bench()
+    train_x, train_y = bench.training_digits()
+    feats = bench.features(train_x)
+    threes, fours = feats[train_y == 3], feats[train_y == 4]
+    as_target = bench.target_matched_fid(feats, train_y, threes, ["3"] * len(threes))
+    wrong = bench.target_matched_fid(feats, train_y, fours, ["3"] * len(fours))
+    assert as_target < 0.2 * wrong
+    assert as_target < bench.fid_from_features(feats, threes)
 
 
 def _bench():
