@@ -135,6 +135,19 @@ def test_eval_all_on_a_demo_run_needs_no_download(tmp_path, cfx, demo_images):
     assert own["oracle_flip_rate"] == pytest.approx(row["flip_rate"])  # the explained classifier agrees with itself
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dime", "fastdime", "ace", "rcsb", "time", "eced"])
+def test_eval_all_on_every_methods_demo_run_skips_nothing_for_weights(tmp_path, cfx, demo_images, method):
+    """Issue 22: `cfx eval RUN --metrics all` on a demo run of every method computes FID, sFID and the oracle
+    metrics with the demo's own networks (default presets, the first 4 README digits)."""
+    run = tmp_path / method
+    _explain(cfx, demo_images, run, method, 4)
+    row = _eval(cfx, run, "all")
+    for col in ("fid", "sfid", "oracle_flip_rate", "oracle_flip_rate_mlp", "oracle_flip_rate_rff", "mnac"):
+        assert row[col] is not None, (col, row["skipped"])
+    assert not any("weights" in why or "published at" in why for why in row["skipped"].values()), row["skipped"]
+
+
 def test_oracle_flip_rate_without_oracles_on_a_non_demo_run(tmp_path):
     from cfx_cli.errors import MetricUnavailable
     from cfx_cli.metrics import MetricContext

@@ -8,6 +8,9 @@ from torch import nn
 from cfx_cli.demo import DEMO_DIR
 
 WEIGHTS = "digits_classifier.safetensors"
+#: ``demo:digits-robust``: the same architecture, adversarially trained (scripts/train_demo_robust.py): the guide of
+#: robust-classifier guidance (cfx_cli/guide.py), never the explained classifier nor a judge
+ROBUST_WEIGHTS = "digits_robust.safetensors"
 
 
 class DigitsCNN(nn.Module):
@@ -26,9 +29,9 @@ class DigitsCNN(nn.Module):
         return self.head(self.features((x - 0.5) / 0.5))
 
 
-def load_pretrained(device: str = "cpu") -> DigitsCNN:
+def load_pretrained(device: str = "cpu", weights: str = WEIGHTS) -> DigitsCNN:
     from safetensors.torch import load_file
 
     model = DigitsCNN()
-    model.load_state_dict(load_file(str(DEMO_DIR / WEIGHTS)))
+    model.load_state_dict(load_file(str(DEMO_DIR / weights)))
     return model.eval().to(device)

@@ -16,6 +16,7 @@ from cfx_cli.classifiers import Classifier, ClassifierOptions, load_classifier, 
 from cfx_cli.devices import resolve_device
 from cfx_cli.errors import CfxError, InputError, UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
+from cfx_cli.guide import guided_classifier
 from cfx_cli.images import InputImage, decode, save_png, to_working_size
 from cfx_cli.models.memory import note
 from cfx_cli.plugins import black_box_methods
@@ -36,6 +37,8 @@ class BatchWorker:
 
     def __init__(self, run: RunDir, explainer: Explainer, classifier: Classifier, fixed_target: int | None,
                  plan: ExplainPlan) -> None:
+        # ``classifier`` re-classifies the saved outputs; the explainer's own (context.classifier) may be it
+        # wrapped in a robust guide (cfx_cli/guide.py)
         self.run, self.explainer, self.classifier = run, explainer, classifier
         self.fixed_target, self.plan = fixed_target, plan
         #: (H, W) every input is brought to before the explainer sees it (its generator's); None = native sizes
@@ -59,6 +62,8 @@ class BatchWorker:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self.explainer.context.classifier is not self.classifier:
+                self.explainer.context.classifier.close()
             self.classifier.close()
 
 
@@ -67,8 +72,9 @@ def build_worker(plan: ExplainPlan, before_explainer: Callable[[Classifier], Non
     its models). ``before_explainer(classifier)`` runs just before that, for checks that need the classifier."""
     req = plan.req
     device = resolve_device(req.device)
-    classifier = load_classifier(plan.spec, ClassifierOptions(device=device, labels=plan.labels,
-                                                              trust_pickle=req.trust_pickle))
+    options = ClassifierOptions(device=device, labels=plan.labels, trust_pickle=req.trust_pickle)
+    classifier = load_classifier(plan.spec, options)
+    seen = classifier
     try:
         if plan.region is not None:
             plan.region.check(classifier)
@@ -82,10 +88,13 @@ def build_worker(plan: ExplainPlan, before_explainer: Callable[[Classifier], Non
         fixed_target = None if req.target == "auto" else classifier.label_index(req.target)
         if before_explainer is not None:
             before_explainer(classifier)
-        context = ExplainContext(classifier=classifier, params=plan.params, device=device, model=req.model,
+        seen = guided_classifier(classifier, plan.params, options, plan.spec)
+        context = ExplainContext(classifier=seen, params=plan.params, device=device, model=req.model,
                                  model_flags=req.model_flags, trust_pickle=req.trust_pickle, options=req.options)
         explainer = plan.explainer_cls(context)
     except BaseException:
+        if seen is not classifier:
+            seen.close()
         classifier.close()
         raise
     return BatchWorker(RunDir(plan.out), explainer, classifier, fixed_target, plan)

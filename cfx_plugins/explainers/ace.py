@@ -18,6 +18,7 @@ from cfx_cli.backends.pixel import pixel_forward
 from cfx_cli.classifiers import target_score
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
+from cfx_cli.guide import GUIDE_PARAMS
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.models import pixel_prior
 from cfx_cli.params import Param
@@ -70,6 +71,7 @@ class ACE(Explainer):
               "each step in the backward pass: less memory, ~1 more forward per step)"),
         Param("cw_final_update", "bool", False, "C&W only: return x' after the last update (cfx's earlier "
               "behaviour) instead of the iterate the last gradient was taken at (the authors' CW.attack)"),
+        *GUIDE_PARAMS,
     )
     presets = {
         # appendix A + the authors' scripts/*-attack.sh (PGD, 50 iterations, ℓ1 λ_d 0.001); class_weight =

@@ -16,6 +16,7 @@ from cfx_cli.backends.pixel import pixel_forward
 from cfx_cli.classifiers import IMAGENET_MEAN, IMAGENET_STD, target_score
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
+from cfx_cli.guide import GUIDE_PARAMS
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.models import pixel_prior
 from cfx_cli.params import Param
@@ -64,6 +65,7 @@ class DiME(Explainer):
         Param("flip_check", "str", "output", "what decides a retry: 'output' (the attempt's float output, as the "
               "authors' main.py) or 'png' (the 8-bit image cfx will save, cfx's former default)",
               choices=("output", "png")),
+        *GUIDE_PARAMS,
     )
     _paper = {"respacing": "200", "lambda_p": 30.0, "lambda_1": 0.05, "loss": "logits", "perceptual": "vgg19",
               "perc_layer": 18}

@@ -8,6 +8,7 @@ realism, and the plumbing check of the tool.
 from __future__ import annotations
 
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
+from cfx_cli.guide import GUIDE_PARAMS
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.params import Param
 
@@ -23,6 +24,7 @@ class MaskedPGD(Explainer):
         Param("step", "float", 1 / 255, "step size γ per iteration", min=0.0),
         Param("iterations", "int", 50, "number of PGD iterations", min=1),
         Param("early_stop", "bool", False, "stop updating an image once the classifier predicts the target"),
+        *GUIDE_PARAMS,
     )
     presets = {
         "eps2": {"eps": 2 / 255},

@@ -18,6 +18,7 @@ from typing import Any
 from cfx_cli.classifiers import target_score
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
+from cfx_cli.guide import GUIDE_PARAMS
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.models import DEFAULT_MODELS, model_for
 from cfx_cli.params import Param
@@ -51,6 +52,7 @@ class RCSB(Explainer):
         Param("beta2", "float", 0.999, "Adam β2", min=0.0, max=1.0),
         Param("eps", "float", 1e-8, "Adam ε", min=0.0),
         Param("clip_denoise", "bool", False, "clip x̂_0 to [-1, 1] (I2SB's sampler default is off)"),
+        *GUIDE_PARAMS,
     )
     # Table 1 configurations (ImageNet, I2SB freeform 20–30% checkpoint); a and c are region options
     presets = {

@@ -15,6 +15,7 @@ from typing import Any
 from cfx_cli import saliency
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
+from cfx_cli.guide import GUIDE_PARAMS
 from cfx_cli.hookspecs import hookimpl
 from cfx_cli.models import model_for
 from cfx_cli.models.latent import RESOLUTION_PARAM
@@ -62,6 +63,7 @@ class ECED(Explainer):
         Param("checkpoint", "bool", False, "gradient checkpointing per denoising step (less memory, one more "
               "UNet pass per step in the backward)"),
         RESOLUTION_PARAM,
+        *GUIDE_PARAMS,
     )
     presets = {
         # the supplement as written: Alg. 3 runs all T₂ iterations and returns I^(T₂) (no stop at the first flip),
