@@ -169,9 +169,10 @@ def test_oracle_flip_rate_tells_an_attack_from_an_edit(tmp_path, cfx, demo_image
         _explain(cfx, demo_images, tmp_path / method, method, 16)
         rows[method] = _eval(cfx, tmp_path / method, "flip_rate,oracle_flip_rate")
     assert rows["pgd"]["flip_rate"] >= 0.9 and rows["time"]["flip_rate"] >= 0.8
-    # adversarially trained judges (their own ℓ∞ PGD, never the CNN's): on these 16 digits PGD 16 %, TIME 72 %
+    # adversarially trained judges (their own ℓ∞ PGD, never the CNN's): on these 16 digits PGD 16 %, TIME 84 %
+    # (72 % with the digits schedule before issue 22)
     assert rows["pgd"]["oracle_flip_rate"] <= 0.25, rows  # issue 22's bound for an attack
-    assert rows["time"]["oracle_flip_rate"] >= 0.6, rows
+    assert rows["time"]["oracle_flip_rate"] >= 0.75, rows  # issue 22's target for a counterfactual method
     assert rows["pgd"]["oracle_flip_rate"] <= rows["time"]["oracle_flip_rate"] - 0.4, rows
     for judge in ("mlp", "rff"):
         assert rows["pgd"][f"oracle_flip_rate_{judge}"] < rows["time"][f"oracle_flip_rate_{judge}"], rows
