@@ -101,8 +101,8 @@ Perceptual loss: the paper's VGG19 features (layer 18) need weights you provide 
 without them DiME refuses to run unless you choose --set perceptual=l2 (a pixel MSE, not the paper's loss;
 the digits preset does) or --set lambda_p=0. Each manifest record names the network used.
 NFE per attempt and image: τ(τ+1)/2 prior evaluations + τ classifier gradients (τ = 60: 1830 + 60).
-Presets: celeba, celebahq, bdd (thesis), digits (the demo). DiME publishes no ImageNet setting, so there is no
-imagenet preset. Details: docs/methods/dime.md.
+Presets: celeba, celebahq, bdd (thesis), digits (the demo; with robust guidance, --set guide=). DiME
+publishes no ImageNet setting, so there is no imagenet preset. Details: docs/methods/dime.md.
 """
 
     def __init__(self, context) -> None:

@@ -86,7 +86,8 @@ first run's output fixed (pasted at every step). Retries over λ_c as DiME.
 With --region/--mask, the region is pasted from the first step and the self-optimised mask only acts inside it.
 The mask that was used (1 = changed) is saved in masks/. NFE per attempt and image: τ network calls + τ
 classifier gradients (2τ + 2τ for the 2-step variants; τ = 60: 120 vs DiME's 1890).
-Presets: celeba, celeba2, celeba2plus (run_fastdime.sh), digits (the demo). Details: docs/methods/fastdime.md.
+Presets: celeba, celeba2, celeba2plus (run_fastdime.sh), digits (the demo; with robust guidance).
+Details: docs/methods/fastdime.md.
 """
 
     def __init__(self, context) -> None:
