@@ -14,11 +14,18 @@ Its ``logits`` are the explained classifier's; only their gradient with respect 
 with g the explained classifier's gradient and r the guide's (both for the same upstream gradient, i.e. the
 explainer's own loss applied to the guide's logits, linearised at the explained classifier's logits):
 
-    ∠(r, g) ≤ α:  g                     (DVCE keeps the explained direction inside the cone)
-    otherwise:    ‖g‖ (cos α ĝ + sin α v̂),  v = r − (r·ĝ) ĝ   (the cone's boundary towards r)
+    ∠(r, g) ≤ α:  g                     (``guide_rule=code``, the default: DVCE's released code,
+                                         ``cone_projection(grad_robust, grad_explained, deg)`` in
+                                         blended_diffusion/optimization/dff_attack.py, keeps the explained
+                                         direction inside the cone)
+                  ‖g‖ r̂                 (``guide_rule=projection``: the Euclidean projection of r onto the cone,
+                                         which is r itself inside it; a cfx option)
+    otherwise:    ‖g‖ (cos α ĝ + sin α v̂),  v = r − (r·ĝ) ĝ   (the cone's boundary towards r, both rules)
 
-DVCE's code returns the unit directions ĝ and (ĝ + tan α v̂) and normalises them before its own guidance scale;
-cfx keeps ‖g‖ so that each method's own step sizes and scales mean what they meant without a guide.
+So under the code's rule α is how far the direction may turn towards r, and r is followed only where it points
+more than α away from g; under the projection rule r is followed wherever it lies within α of g. DVCE's code
+returns the unit directions and normalises them before its own guidance scale; cfx keeps ‖g‖ so that each
+method's own step sizes and scales mean what they meant without a guide.
 """
 
 from __future__ import annotations
@@ -41,14 +48,17 @@ GUIDE_PARAMS: tuple[Param, ...] = (
           "demo:digits-robust); '' = the explained classifier's own gradient. Flips are still decided by the "
           "explained classifier"),
     Param("guide_cone", "float", 30.0, "cone half-angle α in degrees around the explained classifier's gradient "
-          "that the guide's gradient is projected into (DVCE's 30°; 0 = the explained gradient, 90 = any "
-          "direction not against it)", min=0.0, max=90.0),
+          "that the guide's gradient is projected into (DVCE's 30°; 0 = the explained gradient)", min=0.0, max=90.0),
+    Param("guide_rule", "str", "code", "inside the cone: code = the explained gradient (DVCE's released code), "
+          "projection = the guide's own direction (the Euclidean projection onto the cone); outside it both take "
+          "the cone's boundary towards the guide", choices=("code", "projection")),
 )
 
 
-def cone_project(explained: torch.Tensor, guide: torch.Tensor, degrees: float) -> torch.Tensor:
-    """Per image (dim 0): ``explained`` where the angle to ``guide`` is at most ``degrees``, else ‖explained‖ times
-    the unit vector on the cone's boundary towards ``guide``. Images with a zero gradient keep it."""
+def cone_project(explained: torch.Tensor, guide: torch.Tensor, degrees: float, rule: str = "code") -> torch.Tensor:
+    """Per image (dim 0), with the norm of ``explained``: where the angle to ``guide`` is at most ``degrees``,
+    ``explained`` (rule ``code``) or the direction of ``guide`` (rule ``projection``); elsewhere the unit vector on
+    the cone's boundary towards ``guide``. Images with a zero gradient keep it."""
     import math
 
     import torch
@@ -64,7 +74,8 @@ def cone_project(explained: torch.Tensor, guide: torch.Tensor, degrees: float) -
     cos_angle = along / r.norm(dim=1, keepdim=True).clamp_min(1e-30)
     inside = (cos_angle >= math.cos(rad)) | (g_norm == 0) | (v.norm(dim=1, keepdim=True) == 0)
     boundary = g_norm * (math.cos(rad) * g_hat + math.sin(rad) * v_hat)
-    out = torch.where(inside, g, boundary)
+    within = g if rule == "code" else g_norm * r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    out = torch.where(inside, within, boundary)
     return out.to(explained.dtype).view_as(explained)
 
 
@@ -75,11 +86,11 @@ def _cone_function():
 
     class ConeGuided(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, images, explained, guide, degrees):
+        def forward(ctx, images, explained, guide, degrees, rule):
             with torch.enable_grad():
                 x = images.detach().requires_grad_(True)
                 ctx.graph = (x, explained.logits(x), guide.logits(x))
-            ctx.degrees = degrees
+            ctx.degrees, ctx.rule = degrees, rule
             return ctx.graph[1].detach()
 
         @staticmethod
@@ -88,7 +99,7 @@ def _cone_function():
             del ctx.graph  # one backward pass per forward, as every explainer does
             (g,) = torch.autograd.grad(own, x, grad_logits)
             (r,) = torch.autograd.grad(other.to(grad_logits.dtype), x, grad_logits)
-            return cone_project(g, r, ctx.degrees), None, None, None
+            return cone_project(g, r, ctx.degrees, ctx.rule), None, None, None, None
 
     return ConeGuided
 
@@ -97,8 +108,10 @@ class GuidedClassifier(Classifier):
     """The explained classifier with cone-projected robust guidance in its logits' gradient (module docstring).
     Everything but ``logits``' gradient is the explained classifier's (its probabilities, labels, layers)."""
 
-    def __init__(self, explained: Classifier, guide: Classifier, degrees: float, guide_spec: str) -> None:
+    def __init__(self, explained: Classifier, guide: Classifier, degrees: float, guide_spec: str,
+                 rule: str = "code") -> None:
         self.explained, self.guide, self.degrees, self.guide_spec = explained, guide, float(degrees), guide_spec
+        self.rule = rule
         self.labels = explained.labels
         self.capabilities = explained.capabilities
 
@@ -128,7 +141,7 @@ class GuidedClassifier(Classifier):
 
         if not (torch.is_grad_enabled() and images.requires_grad):
             return self.explained.logits(images)
-        return _cone_function().apply(images, self.explained, self.guide, self.degrees)
+        return _cone_function().apply(images, self.explained, self.guide, self.degrees, self.rule)
 
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(images)
@@ -140,7 +153,8 @@ class GuidedClassifier(Classifier):
         return self.explained.label_index(label)
 
     def describe(self) -> dict:
-        return {**self.explained.describe(), "guide": self.guide_spec, "guide_cone": self.degrees}
+        return {**self.explained.describe(), "guide": self.guide_spec, "guide_cone": self.degrees,
+                "guide_rule": self.rule}
 
     def close(self) -> None:
         self.guide.close()  # the explained classifier is closed by whoever loaded it
@@ -164,4 +178,5 @@ def guided_classifier(classifier: Classifier, params: dict[str, Any], options: C
     if problem:
         guide.close()
         raise UsageError(f"--set guide={guide_spec}: the guide {problem}")
-    return GuidedClassifier(classifier, guide, params.get("guide_cone", 30.0), guide_spec)
+    return GuidedClassifier(classifier, guide, params.get("guide_cone", 30.0), guide_spec,
+                            params.get("guide_rule", "code"))

@@ -101,7 +101,12 @@ def make_dime(fx, case: dict, clf: SingleLogitClassifier | None = None, **overri
 
 def run(fx, case: dict, x, targets):
     """cfx's DiME on images ``x`` ([-1, 1]) with the case's settings: (outputs, trace events, counts)."""
-    exp, clf = make_dime(fx, case)
+    return traced_run(*make_dime(fx, case), x, targets)
+
+
+def traced_run(exp, clf, x, targets):
+    """Explainer ``exp`` (DiME or a subclass) on images ``x`` ([-1, 1]): (outputs, its trace events, counts of UNet
+    images and classifier gradients)."""
     events: list[tuple[str, dict]] = []
     exp.trace = lambda event, **data: events.append((event, data))
     unet_images = []

@@ -18,7 +18,7 @@ from conftest import fixture_dir, run_cfx
 torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
-from test_dime_e2e import SingleLogitClassifier, maxdiff  # noqa: E402
+from test_dime_e2e import SingleLogitClassifier, maxdiff, traced_run  # noqa: E402
 
 from cfx_cli.diffusion.noise import Draw, constant_noise  # noqa: E402
 from cfx_cli.explainers import ExplainBatch, ExplainContext  # noqa: E402
@@ -76,19 +76,7 @@ def make(fx, case: dict):
 
 def run(fx, case: dict, x, targets):
     """cfx's FastDiME on images ``x`` ([-1, 1]) with the case's settings: (outputs, trace events, counts)."""
-    exp, clf = make(fx, case)
-    events: list[tuple[str, dict]] = []
-    exp.trace = lambda event, **data: events.append((event, data))
-    unet_images: list[int] = []
-    hook = exp.model.net.register_forward_hook(lambda _m, args, _o: unet_images.append(args[0].shape[0]))
-    n = x.shape[0]
-    batch = ExplainBatch(ids=[f"img{i}" for i in range(n)], images=(x + 1) / 2, targets=targets,
-                         sources=1 - targets, seeds=[0] * n)
-    try:
-        outs = exp.explain(batch)
-    finally:
-        hook.remove()
-    return outs, events, {"unet": sum(unet_images), "clf_grad": clf.gradient_calls}
+    return traced_run(*make(fx, case), x, targets)
 
 
 def picked(event: dict, key: str, pos: dict[int, int], n: int, fill=float("nan")):

@@ -32,6 +32,10 @@ def test_cone_projection_keeps_inside_and_projects_outside_onto_the_boundary():
     # the boundary point lies in the plane of g and r, on r's side: closer to r than g is
     assert (_angle(out[2:], r[2:]) < _angle(g[2:], r[2:])).all()
     assert _angle(cone_project(g, r, 0.0), g).max() < 1e-3  # α = 0: the explained direction
+    # the projection rule follows r inside the cone (with ‖g‖), the boundary outside, as the code rule does
+    proj = cone_project(g, r, 30.0, "projection")
+    assert _angle(proj[:1], r[:1]).item() < 1e-3 and torch.allclose(proj[1:], out[1:])
+    assert proj[0].norm() == pytest.approx(float(g[0].norm()), rel=1e-6)
     zero = torch.zeros_like(g)
     assert torch.equal(cone_project(zero, r, 30.0), zero)
 
