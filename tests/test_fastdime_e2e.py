@@ -309,6 +309,7 @@ def test_digits_preset_edits_are_read_as_the_target_by_the_judges(tmp_path, demo
     assert res.returncode in (0, 1), res.stderr
     params = json.loads((out / "run.json").read_text())["parameters"]
     assert params["guide"] == "demo:digits-robust" and params["guide_cone"] == want["guide_cone"]
+    assert params["guide_rule"] == "code"  # the rule it was tuned with (inside the cone: the CNN's own gradient)
     assert params["respacing"] == want["respacing"] and params["tau"] == 20 and params["lambda_1"] == want["lambda_1"]
     ev = run_cfx("eval", str(out), "--metrics", "flip_rate,oracle_flip_rate", "--format", "json",
                  env={"CFX_ORACLE": "", "CFX_FLIP_ORACLES": ""})

@@ -82,7 +82,7 @@ class DiME(Explainer):
         # (perceptual l2: cfx ships no VGG weights, so the demo chooses a pixel MSE, recorded in the manifest)
         "digits": {"respacing": "80", "tau": 20, "scales": (10.0, 20.0, 40.0), "lambda_p": 30.0,
                    "lambda_1": 0.15, "loss": "logits", "perceptual": "l2", "guide": "demo:digits-robust",
-                   "guide_cone": 60.0},
+                   "guide_cone": 60.0, "guide_rule": "code"},
     }
     auto_presets = {"demo:digits": "digits"}
     description = """
