@@ -74,9 +74,10 @@ class ECED(Explainer):
         "imagenet": {"prompt": "A photo of a/an {target}"},
         "celebahq": {"prompt": "A photo of a/an {target} face"},
         # the embedded demo: demo:latent was trained on "a handwritten digit three" (generators.caption);
-        # T₂, τ, lr and guidance tuned here (docs/methods/eced.md)
+        # T₂, τ, lr and guidance tuned on the tuning digits (docs/methods/eced.md); τ = 25 (issue 22): the target
+        # prompt's prior redraws the key region, so most flips are generated, not attacked (oracle 28 → 48 %)
         "digits": {"prompt": "a handwritten digit {target}", "class_names": DIGIT_NAMES, "xi": 0.2,
-                   "steps": 50, "tau": 10, "guidance": 3.0, "iterations": 20, "lr": 0.1, "bg_lr_decoder": 1e-3},
+                   "steps": 50, "tau": 25, "guidance": 3.0, "iterations": 20, "lr": 0.1, "bg_lr_decoder": 1e-3},
     }
     auto_presets = {"demo:digits": "digits"}
     description = """
