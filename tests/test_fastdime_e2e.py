@@ -287,3 +287,34 @@ def test_fastdime_bad_settings_are_one_line_usage_errors(fx):
             cls(ExplainContext(classifier=SingleLogitClassifier(fx["net"]), params=params,
                                model=f"adm:{fx['adm'] / (net['config'] + '.pt')}",
                                model_flags=make(fx, case)[0].context.model_flags))
+
+
+# measured on the 16 README digits with the digits presets (seed 0): 16/16 flipped by both; oracle DiME 72 % (mlp 75 %,
+# rff 69 %), FastDiME 88 % (both 88 %). The former presets (20 of 100 steps, no guide, λ_1 0.05) also flip all 16
+# but the judges read only 41 % / 44 % of them as the target. The bars leave one digit of slack.
+DEMO_PRESET = {"dime": {"respacing": "80", "guide_cone": 60.0, "lambda_1": 0.15, "oracle": 0.65},
+               "fastdime": {"respacing": "85", "guide_cone": 45.0, "lambda_1": 0.05, "oracle": 0.8}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(DEMO_PRESET))
+def test_digits_preset_edits_are_read_as_the_target_by_the_judges(tmp_path, demo_images, method):
+    """Issue 22: with demo:digits the digits preset applies (tuned on the tuning split: τ = 20 of 80 / 85 respaced
+    steps, robust guidance by demo:digits-robust), and the counterfactuals of the 16 README digits flip the CNN and
+    are read as the target by the independent judges, not only by the CNN."""
+    want = DEMO_PRESET[method]
+    out = tmp_path / "run"
+    res = run_cfx("explain", str(demo_images), "--method", method, "--target", "auto", "--seed", "0", "--out",
+                  str(out), "--device", "cpu", env={"OMP_NUM_THREADS": "1"}, timeout=900)
+    assert res.returncode in (0, 1), res.stderr
+    params = json.loads((out / "run.json").read_text())["parameters"]
+    assert params["guide"] == "demo:digits-robust" and params["guide_cone"] == want["guide_cone"]
+    assert params["guide_rule"] == "code"  # the rule it was tuned with (inside the cone: the CNN's own gradient)
+    assert params["respacing"] == want["respacing"] and params["tau"] == 20 and params["lambda_1"] == want["lambda_1"]
+    ev = run_cfx("eval", str(out), "--metrics", "flip_rate,oracle_flip_rate", "--format", "json",
+                 env={"CFX_ORACLE": "", "CFX_FLIP_ORACLES": ""})
+    assert ev.returncode == 0, ev.stderr
+    row = json.loads(ev.stdout)["runs"][0]
+    assert row["flipped"] == 16, row
+    assert row["oracle_flip_rate"] >= want["oracle"], row
+    assert min(row["oracle_flip_rate_mlp"], row["oracle_flip_rate_rff"]) >= want["oracle"] - 0.1, row
