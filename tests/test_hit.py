@@ -341,7 +341,7 @@ def test_cli_rcsb_with_region_hit_keeps_the_outside_pixels(tmp_path, demo_images
     out = tmp_path / "run"
     r = cfx("explain", str(demo_images), "--method", "rcsb", "--classifier", "demo:hit-digits", "--region", "hit",
             "--set", "preset=digits", "--set", "scale=6", "--set", "nfe=10", "--limit", "3", "--out", str(out),
-            "--device", "cpu")
+            "--device", "cpu", "--set", "region_area=0.3", "--set", "guide=")  # the HiT's own gradients, a = 0.3
     assert r.returncode == 0, r.stderr
     info = json.loads((out / "run.json").read_text())
     assert info["mask"] == "hit" and info["region_options"] == {"region_area": 0.3}
