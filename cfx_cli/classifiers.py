@@ -162,7 +162,25 @@ def load_classifier(spec: str, options: ClassifierOptions) -> Classifier:
         raise
 
 
-class SigmoidClassifier(Classifier):
+class WrappedClassifier(Classifier):
+    """A classifier built around another one (``inner``), which serves its input size and counts its calls."""
+
+    inner: Classifier
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:  # type: ignore[override]
+        return self.inner.input_size
+
+    @property
+    def calls(self) -> int:  # type: ignore[override]
+        return self.inner.calls
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self.inner.calls = value
+
+
+class SigmoidClassifier(WrappedClassifier):
     """Two classes from one sigmoid logit l of a model (``#binary=1``: its only output; ``#attribute=K``: output K
     of a multi-label model): probabilities (1 − σ(l), σ(l)), and for white-box models the logits (−l/2, l/2), whose
     difference l makes :func:`target_score` the authors' ±l (DiME) and the cross-entropy their BCE (ACE)."""
@@ -226,18 +244,6 @@ class SigmoidClassifier(Classifier):
             raise UsageError(f"classifier {self.spec}: the model must return (N, M) or (N,) outputs, got "
                              f"{tuple(getattr(out, 'shape', ()))} for one image")
         return int(out.shape[1])
-
-    @property
-    def input_size(self) -> tuple[int, int] | None:  # type: ignore[override]
-        return self.inner.input_size
-
-    @property
-    def calls(self) -> int:  # type: ignore[override]
-        return self.inner.calls
-
-    @calls.setter
-    def calls(self, value: int) -> None:
-        self.inner.calls = value
 
     def logit(self, images: torch.Tensor) -> torch.Tensor:
         """(N,) the explained output l (differentiable for white-box models)."""

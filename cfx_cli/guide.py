@@ -33,7 +33,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
-from cfx_cli.classifiers import Classifier, ClassifierOptions, load_classifier
+from cfx_cli.classifiers import Classifier, ClassifierOptions, WrappedClassifier, load_classifier
 from cfx_cli.errors import UsageError
 from cfx_cli.params import Param
 
@@ -104,56 +104,39 @@ def _cone_function():
     return ConeGuided
 
 
-class GuidedClassifier(Classifier):
-    """The explained classifier with cone-projected robust guidance in its logits' gradient (module docstring).
-    Everything but ``logits``' gradient is the explained classifier's (its probabilities, labels, layers)."""
+class GuidedClassifier(WrappedClassifier):
+    """The explained classifier (``inner``) with cone-projected robust guidance in its logits' gradient (module
+    docstring). Everything but ``logits``' gradient is the explained classifier's (its probabilities, labels,
+    layers); the guide's forward passes are not counted in ``calls`` (one per gradient)."""
 
     def __init__(self, explained: Classifier, guide: Classifier, degrees: float, guide_spec: str,
                  rule: str = "code") -> None:
-        self.explained, self.guide, self.degrees, self.guide_spec = explained, guide, float(degrees), guide_spec
+        self.inner, self.guide, self.degrees, self.guide_spec = explained, guide, float(degrees), guide_spec
         self.rule = rule
-        self.labels = explained.labels
-        self.capabilities = explained.capabilities
+        self.labels, self.capabilities, self.spec = explained.labels, explained.capabilities, explained.spec
 
     def __getattr__(self, name: str) -> Any:
-        # only reached for attributes this wrapper lacks (the explained classifier's module, layers, calls, …)
-        return getattr(self.__dict__["explained"], name)
-
-    @property
-    def input_size(self):  # type: ignore[override]
-        return self.explained.input_size
-
-    @property
-    def spec(self) -> str:  # type: ignore[override]
-        return self.explained.spec
-
-    @property
-    def calls(self) -> int:  # type: ignore[override]
-        """The explained classifier's forward passes (the guide's are not counted: one per gradient)."""
-        return self.explained.calls
-
-    @calls.setter
-    def calls(self, value: int) -> None:
-        self.explained.calls = value
+        # only reached for attributes this wrapper lacks (the explained classifier's module, layers, …)
+        return getattr(self.__dict__["inner"], name)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         import torch
 
         if not (torch.is_grad_enabled() and images.requires_grad):
-            return self.explained.logits(images)
-        return _cone_function().apply(images, self.explained, self.guide, self.degrees, self.rule)
+            return self.inner.logits(images)
+        return _cone_function().apply(images, self.inner, self.guide, self.degrees, self.rule)
 
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(images)
 
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        return self.explained.predict_proba(images)
+        return self.inner.predict_proba(images)
 
     def label_index(self, label: str) -> int:
-        return self.explained.label_index(label)
+        return self.inner.label_index(label)
 
     def describe(self) -> dict:
-        return {**self.explained.describe(), "guide": self.guide_spec, "guide_cone": self.degrees,
+        return {**self.inner.describe(), "guide": self.guide_spec, "guide_cone": self.degrees,
                 "guide_rule": self.rule}
 
     def close(self) -> None:

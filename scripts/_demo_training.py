@@ -18,6 +18,35 @@ sys.path.insert(0, str(ROOT))
 CKPT_ROOT = ROOT / "build" / "demo-train"  # build/ is git-ignored
 
 
+def random_shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Each image moved by (dy, dx) ∈ {−1, 0, 1}², zero-filled (the background is 0): the judges' and the robust
+    guide's augmentation."""
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    d = torch.randint(0, 3, (len(x), 2), generator=g)
+    h, w = x.shape[-2:]
+    return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(d.tolist())])
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The model's state dict as safetensors at ``path`` (its folder created)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def split_accuracies(score: Callable[[np.ndarray, np.ndarray], float], x_train: np.ndarray,
+                     y_train: np.ndarray) -> dict[str, float]:
+    """``score(x, y)`` on the training digits and on each demo protocol split, rounded to 4 digits."""
+    from cfx_cli.demo.data import load_protocol_split
+
+    acc = {"train": round(score(x_train, y_train), 4)}
+    for split in ("tuning", "test", "readme"):
+        x, y, _ = load_protocol_split(split)
+        acc[split] = round(score(x, y), 4)
+    return acc
+
+
 def setup_torch(seed: int) -> None:
     # one thread: on a shared 2-core machine two threads per process oversubscribe and run ~3x slower
     torch.set_num_threads(int(os.environ.get("CFX_TRAIN_THREADS", "1")))

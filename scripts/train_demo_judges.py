@@ -25,10 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _demo_training import optimizer_step, setup_torch, step_generator, train_loop
-from safetensors.torch import save_file
+from _demo_training import (
+    optimizer_step,
+    random_shift,
+    save_weights,
+    setup_torch,
+    split_accuracies,
+    step_generator,
+    train_loop,
+)
 
-from cfx_cli.demo.data import load_protocol_split, load_split
+from cfx_cli.demo.data import load_split
 from cfx_cli.demo.judges import ARCHITECTURES, JUDGES_DIR, grey, weights_path
 
 SEEDS = {"oracle-mlp": 101, "oracle-rff": 202, "features": 303}
@@ -43,14 +50,6 @@ WEIGHT_DECAY = 1e-4
 ADV_EPS = {"oracle-mlp": float(os.environ.get("CFX_JUDGE_EPS_MLP", 0.1)),
            "oracle-rff": float(os.environ.get("CFX_JUDGE_EPS_RFF", 0.05)), "features": 0.0}
 ADV_STEPS = int(os.environ.get("CFX_JUDGE_ADV_STEPS", 5))
-
-
-def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Each image moved by (dy, dx) ∈ {−1, 0, 1}², zero-filled (the background is 0)."""
-    padded = F.pad(x, (1, 1, 1, 1))
-    d = torch.randint(0, 3, (len(x), 2), generator=g)
-    h, w = x.shape[-2:]
-    return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(d.tolist())])
 
 
 def init_rff(model: torch.nn.Module, x_train: torch.Tensor, g: torch.Generator) -> float:
@@ -96,7 +95,7 @@ def train(name: str, x_tr: np.ndarray, y_tr: np.ndarray, out: Path) -> dict:
     def step_fn(step: int) -> float:
         g = step_generator(seed, step)
         idx = torch.randint(0, len(xt), (BATCH,), generator=g)
-        x = shift(xt[idx], g)
+        x = random_shift(xt[idx], g)
         sigma = torch.rand(len(x), 1, 1, 1, generator=g) * NOISE
         x = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
         y = yt[idx]
@@ -113,12 +112,8 @@ def train(name: str, x_tr: np.ndarray, y_tr: np.ndarray, out: Path) -> dict:
     losses = train_loop(ckpt, total, step_fn, model, None, opt, log_every=250)
     model.eval()
     path = out / weights_path(name).name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    acc = {"train": round(accuracy(model, x_tr, y_tr), 4)}
-    for split in ("tuning", "test", "readme"):
-        x, y, _ = load_protocol_split(split)
-        acc[split] = round(accuracy(model, x, y), 4)
+    save_weights(model, path)
+    acc = split_accuracies(lambda x, y: accuracy(model, x, y), x_tr, y_tr)
     return {"architecture": ARCHITECTURES[name].__name__, "seed": seed, "steps": total, "batch": BATCH, "noise": NOISE,
             "adversarial": {"eps": eps, "steps": ADV_STEPS, "attack": "own ℓ∞ PGD"} if eps else None,
             "lr": LR[name], "parameters": sum(p.numel() for p in model.parameters()),

@@ -26,12 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _demo_training import optimizer_step, setup_torch, step_generator, train_loop
-from safetensors.torch import save_file
+from _demo_training import (
+    optimizer_step,
+    random_shift,
+    save_weights,
+    setup_torch,
+    split_accuracies,
+    step_generator,
+    train_loop,
+)
 
 from cfx_cli.demo import DEMO_DIR
 from cfx_cli.demo.classifier import ROBUST_WEIGHTS, DigitsCNN
-from cfx_cli.demo.data import load_protocol_split, load_split
+from cfx_cli.demo.data import load_split
 
 SEED = 404
 STEPS = 1500
@@ -40,14 +47,6 @@ LR = 2e-3
 WEIGHT_DECAY = 1e-4
 EPS = float(os.environ.get("CFX_ROBUST_EPS", 1.0))  # ℓ2 radius in [0, 1] pixel units (768 values)
 ADV_STEPS = 5
-
-
-def shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Each image moved by (dy, dx) ∈ {−1, 0, 1}², zero-filled (the background is 0)."""
-    padded = F.pad(x, (1, 1, 1, 1))
-    d = torch.randint(0, 3, (len(x), 2), generator=g)
-    h, w = x.shape[-2:]
-    return torch.stack([padded[i, :, a:a + h, b:b + w] for i, (a, b) in enumerate(d.tolist())])
 
 
 def l2_pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int) -> torch.Tensor:
@@ -85,7 +84,7 @@ def main() -> None:
     def step_fn(step: int) -> float:
         g = step_generator(SEED, step)
         idx = torch.randint(0, len(xt), (BATCH,), generator=g)
-        x, y = shift(xt[idx], g), yt[idx]
+        x, y = random_shift(xt[idx], g), yt[idx]
         model.eval()  # the attack sees the deterministic network (no dropout)
         x_adv = l2_pgd(model, x, y, EPS, ADV_STEPS)
         model.train()
@@ -97,13 +96,12 @@ def main() -> None:
     losses = train_loop(f"robust-l2-{EPS:g}x{ADV_STEPS}", STEPS, step_fn, model, None, opt, log_every=250)
     model.eval()
     path = args.out / ROBUST_WEIGHTS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    acc = {"train": round(accuracy(model, x_tr, y_tr), 4)}
+    save_weights(model, path)
+    clean = split_accuracies(lambda x, y: accuracy(model, x, y), x_tr, y_tr)
+    attacked = split_accuracies(lambda x, y: accuracy(model, x, y, EPS), x_tr, y_tr)
+    acc = {"train": clean["train"]}
     for split in ("tuning", "test", "readme"):
-        x, y, _ = load_protocol_split(split)
-        acc[split] = round(accuracy(model, x, y), 4)
-        acc[f"{split}_under_own_l2_pgd"] = round(accuracy(model, x, y, EPS), 4)
+        acc[split], acc[f"{split}_under_own_l2_pgd"] = clean[split], attacked[split]
     meta = {"architecture": "DigitsCNN", "seed": SEED, "steps": STEPS, "batch": BATCH, "lr": LR,
             "adversarial": {"norm": "l2", "eps": EPS, "steps": ADV_STEPS, "attack": "own ℓ2 PGD"},
             "final_loss": round(float(np.mean(losses[-50:])), 4), "accuracy": acc,
