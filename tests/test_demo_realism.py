@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,8 +206,15 @@ def test_demo_benchmark_runs_a_method_on_protocol_digits(tmp_path, capsys):
         assert row[key] is not None, key
     assert row["l1_ratio"] == pytest.approx(row["l1"] / row["l1_nearest"])
     assert row["nfe"] == pytest.approx(20)
+    # the reference row: the nearest real target digits swapped in, on the same inputs and targets
+    ref = report["methods"]["real-nn"]
+    assert ref["l1"] == pytest.approx(ref["l1_nearest"]) == pytest.approx(row["l1_nearest"])
+    assert ref["oracle_flip_rate"] >= 0.75 and ref["nfe"] == 0
+    run = Path(ref["run"])
+    recs = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all((run / r["counterfactual"]).is_file() for r in recs)
     out = capsys.readouterr().out
-    assert "pgd" in out and "pgd: iterations=20" in out
+    assert "pgd" in out and "pgd: iterations=20" in out and "real-nn" in out
 
 
 def test_target_matched_fid_compares_with_the_target_classes_digits():
