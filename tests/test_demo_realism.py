@@ -140,11 +140,11 @@ def test_eval_all_on_a_demo_run_needs_no_download(tmp_path, cfx, demo_images):
 @pytest.mark.parametrize("method", ["dime", "fastdime", "ace", "rcsb", "time", "eced"])
 def test_eval_all_on_every_methods_demo_run_skips_nothing_for_weights(tmp_path, cfx, demo_images, method):
     """Issue 22: `cfx eval RUN --metrics all` on a demo run of every method computes FID, sFID and the oracle
-    metrics with the demo's own networks (default presets, the first 4 README digits; more for ACE and ECED, whose
-    digits presets leave some of those unflipped, while sFID needs two successful counterfactuals in each random
+    metrics with the demo's own networks (default presets, the first 4 README digits; 6 for ACE, whose
+    digits preset leaves one of those unflipped, while sFID needs two successful counterfactuals in each random
     half)."""
     run = tmp_path / method
-    _explain(cfx, demo_images, run, method, {"ace": 6, "eced": 16}.get(method, 4))
+    _explain(cfx, demo_images, run, method, {"ace": 6}.get(method, 4))
     row = _eval(cfx, run, "all")
     for col in ("fid", "sfid", "oracle_flip_rate", "oracle_flip_rate_mlp", "oracle_flip_rate_rff", "mnac"):
         assert row[col] is not None, (col, row["skipped"])

@@ -377,9 +377,10 @@ def test_runs_on_a_v_prediction_sd_folder_end_to_end(tmp_path_factory, tmp_path,
 # -- end to end on the demo ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_demo_flips_and_the_prior_redraws_some_digits(tmp_path, demo_images):
-    """The digits preset on the 16 README digits (seed 0): measured 11/16 flipped, 3 of them at the first generation
-    (before any attack step: at τ = 25 the target prompt's prior redraws the key region; none did at the former
-    τ = 10), oracle flip rate 0.34 (docs/methods/eced.md)."""
+    """The digits preset on the 16 README digits (seed 0): measured 16/16 flipped, 14 of them at the first generation
+    (before any attack step: the target prompt's prior redraws the key region), oracle flip rate 0.875; the former
+    preset (ξ 0.2, CFG 3, η 1, decoder rate 1e-3) flipped 11/16, 3 at the first generation, oracle 0.34
+    (docs/methods/eced.md)."""
     out = tmp_path / "run"
     res = run_cfx("explain", str(demo_images), "--method", "eced", "--target", "auto", "--classifier",
                   "demo:digits", "--out", str(out), timeout=900)
@@ -391,11 +392,11 @@ def test_demo_flips_and_the_prior_redraws_some_digits(tmp_path, demo_images):
     metrics = json.loads(text[text.index("{"):])
     flat = json.dumps(metrics)
     rate = _find(metrics, "flip_rate")
-    assert rate is not None and rate >= 0.55, flat
+    assert rate is not None and rate >= 0.9, flat  # issue 22's flip bar
     oracle = _find(metrics, "oracle_flip_rate")
-    assert oracle is not None and oracle >= 0.2, flat
+    assert oracle is not None and oracle >= 0.75, flat  # issue 22's oracle bar; the former preset: 0.34
     recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    assert sum(r["params"]["flipped_at_iteration"] == 0 for r in recs) >= 2
+    assert sum(r["params"]["flipped_at_iteration"] == 0 for r in recs) >= 10
     assert len(list(out.glob("masks/*.png"))) == 16
 
 

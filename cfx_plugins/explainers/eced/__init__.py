@@ -74,10 +74,12 @@ class ECED(Explainer):
         "imagenet": {"prompt": "A photo of a/an {target}"},
         "celebahq": {"prompt": "A photo of a/an {target} face"},
         # the embedded demo: demo:latent was trained on "a handwritten digit three" (generators.caption);
-        # T₂, τ, lr and guidance tuned on the tuning digits (docs/methods/eced.md); τ = 25 (issue 22): the target
-        # prompt's prior redraws the key region, so most flips are generated, not attacked (oracle 28 → 48 %)
-        "digits": {"prompt": "a handwritten digit {target}", "class_names": DIGIT_NAMES, "xi": 0.2,
-                   "steps": 50, "tau": 25, "guidance": 3.0, "iterations": 20, "lr": 0.1, "bg_lr_decoder": 1e-3},
+        # chosen on the tuning digits (issue 22, docs/methods/eced.md): a key region large enough to redraw a digit
+        # (ξ 0.07), the target prompt at CFG 7.5 and a deterministic chain (η 0), so the prior, not the attack,
+        # makes the flip (158 of 178 tuning digits flip at the first generation); Alg. 2 at cfx's decoder rate 1e-4
+        # (1e-3 doubled the decoder copy's error inside the key region)
+        "digits": {"prompt": "a handwritten digit {target}", "class_names": DIGIT_NAMES, "xi": 0.07,
+                   "steps": 50, "tau": 25, "guidance": 7.5, "eta": 0.0, "iterations": 20, "lr": 0.1},
     }
     auto_presets = {"demo:digits": "digits"}
     description = """
