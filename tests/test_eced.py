@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -431,13 +435,22 @@ def test_cli_accepts_a_cam_region_source(tmp_path, demo_images):
 def test_sdpa_check_script_reports_every_pass_and_kernel_set():
     """bench/eced_sdpa_check.py (which decides ECED's CUDA kernel restriction) runs and reports 3 passes × 4
     kernel sets; on the CPU every one works."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = Path(__file__).resolve().parents[1] / "bench" / "eced_sdpa_check.py"
     r = subprocess.run([sys.executable, str(script), "--model", "demo:latent", "--device", "cpu"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("  ")]
     assert len(rows) == 12 and all(" ok " in row for row in rows), r.stdout
+
+
+def test_decoder_drift_script_reports_each_rate():
+    """bench/eced_decoder_drift.py (why the digits preset keeps Alg. 2's decoder rate at 1e-4): a row per rate, and an
+    untuned copy (rate 0) decodes exactly like the loaded decoder."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "eced_decoder_drift.py"
+    r = subprocess.run([sys.executable, str(script), "--n", "4", "--rates", "1e-3,0"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split() for line in r.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["0.001", "0"], r.stdout
+    assert float(rows[1][-1]) == pytest.approx(1.0, abs=0.01), r.stdout
+    assert float(rows[0][-1]) > 1.0, r.stdout  # the tuned copy drifts inside the key region
