@@ -56,6 +56,7 @@ def main() -> None:
     from cfx_plugins.explainers.time import tokens as T
     from cfx_plugins.explainers.time.fit import install_artifact
     from cfx_plugins.explainers.time.generate import TimeGenerator
+    from cfx_plugins.explainers.time.schedule import guidance_scale
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,13 +90,15 @@ def main() -> None:
         forwards[b] = model.forward
         print(f"{b}: {described[b]} (export + gate {time.perf_counter() - t0:.1f}s)")
 
+    g = guidance_scale(args.w, "w")  # TIME's default convention (the authors' code): g = w
+
     def run(b: str, n: int) -> tuple[float, torch.Tensor]:
         model.forward = forwards[b]
         outs = []
         t0 = time.perf_counter()
         for s in range(0, args.batch, n):
             lat = gen.encode(imgs[s: s + n])
-            outs.append(gen.counterfactuals(lat, src[s: s + n], tgt[s: s + n], args.tau, args.w, args.steps, 0.93,
+            outs.append(gen.counterfactuals(lat, src[s: s + n], tgt[s: s + n], args.tau, g, args.steps, 0.93,
                                             "exact", tuple(imgs.shape[-2:])))
         return (time.perf_counter() - t0) / args.batch, torch.cat(outs)
 
@@ -105,7 +108,7 @@ def main() -> None:
     def one_image():
         model.forward = None
         lat = gen.encode(imgs[:1])
-        gen.counterfactuals(lat, src[:1], tgt[:1], args.tau, args.w, args.steps, 0.93, "exact",
+        gen.counterfactuals(lat, src[:1], tgt[:1], args.tau, g, args.steps, 0.93, "exact",
                             tuple(imgs.shape[-2:]))
 
     flops, _ = count_flops(one_image)
