@@ -59,6 +59,14 @@ def test_vggface2_pickle_layout_loads_and_code_in_pickles_is_refused(tmp_path):
     bad.write_bytes(pickle.dumps({"conv1.weight": Evil()}))
     with pytest.raises(MetricUnavailable, match=r"evil.pkl: cannot read weights .*refusing to load"):
         load_state_dict(bad)
+    # a torch file goes through the one checkpoint reader (weights_only): refused, without a --trust-pickle hint
+    # (cfx eval has no such option), and a file that is not a state dict says so
+    torch.save({"conv1.weight": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(MetricUnavailable, match=r"evil.pt: cannot read weights \(a full pickle, which cfx eval never"):
+        load_state_dict(tmp_path / "evil.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(MetricUnavailable, match=r"list.pt: cannot read weights \(expected a state dict"):
+        load_state_dict(tmp_path / "list.pt")
 
 
 @pytest.mark.parametrize("net", ["vgg", "alex"])

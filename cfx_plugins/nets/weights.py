@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cfx_cli.errors import MetricUnavailable
+from cfx_cli.checkpoints import load_state_dict_file
+from cfx_cli.errors import MetricUnavailable, UsageError
 
 
 @dataclass(frozen=True)
@@ -73,27 +74,27 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def load_state_dict(path: Path) -> dict[str, Any]:
-    """Tensors by name from ``.safetensors``, a torch file (``weights_only``) or a numpy-array pickle."""
+    """Tensors by name from ``.safetensors`` or a torch file (``weights_only``), read by the one checkpoint reader
+    (``cfx_cli.checkpoints``), or from a numpy-array pickle (the VGGFace2 ``.pkl``) through a numpy-only
+    unpickler. Any failure is a :class:`MetricUnavailable` naming the file."""
     import torch
 
-    suffix = path.name.lower()
+    if not path.name.lower().endswith(".pkl"):
+        try:
+            return dict(load_state_dict_file(path, "cpu", trust_pickle=False))
+        except UsageError as exc:
+            why = str(exc).removeprefix(f"weights {path}: ")
+            if "--trust-pickle" in why:  # cfx eval has no such option: metric weights are never fully unpickled
+                why = "a full pickle, which cfx eval never unpickles; convert it once to safetensors"
+            raise MetricUnavailable(f"{path}: cannot read weights ({why})") from None
     try:
-        if suffix.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return dict(load_file(str(path), device="cpu"))
-        if suffix.endswith(".pkl"):
-            with open(path, "rb") as f:
-                raw = _NumpyOnlyUnpickler(f, encoding="latin1").load()
-            return {k: torch.from_numpy(v.copy()) if hasattr(v, "dtype") else v for k, v in raw.items()}
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except MetricUnavailable:
-        raise
+        with open(path, "rb") as f:
+            raw = _NumpyOnlyUnpickler(f, encoding="latin1").load()
     except Exception as exc:
         raise MetricUnavailable(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, dict):
-        raise MetricUnavailable(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return obj
+    if not isinstance(raw, dict):
+        raise MetricUnavailable(f"{path}: expected a state dict, found {type(raw).__name__}")
+    return {k: torch.from_numpy(v.copy()) if hasattr(v, "dtype") else v for k, v in raw.items()}
 
 
 def strip_prefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
