@@ -54,6 +54,15 @@ def _state_hash(*modules) -> str:
     return h.hexdigest()
 
 
+def test_zero_attack_iterations_return_the_first_blended_generation():
+    """iterations=0 (T₂ = 0) is accepted and runs one generation with no attack step: what
+    bench/eced_background.py's T₂ = 0 rows measure."""
+    exp = _explainer({"iterations": 0, "tau": 3, "bg_iterations": 2})
+    outs = exp.explain(_batch(["digit-03-label3", "digit-04-label4"]))
+    assert [o.params["iterations_used"] for o in outs] == [0, 0]
+    assert all(o.nfe == 1 + 2 + (3 * 2 + 2) for o in outs)  # encoder + N decoder passes + one guided generation
+
+
 # -- Proposition 1 (and 2) ------------------------------------------------------------------------------------
 def test_proposition_1_on_random_gradients_and_masks():
     from cfx_plugins.explainers.eced.core import angle_degrees, prune

@@ -47,7 +47,8 @@ class ECED(Explainer):
         Param("guidance", "float", 7.5, "classifier-free guidance scale of the target prompt (1 = off)", min=0.0),
         Param("eta", "float", 1.0, "η of the DDIM step: 1 = the σ_t of the supplement's eq. 10, 0 = deterministic",
               min=0.0),
-        Param("iterations", "int", 20, "T₂: attack iterations (Adam updates of z_init)", min=1),
+        Param("iterations", "int", 20, "T₂: attack iterations (Adam updates of z_init); 0 = the first blended "
+              "generation only, no attack", min=0),
         Param("lr", "float", 0.05, "Adam learning rate of z_init", min=0.0),
         Param("noise", "str", "fresh", "fresh: new noise in every attack iteration (Alg. 3's z_τ ~ noise); "
               "fixed: the same draws every iteration (a deterministic objective)", choices=("fresh", "fixed")),
