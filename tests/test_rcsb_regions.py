@@ -167,6 +167,40 @@ def test_plugin_region_source_through_the_hook(tmp_path):
         make_region_source("tophalf:the upper part")  # gone with its plugin: a path that does not exist
 
 
+def test_an_explanations_seconds_include_its_region(tmp_path, demo_images):
+    """The manifest's per-image ``seconds`` (what cfx eval's efficiency and the benchmarks report) count the time
+    the region source spent on that image (RCSB's automatic Integrated Gradients region is computed before the
+    method runs; it used to be left out)."""
+    import time
+
+    import cfx
+    from cfx_cli.hookspecs import hookimpl
+    from cfx_cli.regions import RegionSource
+
+    class SlowRegion(RegionSource):
+        scheme = "slowregion"
+
+        def mask_for(self, item, size, image=None, classifier=None):
+            time.sleep(0.3)
+            return np.ones(size, np.float32)
+
+    class Plugin:
+        @hookimpl
+        def register_region_sources(self, register):
+            register(SlowRegion)
+
+    plugins.register_plugin(Plugin(), name="test-slowregion")
+    try:
+        res = cfx.explain(demo_images, "pgd", region="slowregion:", limit=2, out=tmp_path / "run",
+                          params={"iterations": 2}, device="cpu")
+    finally:
+        plugins.reset()
+    recs = [json.loads(line) for line in (tmp_path / "run" / "manifest.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 and all(r["status"] in ("flipped", "not_flipped") for r in recs), recs
+    assert all(r["seconds"] >= 0.3 for r in recs), [r["seconds"] for r in recs]
+    assert res is not None
+
+
 # -- RCSB with a tiny random bridge ----------------------------------------------------------------------------
 class _TinyBridge:
     kind = "bridge"

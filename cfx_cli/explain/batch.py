@@ -119,12 +119,15 @@ def _process_batch(chunk: list[InputImage], worker: BatchWorker) -> list[Record]
     records: list[Record] = []
     good: list[tuple[InputImage, np.ndarray, np.ndarray | None]] = []
     geometry: dict[str, dict] = {}  # id → the manifest's source_size, size and crop
+    region_seconds: dict[str, float] = {}  # id → time spent computing its region (part of its explanation)
     for item in chunk:
         seed = image_seed(worker.plan.req.seed, item.id)
         try:
             raw = decode(item.path)
             arr, crop = to_working_size(raw, worker.size)
+            t_region = time.monotonic()
             mask = region.mask_for(item, arr.shape[:2], image=arr, classifier=classifier) if region else None
+            region_seconds[item.id] = time.monotonic() - t_region
         except InputError as exc:
             rec = _error_record(item, str(exc), seed)
             run.append(rec)
@@ -139,11 +142,14 @@ def _process_batch(chunk: list[InputImage], worker: BatchWorker) -> list[Record]
     for entry in good:
         groups.setdefault(entry[1].shape[:2], []).append(entry)
     for entries in groups.values():
-        records.extend(_explain_group(entries, worker, geometry))
+        records.extend(_explain_group(entries, worker, geometry, region_seconds))
     return records
 
 
-def _explain_group(entries, worker: BatchWorker, geometry: dict[str, dict]) -> list[Record]:
+def _explain_group(entries, worker: BatchWorker, geometry: dict[str, dict],
+                   region_seconds: dict[str, float] | None = None) -> list[Record]:
+    """Explain one same-size group; an image's manifest ``seconds`` is its share of the group's time plus the
+    time its region took (``region_seconds``, computed before the group)."""
     import torch
 
     run, explainer, classifier = worker.run, worker.explainer, worker.classifier
@@ -256,7 +262,7 @@ def _explain_group(entries, worker: BatchWorker, geometry: dict[str, dict]) -> l
             counterfactual=run.relative(cf_path),
             mask=mask_rel,
             params=out.params,
-            seconds=round(per_image, 4),
+            seconds=round(per_image + (region_seconds or {}).get(item.id, 0.0), 4),
             nfe=int(out.nfe),
         )
         run.append(rec)
