@@ -71,24 +71,22 @@ def training_digits() -> tuple[np.ndarray, np.ndarray]:
     return to_uint8(x_tr.transpose(0, 2, 3, 1)) / 255.0, y_tr
 
 
+def nearest_target(originals: np.ndarray, targets: list[str], train_x: np.ndarray,
+                   train_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per input: the training digit of its target class nearest in per-pixel ℓ1, and that ℓ1."""
+    digits, dists = [], []
+    for img, t in zip(originals, targets, strict=True):
+        pool = train_x[train_y == int(t)]
+        d = np.abs(pool - img[None]).mean(axis=(1, 2, 3))
+        digits.append(pool[int(d.argmin())])
+        dists.append(float(d.min()))
+    return np.stack(digits), np.array(dists)
+
+
 def nearest_target_l1(originals: np.ndarray, targets: list[str], train_x: np.ndarray,
                       train_y: np.ndarray) -> np.ndarray:
     """Per input: the per-pixel ℓ1 from the original to the nearest training digit of its target class."""
-    out = []
-    for img, t in zip(originals, targets, strict=True):
-        pool = train_x[train_y == int(t)]
-        out.append(float(np.abs(pool - img[None]).mean(axis=(1, 2, 3)).min()))
-    return np.array(out)
-
-
-def nearest_target_digits(originals: np.ndarray, targets: list[str], train_x: np.ndarray,
-                           train_y: np.ndarray) -> np.ndarray:
-    """Per input: the training digit of its target class nearest in ℓ1 (the ``l1_nn`` digit)."""
-    out = []
-    for img, t in zip(originals, targets, strict=True):
-        pool = train_x[train_y == int(t)]
-        out.append(pool[int(np.abs(pool - img[None]).mean(axis=(1, 2, 3)).argmin())])
-    return np.stack(out)
+    return nearest_target(originals, targets, train_x, train_y)[1]
 
 
 def reference_run(template: Path, dest: Path, train_x: np.ndarray, train_y: np.ndarray) -> Path:
@@ -97,7 +95,7 @@ def reference_run(template: Path, dest: Path, train_x: np.ndarray, train_y: np.n
     recs = [json.loads(line) for line in (template / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
     recs = [r for r in recs if r["status"] in ("flipped", "not_flipped")]
     originals = np.stack([load_png(template / r["original"]) for r in recs])
-    swapped = nearest_target_digits(originals, [r["target_label"] for r in recs], train_x, train_y)
+    swapped, _ = nearest_target(originals, [r["target_label"] for r in recs], train_x, train_y)
     cnn = load_pretrained()
     shutil.rmtree(dest, ignore_errors=True)
     with torch.no_grad():

@@ -13,25 +13,17 @@ digit worse than D has drifted in the key region, where eq. 12 does not constrai
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from cfx_cli import saliency
-from cfx_cli.demo.classifier import load_pretrained
+from cfx_cli.classifiers import ClassifierOptions, load_classifier
 from cfx_cli.demo.data import load_protocol_split, load_split
 from cfx_cli.diffusion.noise import SeededNoise
-from cfx_cli.models.latent import load_latent
+from cfx_cli.explainers import ExplainContext
+from cfx_cli.params import resolve_params
 from cfx_plugins.explainers.eced import ECED
 from cfx_plugins.explainers.eced.core import preserve_background
-
-LATENT = Path(__file__).resolve().parents[1] / "cfx_cli" / "demo" / "models" / "latent"
-
-
-def as_n1hw(t: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(t).float()
-    return t[:, None] if t.ndim == 3 else t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,14 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--xi", type=float, default=ECED.presets["digits"]["xi"])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    model = load_latent(LATENT)
+    # ECED itself (digits preset, demo:latent) computes M and M', so the regions are the method's
+    params = resolve_params("eced", ECED.params, ECED.presets, {"preset": "digits", "xi": args.xi})
+    eced = ECED(ExplainContext(classifier=load_classifier("demo:digits", ClassifierOptions()), params=params))
+    model = eced.model
     x, y, _ = load_protocol_split("tuning", args.n)
     x, y = torch.from_numpy(x).float(), torch.from_numpy(np.asarray(y))
-    cnn = load_pretrained()
-    pix = as_n1hw(saliency.key_region(saliency.score_cam(cnn, saliency.default_layer(cnn), x, y), args.xi))
+    pix, _ = eced.key_region(x, y)
     with torch.no_grad():
         z_f = model.encode_images(x)
-    lat = (as_n1hw(saliency.latent_mask(pix, tuple(z_f.shape[-2:]))) > 0.5).float()
+    lat = eced.latent_mask(pix, z_f.shape[-2:])
     x_tr, y_tr, _, _ = load_split()
     rng = np.random.default_rng(0)
     other = torch.from_numpy(np.stack([x_tr[rng.choice(np.flatnonzero(y_tr != k))] for k in y.tolist()])).float()

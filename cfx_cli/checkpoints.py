@@ -23,9 +23,14 @@ PICKLE_HINT = (
 )
 
 
-def pickle_refused(path: str | Path, what: str = "checkpoint") -> UsageError:
+class PickleRefused(UsageError):
+    """A pickled file that needs the full unpickler, refused because --trust-pickle was not given (callers without
+    that option, such as cfx eval's metric weights, catch it to say something else)."""
+
+
+def pickle_refused(path: str | Path, what: str = "checkpoint") -> PickleRefused:
     p = str(path)
-    return UsageError(
+    return PickleRefused(
         f"{p}: this pickled {what} needs the full unpickler, which can run arbitrary code stored in the "
         "file, so cfx will not load it without --trust-pickle. Pass --trust-pickle only if you trust its "
         "source; better, convert it once to safetensors: python -c \"import torch; from safetensors.torch "

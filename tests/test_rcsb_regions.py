@@ -136,8 +136,20 @@ def test_region_option_errors():
         make_region_source("/nonexistent/mask.png")
 
 
-def test_plugin_region_source_through_the_hook(tmp_path):
+def _register_region_plugin(source_cls, name: str) -> None:
+    """Register ``source_cls`` as a third-party plugin would, through the region-source hook (undo with
+    ``plugins.reset()``)."""
     from cfx_cli.hookspecs import hookimpl
+
+    class Plugin:
+        @hookimpl
+        def register_region_sources(self, register):
+            register(source_cls)
+
+    plugins.register_plugin(Plugin(), name=name)
+
+
+def test_plugin_region_source_through_the_hook(tmp_path):
     from cfx_cli.regions import RegionSource
 
     class TopHalf(RegionSource):
@@ -148,12 +160,7 @@ def test_plugin_region_source_through_the_hook(tmp_path):
             m[: size[0] // 2] = 1
             return m
 
-    class Plugin:
-        @hookimpl
-        def register_region_sources(self, register):
-            register(TopHalf)
-
-    plugins.register_plugin(Plugin(), name="test-tophalf")
+    _register_region_plugin(TopHalf, "test-tophalf")
     try:
         src = make_region_source("tophalf:the upper part")
         assert isinstance(src, TopHalf) and src.arg == "the upper part"
@@ -174,7 +181,6 @@ def test_an_explanations_seconds_include_its_region(tmp_path, demo_images):
     import time
 
     import cfx
-    from cfx_cli.hookspecs import hookimpl
     from cfx_cli.regions import RegionSource
 
     class SlowRegion(RegionSource):
@@ -184,12 +190,7 @@ def test_an_explanations_seconds_include_its_region(tmp_path, demo_images):
             time.sleep(0.3)
             return np.ones(size, np.float32)
 
-    class Plugin:
-        @hookimpl
-        def register_region_sources(self, register):
-            register(SlowRegion)
-
-    plugins.register_plugin(Plugin(), name="test-slowregion")
+    _register_region_plugin(SlowRegion, "test-slowregion")
     try:
         res = cfx.explain(demo_images, "pgd", region="slowregion:", limit=2, out=tmp_path / "run",
                           params={"iterations": 2}, device="cpu")

@@ -147,7 +147,7 @@ def _process_batch(chunk: list[InputImage], worker: BatchWorker) -> list[Record]
 
 
 def _explain_group(entries, worker: BatchWorker, geometry: dict[str, dict],
-                   region_seconds: dict[str, float] | None = None) -> list[Record]:
+                   region_seconds: dict[str, float]) -> list[Record]:
     """Explain one same-size group; an image's manifest ``seconds`` is its share of the group's time plus the
     time its region took (``region_seconds``, computed before the group)."""
     import torch
@@ -262,7 +262,7 @@ def _explain_group(entries, worker: BatchWorker, geometry: dict[str, dict],
             counterfactual=run.relative(cf_path),
             mask=mask_rel,
             params=out.params,
-            seconds=round(per_image + (region_seconds or {}).get(item.id, 0.0), 4),
+            seconds=round(per_image + region_seconds.get(item.id, 0.0), 4),
             nfe=int(out.nfe),
         )
         run.append(rec)

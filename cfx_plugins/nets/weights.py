@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cfx_cli.checkpoints import load_state_dict_file
+from cfx_cli.checkpoints import PickleRefused, load_state_dict_file
 from cfx_cli.errors import MetricUnavailable, UsageError
 
 
@@ -82,10 +82,11 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     if not path.name.lower().endswith(".pkl"):
         try:
             return dict(load_state_dict_file(path, "cpu", trust_pickle=False))
+        except PickleRefused:  # cfx eval has no --trust-pickle: metric weights are never fully unpickled
+            raise MetricUnavailable(f"{path}: cannot read weights (a full pickle, which cfx eval never unpickles; "
+                                    "convert it once to safetensors)") from None
         except UsageError as exc:
             why = str(exc).removeprefix(f"weights {path}: ")
-            if "--trust-pickle" in why:  # cfx eval has no such option: metric weights are never fully unpickled
-                why = "a full pickle, which cfx eval never unpickles; convert it once to safetensors"
             raise MetricUnavailable(f"{path}: cannot read weights ({why})") from None
     try:
         with open(path, "rb") as f:

@@ -78,7 +78,7 @@ class ECED(Explainer):
         # chosen on the tuning digits (issue 22, docs/methods/eced.md): a key region large enough to redraw a digit
         # (ξ 0.07), the target prompt at CFG 7.5 and a deterministic chain (η 0), so the prior, not the attack,
         # makes the flip (158 of 178 tuning digits flip at the first generation); Alg. 2 at cfx's decoder rate 1e-4
-        # (1e-3 doubled the decoder copy's error inside the key region)
+        # (at 1e-3 the decoder copy decoded the key region 1.9–4.4× worse: bench/eced_decoder_drift.py)
         "digits": {"prompt": "a handwritten digit {target}", "class_names": DIGIT_NAMES, "xi": 0.07,
                    "steps": 50, "tau": 25, "guidance": 7.5, "eta": 0.0, "iterations": 20, "lr": 0.1},
     }
