@@ -27,7 +27,9 @@ class RunOptions:
     """Run-wide options of ``cfx explain`` besides the method's own ``--set`` parameters."""
 
     #: forward-only generative-network calls (``--backend``, ``--precision``, ``--channels-last``, ``--compile``);
-    #: only methods with ``uses_backend = True`` honour them (see :func:`cfx_cli.backends.forward_backend`)
+    #: only methods with ``uses_backend = True`` honour them (see :func:`cfx_cli.backends.forward_backend`);
+    #: ``--precision`` also applies to the differentiated calls of methods with ``uses_autocast = True``
+    #: (:func:`cfx_cli.backends.grad.grad_precision`)
     backend: str = "auto"
     backend_precision: str = "fp32"
     channels_last: bool = False
@@ -36,8 +38,12 @@ class RunOptions:
     debug: bool = False
 
     def backend_requested(self) -> bool:
-        """Did the user ask for anything but the default forward-only calls?"""
+        """Did the user ask for anything but the default network calls?"""
         return self != RunOptions(debug=self.debug)
+
+    def forward_requested(self) -> bool:
+        """Did the user ask for a backend option that only forward-only calls can honour (all but --precision)?"""
+        return self.backend != "auto" or self.channels_last or bool(self.compile)
 
     def backend_summary(self) -> dict[str, Any]:
         """What run.json records under ``backend`` (what was asked for)."""
@@ -121,6 +127,10 @@ class Explainer:
     #: does the method run forward-only network calls through ``cfx_cli.backends`` (``--backend``,
     #: ``--precision``, ``--channels-last``, ``--compile``)? Otherwise those options are a usage error.
     uses_backend: ClassVar[bool] = False
+    #: does the method run its differentiated network calls (those it takes gradients through) under
+    #: ``--precision fp16|bf16`` with ``torch.autocast`` (:mod:`cfx_cli.backends.grad`)? A method with neither
+    #: this nor ``uses_backend`` refuses ``--precision``.
+    uses_autocast: ClassVar[bool] = False
     #: set by ``__init__``: the run's classifier, device, model spec and options (the resolved parameters are
     #: also ``self.params``, a dict, on the instance)
     context: ExplainContext

@@ -95,10 +95,11 @@ def _cone_function():
 
         @staticmethod
         def backward(ctx, grad_logits):
+            # the inner graphs live as long as the outer one: a loss-scaled fp16 backward may rerun
+            # (cfx_cli.backends.grad), and they are freed with it
             x, own, other = ctx.graph
-            del ctx.graph  # one backward pass per forward, as every explainer does
-            (g,) = torch.autograd.grad(own, x, grad_logits)
-            (r,) = torch.autograd.grad(other.to(grad_logits.dtype), x, grad_logits)
+            (g,) = torch.autograd.grad(own, x, grad_logits.to(own.dtype), retain_graph=True)
+            (r,) = torch.autograd.grad(other, x, grad_logits.to(other.dtype), retain_graph=True)
             return cone_project(g, r, ctx.degrees, ctx.rule), None, None, None, None
 
     return ConeGuided

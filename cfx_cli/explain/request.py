@@ -131,9 +131,13 @@ def resolve(req: ExplainRequest) -> ExplainPlan:
             where = (f"--region {region.spec} reads {', '.join(accepted)}" if accepted
                      else "region options apply to --region auto only (or a region source that reads them)")
             raise UsageError(f"--set {foreign[0]}: {where}")
-    if not explainer_cls.uses_backend and req.options.backend_requested():
+    if not explainer_cls.uses_backend and req.options.forward_requested():
+        also = (" (its network calls carry gradients: --precision runs them under autocast)"
+                if explainer_cls.uses_autocast else "")
         raise UsageError(f"method {req.method!r} runs no forward-only network calls on a backend: "
-                         "--backend, --precision, --channels-last and --compile do not apply to it")
+                         f"--backend, --channels-last and --compile do not apply to it{also}")
+    if not (explainer_cls.uses_backend or explainer_cls.uses_autocast) and req.options.backend_requested():
+        raise UsageError(f"method {req.method!r} runs no network calls that --precision applies to")
     labels = read_labels_file(req.labels_file) if req.labels_file else None
     out = Path(req.out) if req.out else Path("cfx-runs") / f"{req.method}-{safe_name(req.target)}"
     return ExplainPlan(req, explainer_cls, spec, labels, params, region, items, out, executor, notes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cfx_cli.backends.grad import FP32, GradCheck, grad_precision
 from cfx_cli.backends.pixel import pixel_forward
 from cfx_cli.classifiers import target_score
 from cfx_cli.errors import UsageError
@@ -44,6 +45,7 @@ class ACE(Explainer):
     requires = frozenset({"gradients"})
     uses_region = True
     uses_backend = True  # the diffusion UNet's forward-only calls (cfx_cli.backends.pixel)
+    uses_autocast = True  # --precision: the differentiated filter F_τ and the classifier under torch.autocast
     params = (
         Param("attack", "str", "pgd", "optimiser of the pre-explanation: 'pgd' (sign steps), 'gd' (plain "
               "gradient steps), 'cw' (Carlini–Wagner tanh parametrisation and margin loss)",
@@ -134,6 +136,7 @@ docs/methods/ace.md.
         #: pgd_iterates, pgd_class_grads, pre_explanation, mask, dilated_mask, inpaint_mask (1 = taken from x),
         #: noisy_pre_explanation and counterfactual (float, at the prior's size, before any resize or 8-bit save)
         self.trace: dict[str, Any] | None = None
+        self.amp = FP32  # what the differentiated filter runs in (set per batch by explain, from --precision)
 
     # -- the diffusion filter F_τ --------------------------------------------------------------------------
     def _draw(self, noise, rows, shape, keys):
@@ -188,9 +191,19 @@ docs/methods/ace.md.
 
         with torch.enable_grad():
             x_in = x_adv.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(self.class_loss(self.context.classifier.logits(self.filter(x_in, draws)),
-                                                          targets), x_in)
+            with self.amp.autocast():
+                logits = self.context.classifier.logits(self.filter(x_in, draws)).float()
+            (grad,) = self.amp.grad(self.class_loss(logits, targets), x_in)
         return grad
+
+    def precision(self, x01):
+        """What the differentiated filter and the classifier run in: ``--precision`` under autocast once the UNet
+        (one step of F_τ) and the classifier pass the gate (:mod:`cfx_cli.backends.grad`), else fp32."""
+        clf = self.context.classifier
+        one = x01[:1]
+        checks = [GradCheck(f"{self.model_spec} (filter step)", lambda z: self.model(z, self.tau - 1), (one * 2 - 1,)),
+                  GradCheck(clf.spec or "the classifier", clf.logits, (one,))]
+        return grad_precision(self.context, checks, key=("ace", id(self.model.net), id(clf), tuple(x01.shape[1:])))
 
     def distance_gradient(self, x_adv, x):
         """∇_{x'} λ_d·d(x', x): ℓ1 gives λ_d·sign(x' − x) (0 where x' = x), ℓ2 the per-image unit direction (0 at
@@ -302,6 +315,7 @@ docs/methods/ace.md.
         if self.trace is not None:
             self.trace.clear()  # this batch's intermediates only
 
+        self.amp = self.precision(x)
         pe = self.pre_explanation(x, batch.targets, region, noise, rows)
         mask, dilated, change = self.masks(x, pe, region)
         refined, start = self.refine(x, pe, change, noise, rows)
@@ -318,7 +332,7 @@ docs/methods/ace.md.
                   "respacing": p["respacing"], "schedule": self.model.schedule_summary(), "distance": p["distance"],
                   "lambda_d": p["lambda_d"], "class_weight": p["class_weight"], "threshold": p["threshold"],
                   "dilation": p["dilation"], "model": self.model_spec, "nfe_model": nfe_model,
-                  "nfe_classifier": nfe_clf, "backend": self.prior.backend.name}
+                  "nfe_classifier": nfe_clf, "backend": self.prior.backend.name, "gradients": self.amp.name}
         return [ExplainOutput(counterfactual=cf[i], mask=mask_b[i], nfe=nfe_model + nfe_clf,
                               params=dict(params, mask_fraction=round(float(mask_b[i].mean()), 4)),
                               extras={"pre_explanations": pe[i]})

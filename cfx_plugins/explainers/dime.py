@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from cfx_cli.backends.grad import FP32, GradCheck, grad_precision
 from cfx_cli.backends.pixel import pixel_forward
 from cfx_cli.classifiers import IMAGENET_MEAN, IMAGENET_STD, target_score
 from cfx_cli.errors import UsageError
@@ -37,6 +38,7 @@ class DiME(Explainer):
     requires = frozenset({"gradients"})
     uses_region = True
     uses_backend = True  # the diffusion UNet's forward-only calls (cfx_cli.backends.pixel)
+    uses_autocast = True  # --precision: the classifier and perceptual gradients under torch.autocast
     params = (
         Param("tau", "int", 60, "τ: the input is noised to step τ of the respaced schedule and the guided chain "
               "runs τ steps, t = τ−1 … 0 (the authors' start_step)", min=1),
@@ -118,6 +120,7 @@ publishes no ImageNet setting, so there is no imagenet preset. Details: docs/met
             raise UsageError(f"{self.name}: --set tau={p['tau']} exceeds the {steps} steps of the respaced schedule "
                              f"(respacing={p['respacing']!r}; z_tau_level={p['z_tau_level']} allows τ ≤ {limit})")
         self.perceptual, self.perceptual_name = self._perceptual()
+        self.amp = FP32  # what the gradients are taken in (set per batch by explain, from --precision)
         #: optional observer of the algorithm's intermediates (tests, notebooks), called as ``trace(event, **data)``
         #: with detached tensors: "z_tau" (rows, z_tau), "step" at the start of each guided step (attempt, t, rows,
         #: z, x_t), "attempt" after each attempt (attempt, scale, rows, z0 = the raw output in [-1, 1], logits =
@@ -177,6 +180,7 @@ publishes no ImageNet setting, so there is no imagenet preset. Details: docs/met
 
         # forward-only prior calls (all of them run under no_grad) go through --backend; gradients stay in torch
         self.prior = pixel_forward(self.context, self.model, tuple(x.shape[1:]))
+        self.amp = self.precision(x)
         results: list[Any] = [None] * n
         nfe_model, nfe_clf = self._nfe_per_attempt()
         pending = rows
@@ -206,7 +210,7 @@ publishes no ImageNet setting, so there is no imagenet preset. Details: docs/met
                     "lambda_p": p["lambda_p"], "lambda_1": p["lambda_1"], "perceptual": self.perceptual_name,
                     "flip_check": p["flip_check"], "model": self.model_spec,
                     "nfe_model": attempt * nfe_model, "nfe_classifier": attempt * nfe_clf,
-                    "backend": self.prior.backend.name, **self._record()})
+                    "backend": self.prior.backend.name, "gradients": self.amp.name, **self._record()})
                 if not bool(flipped[j]):
                     still.append(i)
             pending = still
@@ -214,6 +218,16 @@ publishes no ImageNet setting, so there is no imagenet preset. Details: docs/met
                 break
         return [ExplainOutput(counterfactual=cf, mask=mask, params=params, nfe=nfe)
                 for cf, nfe, mask, params in results]
+
+    def precision(self, x):
+        """What the guided gradients run in: ``--precision`` under autocast once the classifier (and the VGG loss)
+        pass the gate (:mod:`cfx_cli.backends.grad`), else fp32."""
+        clf = self.context.classifier
+        one = (x[:1] + 1) / 2
+        checks = [GradCheck(clf.spec or "the classifier", clf.logits, (one,))]
+        if self.perceptual is not None:
+            checks.append(GradCheck(self.perceptual_name, lambda t: vgg_input_features(self.perceptual, t), (x[:1],)))
+        return grad_precision(self.context, checks, key=(self.name, id(clf), id(self.perceptual), tuple(x.shape[1:])))
 
     def _nfe_per_attempt(self) -> tuple[int, int]:
         return nfe_per_attempt(self.params["tau"])
@@ -263,10 +277,10 @@ publishes no ImageNet setting, so there is no imagenet preset. Details: docs/met
         import torch
 
         p = self.params
-        with torch.enable_grad():
+        with torch.enable_grad(), self.amp.autocast():
             xt = x_t.detach().requires_grad_(True)
             seen = xt if region is None else xt * region + x * (1 - region)
-            logits = self.context.classifier.logits((seen + 1) / 2)
+            logits = self.context.classifier.logits((seen + 1) / 2).float()
             targets = targets.to(logits.device)
             if p["loss"] == "target_logit":
                 score = logits[torch.arange(len(targets), device=logits.device), targets]
@@ -275,7 +289,7 @@ publishes no ImageNet setting, so there is no imagenet preset. Details: docs/met
             loss = scale * -score.sum()
             if self.perceptual_name != "none":
                 loss = loss + p["lambda_p"] * self._perc_loss(xt, x, x_feats)
-            (grad,) = torch.autograd.grad(loss, xt)
+        (grad,) = self.amp.grad(loss, xt)
         return grad
 
 

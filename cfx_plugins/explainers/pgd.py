@@ -7,6 +7,7 @@ realism, and the plumbing check of the tool.
 
 from __future__ import annotations
 
+from cfx_cli.backends.grad import GradCheck, grad_precision
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.guide import GUIDE_PARAMS
 from cfx_cli.hookspecs import hookimpl
@@ -18,6 +19,7 @@ class MaskedPGD(Explainer):
     summary = "masked PGD baseline (adversarial attack, thesis eq. 3.22)"
     requires = frozenset({"gradients"})
     uses_region = True
+    uses_autocast = True  # --precision: the classifier's forward and backward under torch.autocast
     params = (
         Param("eps", "float", 8 / 255, "ℓ∞ radius ε of the attack (accepts fractions like 8/255)",
               min=0.0, max=1.0),
@@ -49,19 +51,23 @@ uses 1/255, the step of ACE's PGD. Images stay in [0, 1].
         clf = self.context.classifier
         x = batch.images.detach()
         mask = batch.masks if batch.masks is not None else torch.ones_like(x[:, :1])
+        # --precision fp16/bf16: the classifier's gradient calls under autocast, once they pass the gate
+        amp = grad_precision(self.context, [GradCheck(clf.spec or "the classifier", clf.logits, (x[:1],))],
+                             key=("classifier", id(clf), tuple(x.shape[1:])))
         x_adv = x.clone()
         active = torch.ones(len(x), dtype=torch.bool, device=x.device)
         nfe = torch.zeros(len(x), dtype=torch.long)
         for _ in range(p["iterations"]):
             x_adv.requires_grad_(True)
-            logits = clf.logits(x_adv)
+            with amp.autocast():
+                logits = clf.logits(x_adv).float()
             nfe += active.cpu().long()
             if p["early_stop"]:
                 active = active & (logits.argmax(1) != batch.targets)
                 if not active.any():
                     break
             loss = F.cross_entropy(logits, batch.targets, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            (grad,) = amp.grad(loss, x_adv)
             with torch.no_grad():
                 step = mask * p["step"] * grad.sign() * active[:, None, None, None]
                 x_adv = x_adv - step
@@ -69,7 +75,8 @@ uses 1/255, the step of ACE's PGD. Images stay in [0, 1].
         x_adv = x_adv.detach()
         return [
             ExplainOutput(counterfactual=x_adv[i], mask=batch.masks[i] if batch.masks is not None else None,
-                          params={"eps": p["eps"], "step": p["step"], "iterations": p["iterations"]},
+                          params={"eps": p["eps"], "step": p["step"], "iterations": p["iterations"],
+                                  "gradients": amp.name},
                           nfe=int(nfe[i]))
             for i in range(len(x))
         ]

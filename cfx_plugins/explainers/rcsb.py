@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from cfx_cli.backends.grad import FP32, GradCheck, grad_precision
 from cfx_cli.classifiers import target_score
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
@@ -31,6 +32,7 @@ class RCSB(Explainer):
     uses_region = True
     #: without --region, RCSB uses the automatic Integrated-Gradients region (the paper's default setting)
     default_region = "auto"
+    uses_autocast = True  # --precision: the guided bridge steps (network and classifier) under torch.autocast
     params = (
         Param("tau", "float", 0.6, "τ: trajectory truncation; the code's start_step = round(τ·interval), the "
               "start state and the first step at start_step − 1 (1.0 = from x_1, the full inpainting trajectory)",
@@ -102,6 +104,7 @@ gradients.
         self.model = model_for(context, "bridge", "rcsb")
         # the step of the start state and of the first network call (the code's start_step − 1)
         self.first_step = self.model.bridge.truncation_step(p["tau"])
+        self.amp = FP32  # what the guided steps run in (set per batch by explain, from --precision)
         if not 1 <= p["nfe"] <= self.first_step:
             raise UsageError(f"rcsb: --set nfe={p['nfe']}: must be in 1…{self.first_step} for tau={p['tau']}")
 
@@ -120,6 +123,7 @@ gradients.
         region = (batch.masks > 0.5).float().to(dev)
         draws = self.context.noise.for_batch(batch.ids, batch.seeds, dev)
         noise = draws.randn(range(len(batch.ids)), tuple(x.shape[1:]), "x1")  # R's content in I2SB's corruption
+        self.amp = self.precision(x)
         out = self.sample(x, region, batch.targets.to(dev), noise, trace)
         cf = (out.clamp(-1, 1) / 2 + 0.5).float().to(batch.images.device)  # what the code returns
         # the hard constraint: outside R the counterfactual is the input, bit for bit
@@ -127,9 +131,19 @@ gradients.
         nfe = 2 * p["nfe"]
         info = {"tau": p["tau"], "start_step": self.first_step + 1, "nfe": p["nfe"], "scale": p["scale"],
                 "tweedie": p["tweedie"], "adam": p["adam"], "adaptive_norm": p["adaptive_norm"],
-                "clf_view": p["clf_view"], "mask_grad": p["mask_grad"], "model": self.model_spec}
+                "clf_view": p["clf_view"], "mask_grad": p["mask_grad"], "model": self.model_spec,
+                "gradients": self.amp.name}
         return [ExplainOutput(counterfactual=cf[i].detach(), mask=batch.masks[i], params=dict(info), nfe=nfe)
                 for i in range(len(batch.ids))]
+
+    def precision(self, x):
+        """What the guided steps run in: ``--precision`` under autocast once the bridge network and the classifier
+        pass the gate (:mod:`cfx_cli.backends.grad`), else fp32."""
+        clf = self.context.classifier
+        one = x[:1].float()
+        checks = [GradCheck(f"{self.model_spec} (bridge)", lambda z: self.model(z, self.first_step), (one,)),
+                  GradCheck(clf.spec or "the classifier", clf.logits, ((one[:1] + 1) / 2,))]
+        return grad_precision(self.context, checks, key=("rcsb", id(self.model.net), id(clf), tuple(x.shape[1:])))
 
     def classifier_view(self, seen, x, region):
         """What the classifier sees of the estimate ``seen`` (x̂_0, or x_t for naive guidance), in [0, 1]."""
@@ -164,10 +178,12 @@ gradients.
         for k, (step, prev) in enumerate(zip(steps[:-1], steps[1:], strict=True), start=1):
             with torch.enable_grad():
                 xg = xt.detach().requires_grad_(True)
-                x0 = self.model.pred_x0(xg, step, clip_denoise=p["clip_denoise"]) if p["tweedie"] else None
-                seen = self.classifier_view(x0 if x0 is not None else xg, x, region)
-                logp = target_score(clf.logits(seen), targets, kind="log_softmax")
-                (grad,) = torch.autograd.grad(logp.sum(), xg)
+                with self.amp.autocast():
+                    x0 = self.model.pred_x0(xg, step, clip_denoise=p["clip_denoise"]) if p["tweedie"] else None
+                    seen = self.classifier_view(x0 if x0 is not None else xg, x, region)
+                    logits = clf.logits(seen).float()
+                logp = target_score(logits, targets, kind="log_softmax")
+                (grad,) = self.amp.grad(logp.sum(), xg)
             g = grad * region if p["mask_grad"] else grad  # the code: the full-image gradient
             if p["adam"]:  # the update direction m̂ / (√v̂ + ε) (lr 1)
                 m, v, g = adam_update(m, v, g, k, (p["beta1"], p["beta2"]), p["eps"])
@@ -179,7 +195,8 @@ gradients.
             update = p["scale"] * g
             with torch.no_grad():
                 if x0 is None:  # naive guidance: the network runs only for the sampler
-                    x0 = self.model.pred_x0(xt, step, clip_denoise=p["clip_denoise"])
+                    with self.amp.autocast():
+                        x0 = self.model.pred_x0(xt, step, clip_denoise=p["clip_denoise"])
                 x0 = x0.detach()
                 xt = br.posterior_step(prev, step, xt.detach() + update, x0, ot_ode=True)
                 xt = (1 - region) * x_start + region * xt  # the known part from the truncated start state

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from cfx_cli import saliency
+from cfx_cli.backends.grad import GradCheck, grad_precision
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.guide import GUIDE_PARAMS
@@ -30,6 +31,7 @@ class ECED(Explainer):
     summary = "ECED: ScoreCAM key region → background-preserving blended latent diffusion attack (white-box)"
     requires = frozenset({"gradients"})
     uses_region = True
+    uses_autocast = True  # --precision: Alg. 2/3's decoder, UNet and classifier calls under torch.autocast
     params = (
         Param("xi", "float", 0.5, "ξ: threshold of the normalised CAM map; the key region is CAM > ξ "
               "(larger ξ, smaller region; vary it for diverse counterfactuals)", min=0.0, max=1.0),
@@ -215,11 +217,15 @@ Details and every open choice: docs/methods/eced.md.
         # the VAE and Alg. 2's tuned decoder copy colour a grayscale digit (docs/methods/eced.md: keep_gray)
         gray = gray_rows(x).to(dev) if p["keep_gray"] else None
 
+        cond_all, uncond = self.embeds([int(k) for k in targets.tolist()])
+        amp = self.precision(z_f, cond_all, x)
+
         # Alg. 2 (each image has its own decoder copy)
         t0 = time.monotonic()
         if p["preserve_background"]:
             bgs = preserve_background(m.vae, m.scaling_factor, x_r, z_f, lat, pix_r, self.alpha0,
-                                      p["bg_iterations"], p["bg_lr_latent"], p["bg_lr_decoder"], draws, gray=gray)
+                                      p["bg_iterations"], p["bg_lr_latent"], p["bg_lr_decoder"], draws, gray=gray,
+                                      amp=amp)
             z_bg, decoders = bgs.z_bg, bgs.decoders
         else:
             bgs = None
@@ -229,7 +235,6 @@ Details and every open choice: docs/methods/eced.md.
             decoders = GrayDecoders(decoders, gray)
 
         # Alg. 3
-        cond_all, uncond = self.embeds([int(k) for k in targets.tolist()])
         use_cfg = p["guidance"] != 1.0
         z_init = (z_f * lat + z_bg * (1 - lat)).detach()
         adam = AdamRows(z_init, p["lr"])
@@ -248,14 +253,14 @@ Details and every open choice: docs/methods/eced.md.
                 noise = type(fixed)(fixed.start[rows], [s[rows] for s in fixed.step],
                                     [b[rows] for b in fixed.background])
             last = it == p["iterations"]
-            with torch.enable_grad():
+            with torch.enable_grad(), amp.autocast():
                 zi = z_init[rows].clone().requires_grad_(not last)
                 z0 = blended_chain(m.unet_eps, zi, z_bg[rows], lat[rows], cond_all[rows],
                                    uncond.expand(len(active), -1, -1), p["guidance"], self.start_ab, self.levels,
                                    p["eta"], noise, checkpoint=p["checkpoint"])
-                dec = decoders(z0, rows)
+                dec = decoders(z0, rows).float()
                 img = resize_images(straight_through_unit(dec), size_b)
-                logits = clf.logits(img) if not last else None
+                logits = clf.logits(img).float() if not last else None
             with torch.no_grad():
                 shown = img.detach().clamp(0, 1)
                 pred = clf.logits(torch.round(shown * 255) / 255).argmax(1)
@@ -270,7 +275,7 @@ Details and every open choice: docs/methods/eced.md.
                 break
             keep = torch.tensor(still, device=dev)
             loss = F.cross_entropy(logits[keep], targets[rows][keep], reduction="sum")
-            (grad,) = torch.autograd.grad(loss, zi)
+            (grad,) = amp.grad(loss, zi)
             with torch.no_grad():
                 adam.step(z_init, prune(grad[keep], lat[rows][keep]), rows[keep])
             active = [active[j] for j in still]
@@ -290,13 +295,28 @@ Details and every open choice: docs/methods/eced.md.
                 "region_area": round(float(pix[i].mean()), 4), "latent_area": round(float(lat[i].mean()), 4),
                 "prompt": self._prompt(int(batch.targets[i])), "preserve_background": p["preserve_background"],
                 "bg_mse": round(float(bg_after[i]), 6), "model": m.spec,
-                "gray_projected": bool(gray[i]) if gray is not None else False,
+                "gray_projected": bool(gray[i]) if gray is not None else False, "gradients": amp.name,
             }
             if bgs is not None:
                 info.update({"bg_loss_first": round(bgs.loss_first[i], 6), "bg_loss_last": round(bgs.loss_last[i], 6),
                              "bg_seconds_batch": round(bg_seconds, 3)})
             outputs.append(ExplainOutput(counterfactual=img, mask=pix[i].cpu(), params=info, nfe=nfe))
         return outputs
+
+    def precision(self, z, cond, images):
+        """What Alg. 2/3's differentiated calls run in: ``--precision`` under autocast once the UNet, the decoder and
+        the classifier pass the gate (:mod:`cfx_cli.backends.grad`), else fp32."""
+        from .core import SharedDecoder
+
+        m, clf = self.model, self.context.classifier
+        t = self.levels[0].t
+        decode = SharedDecoder(m.vae, m.scaling_factor)
+        checks = [GradCheck(f"{m.spec} unet", lambda zz: m.unet_eps(zz, t, cond[:1].expand(len(zz), -1, -1)),
+                            (z[:1],)),
+                  GradCheck(f"{m.spec} vae decoder", decode, (z[:1],)),
+                  GradCheck(clf.spec or "the classifier", clf.logits, (images[:1],))]
+        return grad_precision(self.context, checks, key=("eced", id(m.unet), id(m.vae), id(clf),
+                                                          tuple(z.shape[1:]), tuple(images.shape[1:])))
 
     def _prompt(self, k: int) -> str:
         from .core import fill_prompt

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cfx_cli.backends.grad import FP32, GradPrecision
 from cfx_cli.diffusion import ddim_step_from_alphas, q_sample_at, tweedie_x0
 from cfx_cli.diffusion.edict import edict_timesteps, step_levels
 from cfx_cli.diffusion.guidance import guided_eps_fn
@@ -196,7 +197,8 @@ class Background:
 
 def preserve_background(vae, scaling: float, images: torch.Tensor, z_f: torch.Tensor, latent_mask: torch.Tensor,
                         pixel_mask: torch.Tensor, alpha0: float, iterations: int, lr_latent: float,
-                        lr_decoder: float, noise: BatchNoise, gray: torch.Tensor | None = None) -> Background:
+                        lr_decoder: float, noise: BatchNoise, gray: torch.Tensor | None = None,
+                        amp: GradPrecision = FP32) -> Background:
     """Alg. 2 for a batch, each image with its own decoder copy and its own noise. ``images`` (N, 3, R, R) in
     [0, 1] at the model's resolution, ``z_f`` = E(images) (N, C, h, w), ``latent_mask`` M' (N, 1, h, w),
     ``pixel_mask`` M (N, 1, R, R) (1 = key region).
@@ -204,7 +206,8 @@ def preserve_background(vae, scaling: float, images: torch.Tensor, z_f: torch.Te
     Each iteration draws a fresh ε from ``noise`` (the batch's draws), blends z_init = z^F⊙M' + z^bg⊙(1−M'),
     noises it to α_0 and decodes with the copied decoder; one Adam (two parameter groups: z^bg and θ_D) minimises
     the background MSE (eq. 12). ``gray`` (N,) bool: the images whose decoded output is projected onto the grey axis
-    (``keep_gray``), in the loss as in Alg. 3, so the copy is tuned for the output the method returns."""
+    (``keep_gray``), in the loss as in Alg. 3, so the copy is tuned for the output the method returns. ``amp``: the
+    decoding under ``--precision`` (autocast, and loss scaling for fp16; the weights and Adam stay fp32)."""
     decoders = StackedDecoders(vae, scaling, len(images))
     decode = decoders if gray is None else GrayDecoders(decoders, gray)
     z_bg = z_f.detach().clone().requires_grad_(True)
@@ -212,15 +215,19 @@ def preserve_background(vae, scaling: float, images: torch.Tensor, z_f: torch.Te
                             {"params": decoders.trainable(), "lr": lr_decoder}])
     m = latent_mask.to(z_f.dtype)
     first = last = [float("nan")] * len(images)
+    scaler = amp.scaler()
     with torch.enable_grad():
         for i in range(iterations):
             eps = noise.randn(range(len(images)), tuple(z_f.shape[1:]), "background_q_sample", (i,))
             z_init = z_f * m + z_bg * (1 - m)
-            out = (decode(q_sample_at(z_init, alpha0, eps)) + 1) / 2
+            with amp.autocast():
+                out = (decode(q_sample_at(z_init, alpha0, eps)).float() + 1) / 2
             per_image = background_mse(out, images, pixel_mask)
             opt.zero_grad(set_to_none=True)
-            per_image.sum().backward()  # a sum: each image's weights get only their own image's gradient
-            opt.step()
+            # a sum: each image's weights get only their own image's gradient
+            scaler.scale(per_image.sum()).backward()
+            scaler.step(opt)
+            scaler.update()
             last = per_image.detach().cpu().tolist()
             if i == 0:
                 first = last
