@@ -55,7 +55,7 @@ complete -c cfx -n '__fish_seen_subcommand_from explain' -l tokens -r -F -d 'Ali
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l fit-data -r -F -d 'Alias of --set fit_data=DIR (TIME - fit the tokens now on this folder of training images)'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l seeds -r -F -d 'N explanations per input, seeds SEED…SEED+N-1 (extra ones in RUN_DIR/seeds/K)'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l backend -r -F -d 'Forward-only diffusion-network calls - auto (a validated `cfx accelerate` build if cached, else torch), torch, onnx or tensorrt'
-complete -c cfx -n '__fish_seen_subcommand_from explain' -l precision -r -F -d 'Precision of the forward-only calls on --backend - fp32, fp16 or bf16 (gradients stay in the models own precision)'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l precision -r -F -d 'fp32, fp16 or bf16 - forward-only calls on a copy of the network in that precision; calls the method takes gradients through under torch'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l channels-last -d 'torch backend - run the forward-only calls in channels_last memory format'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l compile -d 'torch backend - torch'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l compile-mode -r -F -d 'With --compile - default, reduce-overhead (CUDA graphs) or max-autotune'

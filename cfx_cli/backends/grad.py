@@ -78,7 +78,7 @@ class GradPrecision:
         if self.precision != "fp16":
             return torch.autograd.grad(loss, inputs)
         while True:
-            grads = torch.autograd.grad(loss * self.scale, inputs, retain_graph=self.scale > 1.0)
+            grads = torch.autograd.grad(loss.float() * self.scale, inputs, retain_graph=self.scale > 1.0)
             if all(torch.isfinite(g).all() for g in grads) or self.scale <= 1.0:
                 return tuple(g / self.scale for g in grads)
             self.scale *= BACKOFF
