@@ -29,11 +29,16 @@ measured dense matmul rate (bf16 on CUDA, 8192³; fp32 sgemm on a CPU): one refe
 
 Variants, in the order they run: ``fp32`` (eager, the published regime: the reference of every ratio),
 ``fp16_graphs`` (``--precision fp16 --compile --compile-mode reduce-overhead``, CUDA only), ``fp16``, ``fp32_bB``,
-``fp16_bB``, ``bf16``. RCSB, ECED and PGD refuse ``--precision``/``--compile`` (``uses_backend`` is false): those
-rows say so. ``--budget S`` (default 450 s) splits the time between methods (each gets the time left ÷ the methods
-left, so what a cheap method leaves goes to the next; ECED, the dearest, runs last); a method's variants that
-would start past its share are recorded as skipped, so the suite ends close to its budget whatever the device
-(one variant may overrun). ``--quick`` shortens DiME (τ 20) and ECED (T₂ 5, N 20).
+``fp16_bB``, ``bf16``. RCSB, ECED and PGD have no forward-only calls: ``--precision`` runs their differentiated
+calls under autocast and ``--compile`` compiles the generative network they differentiate (``cfx_cli.backends.grad``);
+PGD's only network is the classifier, so its ``fp16_graphs`` row says ``--compile`` does not apply. Every row but the
+reference also gives the max and mean |Δ| of its counterfactuals from the fp32 run's (same images), and what ran
+(each record's ``backend`` / ``gradients``).
+
+``--budget S`` (default 450 s) splits the time between methods (each gets the time left ÷ the methods left, so what
+a cheap method leaves goes to the next; ECED, the dearest, runs last); a method's variants that would start past its
+share are recorded as skipped, so the suite ends close to its budget whatever the device (one variant may overrun).
+``--quick`` shortens DiME (τ 20) and ECED (T₂ 5, N 20).
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ from cfx_plugins.explainers.time.fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PR
 from cfx_plugins.nets.resnet import ResNet50  # noqa: E402
 
 LABELS = ["class0", "class1"]
+FORWARD = {"dime", "ace", "time"}  # the methods with forward-only calls (--backend torch applies to them)
 N_IMAGES = 8
 
 
@@ -93,7 +99,7 @@ class Method:
     size: int  # the classifier's input size = the explanation's resolution
     model: str | None  # a key of the built models, or a demo spec in tiny mode
     params: dict[str, Any]
-    backend: bool  # does the method honour --precision / --compile (uses_backend)?
+    compiles: bool  # does --compile apply (a generative network; PGD has none)? --precision applies to every method
     quick: dict[str, Any] = field(default_factory=dict)
     flags: str | None = None
 
@@ -105,10 +111,10 @@ def published_methods() -> list[Method]:
         Method("time", 512, "sd", {"schedule": "35:4", "steps": 50}, True),
         Method("ace", 256, "adm256", {"preset": "celebahq"}, True,
                flags=_catalog_flags("ACE CelebA-HQ ADM (256, 500 steps)")),
-        Method("rcsb", 256, "i2sb256", {"preset": "A"}, False),
+        Method("rcsb", 256, "i2sb256", {"preset": "A"}, True),
         Method("dime", 128, "adm128", {"preset": "celeba", "scales": "8.0"}, True, {"tau": 20},
                flags=_catalog_flags("DiME CelebA ADM (128, 500 steps)")),
-        Method("eced", 512, "sd", {"preset": "celebahq", "early_stop": False}, False,
+        Method("eced", 512, "sd", {"preset": "celebahq", "early_stop": False}, True,
                {"iterations": 5, "bg_iterations": 20}),
     ]
 
@@ -118,10 +124,10 @@ def tiny_methods() -> list[Method]:
     return [
         Method("dime", 16, "demo:pixel", {"preset": "digits", "tau": 4, "scales": "10.0"}, True),
         Method("ace", 16, "demo:pixel", {"preset": "digits", "iterations": 3}, True),
-        Method("rcsb", 16, "demo:bridge", {"preset": "digits", "nfe": 4}, False),
+        Method("rcsb", 16, "demo:bridge", {"preset": "digits", "nfe": 4}, True),
         Method("time", 16, "demo:latent", {"preset": "digits", "schedule": "4:4", "steps": 8}, True),
         Method("eced", 16, "demo:latent", {"preset": "digits", "steps": 8, "tau": 3, "iterations": 2,
-                                           "bg_iterations": 2, "early_stop": False}, False),
+                                           "bg_iterations": 2, "early_stop": False}, True),
         Method("pgd", 16, None, {"preset": "digits", "iterations": 5}, False),
     ]
 
@@ -254,9 +260,9 @@ def explain(method: Method, setup: dict, out: Path, limit: int, batch: int, prec
         params["tokens"] = str(setup["tokens"])
     if method.name == "dime" and "vgg" in setup:
         params["perc_weights"] = str(setup["vgg"])
-    backend = method.backend and (precision != "fp32" or compile_)
-    options = RunOptions(backend="torch" if backend else "auto", backend_precision=precision if backend else "fp32",
-                         compile=compile_ if backend else False)
+    backend = precision != "fp32" or bool(compile_)
+    options = RunOptions(backend="torch" if backend and method.name in FORWARD else "auto",
+                         backend_precision=precision, compile=compile_ if method.compiles else False)
     req = ExplainRequest(inputs=[str(setup["images"][method.size])], method=method.name, target="auto",
                          classifier=setup["classifier"](method.size), out=str(out), batch_size=batch, seed=0,
                          device=setup["device"], set_options=params, limit=limit, overwrite=True,
@@ -277,8 +283,8 @@ def run_variant(method: Method, variant: Variant, setup: dict, work: Path, batch
     cuda = device.startswith("cuda")
     row: dict[str, Any] = {"method": method.name, "variant": variant.name, "batch": variant.batch,
                            "precision": variant.precision, "compile": variant.compile}
-    if not method.backend and (variant.precision != "fp32" or variant.compile):
-        return {**row, "status": "n/a: the method refuses --precision/--compile (no forward-only backend)"}
+    if not method.compiles and variant.compile:
+        return {**row, "status": "n/a: --compile does not apply (no generative network; the classifier runs as given)"}
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -292,10 +298,34 @@ def run_variant(method: Method, variant: Variant, setup: dict, work: Path, batch
     timed = [r for r in records[variant.batch * warmup:] if r["status"] != "skipped"] or records
     row.update(status="ok", images=len(records), wall_seconds=round(wall, 3),
                seconds=round(statistics.median(r["seconds"] for r in timed), 4),
-               warmup_seconds=records[0]["seconds"], nfe=records[0].get("nfe"))
+               warmup_seconds=records[0]["seconds"], nfe=records[0].get("nfe"),
+               ran={k: records[0]["params"][k] for k in ("backend", "gradients") if k in records[0]["params"]})
     if cuda:
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return row
+
+
+def difference_from_fp32(work: Path, method: Method, variant: Variant) -> dict[str, float]:
+    """Max and mean |Δ| (8-bit PNGs in [0, 1]) of the variant's counterfactuals from the fp32 batch-1 run's, over the
+    images both runs explained: how far the precision moved the method's output."""
+    runs = work / "runs"
+    ref_dir, got_dir = runs / f"{method.name}-fp32", runs / f"{method.name}-{variant.name}"
+
+    def load(folder: Path) -> dict[str, np.ndarray]:
+        out = {}
+        for line in (folder / "manifest.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r.get("counterfactual"):
+                out[r["id"]] = np.asarray(Image.open(folder / r["counterfactual"]), dtype=np.float64) / 255
+        return out
+
+    ref, got = load(ref_dir), load(got_dir)
+    common = sorted(set(ref) & set(got))
+    if not common:
+        return {}
+    diffs = [np.abs(got[k] - ref[k]) for k in common]
+    return {"max_abs_diff_vs_fp32": round(float(max(d.max() for d in diffs)), 4),
+            "mean_abs_diff_vs_fp32": round(float(np.mean([d.mean() for d in diffs])), 5)}
 
 
 def count_method_flops(method: Method, setup: dict, work: Path) -> int:
@@ -348,17 +378,19 @@ def memory_per_image(rows: list[dict], big: int) -> dict[str, float]:
 
 def table(rows: list[dict]) -> str:
     ref = {r["method"]: r["seconds"] for r in rows if r["variant"] == "fp32" and r.get("status") == "ok"}
-    lines = ["| method | variant | s / explanation | vs fp32 b1 | peak GiB | GFLOPs / expl. | share of peak |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | variant | s / explanation | vs fp32 b1 | peak GiB | GFLOPs / expl. | share of peak | "
+             "max / mean \\|Δ\\| vs fp32 |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {r['method']} | {r['variant']} | {r.get('status')} | | | | |")
+            lines.append(f"| {r['method']} | {r['variant']} | {r.get('status')} | | | | | |")
             continue
+        diff = (f"{r['max_abs_diff_vs_fp32']:.3g} / {r['mean_abs_diff_vs_fp32']:.2g}"
+                if "max_abs_diff_vs_fp32" in r else "")
         ratio = f"{ref[r['method']] / r['seconds']:.2f}×" if r["method"] in ref and r["seconds"] else ""
         share = f"{100 * r['share_of_peak']:.1f} %" if r.get("share_of_peak") is not None else ""
         gflops = f"{r['flops'] / 1e9:.3g}" if r.get("flops") else ""
         lines.append(f"| {r['method']} | {r['variant']} | {r['seconds']:.4g} | {ratio} | "
-                     f"{r.get('peak_memory_gib', '')} | {gflops} | {share} |")
+                     f"{r.get('peak_memory_gib', '')} | {gflops} | {share} | {diff} |")
     return "\n".join(lines)
 
 
@@ -419,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:
                     row = {"method": method.name, "variant": v.name, "status": f"error: {type(exc).__name__}: {exc}"}
                 if row.get("status") == "ok":
+                    if v.name != "fp32":
+                        row.update(difference_from_fp32(work, method, v))
                     row["flops"] = flops
                     row["share_of_peak"] = round(flops / row["seconds"] / peak, 5) if row["seconds"] else None
                 rows.append(row)

@@ -28,8 +28,8 @@ class RunOptions:
 
     #: forward-only generative-network calls (``--backend``, ``--precision``, ``--channels-last``, ``--compile``);
     #: only methods with ``uses_backend = True`` honour them (see :func:`cfx_cli.backends.forward_backend`);
-    #: ``--precision`` also applies to the differentiated calls of methods with ``uses_autocast = True``
-    #: (:func:`cfx_cli.backends.grad.grad_precision`)
+    #: ``--precision``, ``--channels-last`` and ``--compile`` also apply to differentiated calls where the method
+    #: lists them in ``gradient_options`` (:mod:`cfx_cli.backends.grad`)
     backend: str = "auto"
     backend_precision: str = "fp32"
     channels_last: bool = False
@@ -37,13 +37,12 @@ class RunOptions:
     #: ``CFX_DEBUG=1``: an explainer's exception propagates (with its traceback) instead of error records
     debug: bool = False
 
-    def backend_requested(self) -> bool:
-        """Did the user ask for anything but the default network calls?"""
-        return self != RunOptions(debug=self.debug)
-
-    def forward_requested(self) -> bool:
-        """Did the user ask for a backend option that only forward-only calls can honour (all but --precision)?"""
-        return self.backend != "auto" or self.channels_last or bool(self.compile)
+    def requested(self) -> list[str]:
+        """The options asked for besides the defaults, as named in ``Explainer.gradient_options`` (plus
+        ``backend``, which only forward-only calls honour)."""
+        asked = {"backend": self.backend != "auto", "precision": self.backend_precision != "fp32",
+                 "channels_last": self.channels_last, "compile": bool(self.compile)}
+        return [name for name, on in asked.items() if on]
 
     def backend_summary(self) -> dict[str, Any]:
         """What run.json records under ``backend`` (what was asked for)."""
@@ -127,10 +126,12 @@ class Explainer:
     #: does the method run forward-only network calls through ``cfx_cli.backends`` (``--backend``,
     #: ``--precision``, ``--channels-last``, ``--compile``)? Otherwise those options are a usage error.
     uses_backend: ClassVar[bool] = False
-    #: does the method run its differentiated network calls (those it takes gradients through) under
-    #: ``--precision fp16|bf16`` with ``torch.autocast`` (:mod:`cfx_cli.backends.grad`)? A method with neither
-    #: this nor ``uses_backend`` refuses ``--precision``.
-    uses_autocast: ClassVar[bool] = False
+    #: the run options its *differentiated* network calls (those it takes gradients through) honour, from
+    #: ``{"precision", "channels_last", "compile"}``: ``precision`` = they run under ``--precision fp16|bf16`` with
+    #: ``torch.autocast`` (:func:`cfx_cli.backends.grad.grad_precision`); ``channels_last``/``compile`` = the
+    #: generative network it differentiates goes through :func:`cfx_cli.backends.grad.grad_network`. An option that
+    #: neither this nor ``uses_backend`` covers is a usage error.
+    gradient_options: ClassVar[frozenset[str]] = frozenset()
     #: set by ``__init__``: the run's classifier, device, model spec and options (the resolved parameters are
     #: also ``self.params``, a dict, on the instance)
     context: ExplainContext

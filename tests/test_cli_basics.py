@@ -71,8 +71,9 @@ def test_backend_options_and_method_options_are_refused_where_they_do_not_apply(
                        str(tmp_path / "r"))
         assert proc.returncode == 2 and f"method {method!r} runs no forward-only network calls on a backend" in \
             _one_line_error(proc)
-    proc = run_cfx("explain", str(demo_images), "--method", "rcsb", "--channels-last", "--out", str(tmp_path / "r"))
-    assert proc.returncode == 2 and "--channels-last" in _one_line_error(proc)
+    proc = run_cfx("explain", str(demo_images), "--method", "pgd", "--channels-last", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "--channels-last does not apply" in _one_line_error(proc)
+    assert "only --precision applies" in _one_line_error(proc)
     proc = run_cfx("explain", str(demo_images), "--method", "pgd", "--tokens", "t", "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and "method 'pgd' has no parameter 'tokens'" in _one_line_error(proc)
     proc = run_cfx("explain", str(demo_images), "--method", "time", "--tokens", "a", "--set", "tokens=b",

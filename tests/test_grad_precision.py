@@ -15,7 +15,16 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cfx_cli import plugins
-from cfx_cli.backends.grad import FP32, INITIAL_SCALE, GradCheck, GradPrecision, grad_precision, measure_grad_parity
+from cfx_cli.backends.grad import (
+    FP32,
+    INITIAL_SCALE,
+    GradCheck,
+    GradPrecision,
+    describe,
+    grad_network,
+    grad_precision,
+    measure_grad_parity,
+)
 from cfx_cli.cli import app
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import Explainer, ExplainOutput, RunOptions
@@ -142,10 +151,14 @@ def test_methods_without_forward_calls_run_their_gradients_under_autocast(tmp_pa
         assert float(np.abs(img - ref).mean()) < 0.01, key
 
 
-def test_forward_only_options_are_refused_for_autocast_methods_and_precision_for_neither(tmp_path, demo_images):
-    proc = run_cfx("explain", str(demo_images), "--method", "rcsb", "--compile", "--out", str(tmp_path / "r"))
-    assert proc.returncode == 2
-    assert "--precision runs them under autocast" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+def test_options_a_method_cannot_honour_are_refused_with_one_line_naming_them(tmp_path, demo_images):
+    proc = run_cfx("explain", str(demo_images), "--method", "rcsb", "--backend", "onnx", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "--backend does not apply" in proc.stderr
+    assert "only --precision, --channels-last, --compile apply" in proc.stderr
+    proc = run_cfx("explain", str(demo_images), "--method", "pgd", "--compile", "--channels-last", "--out",
+                   str(tmp_path / "r"))
+    assert proc.returncode == 2 and "--channels-last, --compile do not apply" in proc.stderr
 
     class Copy(Explainer):  # neither forward-only calls nor differentiated ones
         name = "copy_probe"
@@ -167,4 +180,68 @@ def test_forward_only_options_are_refused_for_autocast_methods_and_precision_for
         plugins.reset()
     # in process the usage error reaches the caller (the installed `cfx` prints it as one line, exit 2)
     assert isinstance(res.exception, UsageError)
-    assert "method 'copy_probe' runs no network calls that --precision applies to" in str(res.exception)
+    assert "--precision does not apply (it runs no network calls these options apply to)" in str(res.exception)
+
+
+def _options_context(**options) -> SimpleNamespace:
+    return SimpleNamespace(options=RunOptions(**options), device="cpu")
+
+
+def _call(net, x):
+    return net(x)
+
+
+def test_grad_network_compiles_and_copies_channels_last_behind_the_gate(monkeypatch):
+    net = _net()
+    example = (torch.zeros(1, 3, 16, 16),)
+    assert grad_network(_options_context(), net, _call, example, "net") is net  # nothing asked: the module itself
+    # torch.compile's AOTAutograd path without inductor's C++ build (minutes on this CPU; the CLI uses inductor)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: real_compile(m, backend="aot_eager"))
+    lines: list[str] = []
+    got = grad_network(_options_context(channels_last=True, compile=True), net, _call, example, "net",
+                       notice=lines.append)
+    assert got is not net and not lines
+    assert describe(GradPrecision("bf16"), got) == "autocast bf16, channels_last, compile"
+    x = torch.randn(2, 3, 16, 16)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    (ga,) = torch.autograd.grad(net(xa).square().sum(), xa)
+    (gb,) = torch.autograd.grad(got(xb).square().sum(), xb)
+    assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-4)
+    assert next(net.parameters()).is_contiguous()  # the loaded weights were not converted
+
+
+def test_grad_network_refuses_a_diverging_or_failing_compile_with_one_line(monkeypatch):
+    net = _net()
+    example = (torch.zeros(1, 3, 16, 16),)
+    lines: list[str] = []
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: lambda x: m(x) * 1.01)
+    assert grad_network(_options_context(compile="max-autotune"), net, _call, example, "the bridge",
+                        notice=lines.append) is net
+    assert len(lines) == 1 and "the bridge" in lines[0] and "parity gate" in lines[0] and "eagerly" in lines[0]
+
+    def broken(m, mode=None):
+        def run(x):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\n...")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    lines.clear()
+    assert grad_network(_options_context(compile=True), torch.nn.Conv2d(3, 3, 1), _call, example, "unet",
+                        notice=lines.append) is not None
+    assert len(lines) == 1 and "CppCompileError" in lines[0] and "unet" in lines[0]
+
+
+@pytest.mark.parametrize("method", ["rcsb", "ace", "eced"])
+def test_channels_last_on_the_differentiated_network_gives_the_same_counterfactuals(tmp_path, demo_images, method):
+    settings = {"ace": ["--set", "iterations=3"], "eced": ["--set", "iterations=1", "--set", "bg_iterations=3"]}
+    runs = {}
+    for name, flags in (("eager", []), ("cl", ["--channels-last"])):
+        out = tmp_path / name
+        proc = run_cfx("explain", str(demo_images), "--method", method, "--limit", "2", *flags,
+                       *settings.get(method, []), "--out", str(out))
+        assert proc.returncode == 0 and "refused" not in proc.stderr, proc.stderr
+        runs[name] = _images(out)
+    for key, (img, rec) in runs["cl"].items():
+        assert rec["params"]["gradients"] == "fp32, channels_last"
+        assert float(np.abs(img - runs["eager"][key][0]).max()) <= 1 / 255 + 1e-9  # one 8-bit level at most

@@ -80,7 +80,7 @@ def test_cfx_reads_only_declared_explainer_attributes(probe, tmp_path, demo_imag
     assert (tmp_path / "run" / "manifest.jsonl").read_text().count("\n") == 2
     # the reads the pipeline is known to make were seen, so the recorder works
     assert {"params", "presets", "auto_presets", "requires", "uses_region", "default_region", "region_presets",
-            "uses_backend", "uses_autocast", "context", "explain", "description"} <= READS
+            "uses_backend", "gradient_options", "context", "explain", "description"} <= READS
     undeclared = READS - declared(Explainer)
     assert not undeclared, f"cfx reads explainer attributes the Explainer base does not declare: {undeclared}"
     Probe.not_in_the_contract = 1  # the check itself: a read of an undeclared attribute is seen

@@ -93,33 +93,38 @@ class GradPrecision:
 FP32 = GradPrecision()
 
 
-def measure_grad_parity(check: GradCheck, precision: str, device_type: str) -> float:
-    """max relative error (max |Δ| / max |fp32|) of the output and of each differentiated input's gradient under
-    autocast ``precision``, against fp32 on the same seeded random inputs (batch 2; 1-D inputs are timesteps)."""
+def _relative_error(ref_fn: Callable[..., Any], ref: GradPrecision, got_fn: Callable[..., Any], got: GradPrecision,
+                    example_inputs: Sequence[Any]) -> float:
+    """max |Δ| / max |reference| over the output and each differentiated input's gradient, ``got_fn`` under ``got``
+    against ``ref_fn`` under ``ref``, on the same seeded random inputs (batch 2; 1-D inputs are timesteps)."""
     import torch
 
-    inputs = parity_inputs(check.example_inputs)
-    device = next((t.device for t in check.example_inputs if torch.is_tensor(t)), "cpu")
-    inputs = [t.to(device) for t in inputs]
+    device = next((t.device for t in example_inputs if torch.is_tensor(t)), "cpu")
+    inputs = [t.to(device) for t in parity_inputs(example_inputs)]
     diff = [i for i, t in enumerate(inputs) if t.is_floating_point() and t.ndim >= 2]
-    gp = GradPrecision(precision, device_type)
 
-    def run(prec: GradPrecision):
+    def run(fn, prec: GradPrecision):
         args = [t.detach().clone().requires_grad_(i in diff) for i, t in enumerate(inputs)]
         with torch.enable_grad(), prec.autocast():
-            out = check.fn(*args)
+            out = fn(*args)
         out = out.float()
         weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4321)).to(out.device)
         grads = prec.grad((out * weights).sum(), [args[i] for i in diff]) if diff else ()
         return [out.detach(), *[g.float() for g in grads]]
 
-    ref, got = run(FP32), run(gp)
+    want, have = run(ref_fn, ref), run(got_fn, got)
     err = 0.0
-    for r, g in zip(ref, got, strict=True):
+    for r, g in zip(want, have, strict=True):
         if g.shape != r.shape or not torch.isfinite(g).all():
             return float("inf")
         err = max(err, float((g - r).abs().max() / r.abs().max().clamp_min(1e-6)))
     return err
+
+
+def measure_grad_parity(check: GradCheck, precision: str, device_type: str) -> float:
+    """max relative error (max |Δ| / max |fp32|) of the output and of each differentiated input's gradient under
+    autocast ``precision``, against fp32 on the same seeded random inputs (batch 2; 1-D inputs are timesteps)."""
+    return _relative_error(check.fn, FP32, check.fn, GradPrecision(precision, device_type), check.example_inputs)
 
 
 _GATED: dict[tuple, GradPrecision] = {}
@@ -164,3 +169,87 @@ def grad_precision(context: Any, checks: Sequence[GradCheck], key: Any = None,
     if cache_key is not None:
         _GATED[cache_key] = chosen
     return chosen
+
+
+_NETWORKS: dict[tuple, Any] = {}
+
+
+def grad_network(context: Any, module: Any, call: Callable[..., Any], example_inputs: Sequence[Any], label: str,
+                 notice: Callable[[str], None] = _notice) -> Any:
+    """``module`` as the method should take gradients through it, from ``context.options``: itself (the default), or
+    a channels_last copy (``--channels-last``; the loaded weights are not touched, the copy costs their memory) and
+    ``torch.compile`` (``--compile [--compile-mode M]``; AOTAutograd compiles the backward too, ``reduce-overhead``
+    records CUDA graphs). ``call(net, *inputs) -> tensor`` is how the method calls it; the result is gated against
+    ``module`` itself in fp32 (output and input gradient, the fp32 tolerance) and refused with one line if it
+    differs. Cached per module, options and input shape."""
+    import torch
+
+    opts = context.options
+    if not (opts.channels_last or opts.compile):
+        return module
+    key = (id(module), opts.channels_last, opts.compile, tuple(tuple(getattr(t, "shape", ()))[1:] for t in
+                                                               example_inputs))
+    if key in _NETWORKS:
+        return _NETWORKS[key]
+    candidate = _channels_last(module) if opts.channels_last else module
+    if opts.compile:
+        mode = opts.compile if isinstance(opts.compile, str) and opts.compile not in ("default", "") else None
+        candidate = torch.compile(candidate, mode=mode)
+    flags = (["channels_last"] if opts.channels_last else []) + \
+        ([f"compile {opts.compile}" if isinstance(opts.compile, str) else "compile"] if opts.compile else [])
+    try:
+        err = _relative_error(lambda *a: call(module, *a), FP32, lambda *a: call(candidate, *a), FP32, example_inputs)
+    except Exception as exc:  # a compile that fails (no compiler, an unsupported op) is refused, not fatal
+        notice(f"note: {', '.join(flags)} refused for the differentiated calls of {label}: "
+               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; they run eagerly")
+        candidate = module
+    else:
+        tol = TOLERANCES["fp32"]
+        if not err <= tol:
+            notice(f"note: {', '.join(flags)} refused for the differentiated calls of {label}: parity gate: output "
+                   f"or input gradient differs from eager by {err:.3g} (max relative error; tolerance {tol:g}); "
+                   "they run eagerly")
+            candidate = module
+    _NETWORKS[key] = candidate
+    if candidate is not module:
+        _FLAGS[id(candidate)] = flags
+    return candidate
+
+
+_FLAGS: dict[int, list[str]] = {}
+
+
+def describe(amp: GradPrecision, *networks: Any) -> str:
+    """What a record says the differentiated calls ran in: ``fp32`` or ``autocast fp16``, plus the gradient
+    networks' ``channels_last`` / ``compile`` where :func:`grad_network` applied them."""
+    flags = [f for net in networks for f in _FLAGS.get(id(net), []) if net is not None]
+    return ", ".join([amp.name, *dict.fromkeys(flags)])
+
+
+def _channels_last(module: Any) -> Any:
+    """A channels_last copy of ``module`` that brings its 4-D float inputs to channels_last; other attributes (a
+    diffusers model's ``config``, ``dtype``) are the module's."""
+    import copy
+
+    import torch
+
+    class ChannelsLast(torch.nn.Module):
+        def __init__(self, net) -> None:
+            super().__init__()
+            self.net = copy.deepcopy(net).to(memory_format=torch.channels_last)
+
+        def forward(self, *args, **kwargs):
+            def cl(t):
+                if torch.is_tensor(t) and t.is_floating_point() and t.ndim == 4:
+                    return t.contiguous(memory_format=torch.channels_last)
+                return t
+
+            return self.net(*[cl(a) for a in args], **{k: cl(v) for k, v in kwargs.items()})
+
+        def __getattr__(self, name: str):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(super().__getattr__("net"), name)
+
+    return ChannelsLast(module)

@@ -131,13 +131,18 @@ def resolve(req: ExplainRequest) -> ExplainPlan:
             where = (f"--region {region.spec} reads {', '.join(accepted)}" if accepted
                      else "region options apply to --region auto only (or a region source that reads them)")
             raise UsageError(f"--set {foreign[0]}: {where}")
-    if not explainer_cls.uses_backend and req.options.forward_requested():
-        also = (" (its network calls carry gradients: --precision runs them under autocast)"
-                if explainer_cls.uses_autocast else "")
-        raise UsageError(f"method {req.method!r} runs no forward-only network calls on a backend: "
-                         f"--backend, --channels-last and --compile do not apply to it{also}")
-    if not (explainer_cls.uses_backend or explainer_cls.uses_autocast) and req.options.backend_requested():
-        raise UsageError(f"method {req.method!r} runs no network calls that --precision applies to")
+    if not explainer_cls.uses_backend:
+        flags = {"backend": "--backend", "precision": "--precision", "channels_last": "--channels-last",
+                 "compile": "--compile"}
+        refused = [flags[o] for o in req.options.requested() if o not in explainer_cls.gradient_options]
+        if refused:
+            grads = explainer_cls.gradient_options
+            ok = [flags[o] for o in flags if o in grads]
+            why = (f"its network calls carry gradients; of these options only {', '.join(ok)} "
+                   f"{'applies' if len(ok) == 1 else 'apply'} to them" if ok
+                   else "it runs no network calls these options apply to")
+            raise UsageError(f"method {req.method!r} runs no forward-only network calls on a backend: "
+                             f"{', '.join(refused)} {'does' if len(refused) == 1 else 'do'} not apply ({why})")
     labels = read_labels_file(req.labels_file) if req.labels_file else None
     out = Path(req.out) if req.out else Path("cfx-runs") / f"{req.method}-{safe_name(req.target)}"
     return ExplainPlan(req, explainer_cls, spec, labels, params, region, items, out, executor, notes)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cfx_cli.backends.grad import FP32, GradCheck, grad_precision
+from cfx_cli.backends.grad import FP32, GradCheck, describe, grad_network, grad_precision
 from cfx_cli.backends.pixel import pixel_forward
 from cfx_cli.classifiers import target_score
 from cfx_cli.errors import UsageError
@@ -45,7 +45,9 @@ class ACE(Explainer):
     requires = frozenset({"gradients"})
     uses_region = True
     uses_backend = True  # the diffusion UNet's forward-only calls (cfx_cli.backends.pixel)
-    uses_autocast = True  # --precision: the differentiated filter F_τ and the classifier under torch.autocast
+    # the differentiated filter F_τ and the classifier under --precision (autocast), the filter's UNet through
+    # --channels-last / --compile
+    gradient_options = frozenset({"precision", "channels_last", "compile"})
     params = (
         Param("attack", "str", "pgd", "optimiser of the pre-explanation: 'pgd' (sign steps), 'gd' (plain "
               "gradient steps), 'cw' (Carlini–Wagner tanh parametrisation and margin loss)",
@@ -137,6 +139,7 @@ docs/methods/ace.md.
         #: noisy_pre_explanation and counterfactual (float, at the prior's size, before any resize or 8-bit save)
         self.trace: dict[str, Any] | None = None
         self.amp = FP32  # what the differentiated filter runs in (set per batch by explain, from --precision)
+        self.filter_model = self.model  # F_τ's network (per batch: --channels-last / --compile, gated)
 
     # -- the diffusion filter F_τ --------------------------------------------------------------------------
     def _draw(self, noise, rows, shape, keys):
@@ -154,7 +157,7 @@ docs/methods/ace.md.
         return [("filter_q_sample", (iteration,))] + [("filter_step", (iteration, i)) for i in steps]
 
     def _step(self, z, i: int, eps):
-        z, _ = self.model.diffusion.ddpm_step(self.model(z, i), z, i, noise=eps, clip_denoised=True)
+        z, _ = self.model.diffusion.ddpm_step(self.filter_model(z, i), z, i, noise=eps, clip_denoised=True)
         return z
 
     def filter(self, x01, draws):
@@ -196,12 +199,31 @@ docs/methods/ace.md.
             (grad,) = self.amp.grad(self.class_loss(logits, targets), x_in)
         return grad
 
+    def gradient_model(self, x01):
+        """The prior F_τ differentiates: its network as ``--channels-last`` / ``--compile`` ask
+        (:func:`cfx_cli.backends.grad.grad_network`, gated against the loaded one), else the loaded prior."""
+        import dataclasses
+
+        import torch
+
+        m = self.model
+        example = (torch.zeros((1, *x01.shape[1:]), device=x01.device, dtype=getattr(m, "dtype", None)),
+                   torch.zeros((1,), device=x01.device))
+
+        def call(net, x, t):
+            out = net(x, t)
+            return getattr(out, "sample", out)
+
+        net = grad_network(self.context, m.net, call, example, f"{self.model_spec} (filter)")
+        return m if net is m.net else dataclasses.replace(m, net=net)
+
     def precision(self, x01):
         """What the differentiated filter and the classifier run in: ``--precision`` under autocast once the UNet
         (one step of F_τ) and the classifier pass the gate (:mod:`cfx_cli.backends.grad`), else fp32."""
         clf = self.context.classifier
         one = x01[:1]
-        checks = [GradCheck(f"{self.model_spec} (filter step)", lambda z: self.model(z, self.tau - 1), (one * 2 - 1,)),
+        checks = [GradCheck(f"{self.model_spec} (filter step)", lambda z: self.filter_model(z, self.tau - 1),
+                            (one * 2 - 1,)),
                   GradCheck(clf.spec or "the classifier", clf.logits, (one,))]
         return grad_precision(self.context, checks, key=("ace", id(self.model.net), id(clf), tuple(x01.shape[1:])))
 
@@ -315,6 +337,7 @@ docs/methods/ace.md.
         if self.trace is not None:
             self.trace.clear()  # this batch's intermediates only
 
+        self.filter_model = self.gradient_model(x)
         self.amp = self.precision(x)
         pe = self.pre_explanation(x, batch.targets, region, noise, rows)
         mask, dilated, change = self.masks(x, pe, region)
@@ -332,7 +355,8 @@ docs/methods/ace.md.
                   "respacing": p["respacing"], "schedule": self.model.schedule_summary(), "distance": p["distance"],
                   "lambda_d": p["lambda_d"], "class_weight": p["class_weight"], "threshold": p["threshold"],
                   "dilation": p["dilation"], "model": self.model_spec, "nfe_model": nfe_model,
-                  "nfe_classifier": nfe_clf, "backend": self.prior.backend.name, "gradients": self.amp.name}
+                  "nfe_classifier": nfe_clf, "backend": self.prior.backend.name,
+                  "gradients": describe(self.amp, self.filter_model.net)}
         return [ExplainOutput(counterfactual=cf[i], mask=mask_b[i], nfe=nfe_model + nfe_clf,
                               params=dict(params, mask_fraction=round(float(mask_b[i].mean()), 4)),
                               extras={"pre_explanations": pe[i]})

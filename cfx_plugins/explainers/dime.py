@@ -38,7 +38,7 @@ class DiME(Explainer):
     requires = frozenset({"gradients"})
     uses_region = True
     uses_backend = True  # the diffusion UNet's forward-only calls (cfx_cli.backends.pixel)
-    uses_autocast = True  # --precision: the classifier and perceptual gradients under torch.autocast
+    gradient_options = frozenset({"precision"})  # the classifier and perceptual gradients under autocast
     params = (
         Param("tau", "int", 60, "τ: the input is noised to step τ of the respaced schedule and the guided chain "
               "runs τ steps, t = τ−1 … 0 (the authors' start_step)", min=1),

@@ -19,7 +19,7 @@ class MaskedPGD(Explainer):
     summary = "masked PGD baseline (adversarial attack, thesis eq. 3.22)"
     requires = frozenset({"gradients"})
     uses_region = True
-    uses_autocast = True  # --precision: the classifier's forward and backward under torch.autocast
+    gradient_options = frozenset({"precision"})  # the classifier's forward and backward under autocast
     params = (
         Param("eps", "float", 8 / 255, "ℓ∞ radius ε of the attack (accepts fractions like 8/255)",
               min=0.0, max=1.0),

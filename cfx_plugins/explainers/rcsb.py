@@ -12,10 +12,11 @@ options that keep cfx's earlier variant: docs/methods/rcsb.md.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from cfx_cli.backends.grad import FP32, GradCheck, grad_precision
+from cfx_cli.backends.grad import FP32, GradCheck, describe, grad_network, grad_precision
 from cfx_cli.classifiers import target_score
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
@@ -32,7 +33,9 @@ class RCSB(Explainer):
     uses_region = True
     #: without --region, RCSB uses the automatic Integrated-Gradients region (the paper's default setting)
     default_region = "auto"
-    uses_autocast = True  # --precision: the guided bridge steps (network and classifier) under torch.autocast
+    # the guided bridge steps: network and classifier under --precision (autocast), the bridge network through
+    # --channels-last / --compile
+    gradient_options = frozenset({"precision", "channels_last", "compile"})
     params = (
         Param("tau", "float", 0.6, "τ: trajectory truncation; the code's start_step = round(τ·interval), the "
               "start state and the first step at start_step − 1 (1.0 = from x_1, the full inpainting trajectory)",
@@ -101,7 +104,7 @@ gradients.
         if not 0 < p["tau"] <= 1:
             raise UsageError(f"rcsb: --set tau={p['tau']}: must be in (0, 1]")
         self.model_spec = context.model or DEFAULT_MODELS["bridge"]
-        self.model = model_for(context, "bridge", "rcsb")
+        self.model = self.loaded = model_for(context, "bridge", "rcsb")  # model: with the gradient network (below)
         # the step of the start state and of the first network call (the code's start_step − 1)
         self.first_step = self.model.bridge.truncation_step(p["tau"])
         self.amp = FP32  # what the guided steps run in (set per batch by explain, from --precision)
@@ -123,6 +126,7 @@ gradients.
         region = (batch.masks > 0.5).float().to(dev)
         draws = self.context.noise.for_batch(batch.ids, batch.seeds, dev)
         noise = draws.randn(range(len(batch.ids)), tuple(x.shape[1:]), "x1")  # R's content in I2SB's corruption
+        self.model = self.gradient_model(x)
         self.amp = self.precision(x)
         out = self.sample(x, region, batch.targets.to(dev), noise, trace)
         cf = (out.clamp(-1, 1) / 2 + 0.5).float().to(batch.images.device)  # what the code returns
@@ -132,9 +136,20 @@ gradients.
         info = {"tau": p["tau"], "start_step": self.first_step + 1, "nfe": p["nfe"], "scale": p["scale"],
                 "tweedie": p["tweedie"], "adam": p["adam"], "adaptive_norm": p["adaptive_norm"],
                 "clf_view": p["clf_view"], "mask_grad": p["mask_grad"], "model": self.model_spec,
-                "gradients": self.amp.name}
+                "gradients": describe(self.amp, self.model.net)}
         return [ExplainOutput(counterfactual=cf[i].detach(), mask=batch.masks[i], params=dict(info), nfe=nfe)
                 for i in range(len(batch.ids))]
+
+    def gradient_model(self, x):
+        """The bridge the guided steps differentiate: its network as ``--channels-last`` / ``--compile`` ask
+        (:func:`cfx_cli.backends.grad.grad_network`, gated against the loaded one), else the loaded bridge."""
+        import torch
+
+        base = self.loaded
+        channels = x.shape[1] * (2 if base.cond_x1 else 1)
+        example = (torch.zeros((1, channels, *x.shape[-2:]), device=x.device), torch.zeros((1,), device=x.device))
+        net = grad_network(self.context, base.net, _network_output, example, f"{self.model_spec} (bridge)")
+        return base if net is base.net else dataclasses.replace(base, net=net)
 
     def precision(self, x):
         """What the guided steps run in: ``--precision`` under autocast once the bridge network and the classifier
@@ -205,6 +220,11 @@ gradients.
         if trace is not None:
             trace.norm = first_norm.flatten() if first_norm is not None else None
         return xt.detach()
+
+
+def _network_output(net, x, t):
+    out = net(x, t)
+    return getattr(out, "sample", out)  # a diffusers UNet2DModel's output, or an ADM tensor
 
 
 def minmax01(x):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from cfx_cli import saliency
-from cfx_cli.backends.grad import GradCheck, grad_precision
+from cfx_cli.backends.grad import GradCheck, describe, grad_network, grad_precision
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.guide import GUIDE_PARAMS
@@ -31,7 +31,8 @@ class ECED(Explainer):
     summary = "ECED: ScoreCAM key region → background-preserving blended latent diffusion attack (white-box)"
     requires = frozenset({"gradients"})
     uses_region = True
-    uses_autocast = True  # --precision: Alg. 2/3's decoder, UNet and classifier calls under torch.autocast
+    # Alg. 2/3: decoder, UNet and classifier under --precision (autocast), the UNet through --channels-last / --compile
+    gradient_options = frozenset({"precision", "channels_last", "compile"})
     params = (
         Param("xi", "float", 0.5, "ξ: threshold of the normalised CAM map; the key region is CAM > ξ "
               "(larger ξ, smaller region; vary it for diverse counterfactuals)", min=0.0, max=1.0),
@@ -218,7 +219,8 @@ Details and every open choice: docs/methods/eced.md.
         gray = gray_rows(x).to(dev) if p["keep_gray"] else None
 
         cond_all, uncond = self.embeds([int(k) for k in targets.tolist()])
-        amp = self.precision(z_f, cond_all, x)
+        chain = self.gradient_model(z_f, cond_all)  # m, or m with its UNet as --channels-last / --compile ask
+        amp = self.precision(chain, z_f, cond_all, x)
 
         # Alg. 2 (each image has its own decoder copy)
         t0 = time.monotonic()
@@ -255,7 +257,7 @@ Details and every open choice: docs/methods/eced.md.
             last = it == p["iterations"]
             with torch.enable_grad(), amp.autocast():
                 zi = z_init[rows].clone().requires_grad_(not last)
-                z0 = blended_chain(m.unet_eps, zi, z_bg[rows], lat[rows], cond_all[rows],
+                z0 = blended_chain(chain.unet_eps, zi, z_bg[rows], lat[rows], cond_all[rows],
                                    uncond.expand(len(active), -1, -1), p["guidance"], self.start_ab, self.levels,
                                    p["eta"], noise, checkpoint=p["checkpoint"])
                 dec = decoders(z0, rows).float()
@@ -295,7 +297,8 @@ Details and every open choice: docs/methods/eced.md.
                 "region_area": round(float(pix[i].mean()), 4), "latent_area": round(float(lat[i].mean()), 4),
                 "prompt": self._prompt(int(batch.targets[i])), "preserve_background": p["preserve_background"],
                 "bg_mse": round(float(bg_after[i]), 6), "model": m.spec,
-                "gray_projected": bool(gray[i]) if gray is not None else False, "gradients": amp.name,
+                "gray_projected": bool(gray[i]) if gray is not None else False,
+                "gradients": describe(amp, chain.unet),
             }
             if bgs is not None:
                 info.update({"bg_loss_first": round(bgs.loss_first[i], 6), "bg_loss_last": round(bgs.loss_last[i], 6),
@@ -303,12 +306,24 @@ Details and every open choice: docs/methods/eced.md.
             outputs.append(ExplainOutput(counterfactual=img, mask=pix[i].cpu(), params=info, nfe=nfe))
         return outputs
 
-    def precision(self, z, cond, images):
-        """What Alg. 2/3's differentiated calls run in: ``--precision`` under autocast once the UNet, the decoder and
-        the classifier pass the gate (:mod:`cfx_cli.backends.grad`), else fp32."""
+    def gradient_model(self, z, cond):
+        """The latent model Alg. 3 differentiates through: its UNet as ``--channels-last`` / ``--compile`` ask
+        (:func:`cfx_cli.backends.grad.grad_network`, gated against the loaded one), else the loaded model."""
+        import dataclasses
+
+        import torch
+
+        m = self.model
+        example = (z[:1], torch.zeros((1,), device=z.device), cond[:1])
+        unet = grad_network(self.context, m.unet, _unet_output, example, f"{m.spec} unet")
+        return m if unet is m.unet else dataclasses.replace(m, unet=unet)
+
+    def precision(self, m, z, cond, images):
+        """What Alg. 2/3's differentiated calls run in: ``--precision`` under autocast once the UNet (of ``m``), the
+        decoder and the classifier pass the gate (:mod:`cfx_cli.backends.grad`), else fp32."""
         from .core import SharedDecoder
 
-        m, clf = self.model, self.context.classifier
+        clf = self.context.classifier
         t = self.levels[0].t
         decode = SharedDecoder(m.vae, m.scaling_factor)
         checks = [GradCheck(f"{m.spec} unet", lambda zz: m.unet_eps(zz, t, cond[:1].expand(len(zz), -1, -1)),
@@ -322,6 +337,10 @@ Details and every open choice: docs/methods/eced.md.
         from .core import fill_prompt
 
         return fill_prompt(self.params["prompt"], self.names[k])
+
+
+def _unet_output(unet, z, t, text):
+    return unet(z.to(unet.dtype), t, encoder_hidden_states=text.to(unet.dtype)).sample
 
 
 def _as_n1hw(t, n: int):
