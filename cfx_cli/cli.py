@@ -92,8 +92,8 @@ def explain(
     seeds: Annotated[int | None, typer.Option("--seeds", help="N explanations per input, seeds SEED…SEED+N-1 (extra ones in RUN_DIR/seeds/K).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="Forward-only diffusion-network calls: auto (a validated `cfx accelerate` build if cached, else torch), torch, onnx or tensorrt.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="fp32, fp16 or bf16: forward-only calls on a copy of the network in that precision; calls the method takes gradients through under torch.autocast (each gated against fp32).")] = "fp32",
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="torch backend: run the forward-only calls in channels_last memory format.")] = False,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the forward-only calls (slow first batch).")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="torch: the forward-only calls, and the generative network a method differentiates, in channels_last memory format.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch: torch.compile the forward-only calls and the generative network a method differentiates (slow first batch).")] = False,
     compile_mode: Annotated[str, typer.Option("--compile-mode", help="With --compile: default, reduce-overhead (CUDA graphs) or max-autotune.")] = "default",
 ) -> None:
     """Explain every image: write counterfactuals and a manifest into a run directory."""

@@ -56,8 +56,8 @@ complete -c cfx -n '__fish_seen_subcommand_from explain' -l fit-data -r -F -d 'A
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l seeds -r -F -d 'N explanations per input, seeds SEED…SEED+N-1 (extra ones in RUN_DIR/seeds/K)'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l backend -r -F -d 'Forward-only diffusion-network calls - auto (a validated `cfx accelerate` build if cached, else torch), torch, onnx or tensorrt'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l precision -r -F -d 'fp32, fp16 or bf16 - forward-only calls on a copy of the network in that precision; calls the method takes gradients through under torch'
-complete -c cfx -n '__fish_seen_subcommand_from explain' -l channels-last -d 'torch backend - run the forward-only calls in channels_last memory format'
-complete -c cfx -n '__fish_seen_subcommand_from explain' -l compile -d 'torch backend - torch'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l channels-last -d 'torch - the forward-only calls, and the generative network a method differentiates, in channels_last memory format'
+complete -c cfx -n '__fish_seen_subcommand_from explain' -l compile -d 'torch - torch'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l compile-mode -r -F -d 'With --compile - default, reduce-overhead (CUDA graphs) or max-autotune'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -l help -d 'Show help and exit'
 complete -c cfx -n '__fish_seen_subcommand_from explain' -F

@@ -35,7 +35,7 @@ def test_tiny_suite_runs_every_method(tmp_path):
         assert row["status"] == "ok" and row["images"] == 2, row
         assert 0 <= row["mean_abs_diff_vs_fp32"] <= row["max_abs_diff_vs_fp32"] <= 1
     for m in ("rcsb", "eced", "pgd"):  # no forward-only calls: their gradients ran under autocast (or the gate said no)
-        assert rows[m, "fp16_b2"]["ran"]["gradients"] in ("autocast fp16", "fp32")
+        assert rows[m, "fp16_b2"]["ran"]["gradients"].startswith(("autocast fp16 (gate ", "fp32"))
     assert rows["time", "fp16_b2"]["ran"]["backend"].startswith("torch (fp16")
     assert "| dime | fp32 |" in res.stdout and data["matmul_peak_flops"] > 0
 
@@ -60,3 +60,22 @@ def test_memory_per_image_is_the_peak_growth_per_added_image():
             {"method": "ace", "batch": 4, "status": "ok", "precision": "fp16", "peak_memory_gib": 11.0},
             {"method": "rcsb", "batch": 1, "status": "ok", "precision": "fp32", "peak_memory_gib": 1.0}]
     assert memory_per_image(rows, 4) == {"ace": 1.0}  # rcsb has no batch-4 row: no estimate
+
+
+@pytest.mark.slow
+def test_grad_precision_bench_reports_the_difference_from_fp32(tmp_path):
+    """bench/grad_precision.py (the demo-scale companion of the suite's |Δ| columns) runs and says what ran."""
+    out = tmp_path / "grad.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "grad_precision.py"), "--methods", "pgd,rcsb",
+                          "--variants", "fp32,bf16,channels_last", "--limit", "2", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {(r["method"], r["variant"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows["pgd", "channels_last"]["status"] == "n/a"
+    for m in ("pgd", "rcsb"):
+        half = rows[m, "bf16"]
+        assert half["ran"]["gradients"].startswith("autocast bf16 (gate ") and half["same_label"] == 2
+        assert 0 < half["mean_abs_diff"] < 0.01
+    assert rows["rcsb", "channels_last"]["max_abs_diff"] <= 1 / 255 + 1e-4
+    assert "| rcsb | bf16 | 2/2 |" in res.stdout

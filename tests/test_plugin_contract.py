@@ -75,7 +75,7 @@ def test_cfx_reads_only_declared_explainer_attributes(probe, tmp_path, demo_imag
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["explain", str(demo_images), "--method", "contract_probe", "--limit", "2",
                               "--set", "iterations=2", "--region", "auto", "--set", "region_steps=2",
-                              "--set", "region_samples=1", "--out", str(tmp_path / "run")])
+                              "--set", "region_samples=1", "--precision", "bf16", "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "manifest.jsonl").read_text().count("\n") == 2
     # the reads the pipeline is known to make were seen, so the recorder works

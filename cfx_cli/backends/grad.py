@@ -220,10 +220,12 @@ _FLAGS: dict[int, list[str]] = {}
 
 
 def describe(amp: GradPrecision, *networks: Any) -> str:
-    """What a record says the differentiated calls ran in: ``fp32`` or ``autocast fp16``, plus the gradient
-    networks' ``channels_last`` / ``compile`` where :func:`grad_network` applied them."""
+    """What a record says the differentiated calls ran in: ``fp32`` or ``autocast fp16 (gate 0.0031)`` (the largest
+    error the gate measured), plus the gradient networks' ``channels_last`` / ``compile`` where :func:`grad_network`
+    applied them."""
     flags = [f for net in networks for f in _FLAGS.get(id(net), []) if net is not None]
-    return ", ".join([amp.name, *dict.fromkeys(flags)])
+    head = f"{amp.name} (gate {max(amp.parity.values()):.2g})" if amp.parity else amp.name
+    return ", ".join([head, *dict.fromkeys(flags)])
 
 
 def _channels_last(module: Any) -> Any:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from cfx_cli.backends.grad import FP32, GradCheck, grad_precision
+from cfx_cli.backends.grad import FP32, GradCheck, describe, grad_precision
 from cfx_cli.backends.pixel import pixel_forward
 from cfx_cli.classifiers import IMAGENET_MEAN, IMAGENET_STD, target_score
 from cfx_cli.errors import UsageError
@@ -210,7 +210,7 @@ publishes no ImageNet setting, so there is no imagenet preset. Details: docs/met
                     "lambda_p": p["lambda_p"], "lambda_1": p["lambda_1"], "perceptual": self.perceptual_name,
                     "flip_check": p["flip_check"], "model": self.model_spec,
                     "nfe_model": attempt * nfe_model, "nfe_classifier": attempt * nfe_clf,
-                    "backend": self.prior.backend.name, "gradients": self.amp.name, **self._record()})
+                    "backend": self.prior.backend.name, "gradients": describe(self.amp), **self._record()})
                 if not bool(flipped[j]):
                     still.append(i)
             pending = still

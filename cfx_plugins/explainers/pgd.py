@@ -7,7 +7,7 @@ realism, and the plumbing check of the tool.
 
 from __future__ import annotations
 
-from cfx_cli.backends.grad import GradCheck, grad_precision
+from cfx_cli.backends.grad import GradCheck, describe, grad_precision
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.guide import GUIDE_PARAMS
 from cfx_cli.hookspecs import hookimpl
@@ -76,7 +76,7 @@ uses 1/255, the step of ACE's PGD. Images stay in [0, 1].
         return [
             ExplainOutput(counterfactual=x_adv[i], mask=batch.masks[i] if batch.masks is not None else None,
                           params={"eps": p["eps"], "step": p["step"], "iterations": p["iterations"],
-                                  "gradients": amp.name},
+                                  "gradients": describe(amp)},
                           nfe=int(nfe[i]))
             for i in range(len(x))
         ]
