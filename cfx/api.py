@@ -91,7 +91,8 @@ def explain(
         resume: continue an interrupted run in ``out`` (``--resume``).
         overwrite: replace an existing run in ``out`` (``--overwrite``).
         backend: where forward-only diffusion-network calls run (``--backend``: auto, torch, onnx, tensorrt).
-        precision: precision of those calls (``--precision``: fp32, fp16, bf16).
+        precision: ``--precision`` (fp32, fp16, bf16): a copy in that precision for the forward-only calls, and
+            ``torch.autocast`` for the calls the method takes gradients through (each gated against fp32).
         model_flags: ADM ``MODEL_FLAGS`` string or flags file (``--model-flags``).
         trust_pickle: allow loading pickled checkpoints (``--trust-pickle``; runs their code).
         progress: the stream for the progress line (default: stderr).
