@@ -29,7 +29,9 @@ measured dense matmul rate (bf16 on CUDA, 8192³; fp32 sgemm on a CPU): one refe
 
 Variants, in the order they run: ``fp32`` (eager, the published regime: the reference of every ratio),
 ``fp16_graphs`` (``--precision fp16 --compile --compile-mode reduce-overhead``, CUDA only), ``fp16``, ``fp32_bB``,
-``fp16_bB``, ``bf16`` (ACE, RCSB and ECED run ``fp16_graphs`` last: their compile includes a backward graph).
+``fp16_bB``, ``bf16`` (ACE, RCSB and ECED run ``fp16_graphs`` last: their compile includes a backward graph), then
+on CUDA ``fp16_best``: the biggest fp16 batch (up to 16) that the fp32 rows' memory growth says fits in 90 % of the
+device and whose batch ends within the method's time left (``best_batch``).
 RCSB, ECED and PGD have no forward-only calls: ``--precision`` runs their differentiated
 calls under autocast and ``--compile`` compiles the generative network they differentiate (``cfx_cli.backends.grad``);
 PGD's only network is the classifier, so its ``fp16_graphs`` row says ``--compile`` does not apply. Every row but the
@@ -85,7 +87,7 @@ from cfx_plugins.nets.resnet import ResNet50  # noqa: E402
 LABELS = ["class0", "class1"]
 FORWARD = {"dime", "ace", "time"}  # the methods with forward-only calls (--backend torch applies to them)
 FORWARD_ONLY_COMPILE = {"dime", "time"}  # --compile compiles forward-only calls only (no backward graph)
-N_IMAGES = 8
+N_IMAGES = 16  # the most images one variant explains (the best-batch row's cap)
 
 
 def _catalog_flags(name: str) -> str:
@@ -379,6 +381,23 @@ def prepare(args, work: Path, methods: list[Method]) -> dict:
     return setup
 
 
+def best_batch(rows: list[dict], method: str, big: int, memory_gib: float, seconds_left: float,
+               cap: int = N_IMAGES) -> int | None:
+    """The biggest fp16 batch worth timing for ``method``: its peak, modelled as peak(1) + (B − 1) · m from the fp32
+    rows (m = the per-image growth; fp16 needs less), stays within 90 % of the device's ``memory_gib``, and one batch
+    at the ``fp16_b{big}`` row's seconds per explanation ends within ``seconds_left``; at most ``cap``. None when
+    that is not above ``big`` (already measured) or the rows are missing."""
+    ok = {r["variant"]: r for r in rows if r.get("method") == method and r.get("status") == "ok"}
+    one, many, half = ok.get("fp32"), ok.get(f"fp32_b{big}"), ok.get(f"fp16_b{big}")
+    if not (one and many and half and "peak_memory_gib" in one and "peak_memory_gib" in many) or big < 2:
+        return None
+    per = max((many["peak_memory_gib"] - one["peak_memory_gib"]) / (big - 1), 1e-3)
+    by_memory = 1 + int((0.9 * memory_gib - one["peak_memory_gib"]) / per)
+    by_time = int(seconds_left / half["seconds"]) if half["seconds"] > 0 else cap
+    batch = min(cap, by_memory, by_time)
+    return batch if batch > big else None
+
+
 def memory_per_image(rows: list[dict], big: int) -> dict[str, float]:
     """GiB per image of each method: the fp32 peak's growth from batch 1 to batch ``big``, ÷ (big − 1)."""
     peaks = {(r["method"], r["batch"]): r["peak_memory_gib"] for r in rows
@@ -468,6 +487,21 @@ def main(argv: list[str] | None = None) -> int:
                     row["share_of_peak"] = round(flops / row["seconds"] / peak, 5) if row["seconds"] else None
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
+            if cuda and not args.variants:  # then the biggest fp16 batch that fits the device and the time left
+                total = torch.cuda.get_device_properties(args.device).total_memory / 2**30
+                left = share - (time.perf_counter() - t_method)
+                b = best_batch(rows, method.name, big, total, left)
+                if b is not None:
+                    v = Variant("fp16_best", b, "fp16")
+                    try:
+                        row = run_variant(method, v, setup, work, args.batches)
+                        row.update(difference_from_fp32(work, method, v), flops=flops)
+                        row["share_of_peak"] = round(flops / row["seconds"] / peak, 5) if row["seconds"] else None
+                    except Exception as exc:
+                        row = {"method": method.name, "variant": v.name, "batch": b,
+                               "status": f"error: {type(exc).__name__}: {exc}"}
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
     memory = memory_per_image(rows, big)
     device_name = torch.cuda.get_device_name(args.device) if cuda else "cpu"
     result = {"device": device_name, "tiny": args.tiny, "quick": args.quick, "torch": torch.__version__,

@@ -79,3 +79,18 @@ def test_grad_precision_bench_reports_the_difference_from_fp32(tmp_path):
         assert 0 < half["mean_abs_diff"] < 0.01
     assert rows["rcsb", "channels_last"]["max_abs_diff"] <= 1 / 255 + 1e-4
     assert "| rcsb | bf16 | 2/2 |" in res.stdout
+
+
+def test_best_batch_fits_memory_and_time_and_is_above_the_measured_batch():
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_suite import best_batch
+
+    rows = [{"method": "ace", "variant": "fp32", "status": "ok", "peak_memory_gib": 10.0, "seconds": 4.0},
+            {"method": "ace", "variant": "fp32_b4", "status": "ok", "peak_memory_gib": 16.0, "seconds": 3.0},
+            {"method": "ace", "variant": "fp16_b4", "status": "ok", "seconds": 1.0}]
+    # memory: 10 + (B − 1)·2 ≤ 0.9·40 → B ≤ 14; time: 100 s at 1 s per explanation → 100; cap 16
+    assert best_batch(rows, "ace", 4, memory_gib=40, seconds_left=100) == 14
+    assert best_batch(rows, "ace", 4, memory_gib=139, seconds_left=100) == 16  # the cap (images per variant)
+    assert best_batch(rows, "ace", 4, memory_gib=139, seconds_left=9) == 9  # the time left
+    assert best_batch(rows, "ace", 4, memory_gib=139, seconds_left=3) is None  # not above the measured batch
+    assert best_batch(rows[:2], "ace", 4, memory_gib=139, seconds_left=100) is None  # no fp16 row to time by
