@@ -219,6 +219,18 @@ def grad_network(context: Any, module: Any, call: Callable[..., Any], example_in
 _FLAGS: dict[int, list[str]] = {}
 
 
+def grad_model(context: Any, model: Any, attribute: str, call: Callable[..., Any], example_inputs: Sequence[Any],
+               label: str) -> Any:
+    """A model dataclass (``PixelModel``, ``BridgeModel``, ``LatentModel``) whose network ``attribute`` (``net``,
+    ``unet``) is :func:`grad_network`'s: a copy of the dataclass when ``--channels-last`` / ``--compile`` applied,
+    else ``model`` itself. The loaded model is never changed (other calls, e.g. forward-only ones, keep using it)."""
+    import dataclasses
+
+    net = getattr(model, attribute)
+    wrapped = grad_network(context, net, call, example_inputs, label)
+    return model if wrapped is net else dataclasses.replace(model, **{attribute: wrapped})
+
+
 def describe(amp: GradPrecision, *networks: Any) -> str:
     """What a record says the differentiated calls ran in: ``fp32`` or ``autocast fp16 (gate 0.0031)`` (the largest
     error the gate measured), plus the gradient networks' ``channels_last`` / ``compile`` where :func:`grad_network`

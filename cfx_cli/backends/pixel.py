@@ -10,6 +10,12 @@ from cfx_cli.backends.select import forward_backend
 from cfx_cli.models.pixel import require_size
 
 
+def network_output(net: Any, x, t):
+    """``net(x, t)`` as a tensor: an ADM network's output, or a diffusers ``UNet2DModel``'s ``.sample``."""
+    out = net(x, t)
+    return getattr(out, "sample", out)
+
+
 def net_module(model: Any):
     """``model.net`` as an ``nn.Module`` mapping (x, timesteps) to the output tensor (diffusers' ``.sample``)."""
     import torch
@@ -20,8 +26,7 @@ def net_module(model: Any):
             self.net = net
 
         def forward(self, x, t):
-            out = self.net(x, t)
-            return getattr(out, "sample", out)
+            return network_output(self.net, x, t)
 
     return PixelNet(model.net)
 

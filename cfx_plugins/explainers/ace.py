@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cfx_cli.backends.grad import FP32, GradCheck, describe, grad_network, grad_precision
-from cfx_cli.backends.pixel import pixel_forward
+from cfx_cli.backends.grad import FP32, GradCheck, describe, grad_model, grad_precision
+from cfx_cli.backends.pixel import network_output, pixel_forward
 from cfx_cli.classifiers import target_score
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
@@ -201,21 +201,13 @@ docs/methods/ace.md.
 
     def gradient_model(self, x01):
         """The prior F_τ differentiates: its network as ``--channels-last`` / ``--compile`` ask
-        (:func:`cfx_cli.backends.grad.grad_network`, gated against the loaded one), else the loaded prior."""
-        import dataclasses
-
+        (:func:`cfx_cli.backends.grad.grad_model`, gated against the loaded one), else the loaded prior."""
         import torch
 
         m = self.model
         example = (torch.zeros((1, *x01.shape[1:]), device=x01.device, dtype=getattr(m, "dtype", None)),
                    torch.zeros((1,), device=x01.device))
-
-        def call(net, x, t):
-            out = net(x, t)
-            return getattr(out, "sample", out)
-
-        net = grad_network(self.context, m.net, call, example, f"{self.model_spec} (filter)")
-        return m if net is m.net else dataclasses.replace(m, net=net)
+        return grad_model(self.context, m, "net", network_output, example, f"{self.model_spec} (filter)")
 
     def precision(self, x01):
         """What the differentiated filter and the classifier run in: ``--precision`` under autocast once the UNet

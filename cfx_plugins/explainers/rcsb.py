@@ -12,11 +12,11 @@ options that keep cfx's earlier variant: docs/methods/rcsb.md.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from cfx_cli.backends.grad import FP32, GradCheck, describe, grad_network, grad_precision
+from cfx_cli.backends.grad import FP32, GradCheck, describe, grad_model, grad_precision
+from cfx_cli.backends.pixel import network_output
 from cfx_cli.classifiers import target_score
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
@@ -142,14 +142,13 @@ gradients.
 
     def gradient_model(self, x):
         """The bridge the guided steps differentiate: its network as ``--channels-last`` / ``--compile`` ask
-        (:func:`cfx_cli.backends.grad.grad_network`, gated against the loaded one), else the loaded bridge."""
+        (:func:`cfx_cli.backends.grad.grad_model`, gated against the loaded one), else the loaded bridge."""
         import torch
 
         base = self.loaded
         channels = x.shape[1] * (2 if base.cond_x1 else 1)
         example = (torch.zeros((1, channels, *x.shape[-2:]), device=x.device), torch.zeros((1,), device=x.device))
-        net = grad_network(self.context, base.net, _network_output, example, f"{self.model_spec} (bridge)")
-        return base if net is base.net else dataclasses.replace(base, net=net)
+        return grad_model(self.context, base, "net", network_output, example, f"{self.model_spec} (bridge)")
 
     def precision(self, x):
         """What the guided steps run in: ``--precision`` under autocast once the bridge network and the classifier
@@ -220,11 +219,6 @@ gradients.
         if trace is not None:
             trace.norm = first_norm.flatten() if first_norm is not None else None
         return xt.detach()
-
-
-def _network_output(net, x, t):
-    out = net(x, t)
-    return getattr(out, "sample", out)  # a diffusers UNet2DModel's output, or an ADM tensor
 
 
 def minmax01(x):

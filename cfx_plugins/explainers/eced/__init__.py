@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from cfx_cli import saliency
-from cfx_cli.backends.grad import GradCheck, describe, grad_network, grad_precision
+from cfx_cli.backends.grad import GradCheck, describe, grad_model, grad_precision
 from cfx_cli.errors import UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.guide import GUIDE_PARAMS
@@ -308,15 +308,12 @@ Details and every open choice: docs/methods/eced.md.
 
     def gradient_model(self, z, cond):
         """The latent model Alg. 3 differentiates through: its UNet as ``--channels-last`` / ``--compile`` ask
-        (:func:`cfx_cli.backends.grad.grad_network`, gated against the loaded one), else the loaded model."""
-        import dataclasses
-
+        (:func:`cfx_cli.backends.grad.grad_model`, gated against the loaded one), else the loaded model."""
         import torch
 
         m = self.model
         example = (z[:1], torch.zeros((1,), device=z.device), cond[:1])
-        unet = grad_network(self.context, m.unet, _unet_output, example, f"{m.spec} unet")
-        return m if unet is m.unet else dataclasses.replace(m, unet=unet)
+        return grad_model(self.context, m, "unet", _unet_output, example, f"{m.spec} unet")
 
     def precision(self, m, z, cond, images):
         """What Alg. 2/3's differentiated calls run in: ``--precision`` under autocast once the UNet (of ``m``), the
