@@ -153,6 +153,22 @@ def test_methods_without_forward_calls_run_their_gradients_under_autocast(tmp_pa
         assert float(np.abs(img - ref).mean()) < 0.01, key
 
 
+def test_gradient_checkpointing_under_autocast_recomputes_the_same_chain(tmp_path, demo_images):
+    """ECED's --set checkpoint=true (memory at real size) recomputes each chain step in the backward under the same
+    autocast state: the counterfactuals equal those without it (early_stop off, so the attack step uses the
+    gradient)."""
+    runs = {}
+    for name, extra in (("plain", []), ("ckpt", ["--set", "checkpoint=true"])):
+        out = tmp_path / name
+        proc = run_cfx("explain", str(demo_images), "--method", "eced", "--limit", "2", "--precision", "bf16",
+                       "--set", "iterations=1", "--set", "bg_iterations=2", "--set", "early_stop=false", *extra,
+                       "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = _images(out)
+    for key, (img, _) in runs["ckpt"].items():
+        assert np.array_equal(img, runs["plain"][key][0]), key
+
+
 def test_options_a_method_cannot_honour_are_refused_with_one_line_naming_them(tmp_path, demo_images):
     proc = run_cfx("explain", str(demo_images), "--method", "rcsb", "--backend", "onnx", "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
