@@ -35,7 +35,7 @@ def test_tiny_suite_runs_every_method(tmp_path):
         assert row["status"] == "ok" and row["images"] == 2, row
         assert 0 <= row["mean_abs_diff_vs_fp32"] <= row["max_abs_diff_vs_fp32"] <= 1
     for m in ("rcsb", "eced", "pgd"):  # no forward-only calls: their gradients ran under autocast (or the gate said no)
-        assert rows[m, "fp16_b2"]["ran"]["gradients"].startswith(("autocast fp16 (gate ", "fp32"))
+        assert rows[m, "fp16_b2"]["ran"]["gradients"].startswith(("autocast fp16 (gate: output ", "fp32"))
     assert rows["time", "fp16_b2"]["ran"]["backend"].startswith("torch (fp16")
     assert "| dime | fp32 |" in res.stdout and data["matmul_peak_flops"] > 0
 
@@ -75,7 +75,7 @@ def test_grad_precision_bench_reports_the_difference_from_fp32(tmp_path):
     assert rows["pgd", "channels_last"]["status"] == "n/a"
     for m in ("pgd", "rcsb"):
         half = rows[m, "bf16"]
-        assert half["ran"]["gradients"].startswith("autocast bf16 (gate ") and half["same_label"] == 2
+        assert half["ran"]["gradients"].startswith("autocast bf16 (gate: output ") and half["same_label"] == 2
         assert 0 < half["mean_abs_diff"] < 0.01
     assert rows["rcsb", "channels_last"]["max_abs_diff"] <= 1 / 255 + 1e-4
     assert "| rcsb | bf16 | 2/2 |" in res.stdout

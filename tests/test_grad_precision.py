@@ -5,6 +5,7 @@ PGD, RCSB and ECED (which have no forward-only calls) run under autocast from th
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,6 +21,7 @@ from cfx_cli.backends.grad import (
     INITIAL_SCALE,
     GradCheck,
     GradPrecision,
+    Parity,
     describe,
     grad_network,
     grad_precision,
@@ -51,7 +53,9 @@ def test_gate_accepts_autocast_and_measures_output_and_gradient():
                              notice=lines.append)
         assert amp.name == f"autocast {precision}" and amp.precision == precision
         # it really ran in half precision (a non-zero error) and within the forward gate's tolerance
-        assert 0 < amp.parity["net"] <= {"bf16": 5e-2, "fp16": 2e-2}[precision]
+        measured = amp.parity["net"]
+        assert 0 < measured.output <= {"bf16": 5e-2, "fp16": 2e-2}[precision]
+        assert 0 < measured.gradient <= 0.1
         with amp.autocast():
             assert net(torch.zeros(1, 3, 8, 8)).dtype == amp.dtype
     assert not lines
@@ -92,7 +96,7 @@ def test_gate_compares_the_input_gradient_too():
             return g * (float("nan") if ctx.half else 2.0)
 
     check = GradCheck("bad backward", BadBackward.apply, (torch.zeros(1, 3, 4, 4),))
-    assert measure_grad_parity(check, "bf16", "cpu") == float("inf")
+    assert measure_grad_parity(check, "bf16", "cpu").gradient == float("inf")
     assert grad_precision(_context("bf16"), [check], notice=lambda m: None) is FP32
 
 
@@ -146,8 +150,9 @@ def test_methods_without_forward_calls_run_their_gradients_under_autocast(tmp_pa
     for key, (img, rec) in runs["bf16"].items():
         ref, ref_rec = runs["fp32"][key]
         assert ref_rec["params"]["gradients"] == "fp32"
-        assert rec["params"]["gradients"].startswith("autocast bf16 (gate ")
-        assert 0 < float(rec["params"]["gradients"].split("gate ")[1].rstrip(")")) <= 5e-2
+        ran = rec["params"]["gradients"]
+        gate = re.fullmatch(r"autocast bf16 \(gate: output ([\d.e-]+), gradient ([\d.e-]+)\)", ran)
+        assert gate and 0 < float(gate[1]) <= 5e-2 and 0 < float(gate[2]) <= 0.1, ran
         assert rec["status"] != "error"
         # the same edit up to precision: PGD's sign steps flip where a gradient is near 0, so mean, not max
         assert float(np.abs(img - ref).mean()) < 0.01, key
@@ -220,8 +225,9 @@ def test_grad_network_compiles_and_copies_channels_last_behind_the_gate(monkeypa
     got = grad_network(_options_context(channels_last=True, compile=True), net, _call, example, "net",
                        notice=lines.append)
     assert got is not net and not lines
-    assert describe(GradPrecision("bf16", parity={"a": 0.00312, "b": 0.001}), got) == \
-        "autocast bf16 (gate 0.0031), channels_last, compile"
+    parity = {"a": Parity(0.00312, 0.01), "b": Parity(0.001, 0.0234)}
+    assert describe(GradPrecision("bf16", parity=parity), got) == \
+        "autocast bf16 (gate: output 0.00312, gradient 0.0234), channels_last, compile"
     assert describe(FP32, net) == "fp32"
     x = torch.randn(2, 3, 16, 16)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cfx_cli import plugins
 from cfx_cli.cli import app
-from cfx_cli.explain.batch import is_out_of_memory
+from cfx_cli.devices import is_out_of_memory
 from cfx_cli.explainers import ExplainBatch, Explainer, ExplainOutput
 from cfx_cli.hookspecs import hookimpl
 

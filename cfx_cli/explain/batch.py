@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cfx_cli.classifiers import Classifier, ClassifierOptions, load_classifier, predict_partly
-from cfx_cli.devices import resolve_device
+from cfx_cli.devices import is_out_of_memory, resolve_device
 from cfx_cli.errors import CfxError, InputError, UsageError
 from cfx_cli.explainers import ExplainBatch, ExplainContext, Explainer, ExplainOutput
 from cfx_cli.guide import guided_classifier
@@ -268,16 +268,6 @@ def _explain_group(entries, worker: BatchWorker, geometry: dict[str, dict],
         run.append(rec)
         records.append(rec)
     return records
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or another backend's RuntimeError saying "out of memory" (MPS, ROCm, XPU)."""
-    import torch
-
-    cuda_oom = getattr(torch.cuda, "OutOfMemoryError", None)
-    if cuda_oom is not None and isinstance(exc, cuda_oom):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
 def _free_memory() -> None:
