@@ -124,7 +124,8 @@ class Explainer:
     #: explicit ``--set region_*`` values win
     region_presets: ClassVar[dict[str, dict[str, Any]]] = {}
     #: does the method run forward-only network calls through ``cfx_cli.backends`` (``--backend``,
-    #: ``--precision``, ``--channels-last``, ``--compile``)? Otherwise those options are a usage error.
+    #: ``--precision``, ``--channels-last``, ``--compile``)? Otherwise only the options in ``gradient_options``
+    #: apply, and the others are a usage error.
     uses_backend: ClassVar[bool] = False
     #: the run options its *differentiated* network calls (those it takes gradients through) honour, from
     #: ``{"precision", "channels_last", "compile"}``: ``precision`` = they run under ``--precision fp16|bf16`` with
