@@ -4,6 +4,7 @@ PGD, RCSB and ECED (which have no forward-only calls) run under autocast from th
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from types import SimpleNamespace
@@ -29,6 +30,8 @@ from cfx_cli.backends.grad import (
 )
 from cfx_cli.cli import app
 from cfx_cli.errors import UsageError
+from cfx_cli.explain.pipeline import run_explain
+from cfx_cli.explain.request import ExplainRequest
 from cfx_cli.explainers import Explainer, ExplainOutput, RunOptions
 from cfx_cli.hookspecs import hookimpl
 
@@ -132,46 +135,49 @@ def _images(run) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("method, settings", [
-    ("pgd", []),
-    ("rcsb", []),
-    ("eced", ["--set", "iterations=1", "--set", "bg_iterations=3"]),
-])
-def test_methods_without_forward_calls_run_their_gradients_under_autocast(tmp_path, demo_images, method, settings):
-    runs = {}
-    for precision in ("fp32", "bf16"):
-        out = tmp_path / precision
-        proc = run_cfx("explain", str(demo_images), "--method", method, "--limit", "3", "--precision", precision,
-                       *settings, "--out", str(out))
-        assert proc.returncode == 0, proc.stderr
-        assert "refused" not in proc.stderr  # the gate passed on the demo networks
-        runs[precision] = _images(out)
-        assert json.loads((out / "run.json").read_text())["backend"]["backend_precision"] == precision
+def _explain(out, images, method: str, options: RunOptions, settings: dict[str, str], limit: int) -> dict:
+    """One in-process `cfx explain` (the pipeline the command runs; the demo models stay loaded between runs)."""
+    req = ExplainRequest(inputs=[str(images)], method=method, classifier="demo:digits", out=str(out), limit=limit,
+                         overwrite=True, set_options=dict(settings), options=options, device="cpu")
+    run_explain(req, progress_stream=io.StringIO())
+    return _images(out)
+
+
+#: per method: the settings that keep it short, and the variants beside fp32 (ECED: checkpointing too)
+CASES = {
+    "pgd": ({}, ["bf16"]),
+    "rcsb": ({}, ["bf16", "channels_last"]),
+    "ace": ({"iterations": "3"}, ["bf16", "channels_last"]),
+    # early_stop off: the attack step uses the gradient, so checkpointing's recomputation matters
+    "eced": ({"iterations": "1", "bg_iterations": "3", "early_stop": "false"}, ["bf16", "channels_last", "ckpt"]),
+}
+VARIANTS = {"bf16": (RunOptions(backend_precision="bf16"), {}), "channels_last": (RunOptions(channels_last=True), {}),
+            "ckpt": (RunOptions(backend_precision="bf16"), {"checkpoint": "true"})}
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_differentiated_calls_under_bf16_and_channels_last_stay_close_to_fp32(tmp_path, demo_images, method, capsys):
+    """bf16: the gradients ran under autocast (the record says so, with the gate's errors) and the edit is the fp32
+    one up to precision; channels_last: the same counterfactuals within one 8-bit level; ECED's checkpointing under
+    bf16 recomputes the same chain (identical)."""
+    settings, variants = CASES[method]
+    ref = _explain(tmp_path / "fp32", demo_images, method, RunOptions(), settings, 2)
+    runs = {v: _explain(tmp_path / v, demo_images, method, VARIANTS[v][0], {**settings, **VARIANTS[v][1]}, 2)
+            for v in variants}
+    assert "refused" not in capsys.readouterr().err  # every gate passed on the demo networks
+    assert json.loads((tmp_path / "bf16" / "run.json").read_text())["backend"]["backend_precision"] == "bf16"
     for key, (img, rec) in runs["bf16"].items():
-        ref, ref_rec = runs["fp32"][key]
-        assert ref_rec["params"]["gradients"] == "fp32"
+        assert ref[key][1]["params"]["gradients"] == "fp32" and rec["status"] != "error"
         ran = rec["params"]["gradients"]
         gate = re.fullmatch(r"autocast bf16 \(gate: output ([\d.e-]+), gradient ([\d.e-]+)\)", ran)
         assert gate and 0 < float(gate[1]) <= 5e-2 and 0 < float(gate[2]) <= 0.1, ran
-        assert rec["status"] != "error"
         # the same edit up to precision: PGD's sign steps flip where a gradient is near 0, so mean, not max
-        assert float(np.abs(img - ref).mean()) < 0.01, key
-
-
-def test_gradient_checkpointing_under_autocast_recomputes_the_same_chain(tmp_path, demo_images):
-    """ECED's --set checkpoint=true (memory at real size) recomputes each chain step in the backward under the same
-    autocast state: the counterfactuals equal those without it (early_stop off, so the attack step uses the
-    gradient)."""
-    runs = {}
-    for name, extra in (("plain", []), ("ckpt", ["--set", "checkpoint=true"])):
-        out = tmp_path / name
-        proc = run_cfx("explain", str(demo_images), "--method", "eced", "--limit", "2", "--precision", "bf16",
-                       "--set", "iterations=1", "--set", "bg_iterations=2", "--set", "early_stop=false", *extra,
-                       "--out", str(out))
-        assert proc.returncode == 0, proc.stderr
-        runs[name] = _images(out)
-    for key, (img, _) in runs["ckpt"].items():
-        assert np.array_equal(img, runs["plain"][key][0]), key
+        assert float(np.abs(img - ref[key][0]).mean()) < 0.01, key
+    for key, (img, rec) in runs.get("channels_last", {}).items():
+        assert rec["params"]["gradients"] == "fp32, channels_last"
+        assert float(np.abs(img - ref[key][0]).max()) <= 1 / 255 + 1e-9, key  # one 8-bit level at most
+    for key, (img, _) in runs.get("ckpt", {}).items():
+        assert np.array_equal(img, runs["bf16"][key][0]), key
 
 
 def test_options_a_method_cannot_honour_are_refused_with_one_line_naming_them(tmp_path, demo_images):
@@ -256,18 +262,3 @@ def test_grad_network_refuses_a_diverging_or_failing_compile_with_one_line(monke
     assert grad_network(_options_context(compile=True), torch.nn.Conv2d(3, 3, 1), _call, example, "unet",
                         notice=lines.append) is not None
     assert len(lines) == 1 and "CppCompileError" in lines[0] and "unet" in lines[0]
-
-
-@pytest.mark.parametrize("method", ["rcsb", "ace", "eced"])
-def test_channels_last_on_the_differentiated_network_gives_the_same_counterfactuals(tmp_path, demo_images, method):
-    settings = {"ace": ["--set", "iterations=3"], "eced": ["--set", "iterations=1", "--set", "bg_iterations=3"]}
-    runs = {}
-    for name, flags in (("eager", []), ("cl", ["--channels-last"])):
-        out = tmp_path / name
-        proc = run_cfx("explain", str(demo_images), "--method", method, "--limit", "2", *flags,
-                       *settings.get(method, []), "--out", str(out))
-        assert proc.returncode == 0 and "refused" not in proc.stderr, proc.stderr
-        runs[name] = _images(out)
-    for key, (img, rec) in runs["cl"].items():
-        assert rec["params"]["gradients"] == "fp32, channels_last"
-        assert float(np.abs(img - runs["eager"][key][0]).max()) <= 1 / 255 + 1e-9  # one 8-bit level at most

@@ -153,7 +153,9 @@ def measure_grad_parity(check: GradCheck, precision: str, device_type: str) -> P
     return _parity(check.fn, FP32, check.fn, GradPrecision(precision, device_type), check.example_inputs)
 
 
-_GATED: dict[tuple, GradPrecision] = {}
+#: decisions by key, each with the checks it was made on: holding them keeps the networks whose ids are in the key
+#: alive, so an id can never be reused by another network while its decision is cached (as forward_backend's cache)
+_GATED: dict[tuple, tuple[GradPrecision, tuple[GradCheck, ...]]] = {}
 
 
 def _notice(message: str) -> None:
@@ -173,7 +175,7 @@ def grad_precision(context: Any, checks: Sequence[GradCheck], key: Any = None,
     device_type = str(getattr(context, "device", "cpu")).split(":")[0]
     cache_key = (key, precision, device_type, tolerance) if key is not None else None
     if cache_key is not None and cache_key in _GATED:
-        return _GATED[cache_key]
+        return _GATED[cache_key][0]
     out_tol = TOLERANCES[precision] if tolerance is None else tolerance
     grad_tol = GRADIENT_TOLERANCES[precision] if tolerance is None else tolerance
     parity: dict[str, Parity] = {}
@@ -196,7 +198,7 @@ def grad_precision(context: Any, checks: Sequence[GradCheck], key: Any = None,
             chosen = FP32
             break
     if cache_key is not None:
-        _GATED[cache_key] = chosen
+        _GATED[cache_key] = (chosen, tuple(checks))
     return chosen
 
 
