@@ -79,14 +79,13 @@ from cfx_cli.models.catalog import KNOWN_MODELS  # noqa: E402
 from cfx_cli.models.i2sb import BRIDGE_DEFAULTS, I2SB_ADM_FLAGS  # noqa: E402
 from cfx_cli.models.memory import MemoryOptions  # noqa: E402
 from cfx_cli.models.spec import load_model  # noqa: E402
+from cfx_cli.plugins import get_explainer_class  # noqa: E402
 from cfx_plugins.explainers.dime import build_vgg19_features  # noqa: E402
 from cfx_plugins.explainers.time import tokens as T  # noqa: E402
 from cfx_plugins.explainers.time.fit import FIT_AUTO_PRESETS, FIT_PARAMS, FIT_PRESETS  # noqa: E402
 from cfx_plugins.nets.resnet import ResNet50  # noqa: E402
 
 LABELS = ["class0", "class1"]
-FORWARD = {"dime", "ace", "time"}  # the methods with forward-only calls (--backend torch applies to them)
-FORWARD_ONLY_COMPILE = {"dime", "time"}  # --compile compiles forward-only calls only (no backward graph)
 N_IMAGES = 16  # the most images one variant explains (the best-batch row's cap)
 
 
@@ -103,7 +102,6 @@ class Method:
     size: int  # the classifier's input size = the explanation's resolution
     model: str | None  # a key of the built models, or a demo spec in tiny mode
     params: dict[str, Any]
-    compiles: bool  # does --compile apply (a generative network; PGD has none)? --precision applies to every method
     quick: dict[str, Any] = field(default_factory=dict)
     flags: str | None = None
 
@@ -111,14 +109,14 @@ class Method:
 def published_methods() -> list[Method]:
     """Cheapest first: each method's budget share grows by what the earlier ones left (ECED last)."""
     return [
-        Method("pgd", 256, None, {}, False),
-        Method("time", 512, "sd", {"schedule": "35:4", "steps": 50}, True),
-        Method("ace", 256, "adm256", {"preset": "celebahq"}, True,
+        Method("pgd", 256, None, {}),
+        Method("time", 512, "sd", {"schedule": "35:4", "steps": 50}),
+        Method("ace", 256, "adm256", {"preset": "celebahq"},
                flags=_catalog_flags("ACE CelebA-HQ ADM (256, 500 steps)")),
-        Method("rcsb", 256, "i2sb256", {"preset": "A"}, True),
-        Method("dime", 128, "adm128", {"preset": "celeba", "scales": "8.0"}, True, {"tau": 20},
+        Method("rcsb", 256, "i2sb256", {"preset": "A"}),
+        Method("dime", 128, "adm128", {"preset": "celeba", "scales": "8.0"}, {"tau": 20},
                flags=_catalog_flags("DiME CelebA ADM (128, 500 steps)")),
-        Method("eced", 512, "sd", {"preset": "celebahq", "early_stop": False}, True,
+        Method("eced", 512, "sd", {"preset": "celebahq", "early_stop": False},
                {"iterations": 5, "bg_iterations": 20}),
     ]
 
@@ -126,13 +124,13 @@ def published_methods() -> list[Method]:
 def tiny_methods() -> list[Method]:
     """The demo models at their 16² size with the demo classifier; a few steps each (seconds on a CPU)."""
     return [
-        Method("dime", 16, "demo:pixel", {"preset": "digits", "tau": 4, "scales": "10.0"}, True),
-        Method("ace", 16, "demo:pixel", {"preset": "digits", "iterations": 3}, True),
-        Method("rcsb", 16, "demo:bridge", {"preset": "digits", "nfe": 4}, True),
-        Method("time", 16, "demo:latent", {"preset": "digits", "schedule": "4:4", "steps": 8}, True),
+        Method("dime", 16, "demo:pixel", {"preset": "digits", "tau": 4, "scales": "10.0"}),
+        Method("ace", 16, "demo:pixel", {"preset": "digits", "iterations": 3}),
+        Method("rcsb", 16, "demo:bridge", {"preset": "digits", "nfe": 4}),
+        Method("time", 16, "demo:latent", {"preset": "digits", "schedule": "4:4", "steps": 8}),
         Method("eced", 16, "demo:latent", {"preset": "digits", "steps": 8, "tau": 3, "iterations": 2,
-                                           "bg_iterations": 2, "early_stop": False}, True),
-        Method("pgd", 16, None, {"preset": "digits", "iterations": 5}, False),
+                                           "bg_iterations": 2, "early_stop": False}),
+        Method("pgd", 16, None, {"preset": "digits", "iterations": 5}),
     ]
 
 
@@ -251,11 +249,27 @@ def variants(big_batch: int, cuda: bool) -> list[Variant]:
     return out
 
 
+def forward_calls(method: Method) -> bool:
+    """Has the method forward-only calls (``uses_backend``: --backend torch applies to them)?"""
+    return get_explainer_class(method.name).uses_backend
+
+
+def compiles(method: Method) -> bool:
+    """Does ``--compile`` apply to the method (forward-only calls, or a differentiated generative network)?"""
+    cls = get_explainer_class(method.name)
+    return cls.uses_backend or "compile" in cls.gradient_options
+
+
+def compiles_backward(method: Method) -> bool:
+    """Does its ``--compile`` compile a backward graph (a differentiated generative network)?"""
+    return "compile" in get_explainer_class(method.name).gradient_options
+
+
 def method_order(method: Method, chosen: list[Variant]) -> list[Variant]:
     """The variants in the order ``method`` runs them: a compile variant compiles a backward graph for the methods
     that differentiate a generative network (minutes at SD size), so there it runs last, where the budget may cut it
     without costing the other variants."""
-    if method.name not in FORWARD_ONLY_COMPILE:
+    if compiles_backward(method):
         return sorted(chosen, key=lambda v: bool(v.compile))  # stable: the rest keep their order
     return list(chosen)
 
@@ -274,8 +288,8 @@ def explain(method: Method, setup: dict, out: Path, limit: int, batch: int, prec
     if method.name == "dime" and "vgg" in setup:
         params["perc_weights"] = str(setup["vgg"])
     backend = precision != "fp32" or bool(compile_)
-    options = RunOptions(backend="torch" if backend and method.name in FORWARD else "auto",
-                         backend_precision=precision, compile=compile_ if method.compiles else False)
+    options = RunOptions(backend="torch" if backend and forward_calls(method) else "auto",
+                         backend_precision=precision, compile=compile_ if compiles(method) else False)
     req = ExplainRequest(inputs=[str(setup["images"][method.size])], method=method.name, target="auto",
                          classifier=setup["classifier"](method.size), out=str(out), batch_size=batch, seed=0,
                          device=setup["device"], set_options=params, limit=limit, overwrite=True,
@@ -296,7 +310,7 @@ def run_variant(method: Method, variant: Variant, setup: dict, work: Path, batch
     cuda = device.startswith("cuda")
     row: dict[str, Any] = {"method": method.name, "variant": variant.name, "batch": variant.batch,
                            "precision": variant.precision, "compile": variant.compile}
-    if not method.compiles and variant.compile:
+    if not compiles(method) and variant.compile:
         return {**row, "status": "n/a: --compile does not apply (no generative network; the classifier runs as given)"}
     if cuda:
         torch.cuda.empty_cache()

@@ -32,12 +32,14 @@ from cfx_cli.explainers import RunOptions
 
 METHODS = ("pgd", "dime", "fastdime", "ace", "rcsb", "time", "eced")
 VARIANTS = {"fp32": RunOptions(), "bf16": RunOptions(backend_precision="bf16"),
-            "fp16": RunOptions(backend_precision="fp16"), "channels_last": RunOptions(channels_last=True)}
+            "fp16": RunOptions(backend_precision="fp16"), "channels_last": RunOptions(channels_last=True),
+            "compile": RunOptions(compile=True)}  # compile: minutes of inductor compiling on a CPU; ask for it
+DEFAULT_VARIANTS = ("fp32", "bf16", "fp16", "channels_last")
 
 
 def run(method: str, variant: str, out: Path, limit: int) -> list[dict]:
     options = VARIANTS[variant]
-    if options.channels_last and method == "pgd":
+    if (options.channels_last or options.compile) and method == "pgd":
         return []  # PGD's only network is the classifier, which runs as given
     req = ExplainRequest(inputs=[str(IMAGES_DIR)], method=method, target="auto", classifier="demo:digits",
                          out=str(out), limit=limit, overwrite=True, seed=0,
@@ -53,13 +55,48 @@ def images(folder: Path, records: list[dict]) -> dict[str, np.ndarray]:
             for r in records if r.get("counterfactual")}
 
 
+def gate_spread() -> str:
+    """The demo CNN's input gradient under autocast against fp32, elementwise (max |Δ| / max |fp32|) and in norm
+    (‖Δ‖ / ‖fp32‖), on random inputs of 3 seeds × batch 1, 2, 4: why the gate compares gradients in norm."""
+    import torch
+
+    from cfx_cli.backends.grad import FP32, GradPrecision
+    from cfx_cli.backends.onnx_backend import parity_inputs
+    from cfx_cli.classifiers import ClassifierOptions, load_classifier
+
+    clf = load_classifier("demo:digits", ClassifierOptions())
+
+    def grad(prec, x):
+        xi = x.clone().requires_grad_(True)
+        with torch.enable_grad(), prec.autocast():
+            out = clf.logits(xi).float()
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4321))
+        return prec.grad((out * weights).sum(), [xi])[0].float()
+
+    lines = ["| precision | batch | seed | gradient, elementwise | gradient, in norm |", "|---|---|---|---|---|"]
+    for precision in ("bf16", "fp16"):
+        for batch in (1, 2, 4):
+            for seed in (1234, 1, 2):
+                x = parity_inputs((torch.zeros(1, 3, 16, 16),), batch=batch, seed=seed)[0]
+                ref, got = grad(FP32, x), grad(GradPrecision(precision), x)
+                elementwise = float((got - ref).abs().max() / ref.abs().max())
+                norm = float((got - ref).norm() / ref.norm())
+                lines.append(f"| {precision} | {batch} | {seed} | {elementwise:.3g} | {norm:.3g} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--gate-spread", action="store_true",
+                    help="only print the demo CNN's gradient error under autocast, elementwise and in norm")
     args = ap.parse_args(argv)
+    if args.gate_spread:
+        print(gate_spread())
+        return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):

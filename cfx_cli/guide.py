@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any
 
+from cfx_cli.backends.grad import backward_may_rerun
 from cfx_cli.classifiers import Classifier, ClassifierOptions, WrappedClassifier, load_classifier
 from cfx_cli.errors import UsageError
 from cfx_cli.params import Param
@@ -95,11 +96,12 @@ def _cone_function():
 
         @staticmethod
         def backward(ctx, grad_logits):
-            # the inner graphs live as long as the outer one: a loss-scaled fp16 backward may rerun
-            # (cfx_cli.backends.grad), and they are freed with it
             x, own, other = ctx.graph
-            (g,) = torch.autograd.grad(own, x, grad_logits.to(own.dtype), retain_graph=True)
-            (r,) = torch.autograd.grad(other, x, grad_logits.to(other.dtype), retain_graph=True)
+            rerun = backward_may_rerun()  # a loss-scaled fp16 backward may run this again: keep the inner graphs
+            if not rerun:
+                del ctx.graph  # otherwise one backward pass per forward: free them now
+            (g,) = torch.autograd.grad(own, x, grad_logits.to(own.dtype), retain_graph=rerun)
+            (r,) = torch.autograd.grad(other, x, grad_logits.to(other.dtype), retain_graph=rerun)
             return cone_project(g, r, ctx.degrees, ctx.rule), None, None, None, None
 
     return ConeGuided

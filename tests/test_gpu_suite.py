@@ -79,6 +79,13 @@ def test_grad_precision_bench_reports_the_difference_from_fp32(tmp_path):
         assert 0 < half["mean_abs_diff"] < 0.01
     assert rows["rcsb", "channels_last"]["max_abs_diff"] <= 1 / 255 + 1e-4
     assert "| rcsb | bf16 | 2/2 |" in res.stdout
+    spread = subprocess.run([sys.executable, str(REPO / "bench" / "grad_precision.py"), "--gate-spread"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert spread.returncode == 0, spread.stderr
+    rows = [line.split("|")[1:-1] for line in spread.stdout.splitlines()[2:]]
+    assert len(rows) == 18  # 2 precisions × 3 batches × 3 seeds
+    for _, _, _, elementwise, norm in rows:  # the norm-wise error is the smaller: what the gate's choice rests on
+        assert 0 < float(norm) <= float(elementwise)
 
 
 def test_best_batch_fits_memory_and_time_and_is_above_the_measured_batch():
@@ -94,3 +101,17 @@ def test_best_batch_fits_memory_and_time_and_is_above_the_measured_batch():
     assert best_batch(rows, "ace", 4, memory_gib=139, seconds_left=9) == 9  # the time left
     assert best_batch(rows, "ace", 4, memory_gib=139, seconds_left=3) is None  # not above the measured batch
     assert best_batch(rows[:2], "ace", 4, memory_gib=139, seconds_left=100) is None  # no fp16 row to time by
+
+
+def test_compile_rows_follow_what_each_method_declares():
+    """Which methods take --compile, and whose compile (a backward graph) runs last, come from the explainer classes."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_suite import compiles, method_order, tiny_methods, variants
+
+    by_name = {m.name: m for m in tiny_methods()}
+    assert not compiles(by_name["pgd"]) and all(compiles(by_name[m]) for m in ("dime", "ace", "rcsb", "time", "eced"))
+    chosen = variants(2, cuda=True)
+    assert chosen[1].name == "fp16_graphs"
+    assert [v.name for v in method_order(by_name["time"], chosen)] == [v.name for v in chosen]
+    for m in ("ace", "rcsb", "eced"):
+        assert [v.name for v in method_order(by_name[m], chosen)][-1] == "fp16_graphs"

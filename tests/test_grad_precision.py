@@ -259,6 +259,6 @@ def test_grad_network_refuses_a_diverging_or_failing_compile_with_one_line(monke
 
     monkeypatch.setattr(torch, "compile", broken)
     lines.clear()
-    assert grad_network(_options_context(compile=True), torch.nn.Conv2d(3, 3, 1), _call, example, "unet",
-                        notice=lines.append) is not None
+    conv = torch.nn.Conv2d(3, 3, 1)
+    assert grad_network(_options_context(compile=True), conv, _call, example, "unet", notice=lines.append) is conv
     assert len(lines) == 1 and "CppCompileError" in lines[0] and "unet" in lines[0]

@@ -9,6 +9,18 @@ BACKENDS = ("auto", "torch", "onnx", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
+def torch_dtype(precision: str):
+    """``fp32``/``fp16``/``bf16`` → the torch dtype."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def compile_mode(compile: bool | str) -> str | None:
+    """The ``torch.compile`` mode of a ``--compile [--compile-mode M]`` option: None for torch's default."""
+    return compile if isinstance(compile, str) and compile not in ("default", "") else None
+
+
 class BackendError(Exception):
     """A backend cannot be used here (library or hardware missing, export failed, provider fell back)."""
 
@@ -47,7 +59,7 @@ class TorchBackend(ForwardBackend):
 
         if precision not in PRECISIONS:
             raise BackendError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.dtype = torch_dtype(precision)
         param = next(iter(module.parameters()), None)
         own = param.dtype if param is not None else torch.float32
         if own != self.dtype or channels_last:  # never mutate the caller's module
@@ -58,7 +70,7 @@ class TorchBackend(ForwardBackend):
         self.channels_last = channels_last
         # compile=True is torch.compile's default mode; a mode name (e.g. "reduce-overhead": CUDA graphs, which
         # removes the per-kernel launch cost that dominates a UNet call on a fast GPU) is passed through
-        mode = compile if isinstance(compile, str) and compile not in ("default", "") else None
+        mode = compile_mode(compile)
         self.fn = torch.compile(self.module, mode=mode) if compile else self.module
         self.graphs = mode in ("reduce-overhead", "max-autotune")
         flags = [precision] + (["channels_last"] if channels_last else []) + \

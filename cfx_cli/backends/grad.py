@@ -23,13 +23,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cfx_cli.backends.base import PRECISIONS, BackendError
+from cfx_cli.backends.base import PRECISIONS, BackendError, compile_mode, torch_dtype
 from cfx_cli.backends.onnx_backend import TOLERANCES, parity_inputs
 from cfx_cli.devices import is_out_of_memory
 
 #: fp16 loss scale to start from, and the factor it drops by when a gradient overflows (torch.amp's defaults)
 INITIAL_SCALE = 2.0**16
 BACKOFF = 0.5
+#: > 0 while a loss-scaled fp16 backward may rerun (a plain global, not a context variable: CUDA backward passes run
+#: on autograd's device threads)
+_RERUNNABLE = 0
+
+
+def backward_may_rerun() -> bool:
+    """Is a backward pass running that :meth:`GradPrecision.grad` may rerun on an overflow? Custom autograd functions
+    that free their inner graphs in ``backward`` (``cfx_cli.guide``) keep them only then."""
+    return _RERUNNABLE > 0
 
 
 @dataclass(frozen=True)
@@ -59,9 +68,7 @@ class GradPrecision:
 
     @property
     def dtype(self):
-        import torch
-
-        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.precision]
+        return torch_dtype(self.precision)
 
     def autocast(self):
         """The context the differentiated calls run in (a no-op for fp32)."""
@@ -76,14 +83,19 @@ class GradPrecision:
         gradients survive the half-precision backward; on an overflow the scale drops and the backward reruns."""
         import torch
 
+        global _RERUNNABLE
         inputs = tuple(inputs) if isinstance(inputs, (list, tuple)) else (inputs,)
         if self.precision != "fp16":
             return torch.autograd.grad(loss, inputs)
-        while True:
-            grads = torch.autograd.grad(loss.float() * self.scale, inputs, retain_graph=self.scale > 1.0)
-            if all(torch.isfinite(g).all() for g in grads) or self.scale <= 1.0:
-                return tuple(g / self.scale for g in grads)
-            self.scale *= BACKOFF
+        _RERUNNABLE += 1
+        try:
+            while True:
+                grads = torch.autograd.grad(loss.float() * self.scale, inputs, retain_graph=self.scale > 1.0)
+                if all(torch.isfinite(g).all() for g in grads) or self.scale <= 1.0:
+                    return tuple(g / self.scale for g in grads)
+                self.scale *= BACKOFF
+        finally:
+            _RERUNNABLE -= 1
 
     def scaler(self):
         """A ``torch.amp.GradScaler`` for an optimiser loop over differentiated calls (enabled for fp16 only)."""
@@ -112,7 +124,8 @@ class Parity:
 
 #: the gradients' tolerance (‖Δ‖/‖fp32‖, i.e. the direction: 0.1 ≈ cosine ≥ 0.995). Not the outputs' elementwise
 #: one: in half precision a few ReLU/SiLU units near 0 change side and move single gradient elements by a finite
-#: step (the demo CNN's input gradient: elementwise 0.03–0.07 in bf16 on one random input, in norm 0.016–0.041)
+#: step (the demo CNN's input gradient in bf16: 0.027–0.073 elementwise, 0.016–0.041 in norm; bench/grad_precision.py
+#: --gate-spread)
 GRADIENT_TOLERANCES = {"fp32": 1e-4, "fp16": 0.1, "bf16": 0.1}
 
 
@@ -224,8 +237,7 @@ def grad_network(context: Any, module: Any, call: Callable[..., Any], example_in
         return _NETWORKS[key]
     candidate = _channels_last(module) if opts.channels_last else module
     if opts.compile:
-        mode = opts.compile if isinstance(opts.compile, str) and opts.compile not in ("default", "") else None
-        candidate = torch.compile(candidate, mode=mode)
+        candidate = torch.compile(candidate, mode=compile_mode(opts.compile))
     flags = (["channels_last"] if opts.channels_last else []) + \
         ([f"compile {opts.compile}" if isinstance(opts.compile, str) else "compile"] if opts.compile else [])
     try:
